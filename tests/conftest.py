@@ -7,13 +7,13 @@ import os
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_FLAG).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402
 
 
 def pytest_configure(config):
-  del config
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+    del config
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
