@@ -16,4 +16,4 @@ from absl import flags  # noqa: E402
 def pytest_configure(config):
     del config
     if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+        flags.FLAGS.mark_as_parsed()
