@@ -1,0 +1,175 @@
+"""Checkpoints (Orbax) and exported encoders.
+
+Two things live here, both on Orbax:
+
+* Training checkpoints, `WORKDIR/checkpoints/<step>/`: the whole train state (params, BatchNorm
+  statistics, optimiser state, method state such as a SwAV queue or a DINO teacher, step) plus the Grain
+  iterator position, so a resumed run continues with the same data order. Saves are asynchronous; the
+  manager keeps the last few. A checkpoint directory only becomes visible to `latest_step()` once Orbax
+  has finalised it, so a crash or kill mid-save leaves the previous checkpoint usable.
+
+* Exports, `DIR/config.json` + `DIR/variables/`: an encoder alone (params and, for ResNets, batch
+  statistics) with the model config needed to rebuild it. Pretraining writes one to `WORKDIR/export`;
+  `python -m medssl_jax.convert` writes the same layout for DINOv2/timm/torchvision weights. Reloading
+  needs orbax and the model module only::
+
+      variables, config = checkpoint.load_export("RUN/export")
+      model = models.build_encoder(config["model"])
+      features, out = model.apply(variables, images, train=False)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+EXPORT_FORMAT = "medssl_jax.export"
+EXPORT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or export that cannot be used; the message names it."""
+
+
+class TrainCheckpointer:
+    """Saves and restores the train state together with the data iterator position."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator=None) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+        """Restores into `abstract_state`'s shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def save_export(directory: str, variables: Any, config: dict) -> str:
+    """Writes an encoder export: `config.json` (with at least a "model" entry) and `variables/`."""
+    if "model" not in config:
+        raise CheckpointError(f"export config for {directory} has no 'model' entry")
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, "variables")
+    variables = jax.device_get(variables)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target, variables, force=True)
+    # config.json last: its presence marks a complete export.
+    payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **config}
+    tmp = os.path.join(directory, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, os.path.join(directory, "config.json"))
+    return directory
+
+
+def load_export_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"export directory {directory} does not exist")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory} is not a medssl_jax export (no config.json; incomplete or foreign)")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path}: format {config.get('format')!r} is not {EXPORT_FORMAT!r}")
+    if config.get("version") != EXPORT_VERSION:
+        raise CheckpointError(
+            f"{path}: export version {config.get('version')} is not supported (expected {EXPORT_VERSION})"
+        )
+    return config
+
+
+def load_export(directory: str, abstract_variables: Any = None) -> tuple[Any, dict]:
+    """Loads an export; returns (variables as host arrays, config dict).
+
+    With `abstract_variables` (e.g. from jax.eval_shape of the model's init) the variables are restored
+    into those shapes/shardings and a mismatch is reported with the first differing keys.
+    """
+    config = load_export_config(directory)
+    target = os.path.join(os.path.abspath(directory), "variables")
+    with ocp.StandardCheckpointer() as checkpointer:
+        if abstract_variables is None:
+            variables = checkpointer.restore(target)
+        else:
+            stored = checkpointer.metadata(target)
+            stored_tree = getattr(stored, "item_metadata", stored)
+            check_tree_matches(stored_tree, abstract_variables, what=directory)
+            variables = checkpointer.restore(target, abstract_variables)
+    return variables, config
+
+
+def check_tree_matches(loaded: Any, expected: Any, *, what: str, limit: int = 5) -> None:
+    """Raises CheckpointError listing the first missing / unexpected / mis-shaped keys."""
+    loaded_shapes = {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in _flatten(loaded)}
+    expected_shapes = {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in _flatten(expected)}
+    missing = sorted(set(expected_shapes) - set(loaded_shapes))
+    unexpected = sorted(set(loaded_shapes) - set(expected_shapes))
+    misshaped = sorted(
+        k for k in set(expected_shapes) & set(loaded_shapes) if expected_shapes[k] != loaded_shapes[k]
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:limit]}" + (f" (+{len(missing) - limit} more)" if len(missing) > limit else ""))
+    if unexpected:
+        parts.append(
+            f"unexpected {unexpected[:limit]}" + (f" (+{len(unexpected) - limit} more)" if len(unexpected) > limit else "")
+        )
+    if misshaped:
+        parts.append(
+            "mis-shaped "
+            + ", ".join(f"{k}: {loaded_shapes[k]} vs expected {expected_shapes[k]}" for k in misshaped[:limit])
+        )
+    raise CheckpointError(f"{what} does not fit the chosen architecture: " + "; ".join(parts))
+
+
+def _flatten(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _json_default(value):
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
