@@ -1,0 +1,1 @@
+"""medssl_jax: self-supervised pretraining and evaluation for medical images in JAX/Flax."""

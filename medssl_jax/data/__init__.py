@@ -1,0 +1,1 @@
+"""Data: the image store (ArrayRecord shards + index), the embedded phantom dataset, Grain pipelines."""
