@@ -1,0 +1,161 @@
+"""Building blocks for the files in configs/: argument parsing, the base configs, durations, validation.
+
+Every config file's `get_config(arg)` starts from `pretrain_config()` (or `eval_config()`), sets what
+its experiment needs and returns a ConfigDict. main.py locks the result, so `--config.optim.base_lr=...`
+with a mistyped key fails before any work starts; `check_known_keys` also catches a typo made inside a
+config file, which would otherwise silently add a new field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections as mlc
+
+MODES = ("pretrain", "linear_probe", "finetune")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
+    """Parses big_vision-style config arguments: `configs/micle.py:runlocal,variant=r50x4`.
+
+    Every key must be declared in `defaults`, whose values also give the types. A bare key means True
+    for booleans ("runlocal"); `key=value` otherwise.
+    """
+    result = mlc.ConfigDict(defaults)
+    if not arg:
+        return result
+    for item in (part.strip() for part in arg.split(",")):
+        if not item:
+            continue
+        key, has_value, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(
+                f"config argument {key!r} is not one of {sorted(defaults)} (given {arg!r})"
+            )
+        default = defaults[key]
+        if not has_value:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value: {key}=...")
+            result[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r} is not a boolean")
+            result[key] = value.lower() in ("true", "1")
+        elif isinstance(default, int):
+            result[key] = int(value)
+        elif isinstance(default, float):
+            result[key] = float(value)
+        else:
+            result[key] = value
+    return result
+
+
+def pretrain_config() -> mlc.ConfigDict:
+    """Every field a pretraining run reads, with SimCLR defaults. Config files override these."""
+    c = mlc.ConfigDict()
+    c.mode = "pretrain"
+    c.method = "simclr"  # simclr | micle | swav | hybrid | dino
+    c.seed = 0
+    # Encoder initialisation before SSL: '' (random), or an export/converted checkpoint directory
+    # (two-stage pretraining: natural-image weights -> medical SSL).
+    c.init = ""
+
+    # Durations: give total_steps, or total_epochs (epochs over the sampler's elements: images for
+    # 'pairs', patients for 'micle'). Warm-up likewise.
+    c.batch_size = 256
+    c.total_steps = -1
+    c.total_epochs = 100.0
+    c.warmup_steps = -1
+    c.warmup_epochs = 10.0
+
+    c.compute_dtype = "bfloat16"
+    c.mesh = [("data", -1)]
+
+    c.data = mlc.ConfigDict()
+    # '' = the embedded phantom dataset, generated on first use and cached in data.cache_dir.
+    c.data.store = ""
+    c.data.cache_dir = ""  # '' = ~/.cache/medssl_jax
+    c.data.phantom_patients = 1200
+    c.data.phantom_size = 256
+    c.data.phantom_seed = 0
+    c.data.split = "train"
+    c.data.sampler = "pairs"  # pairs | micle
+    c.data.image_size = 224
+    c.data.crop_scale = (0.08, 1.0)
+    c.data.num_workers = 0  # Grain worker processes; 0 = in the main process
+    c.data.prefetch = 2  # batches prefetched onto the device
+
+    c.augment = mlc.ConfigDict()
+    c.augment.preset = "azizi_cxr"  # azizi_cxr | simclr | none (see medssl_jax/augment.py)
+
+    c.model = mlc.ConfigDict()
+    c.model.name = "resnet"
+    c.model.depth = 50
+    c.model.width = 1
+    c.model.base_width = 64
+    c.model.zero_init_last_bn = True
+
+    c.head = mlc.ConfigDict()
+    c.head.version = "v1"  # v1: 2 layers (Azizi/SimCLR v1); v2: 3 layers
+    c.head.hidden_dim = -1  # -1 = the encoder's feature width (SimCLR: 2048 * width)
+    c.head.out_dim = 128
+
+    c.loss = mlc.ConfigDict()
+    c.loss.temperature = 0.1
+
+    c.optim = mlc.ConfigDict()
+    c.optim.name = "lars"
+    c.optim.base_lr = 0.3  # per 256 images; scaled by batch/256 ('linear')
+    c.optim.lr_scaling = "linear"
+    c.optim.schedule = "cosine"
+    c.optim.weight_decay = 1e-6
+    c.optim.momentum = 0.9
+    c.optim.eta = 0.001
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.end_lr_factor = 0.0
+
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+
+    c.probe = linear_probe_fields()
+    return c
+
+
+def linear_probe_fields() -> mlc.ConfigDict:
+    """The end-of-pretraining linear probe (also used by configs/linear_probe.py)."""
+    p = mlc.ConfigDict()
+    p.enabled = True
+    p.train_split = "train"
+    p.test_split = "test"
+    p.image_size = 224
+    p.batch_size = 256
+    p.feature = "pre_logits"  # which entry of the encoder's out_dict
+    p.val_fraction = 0.2  # patients of train_split held out to choose the regularisation
+    p.c_grid = (0.001, 0.01, 0.1, 1.0, 10.0)
+    p.random_baseline = True  # also probe a randomly initialised encoder of the same architecture
+    return p
+
+
+def check_known_keys(config: mlc.ConfigDict, reference: mlc.ConfigDict, prefix: str = "") -> None:
+    """Raises ValueError on the first key of `config` that `reference` does not have."""
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise ValueError(f"unknown config key {name!r} (not a field of the {config.get('method', '')} config)")
+        if isinstance(value, mlc.ConfigDict) and isinstance(reference[key], mlc.ConfigDict):
+            check_known_keys(value, reference[key], prefix=name + ".")
+
+
+def to_steps(config: mlc.ConfigDict, prefix: str, *, epoch_size: int, batch_size: int) -> int:
+    """Converts `{prefix}_steps` or `{prefix}_epochs` into steps (steps win when both are set)."""
+    steps = config.get(f"{prefix}_steps", -1)
+    if steps is not None and steps >= 0:
+        return int(steps)
+    epochs = config.get(f"{prefix}_epochs", None)
+    if epochs is None or epochs < 0:
+        raise ValueError(f"config needs {prefix}_steps or {prefix}_epochs")
+    return int(math.ceil(epochs * epoch_size / batch_size))
