@@ -1,0 +1,99 @@
+"""metrics.py against scikit-learn: ties, missing labels, one-class labels, Youden, resample weights."""
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from medssl_jax.evaluate import metrics
+
+
+def _data(seed=0, n=200, num_labels=4):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, num_labels)) < 0.3).astype(np.float64)
+    # Coarse scores force many ties, within and across classes.
+    probs = np.round(np.clip(0.3 * labels + rng.random((n, num_labels)) * 0.7, 0, 1), 1)
+    labels[rng.random(n) < 0.2, 1] = np.nan       # label 1 partly missing
+    labels[:, 2] = 0.0                             # label 2: no positives in test
+    return probs, labels
+
+
+def test_per_label_auc_equals_sklearn_with_ties_and_missing():
+    probs, labels = _data()
+    res = metrics.evaluate_predictions(probs=probs, labels=labels, label_names=["a", "b", "c", "d"])
+    for j, name in enumerate("abd"):
+        col = "abcd".index(name)
+        keep = ~np.isnan(labels[:, col])
+        ref = skm.roc_auc_score(labels[keep, col], probs[keep, col])
+        assert res["per_label"][name]["auc"] == pytest.approx(ref, abs=1e-12)
+    assert res["per_label"]["b"]["n_missing"] == int(np.isnan(labels[:, 1]).sum())
+    assert res["per_label"]["c"]["auc"] is None
+    assert "no positives" in res["per_label"]["c"]["note"]
+    assert res["undefined_labels"] == ["c"]
+    defined = [res["per_label"][n]["auc"] for n in "abd"]
+    assert res["mean_auc"] == pytest.approx(np.mean(defined), abs=1e-12)
+    json.dumps(res, allow_nan=False)               # JSON-serialisable, undefined -> null
+
+
+def test_all_labels_undefined_does_not_crash():
+    probs = np.random.default_rng(1).random((10, 2))
+    labels = np.zeros((10, 2))
+    labels[:, 1] = np.nan
+    res = metrics.evaluate_predictions(probs=probs, labels=labels, label_names=["x", "y"])
+    assert res["mean_auc"] is None and res["num_defined_labels"] == 0
+    assert "every label is missing" in res["per_label"]["y"]["note"]
+
+
+def test_youden_matches_roc_curve_argmax():
+    probs, labels = _data(seed=3)
+    y, s = labels[:, 0], probs[:, 0]
+    fpr, tpr, thr = skm.roc_curve(y, s)
+    t = thr[np.argmax(tpr - fpr)]
+    pred = s >= t
+    res = metrics.youden_point(s, y)
+    assert res["threshold"] == t
+    assert res["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
+    assert res["specificity"] == pytest.approx(skm.recall_score(1 - y, ~pred))
+    assert res["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert res["f1"] == pytest.approx(skm.f1_score(y, pred))
+
+
+def test_youden_picks_leading_inf_threshold_for_useless_scores():
+    y = np.array([1.0, 0, 1, 0])
+    s = np.array([0.1, 0.9, 0.2, 0.8])            # perfectly wrong: J <= 0 everywhere but at inf
+    res = metrics.youden_point(s, y)
+    assert res["threshold"] == math.inf and res["sensitivity"] == 0 and res["f1"] == 0
+
+
+def test_grouped_roc_stats_equals_sklearn_on_resamples():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        n = int(rng.integers(5, 50))
+        s = np.round(rng.random(n), int(rng.integers(1, 3)))
+        y = rng.random(n) < rng.uniform(0.1, 0.9)
+        idx = rng.integers(0, n, size=(6, n))
+        w = np.stack([np.bincount(i, minlength=n) for i in idx])
+        out = metrics.grouped_roc_stats(s, y, w)
+        for b in range(len(idx)):
+            yy, ss = y[idx[b]].astype(float), s[idx[b]]
+            if yy.min() == yy.max():
+                assert all(np.isnan(out[k][b]) for k in out)
+                continue
+            assert out["auc"][b] == pytest.approx(skm.roc_auc_score(yy, ss), abs=1e-12)
+            ref = metrics.youden_point(ss, yy)
+            for k in metrics.YOUDEN_KEYS:
+                assert out[k][b] == pytest.approx(ref[k], abs=1e-12)
+
+
+@pytest.mark.parametrize("probs, labels, names, match", [
+    (np.zeros((3, 2)), np.zeros((3, 3)), None, "labels: shape"),
+    (np.zeros((3, 2)), np.full((3, 2), 2.0), None, "labels: values"),
+    (np.full((3, 2), np.nan), np.zeros((3, 2)), None, "probs: non-finite"),
+    (np.zeros((3, 2)), np.zeros((3, 2)), ["a"], "label_names"),
+    (np.zeros((0, 2)), np.zeros((0, 2)), None, "probs: no examples"),
+])
+def test_bad_input_one_line_error(probs, labels, names, match):
+    with pytest.raises(metrics.MetricsError, match=match) as e:
+        metrics.evaluate_predictions(probs=probs, labels=labels, label_names=names or ["a", "b"])
+    assert "\n" not in str(e.value)
