@@ -131,6 +131,35 @@ def load_export(directory: str, abstract_variables: Any = None) -> tuple[Any, di
     return variables, config
 
 
+def load_encoder_init(directory: str, abstract_variables: Any) -> Any:
+    """Loads an export's variables to initialise an encoder of the configured architecture.
+
+    An RGB checkpoint (ImageNet, DINOv2) initialises a grayscale encoder by summing the first layer's
+    kernel over its input channels, which gives the same response to a gray image replicated 3 times.
+    Anything else that does not fit is an error listing the first mismatching keys.
+    """
+    variables, _ = load_export(directory)
+    expected = {_path_str(p): v for p, v in _flatten(abstract_variables)}
+    adapted = {}
+    for path, leaf in _flatten(variables):
+        key = _path_str(path)
+        want = expected.get(key)
+        if (
+            want is not None
+            and leaf.ndim == 4
+            and want.shape[:2] == leaf.shape[:2]
+            and want.shape[3] == leaf.shape[3]
+            and want.shape[2] == 1
+            and leaf.shape[2] == 3
+        ):
+            leaf = leaf.sum(axis=2, keepdims=True)
+        adapted[key] = leaf
+    check_tree_matches(adapted, expected, what=directory)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, want: jax.numpy.asarray(adapted[_path_str(path)], dtype=want.dtype), abstract_variables
+    )
+
+
 def check_tree_matches(loaded: Any, expected: Any, *, what: str, limit: int = 5) -> None:
     """Raises CheckpointError listing the first missing / unexpected / mis-shaped keys."""
     loaded_shapes = {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in _flatten(loaded)}

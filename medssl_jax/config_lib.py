@@ -125,6 +125,57 @@ def pretrain_config() -> mlc.ConfigDict:
     return c
 
 
+# SimCLR width-multiplier ResNets used by Azizi et al.: variant -> (depth, width).
+AZIZI_VARIANTS = {"r50x1": (50, 1), "r50x4": (50, 4), "r152x2": (152, 2)}
+
+
+def azizi_cxr_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
+    """Azizi et al.'s chest X-ray SimCLR recipe (methods.md 2(c)/(d)); `method` 'simclr' or 'micle'.
+
+    Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `variant` (r50x1, r50x4,
+    r152x2), `store` (path of an ingested store; '' = embedded phantoms).
+    """
+    args = parse_arg(arg, runlocal=False, variant="r50x1", store="")
+    if args.variant not in AZIZI_VARIANTS:
+        raise ValueError(f"config argument variant={args.variant!r} is not one of {sorted(AZIZI_VARIANTS)}")
+    c = pretrain_config()
+    c.method = method
+    c.data.sampler = "micle" if method == "micle" else "pairs"
+    c.data.store = args.store
+    c.model.depth, c.model.width = AZIZI_VARIANTS[args.variant]
+    # CheXpert recipe: batch 1024 (grid {512, 1024}), LARS, lr 0.3 per 256 images (1.2 at 1024, inside the
+    # paper's {0.5, 1.0, 1.5} grid), temperature 0.1, 10 warm-up epochs + cosine, wd 1e-6, ~100k steps.
+    c.batch_size = 1024
+    c.total_steps = 100_000
+    c.warmup_epochs = 10.0
+    c.optim.base_lr = 0.3
+    c.loss.temperature = 0.1
+    c.augment.preset = "azizi_cxr"  # crop + jitter 0.5 + rotation <= 45 deg + flip, no blur
+    c.data.image_size = 224
+    c.data.num_workers = 8
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    if args.runlocal:
+        # Minutes on 2 CPU cores: a tiny ResNet on the embedded phantom dataset at 64 px.
+        c.compute_dtype = "float32"  # bf16 is emulated (slow) on CPUs
+        c.model.depth, c.model.width, c.model.base_width = 18, 1, 16
+        c.data.phantom_patients = 400
+        c.data.phantom_size = 64
+        c.data.image_size = 48
+        c.data.crop_scale = (0.25, 1.0)
+        c.data.num_workers = 0
+        c.batch_size = 64
+        c.total_steps = 300
+        c.warmup_steps = 30
+        c.optim.base_lr = 1.0
+        c.head.hidden_dim = 128
+        c.log_every = 25
+        c.checkpoint_every = 100
+        c.probe.image_size = 48
+        c.probe.batch_size = 128
+    return c
+
+
 def linear_probe_fields() -> mlc.ConfigDict:
     """The end-of-pretraining linear probe (also used by configs/linear_probe.py)."""
     p = mlc.ConfigDict()

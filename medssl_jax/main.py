@@ -1,0 +1,101 @@
+"""Entry point: `python -m medssl_jax.main --config=configs/micle.py[:args] --workdir=DIR`.
+
+Dispatches on `config.mode`: 'pretrain' trains (or resumes) an SSL method, exports the encoder to
+WORKDIR/export and runs the linear probe into WORKDIR/eval/summary.json. Failures a user can fix (bad
+store, config typo, batch not divisible by the devices, non-finite loss) end with one line on stderr and
+exit code 1; set MEDSSL_DEBUG=1 to get the traceback instead.
+
+Multi-host (Cloud TPU slice, multi-node GPU): set MEDSSL_DISTRIBUTED=1 (the launch/ scripts do) and
+`jax.distributed.initialize()` runs before anything touches a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/micle.py:runlocal", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, export and eval results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def reference_config(config):
+    """The full set of fields a config of this mode/method may have (to reject typos)."""
+    from medssl_jax import config_lib, methods
+
+    if config.get("mode", "pretrain") != "pretrain":
+        module = __import__(f"medssl_jax.evaluate.{config.mode}", fromlist=["reference_config"])
+        return module.reference_config()
+    reference = config_lib.pretrain_config()
+    method = methods.get(config.method)
+    if hasattr(method, "extend_config"):
+        method.extend_config(reference)
+    return reference
+
+
+def run(config, workdir: str) -> dict | None:
+    """Runs the configured job; returns the evaluation summary (None when stopped early)."""
+    import jax
+
+    from medssl_jax import config_lib, logging_lib, sharding, train
+    from medssl_jax.evaluate import probe
+
+    if config.mode not in config_lib.MODES:
+        raise ValueError(f"config.mode={config.mode!r} is not one of {config_lib.MODES}")
+    config_lib.check_known_keys(config, reference_config(config))
+    if config.mode != "pretrain":
+        module = __import__(f"medssl_jax.evaluate.{config.mode}", fromlist=["run"])
+        return module.run(config, workdir)
+
+    result = train.pretrain(config, workdir)
+    if result.export_dir is None:
+        return None
+    if not config.probe.enabled:
+        return None
+    store = train.open_store(config.data)
+    summary = probe.run_after_pretraining(
+        result.export_dir, store, config.probe, mesh=sharding.make_mesh(config.mesh), seed=config.seed,
+        workdir=workdir, compute_dtype="float32" if jax.devices()[0].platform == "cpu" else config.compute_dtype,
+    )
+    line = f"linear probe mean AUC {summary['mean_auc']:.4f}"
+    if "random_init" in summary:
+        line += f" (random-init encoder: {summary['random_init']['mean_auc']:.4f})"
+    per_label = ", ".join(
+        f"{name} {auc:.3f}" if auc is not None else f"{name} n/a" for name, auc in summary["per_label_auc"].items()
+    )
+    logging_lib.log(f"{line}; per label: {per_label}")
+    logging_lib.log(f"wrote {os.path.join(workdir, 'eval', 'summary.json')}")
+    return summary
+
+
+def main(argv):
+    del argv
+    if os.environ.get("MEDSSL_DISTRIBUTED"):
+        import jax
+
+        jax.distributed.initialize()
+    from medssl_jax import logging_lib
+
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except Exception as error:  # noqa: BLE001 - turned into one line; MEDSSL_DEBUG=1 shows the traceback
+        if os.environ.get("MEDSSL_DEBUG") or not _is_user_error(error):
+            raise
+        logging_lib.fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+def _is_user_error(error: Exception) -> bool:
+    from medssl_jax import checkpoint, train
+    from medssl_jax.data.store import StoreError
+
+    return isinstance(error, (ValueError, StoreError, checkpoint.CheckpointError, train.TrainingError,
+                              FileNotFoundError, json.JSONDecodeError))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,38 @@
+"""SSL methods. Each is a module with the interface the train loop calls (see train.py):
+
+    data_spec(config) -> {"sampler": ..., "crops": [...]}     what the host pipeline must produce
+    build(config) -> flax module                              encoder + heads
+    init(model, rng, batch, config) -> (variables, method_state)
+    loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config)
+        -> (loss, (batch_stats, method_state, metrics))
+    encoder_variables(variables) -> the encoder's variables (what is exported)
+optional:
+    process_grads(grads, *, step, config) -> grads
+    after_update(params, method_state, *, step, config) -> (params, method_state)
+    check_health(metrics, *, step) -> None | str              a message when training has collapsed
+    extend_config(config) -> None                              add the method's own config fields
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# method name -> module under medssl_jax.methods
+_REGISTRY = {
+    "simclr": "simclr",
+    "micle": "simclr",
+    "swav": "swav",
+    "hybrid": "swav",
+    "dino": "dino",
+}
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> ModuleType:
+    if name not in _REGISTRY:
+        raise ValueError(f"config.method={name!r} is not one of {names()}")
+    return importlib.import_module(f"medssl_jax.methods.{_REGISTRY[name]}")

@@ -1,0 +1,300 @@
+"""The one pretraining loop, for every method. Methods differ only in their module under methods/.
+
+Read it top to bottom: mesh -> data -> model & optimiser -> state (fresh, initialised from an export, or
+resumed) -> jitted step -> loop with logging, checkpoints and SIGTERM handling -> export of the encoder.
+
+Resume order (first that applies): this workdir's own latest checkpoint; `config.init` (an export or a
+converted checkpoint, encoder weights only: two-stage pretraining); random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medssl_jax import checkpoint, config_lib, logging_lib, methods, optim, sharding
+from medssl_jax.data import phantoms, pipeline
+from medssl_jax.data.store import Store
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, collapse); the message says why and what was kept."""
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    workdir: str
+    export_dir: str | None
+    steps_done: int
+    total_steps: int
+    preempted: bool
+
+
+def open_store(data_config) -> Store:
+    """The store a config points at; the embedded phantom dataset when none is given."""
+    if data_config.store:
+        return Store(data_config.store)
+    cache_dir = data_config.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "medssl_jax")
+    path = phantoms.ensure_phantom_store(
+        cache_dir,
+        num_patients=data_config.phantom_patients,
+        image_size=data_config.phantom_size,
+        seed=data_config.phantom_seed,
+    )
+    return Store(path)
+
+
+def epoch_size(store: Store, spec: dict, split: str) -> int:
+    """Elements per epoch: patients for the MICLe sampler, images otherwise."""
+    if spec["sampler"] == "micle":
+        return len(store.groups(split))
+    return len(store.ids(split))
+
+
+def example_batch(store: Store, spec: dict, *, split: str, batch_size: int) -> dict[str, np.ndarray]:
+    """A zero batch with the pipeline's shapes, to build the model without consuming the iterator."""
+    first = store[int(store.ids(split)[0])]["image"]
+    channels = 1 if first.ndim == 2 else first.shape[-1]
+    return {
+        crop["name"]: np.zeros((batch_size, crop["num"], crop["size"], crop["size"], channels), np.uint16)
+        for crop in spec["crops"]
+    }
+
+
+def views_per_element(spec: dict) -> int:
+    return sum(int(crop["num"]) for crop in spec["crops"])
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (preemption, `kill`, scheduler time limit) into a flag the loop polls."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some notebook runners): no handler then
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _abstract_with_sharding(tree: Any, target) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
+
+
+def _first_nonfinite(metrics: dict) -> str | None:
+    for name in ("loss", "grad_norm"):
+        if name in metrics and not math.isfinite(float(metrics[name])):
+            return f"{name}={float(metrics[name])}"
+    return None
+
+
+def pretrain(config, workdir: str, *, stop_after: int | None = None) -> PretrainResult:
+    """Runs (or resumes) pretraining in `workdir`. `stop_after` ends this run early after that many
+    steps, exactly like a preemption (checkpoint, no export); tests use it to interrupt and resume."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    method = methods.get(config.method)
+
+    # ---------------------------------------------------------------- mesh
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    repl = sharding.replicated(mesh)
+    data_sharding = sharding.data_sharding(mesh)
+
+    # ---------------------------------------------------------------- data
+    store = open_store(config.data)
+    spec = method.data_spec(config)
+    elements = epoch_size(store, spec, config.data.split)
+    if elements < config.batch_size:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is larger than the {elements} "
+            f"{'patients' if spec['sampler'] == 'micle' else 'images'} of split {config.data.split!r} in {store.path}"
+        )
+    total_steps = config_lib.to_steps(config, "total", epoch_size=elements, batch_size=config.batch_size)
+    warmup_steps = config_lib.to_steps(config, "warmup", epoch_size=elements, batch_size=config.batch_size)
+    data_iter = pipeline.make_pretrain_iterator(
+        store,
+        spec=spec,
+        batch_size_per_host=sharding.per_host(config.batch_size),
+        seed=config.seed,
+        split=config.data.split,
+        num_workers=config.data.num_workers,
+    )
+    example = example_batch(store, spec, split=config.data.split, batch_size=mesh.devices.size)
+
+    # ---------------------------------------------------------------- model & optimiser
+    model = method.build(config)
+    tx, schedule = optim.make_optimizer(
+        config.optim, total_steps=total_steps, warmup_steps=warmup_steps, batch_size=config.batch_size
+    )
+    init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def init_state(batch):
+        variables, method_state = method.init(model, init_key, batch, config)
+        params = variables["params"]
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": variables.get("batch_stats", {}),
+            "opt_state": tx.init(params),
+            "method_state": method_state,
+        }
+
+    example_global = sharding.to_global(example, mesh)
+    abstract_state = jax.eval_shape(init_state, example_global)
+    abstract_state = _abstract_with_sharding(abstract_state, repl)
+
+    # ---------------------------------------------------------------- state: resume / init / fresh
+    checkpointer = checkpoint.TrainCheckpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state = checkpointer.restore(latest, abstract_state, data_iter)
+        logging_lib.log(f"resumed from {os.path.join(workdir, 'checkpoints', str(latest))} (step {latest})")
+    else:
+        state = jax.jit(init_state, out_shardings=repl)(example_global)
+        if config.init:
+            state = _init_encoder_from(state, config.init, method, abstract_state, repl, tx)
+            logging_lib.log(f"encoder initialised from {config.init}")
+    start_step = int(jax.device_get(state["step"]))
+
+    # ---------------------------------------------------------------- update step
+    def train_step(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(step_key, step)  # a resumed run replays the same randomness
+
+        def loss_of(params):
+            return method.loss_fn(
+                params, state["batch_stats"], state["method_state"], batch,
+                model=model, rng=rng, step=step, config=config,
+            )
+
+        (loss, (batch_stats, method_state, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"]
+        )
+        if hasattr(method, "process_grads"):
+            grads = method.process_grads(grads, step=step, config=config)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        if hasattr(method, "after_update"):
+            params, method_state = method.after_update(params, method_state, step=step, config=config)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        new_state = {
+            "step": step + 1,
+            "params": params,
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+            "method_state": method_state,
+        }
+        return new_state, metrics
+
+    train_step = jax.jit(
+        train_step, donate_argnums=(0,), in_shardings=(repl, data_sharding), out_shardings=(repl, repl)
+    )
+
+    # ---------------------------------------------------------------- loop
+    writer = logging_lib.MetricWriter(workdir)
+    views = views_per_element(spec) * config.batch_size
+    progress = logging_lib.Progress(total_steps, items_per_step=views, start_step=start_step)
+    logging_lib.log(
+        f"pretraining {config.method}: {total_steps} steps of {config.batch_size} "
+        f"{'patients' if spec['sampler'] == 'micle' else 'images'} x {views_per_element(spec)} views "
+        f"on {mesh.devices.size} {jax.devices()[0].platform} device(s); store {store.path} "
+        f"({store.num_records} images)"
+    )
+    last_saved = latest
+    end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
+    preempted = False
+    step = start_step
+    metrics = None
+    with _SigtermFlag() as sigterm:
+        while step < end_step:
+            batch = sharding.to_global(next(data_iter), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            last = step == end_step
+            want_log = step % config.log_every == 0 or last or sigterm.raised
+            want_save = step % config.checkpoint_every == 0 or last or sigterm.raised
+            if want_log or want_save:
+                host_metrics = jax.device_get(metrics)
+                bad = _first_nonfinite(host_metrics)
+                if bad:
+                    checkpointer.close()
+                    kept = f"step {last_saved}" if last_saved is not None else "none saved yet"
+                    raise TrainingError(
+                        f"non-finite {bad} at step {step}; stopped without saving it — last good checkpoint: "
+                        f"{kept} in {os.path.join(workdir, 'checkpoints')}"
+                    )
+                problem = method.check_health(host_metrics, step=step) if hasattr(method, "check_health") else None
+                if problem:
+                    checkpointer.close()
+                    raise TrainingError(f"{problem}; last good checkpoint: step {last_saved}")
+                progress.update(step)
+                writer.write(step, {**host_metrics, f"{progress.unit}_per_s": progress.rate})
+                logging_lib.log(
+                    progress.line(step, loss=float(host_metrics["loss"]), lr=float(host_metrics["lr"]))
+                )
+            if want_save:
+                checkpointer.save(step, state, data_iter)
+                last_saved = step
+            if sigterm.raised:
+                preempted = True
+                logging_lib.log(f"SIGTERM: saved checkpoint at step {step}; exiting (rerun the command to resume)")
+                break
+    checkpointer.close()
+    writer.close()
+    if step < total_steps:
+        return PretrainResult(workdir, None, step, total_steps, preempted=True)
+
+    # ---------------------------------------------------------------- export
+    export_dir = os.path.join(workdir, "export")
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    checkpoint.save_export(
+        export_dir,
+        method.encoder_variables(jax.device_get(variables)),
+        {
+            "model": config.model.to_dict(),
+            "input": {"image_size": config.data.image_size, "channels": int(example["global"].shape[-1])},
+            "source": {"method": config.method, "steps": step, "store": store.name, "init": config.init},
+        },
+    )
+    logging_lib.log(f"exported encoder to {export_dir}")
+    return PretrainResult(workdir, export_dir, step, total_steps, preempted=preempted)
+
+
+def _init_encoder_from(state, directory: str, method, abstract_state, repl, tx):
+    """Replaces the encoder weights by an export's (ImageNet/DINOv2 -> medical two-stage pretraining)."""
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    abstract_encoder = method.encoder_variables(
+        {"params": abstract_state["params"], "batch_stats": abstract_state["batch_stats"]}
+    )
+    loaded = checkpoint.load_encoder_init(directory, abstract_encoder)
+    variables = method.with_encoder_variables(variables, loaded)
+    variables = jax.device_put(variables, repl)
+    return {
+        **state,
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": jax.jit(tx.init, out_shardings=repl)(variables["params"]),
+    }
