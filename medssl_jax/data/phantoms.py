@@ -1,0 +1,322 @@
+"""The embedded default dataset: synthetic chest radiographs ("phantoms"), generated on first use.
+
+So that `python -m medssl_jax.main` works offline on a fresh machine, a small labelled chest-X-ray-like
+dataset is rendered deterministically from a seed with numpy and written with the same `StoreWriter`
+that real ingestion uses.
+
+What it models:
+* Anatomy, drawn as an attenuation map in patient coordinates: body outline, two lung fields (air),
+  diaphragm domes, mediastinum and heart shadow, spine, posterior ribs, clavicles, and lung markings
+  (a smooth per-patient texture). Every patient has its own anatomy (sizes, positions, rib spacing).
+* Views: each patient has 1-4 images (PA or AP, like repeat/follow-up studies). A view is the same
+  patient under a different rigid transform (shift, small rotation, scale; AP magnifies the heart a
+  little as in real AP films), exposure (attenuation scale, gain, gamma, heel-effect gradient) and
+  quantum noise, stored at the site's bit depth (12 or 16 bits stored in uint16).
+* Findings, per patient (so consistent across that patient's images), placed in patient coordinates:
+  nodule (small dense blob in a lung), effusion (basal opacity with a lateral meniscus), cardiomegaly
+  (widened heart shadow), pneumothorax (apical-lateral region without lung markings, darker, behind a
+  thin pleural line). They are deliberately subtle compared with the view-to-view variation, so that a
+  linear probe must rely on features that ignore exposure and position.
+* Splits: patient-wise 'train' / 'test'. Positives per label are drawn with exact counts inside each
+  split, so every label has positives and negatives on both sides (AUC is always defined).
+
+`ensure_phantom_store(cache_dir, num_patients=..., image_size=..., seed=...)` returns the store path,
+generating it only when it is absent or incomplete. The directory name encodes the generator version
+and every parameter, so changing a parameter never reuses a stale store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from medssl_jax.data.store import Store, StoreError, StoreWriter
+
+# Bump when rendering changes: the version is part of the cache directory name.
+GENERATOR_VERSION = 1
+LABEL_NAMES = ("nodule", "effusion", "cardiomegaly", "pneumothorax")
+PREVALENCES = (0.15, 0.25, 0.30, 0.10)
+# Probability of a patient having 1, 2, 3 or 4 images.
+IMAGES_PER_PATIENT_P = (0.30, 0.35, 0.20, 0.15)
+TEST_FRACTION = 0.3
+# Images rendered per numpy pass: bounds peak memory (~40 float32 temporaries of chunk x H x W).
+_RENDER_CHUNK = 32
+_HEART_NORMAL_SCALE = (1.0, 0.07)  # mean, std of heart width relative to the reference anatomy
+_HEART_ENLARGED_SCALE = (1.28, 1.42)  # uniform range when the patient has cardiomegaly
+_NUM_MARKING_WAVES = 6
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEDSSL_JAX_CACHE", Path.home() / ".cache" / "medssl_jax"))
+
+
+def phantom_store_name(*, num_patients: int, image_size: int, seed: int) -> str:
+    return f"phantom_cxr-v{GENERATOR_VERSION}-p{num_patients}-s{image_size}-seed{seed}"
+
+
+def ensure_phantom_store(cache_dir: str | os.PathLike | None = None, *, num_patients: int = 300,
+                         image_size: int = 128, seed: int = 0) -> Path:
+    """Returns the path of a complete phantom store, generating it first if needed (idempotent).
+
+    Generation goes to a temporary sibling directory that is renamed into place when complete, so
+    concurrent callers and interrupted runs never see or leave a half-written store at the final path.
+    """
+    if num_patients < 4:
+        raise ValueError(f"num_patients={num_patients}: need at least 4 (train and test both need "
+                         "positives and negatives)")
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size}: need at least 32 pixels")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    final = cache_dir / phantom_store_name(num_patients=num_patients, image_size=image_size, seed=seed)
+    if _is_complete(final):
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=cache_dir))
+    try:
+        write_phantom_store(tmp, num_patients=num_patients, image_size=image_size, seed=seed)
+        if _is_complete(final):  # another process finished first; its store is identical
+            return final
+        if final.exists():  # left over from an interrupted run
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _is_complete(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    try:
+        Store(path)
+    except StoreError:
+        return False
+    return True
+
+
+def write_phantom_store(path: str | os.PathLike, *, num_patients: int, image_size: int, seed: int,
+                        overwrite: bool = True) -> None:
+    """Renders the phantom dataset and writes it as a store at `path`."""
+    cohort = sample_cohort(num_patients=num_patients, seed=seed)
+    name = phantom_store_name(num_patients=num_patients, image_size=image_size, seed=seed)
+    with StoreWriter(path, name=name, label_names=LABEL_NAMES, overwrite=overwrite) as writer:
+        num_images = len(cohort["image_patient"])
+        for start in range(0, num_images, _RENDER_CHUNK):
+            image_ids = np.arange(start, min(start + _RENDER_CHUNK, num_images))
+            images = render_images(cohort, image_ids, image_size=image_size)
+            for k, i in enumerate(image_ids):
+                p = cohort["image_patient"][i]
+                writer.add(image=images[k], patient=f"phantom-{p:05d}",
+                           study=f"phantom-{p:05d}-study{cohort['image_study'][i]}",
+                           view=cohort["image_view"][i], labels=cohort["labels"][p],
+                           modality="DX", bits_stored=int(cohort["bits_stored"][p]),
+                           split=cohort["split"][p], source_id=int(i))
+
+
+def sample_cohort(*, num_patients: int, seed: int) -> dict[str, np.ndarray]:
+    """Draws every random quantity of the dataset (patients, findings, views) from one seed.
+
+    Patient arrays have leading dim num_patients; image arrays (prefix image_) have one row per image,
+    images of a patient consecutive.
+    """
+    rng = np.random.default_rng(seed)
+    n = num_patients
+    c: dict[str, np.ndarray] = {}
+    c["num_images"] = rng.choice(np.arange(1, 5), size=n, p=IMAGES_PER_PATIENT_P)
+
+    order = rng.permutation(n)
+    num_test = min(max(2, round(TEST_FRACTION * n)), n - 2)
+    split = np.full(n, "train", dtype=object)
+    split[order[:num_test]] = "test"
+    c["split"] = split.astype(str)
+    labels = np.zeros((n, len(LABEL_NAMES)), np.float32)
+    for members in (order[:num_test], order[num_test:]):
+        for j, prevalence in enumerate(PREVALENCES):
+            # Exact counts inside each split: both classes present, prevalence as specified.
+            k = int(np.clip(round(prevalence * len(members)), 1, len(members) - 1))
+            labels[rng.choice(members, size=k, replace=False), j] = 1.0
+    c["labels"] = labels
+    c["bits_stored"] = rng.choice([12, 16], size=n)
+
+    # Anatomy in normalised patient coordinates: u right-of-image, v downwards, both ~[-1, 1].
+    c["body_w"] = rng.uniform(0.82, 0.95, n)
+    c["lung_x"] = rng.uniform(0.33, 0.38, n)
+    c["lung_y"] = rng.uniform(-0.2, -0.1, n)
+    c["lung_ax"] = rng.uniform(0.24, 0.28, n)
+    c["lung_ay"] = rng.uniform(0.6, 0.68, n)
+    c["diaphragm_drop"] = rng.uniform(0.0, 0.06, n)  # left dome sits lower than the right
+    c["dome_h"] = rng.uniform(0.10, 0.18, n)
+    heart = rng.normal(*_HEART_NORMAL_SCALE, n).clip(0.85, 1.15)
+    enlarged = labels[:, LABEL_NAMES.index("cardiomegaly")] == 1
+    heart[enlarged] = rng.uniform(*_HEART_ENLARGED_SCALE, enlarged.sum())
+    c["heart_scale"] = heart
+    c["heart_y"] = rng.uniform(0.5, 0.6, n)  # centre, in lung semi-axes below lung centre
+    c["rib_spacing"] = rng.uniform(0.16, 0.2, n)
+    c["rib_phase"] = rng.uniform(0, 1, n)
+    c["rib_curve"] = rng.uniform(0.5, 0.9, n)
+    c["clavicle_tilt"] = rng.uniform(-0.06, 0.06, n)
+    c["marking_freq"] = rng.uniform(6, 16, (n, _NUM_MARKING_WAVES))
+    c["marking_angle"] = rng.uniform(0, np.pi, (n, _NUM_MARKING_WAVES))
+    c["marking_phase"] = rng.uniform(0, 2 * np.pi, (n, _NUM_MARKING_WAVES))
+
+    # Findings geometry is drawn for every patient (keeps the random stream independent of the
+    # labels) and used only where the label is positive.
+    c["nodule_side"] = rng.choice([-1.0, 1.0], n)
+    c["nodule_du"] = rng.uniform(-0.55, 0.55, n)  # within the lung, in units of its semi-axes
+    c["nodule_dv"] = rng.uniform(-0.6, 0.35, n)
+    c["nodule_r"] = rng.uniform(0.035, 0.06, n)
+    c["nodule_amp"] = rng.uniform(0.25, 0.4, n)
+    c["effusion_side"] = rng.choice([-1.0, 1.0, 0.0], n, p=[0.4, 0.4, 0.2])  # 0 = bilateral
+    c["effusion_height"] = rng.uniform(0.15, 0.32, n)
+    c["ptx_side"] = rng.choice([-1.0, 1.0], n)
+    c["ptx_gap"] = rng.uniform(0.18, 0.3, n)
+
+    image_patient = np.repeat(np.arange(n), c["num_images"])
+    m = len(image_patient)
+    c["image_patient"] = image_patient
+    first_of_patient = np.concatenate([[0], np.cumsum(c["num_images"])[:-1]])
+    within = np.arange(m) - first_of_patient[image_patient]
+    c["image_study"] = within // 2  # pairs of images per study, like frontal + repeat
+    c["image_view"] = np.where(rng.uniform(size=m) < 0.7, "PA", "AP")
+    c["image_tx"] = rng.uniform(-0.08, 0.08, m)
+    c["image_ty"] = rng.uniform(-0.08, 0.08, m)
+    c["image_rot"] = np.deg2rad(rng.uniform(-7, 7, m))
+    c["image_scale"] = rng.uniform(0.92, 1.08, m)
+    c["image_mu"] = rng.uniform(0.9, 1.6, m)  # attenuation scale ~ beam energy
+    c["image_gain"] = rng.uniform(0.75, 0.95, m)
+    c["image_offset"] = rng.uniform(0.02, 0.10, m)
+    c["image_gamma"] = rng.uniform(0.8, 1.25, m)
+    c["image_heel"] = rng.uniform(-0.08, 0.08, m)
+    c["image_noise"] = rng.uniform(0.006, 0.025, m)
+    c["image_noise_seed"] = rng.integers(0, 2**31, m)
+    return c
+
+
+def _sig(z):
+    """A smooth step (logistic), used for anti-aliased region edges."""
+    return 0.5 + 0.5 * np.tanh(0.5 * z)
+
+
+def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image_size: int) -> np.ndarray:
+    """Renders the given images of a cohort as uint16 [n, S, S] (values within each one's bits_stored)."""
+    pid = cohort["image_patient"][image_ids]
+
+    def patient(key):
+        return cohort[key][pid].astype(np.float32)[:, None, None]
+
+    def image(key):
+        return cohort[key][image_ids].astype(np.float32)[:, None, None]
+
+    grid = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size * 2 - 1
+    y, x = np.meshgrid(grid, grid, indexing="ij")
+    # Pixel -> patient coordinates (inverse of the view's rigid transform). AP films magnify.
+    is_ap = (cohort["image_view"][image_ids] == "AP")[:, None, None]
+    scale = image("image_scale") * np.where(is_ap, np.float32(1.05), np.float32(1.0))
+    cos, sin = np.cos(image("image_rot")), np.sin(image("image_rot"))
+    xs, ys = x[None] - image("image_tx"), y[None] - image("image_ty")
+    u = (cos * xs + sin * ys) / scale
+    v = (-sin * xs + cos * ys) / scale
+    px = 2.0 / image_size  # one pixel in normalised units, for edge softness
+
+    body = _sig((1 - (u / patient("body_w")) ** 2 - (v / 1.35) ** 2) / (6 * px))
+    lung_x, lung_y = patient("lung_x"), patient("lung_y")
+    lung_ax, lung_ay = patient("lung_ax"), patient("lung_ay")
+
+    lungs = np.zeros_like(u)
+    lung_ellipse = {}
+    lung_by_side = {}
+    for side in (-1.0, 1.0):
+        cu = side * lung_x
+        ellipse = ((u - cu) / lung_ax) ** 2 + ((v - lung_y) / lung_ay) ** 2
+        # Patient's left hemidiaphragm (image right, side=+1) sits a little lower than the right.
+        base = lung_y + 0.78 * lung_ay + (patient("diaphragm_drop") if side > 0 else 0.0)
+        dome = base - patient("dome_h") * np.clip(1 - ((u - cu) / (1.1 * lung_ax)) ** 2, 0, 1)
+        lung = _sig((1 - ellipse) / 0.05) * _sig((dome - v) / (1.5 * px))
+        lung_ellipse[side] = ellipse
+        lung_by_side[side] = lung
+        lungs += lung
+
+    heart_scale = patient("heart_scale") * np.where(is_ap, np.float32(1.08), np.float32(1.0))
+    # The heart sits low between the lungs, bulging to the patient's left (image right).
+    hu, hv = u - 0.06, v - (lung_y + patient("heart_y") * lung_ay)
+    heart = _sig((1 - (hu / (0.25 * heart_scale)) ** 2 - (hv / 0.25) ** 2) / 0.06)
+    mediastinum = _sig((0.085 - np.abs(u)) / (2 * px)) * _sig((0.2 - v) / 0.05)
+    displaced = np.maximum(heart, mediastinum)
+
+    # Lung markings: a smooth oriented texture fixed to the patient, fading towards the periphery.
+    angle, freq, phase = (cohort[k][pid].astype(np.float32)[:, :, None, None]
+                          for k in ("marking_angle", "marking_freq", "marking_phase"))
+    waves = np.cos(freq * (np.cos(angle) * u[:, None] + np.sin(angle) * v[:, None]) + phase)
+    markings = waves.mean(axis=1) * np.clip(1.2 - np.abs(u) / 0.45, 0.2, 1.0)
+
+    labels = cohort["labels"][pid]
+    has = {name: labels[:, j].astype(bool)[:, None, None] for j, name in enumerate(LABEL_NAMES)}
+
+    # Pneumothorax: apical-lateral rim of one lung loses markings and gets darker behind a pleural line.
+    ptx_side = cohort["ptx_side"][pid][:, None, None]
+    ptx_ellipse = np.where(ptx_side > 0, lung_ellipse[1.0], lung_ellipse[-1.0])
+    ptx_lung = np.where(ptx_side > 0, lung_by_side[1.0], lung_by_side[-1.0])
+    inner = (1 - patient("ptx_gap")) ** 2
+    upper = _sig((lung_y + 0.15 - v) / 0.08)
+    ptx_region = has["pneumothorax"] * ptx_lung * upper * _sig((ptx_ellipse - inner) / 0.04)
+    pleural_line = (has["pneumothorax"] * ptx_lung * upper
+                    * np.exp(-(((ptx_ellipse - inner) / 0.035) ** 2)))
+
+    # Effusion: fluid fills the lung base up to a level that climbs along the lateral wall (meniscus).
+    fluid = np.zeros_like(u)
+    effusion_side = cohort["effusion_side"][pid][:, None, None]
+    for side in (-1.0, 1.0):
+        on_side = has["effusion"] & ((effusion_side == side) | (effusion_side == 0))
+        cu = side * lung_x
+        lateral = np.clip(side * (u - cu) / lung_ax, 0, 1.2)
+        level = lung_y + 0.78 * lung_ay - patient("effusion_height") - 0.15 * lateral ** 2
+        fluid += on_side * lung_by_side[side] * _sig((v - level) / (2 * px))
+
+    nodule_side = patient("nodule_side")
+    nu = nodule_side * lung_x + patient("nodule_du") * lung_ax
+    nv = lung_y + patient("nodule_dv") * lung_ay
+    nodule = has["nodule"] * patient("nodule_amp") * np.exp(
+        -((u - nu) ** 2 + (v - nv) ** 2) / (2 * patient("nodule_r") ** 2))
+
+    rib_v = v - patient("rib_curve") * (np.abs(u) - 0.05) ** 2 - patient("rib_phase") * patient("rib_spacing")
+    ribs = _sig((np.cos(2 * np.pi * rib_v / patient("rib_spacing")) - 0.7) / 0.08)
+    thorax = _sig((1 - (np.abs(u) - lung_x) ** 2 / (1.25 * lung_ax) ** 2
+                   - (v - lung_y) ** 2 / (1.1 * lung_ay) ** 2) / 0.1)
+    spine = _sig((0.055 - np.abs(u)) / (1.5 * px)) * (0.8 + 0.2 * np.cos(2 * np.pi * v / 0.11))
+    clavicles = np.zeros_like(u)
+    for side in (-1.0, 1.0):
+        # Distance to the segment from the sternal end (near midline) to the shoulder.
+        a = np.array([side * 0.07, -0.62], np.float32)
+        b_v = -0.74 + patient("clavicle_tilt")
+        du_seg, dv_seg = side * 0.48, b_v - a[1]
+        t = np.clip(((u - a[0]) * du_seg + (v - a[1]) * dv_seg) / (du_seg ** 2 + dv_seg ** 2), 0, 1)
+        dist = np.sqrt((u - a[0] - t * du_seg) ** 2 + (v - a[1] - t * dv_seg) ** 2)
+        clavicles += _sig((0.032 - dist) / (1.5 * px))
+
+    aerated = lungs * (1 - displaced) * (1 - np.clip(fluid, 0, 1))
+    density = (body * (1.0 + 0.05 * heart)
+               - 0.75 * aerated
+               - 0.18 * ptx_region * (1 - displaced)
+               + 0.1 * markings * aerated * (1 - ptx_region)
+               + 0.15 * pleural_line * (1 - displaced)
+               + 0.12 * ribs * thorax * body
+               + 0.35 * spine * body
+               + 0.4 * clavicles * body
+               + nodule * lungs)
+
+    density = np.maximum(density, 0)
+    # Exposure: transmitted fraction exp(-mu * density), displayed inverted (dense = bright).
+    mu = image("image_mu")
+    shown = (1 - np.exp(-mu * density)) / (1 - np.exp(-mu * 1.8))
+    shown = np.clip(shown * (1 + image("image_heel") * y[None]), 0, None) ** image("image_gamma")
+    shown = image("image_offset") + image("image_gain") * shown
+    noise = np.stack([np.random.default_rng(s).standard_normal((image_size, image_size), np.float32)
+                      for s in cohort["image_noise_seed"][image_ids]])
+    shown = np.clip(shown + image("image_noise") * noise, 0, 1)
+    full_scale = (2.0 ** cohort["bits_stored"][pid] - 1)[:, None, None]
+    return np.round(shown * full_scale).astype(np.uint16)
