@@ -1,0 +1,675 @@
+"""Ingestion CLI: a DICOM folder, or PNG/JPEG (or DICOM) files listed in a CSV, -> an image store.
+
+    python -m medssl_jax.ingest --input=DIR --output=STORE [options]          # DICOM, by content
+    python -m medssl_jax.ingest --csv=FILE --image-root=DIR --output=STORE [options]
+    python -m medssl_jax.ingest --benchmark [--workers=N]                     # files/s on generated DICOM
+
+What it writes (STORE is the --output path):
+* STORE/                    the store (medssl_jax.data.store), plus STORE/ingest_report.json:
+                            files_seen, files_written, records_written, skipped [{path, reason}],
+                            filtered [{path, reason}]. Every input file (or CSV row) is either
+                            written or listed with a reason. Paths are relative to --input
+                            (--image-root in CSV mode), or "source:ID" with --redact-paths.
+* STORE.sources.csv         SENSITIVE: record id -> absolute source path (paths of a PACS export
+                            often contain patient names). Keep it with the raw data, not the store.
+* STORE.salt                SENSITIVE: the generated salt (only when --salt is not given). Anyone
+                            holding it can test a guessed PatientID against the stored keys.
+Patient and study keys in the store are salted BLAKE2b hashes; no DICOM identifying text
+(PatientName, PatientID, BirthDate, AccessionNumber ...) is written to the store, the report or
+the console.
+
+Interrupted runs: records go to STORE.partial/, which is renamed to STORE only after the store,
+its index, store.json and the report are complete; an interrupted run leaves only STORE.partial/
+(never accepted by the reader; removed by the next run). Rerunning into an existing complete store
+refuses unless --overwrite is given (the old store is replaced only once the new one is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from medssl_jax.data import dicom, images
+
+REPORT_FILE = "ingest_report.json"
+UNCERTAIN_POLICIES = ("zeros", "ones", "missing", "keep")
+MISSING_POLICIES = ("zeros", "missing")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                  "validate": "val", "validation": "val", "test": "test", "": ""}
+
+
+class IngestError(ValueError):
+    """Bad command-line input: one line naming the input and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys and labels
+
+
+def hash_key(salt: str, kind: str, value: str) -> str:
+    """Salted key for a patient/study id: 32 hex chars of keyed BLAKE2b (not reversible without
+    the salt; with it, only by guessing the id)."""
+    key = hashlib.sha256(salt.encode("utf-8")).digest()
+    return hashlib.blake2b(f"{kind}\x00{value}".encode("utf-8"), key=key,
+                           digest_size=16).hexdigest()
+
+
+def split_for(salt: str, patient_key: str, val_fraction: float, test_fraction: float) -> str:
+    """Patient-wise split from the salted key: a patient's records always share a split."""
+    if val_fraction <= 0 and test_fraction <= 0:
+        return "train"
+    u = int(hash_key(salt, "split", patient_key)[:13], 16) / 16 ** 13
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def parse_label(text: str, *, uncertain: str, missing: str) -> float:
+    """CSV label cell -> float: 1/0 kept, -1 per the uncertain policy, blank per the missing one.
+    Raises ValueError for anything else."""
+    text = text.strip()
+    if text == "":
+        return 0.0 if missing == "zeros" else math.nan
+    v = float(text)
+    if v == 1.0 or v == 0.0:
+        return v
+    if v == -1.0:
+        return {"zeros": 0.0, "ones": 1.0, "missing": math.nan, "keep": -1.0}[uncertain]
+    raise ValueError(f"label value {text!r} is not 1, 0, -1 or blank")
+
+
+def _is_label_value(text: str) -> bool:
+    text = text.strip()
+    if text == "":
+        return True
+    try:
+        return float(text) in (1.0, 0.0, -1.0)
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side (runs in a process pool; must stay importable and jax-free)
+
+
+@dataclasses.dataclass
+class Task:
+    source_id: int
+    path: str            # absolute path of the file to read
+    rel: str             # what the report may show
+    patient: str = ""    # CSV mode: raw ids from the row (hashed in the worker)
+    study: str = ""
+    view: str = ""
+    split: str = ""
+    labels: tuple = ()
+    error: str = ""      # CSV row problems found while parsing the CSV
+
+
+@dataclasses.dataclass
+class Result:
+    source_id: int
+    records: list        # list of dicts ready for StoreWriter.add (minus split/source_id)
+    reason: str = ""     # skip reason when records == []
+    filtered: bool = False
+
+
+_OPTS: dict = {}
+
+
+def _init_worker(opts: dict) -> None:
+    _OPTS.clear()
+    _OPTS.update(opts)
+
+
+def _csv_image(task: Task, opts: dict) -> list[dict]:
+    kind = "other"
+    try:
+        kind = dicom.sniff(task.path)
+    except dicom.SkipFile:
+        pass
+    if kind == "dicom":
+        frames = dicom.read_dicom(task.path, size=opts["size"], frames=opts["frames"],
+                                  color=opts["color"], skip_burned_in=opts["skip_burned_in"])
+        return [dict(image=f.image, modality=f.modality, bits_stored=f.bits_stored, frame=f.frame,
+                     intensity_offset=f.intensity_offset, window_center=f.window_center,
+                     window_width=f.window_width, view=task.view or f.view) for f in frames]
+    if not os.path.exists(task.path):
+        raise dicom.SkipFile("file not found")
+    try:
+        img, bits = images.read_image(task.path, color=opts["color"])
+    except images.ImageError as e:
+        # The message names the path; the report already has the path, keep only the reason.
+        raise dicom.SkipFile(str(e).split(": ", 1)[-1]) from None
+    img = images.resize_longest(img, opts["size"])
+    return [dict(image=np.ascontiguousarray(img), modality=opts["default_modality"],
+                 bits_stored=bits, frame=-1, intensity_offset=0.0, window_center=math.nan,
+                 window_width=math.nan, view=task.view)]
+
+
+def process_task(task: Task, opts: dict | None = None) -> Result:
+    """Reads one file -> Result. Never raises for bad data (that is what Result.reason is for)."""
+    opts = _OPTS if opts is None else opts
+    if task.error:
+        return Result(task.source_id, [], task.error)
+    salt = opts["salt"]
+    try:
+        if opts["mode"] == "dicom":
+            frames = dicom.read_dicom(
+                task.path, size=opts["size"], frames=opts["frames"], color=opts["color"],
+                skip_burned_in=opts["skip_burned_in"], modalities=opts["modalities"],
+                views=opts["views"])
+            records = []
+            for f in frames:
+                patient_raw = f.patient_id or (f"study:{f.study_uid}" if f.study_uid
+                                               else f"file:{task.path}")
+                records.append(dict(
+                    image=f.image, modality=f.modality, bits_stored=f.bits_stored, frame=f.frame,
+                    intensity_offset=f.intensity_offset, window_center=f.window_center,
+                    window_width=f.window_width, view=f.view,
+                    patient=hash_key(salt, "patient", patient_raw),
+                    study=hash_key(salt, "study", f.study_uid) if f.study_uid else ""))
+        else:
+            view = task.view.strip().upper()
+            if opts["views"] is not None and view not in opts["views"]:
+                return Result(task.source_id, [], f"filtered: view {view or '(none)'} not selected",
+                              filtered=True)
+            records = _csv_image(task, opts)
+            if opts["modalities"] is not None and records and \
+                    records[0]["modality"] not in opts["modalities"]:
+                return Result(task.source_id, [],
+                              f"filtered: modality {records[0]['modality']} not selected",
+                              filtered=True)
+            for r in records:
+                r["patient"] = hash_key(salt, "patient", task.patient)
+                r["study"] = hash_key(salt, "study", task.study) if task.study else ""
+                r["view"] = r["view"].strip().upper()
+    except dicom.SkipFile as e:
+        reason = str(e)
+        return Result(task.source_id, [], reason, filtered=reason.startswith("filtered:"))
+    except Exception as e:  # noqa: BLE001 — a bug on one odd file must not end a long run
+        return Result(task.source_id, [], f"internal error ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:160]})")
+    return Result(task.source_id, records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Task lists
+
+
+def dicom_tasks(input_dir: Path) -> list[Task]:
+    """Every regular file under input_dir (any name: DICOM is recognised by content)."""
+    tasks = []
+    for root, dirs, files in os.walk(input_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            tasks.append(Task(len(tasks), str(path.resolve()), str(path.relative_to(input_dir))))
+    return tasks
+
+
+def csv_tasks(csv_path: Path, image_root: Path, args) -> tuple[list[Task], list[str]]:
+    """CSV rows -> tasks (one per row) and the label names."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if not rows:
+        raise IngestError(f"--csv {csv_path}: no data rows")
+    for opt in ("path_column",) + (() if args.patient_regex else ("patient_column",)):
+        col = getattr(args, opt)
+        if col not in columns:
+            raise IngestError(f"--csv {csv_path}: no column {col!r} (--{opt.replace('_', '-')}); "
+                              f"columns are {columns}")
+    for opt in ("study_column", "view_column", "split_column"):
+        col = getattr(args, opt)
+        if col and col not in columns and col != _DEFAULTS[opt]:
+            raise IngestError(f"--csv {csv_path}: no column {col!r} (--{opt.replace('_', '-')})")
+    used = {args.path_column, args.patient_column, args.study_column, args.view_column,
+            args.split_column}
+    if args.labels:
+        label_names = [c.strip() for c in args.labels.split(",") if c.strip()]
+        missing_cols = [c for c in label_names if c not in columns]
+        if missing_cols:
+            raise IngestError(f"--csv {csv_path}: label columns {missing_cols} not found; "
+                              f"columns are {columns}")
+    else:
+        # Label columns: every other column whose cells are all 1, 0, -1 or blank (CheXpert style).
+        label_names = [c for c in columns if c not in used
+                       and any(r.get(c, "").strip() for r in rows)
+                       and all(_is_label_value(r.get(c) or "") for r in rows)]
+    patient_re = re.compile(args.patient_regex) if args.patient_regex else None
+    study_re = re.compile(args.study_regex) if args.study_regex else None
+    tasks = []
+    for i, row in enumerate(rows):
+        rel = (row.get(args.path_column) or "").strip()
+        task = Task(i, str((image_root / rel).resolve()) if rel else "", rel or f"row:{i + 2}")
+        if not rel:
+            task.error = f"CSV row {i + 2}: empty {args.path_column!r}"
+            tasks.append(task)
+            continue
+        if patient_re is not None:
+            m = patient_re.search(rel)
+            task.patient = m.group(1) if m and m.groups() else (m.group(0) if m else "")
+        else:
+            task.patient = (row.get(args.patient_column) or "").strip()
+        if study_re is not None:
+            m = study_re.search(rel)
+            task.study = m.group(1) if m and m.groups() else (m.group(0) if m else "")
+        elif args.study_column in columns:
+            task.study = (row.get(args.study_column) or "").strip()
+        if args.view_column in columns:
+            task.view = (row.get(args.view_column) or "").strip()
+        split_text = ((row.get(args.split_column) or "") if args.split_column in columns else "")
+        split = _SPLIT_ALIASES.get(split_text.strip().lower())
+        if not task.patient:
+            task.error = f"CSV row {i + 2}: no patient id"
+        elif split is None:
+            task.error = f"CSV row {i + 2}: unknown split {split_text.strip()!r}"
+        else:
+            task.split = split
+            try:
+                task.labels = tuple(parse_label(row.get(c) or "", uncertain=args.uncertain,
+                                                missing=args.missing) for c in label_names)
+            except ValueError as e:
+                task.error = f"CSV row {i + 2}: {e}"
+        tasks.append(task)
+    return tasks, label_names
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One self-overwriting line on stderr: files done, files/s, ETA, skipped. No paths."""
+
+    def __init__(self, total: int, enabled: bool = True, every_s: float = 0.5):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def update(self, done: int, skipped: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        sys.stderr.write(f"\r[ingest] {done}/{self.total} files  {rate:.1f} files/s  "
+                         f"ETA {_fmt_time(eta)}  skipped {skipped}   ")
+        if force:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _store_name(output: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.name).lstrip("._-")
+    return name or "store"
+
+
+def _load_or_make_salt(args, output: Path) -> str:
+    if args.salt:
+        return args.salt
+    salt_path = output.with_name(output.name + ".salt")
+    if salt_path.exists():
+        # Reuse: reruns and extra stores of the same archive keep the same patient keys.
+        return salt_path.read_text().strip()
+    salt = secrets.token_hex(32)
+    fd = os.open(salt_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(salt + "\n")
+    return salt
+
+
+def _csv_list(text: str | None) -> frozenset[str] | None:
+    if not text:
+        return None
+    return frozenset(t.strip().upper() for t in text.split(",") if t.strip())
+
+
+def run_ingest(args) -> dict:
+    """Runs one ingestion; returns the report dict (also written to STORE/ingest_report.json)."""
+    output = Path(args.output).absolute()
+    partial = output.with_name(output.name + ".partial")
+    if (output / "store.json").exists() and not args.overwrite:
+        raise IngestError(f"--output {output}: a store already exists there; pass --overwrite "
+                          "to replace it (it is kept until the new one is complete)")
+    if output.exists() and not output.is_dir():
+        raise IngestError(f"--output {output}: exists and is not a directory")
+    if output.exists() and any(output.iterdir()) and not (output / "store.json").exists():
+        raise IngestError(f"--output {output}: exists, is not empty and is not a store; "
+                          "choose another path")
+    if not output.parent.is_dir():
+        raise IngestError(f"--output {output}: parent directory does not exist")
+    if args.workers is not None and args.workers < 1:
+        raise IngestError(f"--workers={args.workers}: must be >= 1")
+    if not 0 <= args.val_fraction < 1 or not 0 <= args.test_fraction < 1 or \
+            args.val_fraction + args.test_fraction >= 1:
+        raise IngestError("--val-fraction/--test-fraction: each in [0, 1) and their sum below 1")
+
+    if args.input:
+        root = Path(args.input).absolute()
+        if not root.is_dir():
+            raise IngestError(f"--input {root}: not a directory")
+        mode = "dicom"
+        tasks, label_names = dicom_tasks(root), []
+    else:
+        csv_path = Path(args.csv)
+        root = Path(args.image_root).absolute() if args.image_root else csv_path.absolute().parent
+        if not csv_path.is_file():
+            raise IngestError(f"--csv {csv_path}: file not found")
+        if not root.is_dir():
+            raise IngestError(f"--image-root {root}: not a directory")
+        mode = "csv"
+        tasks, label_names = csv_tasks(csv_path, root, args)
+    if not tasks:
+        raise IngestError(f"--input {root}: no files found")
+    salt = _load_or_make_salt(args, output)
+    workers = args.workers or os.cpu_count() or 1
+    opts = dict(mode=mode, salt=salt, size=args.size or None, frames=args.frames, color=args.color,
+                skip_burned_in=not args.keep_burned_in, modalities=_csv_list(args.modality),
+                views=_csv_list(args.view), default_modality=args.default_modality.upper())
+    return _run(tasks, opts, output=output, partial=partial, label_names=label_names,
+                workers=workers, args=args, mode=mode)
+
+
+def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int, args,
+         mode: str) -> dict:
+    from medssl_jax.data.store import StoreWriter
+
+    if partial.exists():  # leftovers of an interrupted run: never a valid store, safe to drop
+        shutil.rmtree(partial)
+    sources_path = output.with_name(output.name + ".sources.csv")
+    sources_tmp = sources_path.with_name(sources_path.name + ".partial")
+    start = time.monotonic()
+    progress = Progress(len(tasks), enabled=not args.quiet)
+    by_id = {t.source_id: t for t in tasks}
+    skipped, filtered, reasons = [], [], Counter()
+    files_written = records_written = 0
+    show = (lambda t: f"source:{t.source_id}") if args.redact_paths else (lambda t: t.rel)
+
+    writer = StoreWriter(partial, name=args.name or _store_name(output), label_names=label_names,
+                         overwrite=True)
+    pool = None
+    closed = False
+    try:
+        if workers > 1:
+            # spawn, not fork: the caller may have imported jax, and forking its threads deadlocks.
+            ctx = multiprocessing.get_context("spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts,))
+            chunk = max(1, min(16, len(tasks) // (workers * 8)))
+            results = pool.imap(process_task, tasks, chunksize=chunk)
+        else:
+            results = (process_task(t, opts) for t in tasks)
+        with open(sources_tmp, "w", newline="") as sf:
+            sw = csv.writer(sf)
+            sw.writerow(["record_id", "source_id", "frame", "path"])
+            for done, res in enumerate(results, 1):
+                task = by_id[res.source_id]
+                if res.records:
+                    files_written += 1
+                    split = task.split if mode == "csv" and task.split else ""
+                    for rec in res.records:
+                        if not split:
+                            split = split_for(opts["salt"], rec["patient"], args.val_fraction,
+                                              args.test_fraction)
+                        labels = (np.asarray(task.labels, np.float32) if label_names else None)
+                        rid = writer.add(split=split, source_id=task.source_id, labels=labels, **rec)
+                        sw.writerow([rid, task.source_id, rec["frame"], task.path])
+                        records_written += 1
+                else:
+                    entry = {"path": show(task), "reason": res.reason}
+                    (filtered if res.filtered else skipped).append(entry)
+                    reasons["filtered" if res.filtered else res.reason.split(" (")[0]] += 1
+                progress.update(done, len(skipped))
+        progress.update(len(tasks), len(skipped), force=True)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        elapsed = time.monotonic() - start
+        report = {
+            "format": "medssl_jax.ingest_report", "version": 1, "mode": mode,
+            "files_seen": len(tasks), "files_written": files_written,
+            "records_written": records_written, "num_skipped": len(skipped),
+            "num_filtered": len(filtered), "skipped": skipped, "filtered": filtered,
+            "reason_counts": dict(reasons.most_common()), "label_names": label_names,
+            "options": {k: (sorted(v) if isinstance(v, frozenset) else v)
+                        for k, v in opts.items() if k != "salt"} | {
+                "workers": workers, "val_fraction": args.val_fraction,
+                "test_fraction": args.test_fraction, "uncertain": args.uncertain,
+                "missing": args.missing, "salt": "given" if args.salt else "generated (STORE.salt)"},
+            "elapsed_s": round(elapsed, 3), "files_per_s": round(len(tasks) / max(elapsed, 1e-9), 2),
+        }
+        assert report["files_seen"] == files_written + len(skipped) + len(filtered)
+        if records_written == 0:
+            writer.abort()
+            (partial / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+            raise IngestError(f"--output {output}: no image could be ingested from "
+                              f"{len(tasks)} files; see {partial / REPORT_FILE}")
+        writer.close()
+        closed = True
+        (partial / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if not closed:
+            writer.abort()
+        sources_tmp.unlink(missing_ok=True)
+        raise
+    # Commit: the new store replaces the old one only now that it is complete.
+    if output.exists():
+        old = output.with_name(output.name + f".old-{os.getpid()}")
+        output.rename(old)
+        partial.rename(output)
+        shutil.rmtree(old)
+    else:
+        partial.rename(output)
+    sources_tmp.replace(sources_path)
+    return report
+
+
+def summary_line(report: dict, output: str) -> str:
+    top = ", ".join(f"{n} {r}" for r, n in list(report["reason_counts"].items())[:4])
+    return (f"ingest: {report['files_seen']} files seen, {report['files_written']} written "
+            f"({report['records_written']} records), {report['num_skipped']} skipped, "
+            f"{report['num_filtered']} filtered, {report['files_per_s']} files/s -> {output}"
+            + (f" [{top}]" if top else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def make_benchmark_files(out_dir: str | os.PathLike, *, n: int, size: int = 512,
+                         syntax: str = "uncompressed", seed: int = 0) -> list[str]:
+    """Writes n synthetic 16-bit (12 bits stored) CR DICOM files, smooth anatomy-like structure
+    plus noise; syntax 'uncompressed' or 'jpeg2000' (lossless, encoded by pylibjpeg-openjpeg)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(n):
+        base = 1500 + 1200 * np.exp(-((xx - 0.3 - 0.05 * rng.random()) ** 2 + (yy - 0.5) ** 2) / 0.05)
+        base += 1200 * np.exp(-((xx - 0.7) ** 2 + (yy - 0.5 - 0.05 * rng.random()) ** 2) / 0.05)
+        img = np.clip(base + rng.normal(0, 40, (size, size)), 0, 4095).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.StudyInstanceUID = f"BENCH{i // 2:05d}", generate_uid()
+        ds.Modality, ds.ViewPosition = "CR", "PA"
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = img.tobytes()
+        if syntax == "jpeg2000":
+            ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+        elif syntax != "uncompressed":
+            raise ValueError(f"syntax must be 'uncompressed' or 'jpeg2000', got {syntax!r}")
+        path = out / f"im{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(str(path))
+    return paths
+
+
+def benchmark(*, n_files: int = 64, size: int = 512, store_size: int = 224,
+              workers: tuple[int, ...] | None = None,
+              syntaxes: tuple[str, ...] = ("uncompressed", "jpeg2000"),
+              workdir: str | None = None) -> list[dict]:
+    """End-to-end ingest rate (read + decode + resize + store write) on generated DICOM files,
+    for each syntax and worker count. Returns rows {syntax, workers, files, seconds, files_per_s,
+    files_per_s_per_worker}."""
+    workers = workers or tuple(sorted({1, os.cpu_count() or 1}))
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for syntax in syntaxes:
+            src = Path(tmp) / syntax
+            make_benchmark_files(src, n=n_files, size=size, syntax=syntax)
+            for w in workers:
+                out = Path(tmp) / f"store_{syntax}_{w}"
+                args = build_parser().parse_args(
+                    [f"--input={src}", f"--output={out}", f"--size={store_size}", f"--workers={w}",
+                     "--salt=benchmark", "--quiet"])
+                t0 = time.monotonic()
+                report = run_ingest(args)
+                dt = time.monotonic() - t0
+                rows.append(dict(syntax=syntax, workers=w, files=report["files_written"],
+                                 seconds=round(dt, 3), files_per_s=round(n_files / dt, 1),
+                                 files_per_s_per_worker=round(n_files / dt / w, 1)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+_DEFAULTS = dict(path_column="path", patient_column="patient", study_column="study",
+                 view_column="view", split_column="split")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m medssl_jax.ingest",
+        description="Ingest a DICOM folder or a PNG/JPEG+CSV dataset into a medssl_jax image store.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", help="folder walked recursively for DICOM files (by content)")
+    src.add_argument("--csv", help="CSV with one row per image (path, patient, labels ...)")
+    src.add_argument("--benchmark", action="store_true",
+                     help="measure files/s on generated 512x512 16-bit DICOM and exit")
+    p.add_argument("--output", help="store directory to create (STORE)")
+    p.add_argument("--image-root", help="CSV mode: folder the CSV paths are relative to "
+                   "(default: the CSV's folder)")
+    p.add_argument("--name", help="store name used in shard file names (default: from --output)")
+    p.add_argument("--size", type=int, default=512,
+                   help="longest side after an anti-aliased, aspect-keeping resize; 0 = native "
+                   "(default 512; smaller images are never upscaled)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--frames", choices=dicom.FRAME_MODES, default="all",
+                   help="multi-frame objects: a record per frame, or only the first/middle one")
+    p.add_argument("--color", choices=dicom.COLOR_MODES, default="gray",
+                   help="colour images: convert to grayscale luma or keep 3 channels")
+    p.add_argument("--modality", help="keep only these modalities, e.g. CR,DX")
+    p.add_argument("--view", help="keep only these views (DICOM ViewPosition / CSV view), e.g. PA,AP")
+    p.add_argument("--salt", help="secret salt for the patient/study hashes (default: reuse or "
+                   "generate STORE.salt next to the store)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of patients put in split 'val' (by salted hash)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="fraction of patients put in split 'test' (by salted hash)")
+    p.add_argument("--keep-burned-in", action="store_true",
+                   help="also ingest DICOM images marked BurnedInAnnotation=YES (may show PHI)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--allow-skips", action="store_true",
+                   help="exit 0 even if some files were skipped")
+    p.add_argument("--redact-paths", action="store_true",
+                   help="report skipped files as source:ID only (look them up in STORE.sources.csv)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    g = p.add_argument_group("CSV mode")
+    for opt, default in _DEFAULTS.items():
+        g.add_argument("--" + opt.replace("_", "-"), default=default,
+                       help=f"column name (default {default!r})")
+    g.add_argument("--patient-regex", help="take the patient id from the path instead of a column, "
+                   r"e.g. '(patient\d+)' for CheXpert (first group, else the whole match)")
+    g.add_argument("--study-regex", help=r"take the study id from the path, e.g. '(patient\d+/study\d+)'")
+    g.add_argument("--labels", help="comma-separated label columns (default: every other column "
+                   "whose cells are all 1, 0, -1 or blank)")
+    g.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="zeros",
+                   help="-1 (uncertain) labels: zeros (U-zeros, default: methods.md 3(d) "
+                   "'label != 1 -> 0'), ones, missing (NaN) or keep (-1)")
+    g.add_argument("--missing", choices=MISSING_POLICIES, default="zeros",
+                   help="blank labels: zeros (default, as 3(d)) or missing (NaN)")
+    g.add_argument("--default-modality", default="OT",
+                   help="modality recorded for PNG/JPEG files (default OT)")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--bench-files", type=int, default=64, help="files per syntax (default 64)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.benchmark:
+        w = (args.workers,) if args.workers else None
+        rows = benchmark(n_files=args.bench_files, workers=w)
+        for r in rows:
+            print(f"benchmark: {r['syntax']:>12}  workers={r['workers']}  {r['files_per_s']:7.1f} "
+                  f"files/s  ({r['files_per_s_per_worker']:.1f} per worker, {r['files']} files "
+                  f"in {r['seconds']} s)")
+        print(json.dumps(rows))
+        return 0
+    if not (args.input or args.csv):
+        parser.error("give --input=DIR (DICOM) or --csv=FILE (with --image-root), or --benchmark")
+    if not args.output:
+        parser.error("--output=STORE is required")
+    try:
+        report = run_ingest(args)
+    except IngestError as e:
+        print(f"ingest: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ingest: interrupted; no store was written (a rerun starts over)", file=sys.stderr)
+        return 130
+    print(summary_line(report, args.output))
+    if report["num_skipped"] and not args.allow_skips:
+        print(f"ingest: {report['num_skipped']} files skipped (see {args.output}/{REPORT_FILE}); "
+              "pass --allow-skips to accept", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
