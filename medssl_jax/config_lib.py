@@ -75,7 +75,7 @@ def pretrain_config() -> mlc.ConfigDict:
     c.data = mlc.ConfigDict()
     # '' = the embedded phantom dataset, generated on first use and cached in data.cache_dir.
     c.data.store = ""
-    c.data.cache_dir = ""  # '' = ~/.cache/medssl_jax
+    c.data.cache_dir = ""  # '' = $MEDSSL_JAX_CACHE, else ~/.cache/medssl_jax
     c.data.phantom_patients = 1200
     c.data.phantom_size = 256
     c.data.phantom_seed = 0

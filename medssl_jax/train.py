@@ -43,9 +43,8 @@ def open_store(data_config) -> Store:
     """The store a config points at; the embedded phantom dataset when none is given."""
     if data_config.store:
         return Store(data_config.store)
-    cache_dir = data_config.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "medssl_jax")
     path = phantoms.ensure_phantom_store(
-        cache_dir,
+        data_config.cache_dir or None,  # None: $MEDSSL_JAX_CACHE or ~/.cache/medssl_jax
         num_patients=data_config.phantom_patients,
         image_size=data_config.phantom_size,
         seed=data_config.phantom_seed,
@@ -108,18 +107,38 @@ def _first_nonfinite(metrics: dict) -> str | None:
     return None
 
 
-def pretrain(config, workdir: str, *, stop_after: int | None = None) -> PretrainResult:
-    """Runs (or resumes) pretraining in `workdir`. `stop_after` ends this run early after that many
-    steps, exactly like a preemption (checkpoint, no export); tests use it to interrupt and resume."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs before its first step; shared by pretrain() and the benchmark."""
+
+    method: Any
+    mesh: Any
+    store: Store
+    spec: dict
+    total_steps: int
+    model: Any
+    tx: Any
+    data_iter: Any
+    example: dict
+    init_state: Any  # jitted: global example batch -> fresh train state
+    abstract_state: Any
+    train_step: Any  # jitted: (state, global batch) -> (state, metrics)
+
+    batch_size: int
+
+    @property
+    def views_per_step(self) -> int:
+        return views_per_element(self.spec) * self.batch_size
+
+
+def setup(config) -> Setup:
+    """Mesh, data, model, optimiser and the jitted init/step functions for `config`."""
     method = methods.get(config.method)
 
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     repl = sharding.replicated(mesh)
-    data_sharding = sharding.data_sharding(mesh)
 
     # ---------------------------------------------------------------- data
     store = open_store(config.data)
@@ -160,24 +179,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
             "method_state": method_state,
         }
 
-    example_global = sharding.to_global(example, mesh)
-    abstract_state = jax.eval_shape(init_state, example_global)
+    abstract_state = jax.eval_shape(init_state, sharding.to_global(example, mesh))
     abstract_state = _abstract_with_sharding(abstract_state, repl)
-
-    # ---------------------------------------------------------------- state: resume / init / fresh
-    checkpointer = checkpoint.TrainCheckpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
-    )
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state = checkpointer.restore(latest, abstract_state, data_iter)
-        logging_lib.log(f"resumed from {os.path.join(workdir, 'checkpoints', str(latest))} (step {latest})")
-    else:
-        state = jax.jit(init_state, out_shardings=repl)(example_global)
-        if config.init:
-            state = _init_encoder_from(state, config.init, method, abstract_state, repl, tx)
-            logging_lib.log(f"encoder initialised from {config.init}")
-    start_step = int(jax.device_get(state["step"]))
 
     # ---------------------------------------------------------------- update step
     def train_step(state, batch):
@@ -209,14 +212,47 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
         }
         return new_state, metrics
 
-    train_step = jax.jit(
-        train_step, donate_argnums=(0,), in_shardings=(repl, data_sharding), out_shardings=(repl, repl)
+    return Setup(
+        method=method, mesh=mesh, store=store, spec=spec, total_steps=total_steps, model=model, tx=tx,
+        data_iter=data_iter, example=example,
+        init_state=jax.jit(init_state, out_shardings=repl),
+        abstract_state=abstract_state,
+        train_step=jax.jit(
+            train_step, donate_argnums=(0,), in_shardings=(repl, sharding.data_sharding(mesh)),
+            out_shardings=(repl, repl),
+        ),
+        batch_size=config.batch_size,
     )
+
+
+def pretrain(config, workdir: str, *, stop_after: int | None = None) -> PretrainResult:
+    """Runs (or resumes) pretraining in `workdir`. `stop_after` ends this run early after that many
+    steps, exactly like a preemption (checkpoint, no export); tests use it to interrupt and resume."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    run = setup(config)
+    method, mesh, store, spec, total_steps = run.method, run.mesh, run.store, run.spec, run.total_steps
+    data_iter, train_step = run.data_iter, run.train_step
+
+    # ---------------------------------------------------------------- state: resume / init / fresh
+    checkpointer = checkpoint.TrainCheckpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state = checkpointer.restore(latest, run.abstract_state, data_iter)
+        logging_lib.log(f"resumed from {os.path.join(workdir, 'checkpoints', str(latest))} (step {latest})")
+    else:
+        state = run.init_state(sharding.to_global(run.example, mesh))
+        if config.init:
+            state = _init_encoder_from(state, config.init, method, run.abstract_state,
+                                       sharding.replicated(mesh), run.tx)
+            logging_lib.log(f"encoder initialised from {config.init}")
+    start_step = int(jax.device_get(state["step"]))
 
     # ---------------------------------------------------------------- loop
     writer = logging_lib.MetricWriter(workdir)
-    views = views_per_element(spec) * config.batch_size
-    progress = logging_lib.Progress(total_steps, items_per_step=views, start_step=start_step)
+    progress = logging_lib.Progress(total_steps, items_per_step=run.views_per_step, start_step=start_step)
     logging_lib.log(
         f"pretraining {config.method}: {total_steps} steps of {config.batch_size} "
         f"{'patients' if spec['sampler'] == 'micle' else 'images'} x {views_per_element(spec)} views "
@@ -275,7 +311,7 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
         method.encoder_variables(jax.device_get(variables)),
         {
             "model": config.model.to_dict(),
-            "input": {"image_size": config.data.image_size, "channels": int(example["global"].shape[-1])},
+            "input": {"image_size": config.data.image_size, "channels": int(run.example[spec["crops"][0]["name"]].shape[-1])},
             "source": {"method": config.method, "steps": step, "store": store.name, "init": config.init},
         },
     )

@@ -6,6 +6,7 @@
     loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config)
         -> (loss, (batch_stats, method_state, metrics))
     encoder_variables(variables) -> the encoder's variables (what is exported)
+    with_encoder_variables(variables, encoder) -> variables with the encoder part replaced (config.init)
 optional:
     process_grads(grads, *, step, config) -> grads
     after_update(params, method_state, *, step, config) -> (params, method_state)
