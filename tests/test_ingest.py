@@ -1,0 +1,281 @@
+"""Ingestion end to end: every pydicom test file accounted for, PHI never written, bad files
+reported, reruns refused or replaced atomically, CSV mode with 8/16-bit PNGs and label policies."""
+import csv
+import json
+import os
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medssl_jax import ingest
+from medssl_jax.data.store import Store, StoreError
+
+PYDICOM_DIR = os.path.dirname(get_testdata_file("CT_small.dcm"))
+_RG1 = get_testdata_file("RG1_UNCR.dcm", download=False)
+PYDICOM_DATA_DIR = os.path.dirname(_RG1) if _RG1 else None
+
+
+def _all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, fs in os.walk(root) for f in fs)
+
+
+def _sources(store_path):
+    with open(str(store_path) + ".sources.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_accounted(root, store_path, report):
+    files = _all_files(root)
+    assert report["files_seen"] == len(files)
+    listed = [e["path"] for e in report["skipped"] + report["filtered"]]
+    written = {os.path.relpath(r["path"], root) for r in _sources(store_path)}
+    assert len(written) == report["files_written"]
+    assert sorted(listed + sorted(written)) == files  # each file exactly once: written or listed
+    return written, {e["path"]: e["reason"] for e in report["skipped"]}
+
+
+def _run(argv):
+    code = ingest.main(argv + ["--quiet"])
+    return code
+
+
+def test_pydicom_wheel_corpus(tmp_path):
+    out = tmp_path / "store"
+    assert _run([f"--input={PYDICOM_DIR}", f"--output={out}", "--size=64", "--workers=2"]) == 1
+    assert _run([f"--input={PYDICOM_DIR}", f"--output={out}", "--size=64", "--workers=2",
+                 "--allow-skips", "--overwrite"]) == 0
+    report = json.loads((out / "ingest_report.json").read_text())
+    written, skipped = _check_accounted(PYDICOM_DIR, out, report)
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+                 "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "693_J2KI.dcm",
+                 "examples_ybr_color.dcm", "examples_palette.dcm", "image_dfl.dcm",
+                 "dicomdirtests/77654033/CR1/6154", "SC_rgb_rle_16bit.dcm"):
+        assert name in written, name
+    expected = {"MR_truncated.dcm": "truncated", "JPGExtended.dcm": "12-bit JPEG Extended",
+                "test-SR.dcm": "non-image object", "rtdose.dcm": "non-image object",
+                "README.txt": "not DICOM", "dicomdirtests/DICOMDIR": "DICOMDIR",
+                "no_meta.dcm": "not DICOM", "waveform_ecg.dcm": "non-image object",
+                "JPEG2000-embedded-sequence-delimiter.dcm": "could not be decoded"}
+    for name, reason in expected.items():
+        assert reason in skipped[name], (name, skipped[name])
+    store = Store(out)
+    assert store.num_records == report["records_written"]
+    by_path = {os.path.relpath(r["path"], PYDICOM_DIR): int(r["record_id"]) for r in _sources(out)}
+    ct = store[by_path["CT_small.dcm"]]
+    assert ct["modality"] == "CT" and ct["intensity_offset"] == 1024 and ct["image"].shape == (64, 64)
+    ybr = [int(r["record_id"]) for r in _sources(out) if r["path"].endswith("examples_ybr_color.dcm")]
+    assert len(ybr) == 30 and sorted(store[i]["frame"] for i in ybr) == list(range(30))
+    for i in range(store.num_records):
+        rec = store[i]
+        assert max(rec["image"].shape[:2]) <= 64
+        assert int(rec["image"].max()) < 2 ** rec["bits_stored"]
+    # the report and the store hold no absolute paths
+    blob = b"".join(p.read_bytes() for p in out.iterdir())
+    assert PYDICOM_DIR.encode() not in blob
+
+
+@pytest.mark.skipif(PYDICOM_DATA_DIR is None, reason="pydicom-data not installed")
+def test_pydicom_data_real_files(tmp_path):
+    out = tmp_path / "store"
+    assert _run([f"--input={PYDICOM_DATA_DIR}", f"--output={out}", "--size=64", "--workers=2",
+                 "--allow-skips"]) == 0
+    report = json.loads((out / "ingest_report.json").read_text())
+    written, skipped = _check_accounted(PYDICOM_DATA_DIR, out, report)
+    for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm", "MR2_J2KR.dcm",
+                 "693_UNCR.dcm", "US1_J2KR.dcm", "eCT_Supplemental.dcm", "emri_small_RLE.dcm",
+                 "color3d_jpeg_baseline.dcm", "OT-PAL-8-face.dcm", "vlut_04.dcm", "mlut_18.dcm"):
+        assert name in written, name
+    assert set(skipped) <= {"liver.dcm", "liver_expb.dcm",
+                            "emri_small_jpeg_2k_lossless_too_short.dcm"}, skipped
+    store = Store(out)
+    rec = {os.path.basename(r["path"]): store[int(r["record_id"])] for r in _sources(out)}
+    chest = rec["RG1_UNCR.dcm"]
+    assert chest["modality"] == "CR" and chest["image"].shape == (64, 60)
+    assert chest["bits_stored"] == 15 and chest["image"].dtype == np.uint16
+    # MONOCHROME1 inverted: lungs (dark) sit in the middle rows, the bright mediastinum between
+    # them; in the raw MONOCHROME1 data the relation is the reverse.
+    lungs = chest["image"][20:40, [12, 48]].mean()
+    mediastinum = chest["image"][20:40, 28:32].mean()
+    assert mediastinum > lungs
+    lossless = rec["RG1_J2KR.dcm"]["image"].astype(int)
+    assert np.abs(lossless - chest["image"].astype(int)).max() <= 1
+
+
+def _phi_dataset(path, *, name, pid, birth, accession, study_uid):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, birth
+    ds.AccessionNumber, ds.StudyInstanceUID = accession, study_uid
+    ds.InstitutionName, ds.ReferringPhysicianName = "Zyxwvu Memorial Hospital", "Qwertz^Doctor"
+    ds.Modality, ds.ViewPosition = "DX", "PA"
+    ds.Rows, ds.Columns = 40, 30
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.random.default_rng(0).integers(0, 4096, (40, 30), dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_no_phi_in_any_output_byte(tmp_path, capsys):
+    src = tmp_path / "in"
+    phi = []
+    for p in range(3):
+        sub = src / f"export{p}"
+        sub.mkdir(parents=True)
+        values = dict(name=f"Doeuniq{p}^Janeuniq{p}", pid=f"PID-98765-{p}", birth=f"1931020{p}",
+                      accession=f"ACC55544{p}", study_uid=f"1.2.826.0.1.3680043.99.{p}")
+        phi += [values["name"], values["name"].split("^")[0], values["pid"], values["birth"],
+                values["accession"], values["study_uid"]]
+        for k in range(2):
+            _phi_dataset(sub / f"im{k}.dcm", **values)
+    # A folder named after the patient (as PACS exports do) plus a broken file inside it.
+    named = src / "Doeuniq9^Janeuniq9"
+    named.mkdir()
+    (named / "broken.dcm").write_bytes(b"not a dicom file")
+    phi += ["Doeuniq9", "Zyxwvu", "Qwertz"]
+    out = tmp_path / "store"
+    code = _run([f"--input={src}", f"--output={out}", "--workers=1", "--redact-paths",
+                 "--allow-skips", "--val-fraction=0.3"])
+    assert code == 0
+    captured = capsys.readouterr()
+    store = Store(out)
+    assert store.num_records == 6 and len(set(store.patients)) == 3
+    assert len(set(store.studies)) == 3
+    for f in out.iterdir():
+        data = f.read_bytes()
+        for s in phi:
+            assert s.encode() not in data, (f.name, s)
+    for s in phi:
+        assert s not in captured.out + captured.err
+    assert not (out / "store.salt").exists() and (tmp_path / "store.salt").exists()
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["skipped"] == [{"path": "source:0", "reason": report["skipped"][0]["reason"]}]
+    # the sensitive mapping file, outside the store, is the only place with full paths
+    sources = (tmp_path / "store.sources.csv").read_text()
+    assert str(src / "export0" / "im0.dcm") in sources and "Doeuniq9" not in sources
+    # same salt file reused on a rerun: identical keys
+    out2 = tmp_path / "store"
+    assert _run([f"--input={src}", f"--output={out2}", "--workers=1", "--allow-skips",
+                 "--overwrite"]) == 0
+    assert sorted(Store(out2).patients) == sorted(store.patients)
+
+
+def test_corrupted_inputs_and_exit_codes(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    (src / "good.dcm").write_bytes(good)
+    (src / "truncated.dcm").write_bytes(good[: len(good) - 5000])
+    (src / "headonly.dcm").write_bytes(good[:700])
+    (src / "zero.dcm").write_bytes(b"")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(src / "picture.png")
+    out = tmp_path / "store"
+    assert _run([f"--input={src}", f"--output={out}", "--workers=1"]) == 1
+    err = capsys.readouterr()
+    assert "4 skipped" in err.out and "--allow-skips" in err.err
+    report = json.loads((out / "ingest_report.json").read_text())
+    reasons = {e["path"]: e["reason"] for e in report["skipped"]}
+    assert set(reasons) == {"truncated.dcm", "headonly.dcm", "zero.dcm", "picture.png"}
+    assert "truncated" in reasons["truncated.dcm"] and "not DICOM" in reasons["picture.png"]
+    assert Store(out).num_records == 1
+
+
+def test_rerun_refuses_overwrite_replaces_and_interrupt_leaves_no_store(tmp_path, monkeypatch,
+                                                                          capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(3):
+        _phi_dataset(src / f"im{k}.dcm", name="A^B", pid=f"P{k}", birth="19000101", accession="1",
+                     study_uid=f"1.2.3.{k}")
+    out = tmp_path / "store"
+    assert _run([f"--input={src}", f"--output={out}", "--workers=1"]) == 0
+    assert _run([f"--input={src}", f"--output={out}", "--workers=1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    calls = {"n": 0}
+    real = ingest.process_task
+
+    def flaky(task, opts=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(task, opts)
+
+    monkeypatch.setattr(ingest, "process_task", flaky)
+    assert _run([f"--input={src}", f"--output={out}", "--workers=1", "--overwrite"]) == 130
+    assert Store(out).num_records == 3  # the old complete store is untouched
+    partial = tmp_path / "store.partial"
+    with pytest.raises(StoreError):
+        Store(partial)
+    monkeypatch.setattr(ingest, "process_task", real)
+    (src / "im3.dcm").write_bytes((src / "im0.dcm").read_bytes())
+    assert _run([f"--input={src}", f"--output={out}", "--workers=1", "--overwrite"]) == 0
+    assert Store(out).num_records == 4 and not partial.exists()
+
+
+def test_csv_mode_png_8_and_16_bit(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "p1").mkdir(parents=True)
+    (root / "p2").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (100, 80), dtype=np.uint8)).save(root / "p1" / "a.png")
+    Image.fromarray(rng.integers(0, 65536, (60, 120), dtype=np.uint16)).save(root / "p1" / "b.png")
+    Image.fromarray(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)).save(root / "p2" / "c.jpg")
+    rows = [["path", "patient", "study", "view", "split", "Sex", "Age", "Edema", "Effusion"],
+            ["p1/a.png", "pat1", "s1", "PA", "train", "F", "63", "1", "-1"],
+            ["p1/b.png", "pat1", "s1", "lateral", "valid", "F", "63", "", "0"],
+            ["p2/c.jpg", "pat2", "", "AP", "test", "M", "40", "0", "1.0"],
+            ["p2/missing.png", "pat2", "", "AP", "", "M", "40", "0", "1"]]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = tmp_path / "store"
+    base = [f"--csv={tmp_path / 'labels.csv'}", f"--image-root={root}", "--size=64",
+            "--workers=1", "--allow-skips"]
+    assert _run(base + [f"--output={out}"]) == 0
+    store = Store(out)
+    assert store.label_names == ["Edema", "Effusion"]  # Sex/Age are not label-like
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["skipped"] == [{"path": "p2/missing.png", "reason": "file not found"}]
+    recs = [store[i] for i in range(3)]
+    assert recs[0]["image"].dtype == np.uint8 and recs[0]["bits_stored"] == 8
+    assert recs[0]["image"].shape == (64, 51)
+    assert recs[1]["image"].dtype == np.uint16 and recs[1]["bits_stored"] == 16
+    assert recs[1]["image"].shape == (32, 64) and recs[1]["view"] == "LATERAL"
+    assert recs[2]["image"].shape == (50, 50)  # never upscaled; colour -> gray
+    np.testing.assert_array_equal(store.labels, [[1, 0], [0, 0], [0, 1]])  # U-zeros, blank -> 0
+    assert list(store.splits) == ["train", "val", "test"]
+    assert store.patients[0] == store.patients[1] != store.patients[2]
+    assert "pat1" not in store.patients[0]
+
+    out2 = tmp_path / "store2"
+    assert _run(base + [f"--output={out2}", "--uncertain=missing", "--missing=missing",
+                        "--view=PA,AP", "--labels=Effusion"]) == 0
+    s2 = Store(out2)
+    assert s2.label_names == ["Effusion"] and s2.num_records == 2
+    np.testing.assert_array_equal(s2.labels, [[np.nan], [1]])
+    report2 = json.loads((out2 / "ingest_report.json").read_text())
+    assert [e["path"] for e in report2["filtered"]] == ["p1/b.png"]
+
+
+def test_csv_bad_column_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "x.csv").write_text("file,pid\na.png,1\n")
+    assert _run([f"--csv={tmp_path / 'x.csv'}", f"--output={tmp_path / 's'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no column 'path'" in err
+
+
+def test_benchmark_smoke(tmp_path):
+    rows = ingest.benchmark(n_files=2, size=64, store_size=32, workers=(1,), workdir=str(tmp_path))
+    assert [(r["syntax"], r["workers"], r["files"]) for r in rows] == [
+        ("uncompressed", 1, 2), ("jpeg2000", 1, 2)]
+    assert all(r["files_per_s"] > 0 for r in rows)
