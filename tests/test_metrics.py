@@ -97,3 +97,18 @@ def test_bad_input_one_line_error(probs, labels, names, match):
     with pytest.raises(metrics.MetricsError, match=match) as e:
         metrics.evaluate_predictions(probs=probs, labels=labels, label_names=names or ["a", "b"])
     assert "\n" not in str(e.value)
+
+
+def test_grouped_youden_follows_roc_curve_drop_intermediate_on_exact_ties():
+    # Scores shared by one positive and one negative each: every ROC step is (1, 1), J is mathematically
+    # constant along the diagonal, and only float rounding plus roc_curve's dropped intermediate points
+    # decide the argmax (for several of these sizes a plain argmax over all points picks another point).
+    for n_pairs in range(2, 33):
+        for top in range(3):
+            s = np.r_[np.arange(top) + 10.0, np.repeat(np.arange(n_pairs, 0, -1) * 1.0, 2), -1]
+            y = np.r_[np.ones(top, bool), np.tile([True, False], n_pairs), False]
+            w = np.stack([np.ones(len(s), int), np.full(len(s), 2)])
+            out = metrics.grouped_roc_stats(s, y, w)
+            ref = metrics.youden_point(s, y.astype(float))
+            for k in metrics.YOUDEN_KEYS:
+                assert out[k] == pytest.approx([ref[k], ref[k]], abs=1e-12), (n_pairs, top, k)

@@ -149,27 +149,50 @@ def grouped_roc_stats(scores, y, weights) -> dict:
     y_sorted = y[order]
     # Last index of each run of equal scores: the threshold "score >= s_g" includes the whole tie group.
     ends = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), len(s_sorted) - 1]
-    w = weights[:, order].astype(np.float64)
-    tp = np.cumsum(w * y_sorted, axis=1)[:, ends]            # [B, G] positives with score >= s_g
-    fp = np.cumsum(w * ~y_sorted, axis=1)[:, ends]
-    num_pos = tp[:, -1]
-    num_neg = fp[:, -1]
-    pos_g = np.diff(tp, axis=1, prepend=0.0)
-    neg_g = np.diff(fp, axis=1, prepend=0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # Each positive in group g beats the negatives below it and ties half of those in its group.
-        auc = np.sum(pos_g * (num_neg[:, None] - fp + 0.5 * neg_g), axis=1) / (num_pos * num_neg)
-        tpr = tp / num_pos[:, None]
-        fpr = fp / num_neg[:, None]
-    # Column 0 is roc_curve's leading inf threshold (nothing called positive, J = 0).
-    j = np.concatenate([np.zeros((len(w), 1)), tpr - fpr], axis=1)
-    best = np.argmax(np.nan_to_num(j, nan=-np.inf), axis=1)
-    pad = lambda a: np.concatenate([np.zeros((len(w), 1)), a], axis=1)  # noqa: E731
-    tp_b = np.take_along_axis(pad(tp), best[:, None], axis=1)[:, 0]
-    fp_b = np.take_along_axis(pad(fp), best[:, None], axis=1)[:, 0]
+    ties = len(ends) < len(s_sorted)
+    w = np.take(weights, order, axis=1)
+    yw = w * y_sorted
+    tp = np.cumsum(yw, axis=1, dtype=np.float64)          # [B, G] positives with score >= s_g
+    fp = np.cumsum(w, axis=1, dtype=np.float64)
+    if ties:
+        tp = tp[:, ends]
+        fp = fp[:, ends]
+    fp -= tp
+    num_pos = tp[:, -1].copy()
+    num_neg = fp[:, -1].copy()
+    if ties:
+        pos_g = np.diff(tp, axis=1, prepend=0.0)
+        neg_g = np.diff(fp, axis=1, prepend=0.0)
+    else:
+        pos_g = yw
+        neg_g = None
+    defined = (num_pos > 0) & (num_neg > 0)
+    p_safe = np.where(defined, num_pos, 1.0)
+    n_safe = np.where(defined, num_neg, 1.0)
+    # Each positive in group g beats the negatives below it and ties half of those in its group.
+    numer = num_pos * num_neg - np.einsum("bg,bg->b", pos_g, fp, dtype=np.float64)
+    if ties:
+        numer += 0.5 * np.einsum("bg,bg->b", pos_g, neg_g)
+    auc = numer / (p_safe * n_safe)
+    # Youden exactly as argmax(tpr - fpr) over roc_curve's output (same float ops). Groups absent from a
+    # resample repeat the previous point's J, so the first maximum is a present point. roc_curve also drops
+    # "intermediate" points (step (dFP, dTP) equal to the next point's); such a point can only be the
+    # maximum when its step mixes positives and negatives (a pure step strictly moves J by >= 1/N), i.e.
+    # inside a tie group: those rare rows are redone with the exact rule in `_youden_exact`.
+    j = tp / p_safe[:, None]
+    j -= fp / n_safe[:, None]
+    best = np.argmax(j, axis=1)
+    rows = np.arange(len(w))
+    if ties:
+        mixed = (pos_g[rows, best] > 0) & (neg_g[rows, best] > 0) & defined
+        for r in np.flatnonzero(mixed):
+            best[r] = _youden_exact(j[r], pos_g[r], neg_g[r])
+    j_best = j[rows, best]
+    use_inf = ~(j_best > 0)          # roc_curve's leading inf point (J = 0) comes first and wins ties
+    tp_b = np.where(use_inf, 0.0, tp[rows, best])
+    fp_b = np.where(use_inf, 0.0, fp[rows, best])
     fn_b = num_pos - tp_b
     tn_b = num_neg - fp_b
-    defined = (num_pos > 0) & (num_neg > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = {
             "auc": auc,
@@ -179,6 +202,51 @@ def grouped_roc_stats(scores, y, weights) -> dict:
             "f1": 2 * tp_b / (2 * tp_b + fp_b + fn_b),
         }
     return {k: np.where(defined, v, np.nan) for k, v in out.items()}
+
+
+def weighted_auc(scores, y, weights) -> np.ndarray:
+    """ROC-AUC of one label for many multiplicity-weighted resamples: float64 [B], NaN if one class.
+
+    The Mann-Whitney form: AUC = P(score_pos > score_neg) + 1/2 P(tie), over resampled pairs; equal to
+    sklearn's trapezoidal AUC on the resampled data. Negatives are sorted once; per resample one cumulative
+    sum over the negatives' multiplicities gives, for every positive, the weight of negatives scored above
+    it (searchsorted positions, ties half). Cost O(n log n + B n).
+    """
+    scores = np.asarray(scores, np.float64)
+    y = np.asarray(y).astype(bool)
+    weights = np.asarray(weights)
+    if weights.ndim == 1:
+        weights = weights[None]
+    pos_idx = np.flatnonzero(y)
+    neg_idx = np.flatnonzero(~y)
+    neg_order = neg_idx[np.argsort(scores[neg_idx], kind="stable")]    # ascending scores
+    neg_sorted = scores[neg_order]
+    s_pos = scores[pos_idx]
+    n_neg = len(neg_idx)
+    # Cumulative negative weight from the top: C[:, k] = weight of the k highest-scored negatives.
+    w_neg_desc = np.take(weights, neg_order[::-1], axis=1)
+    c = np.zeros((len(weights), n_neg + 1), np.int64)
+    np.cumsum(w_neg_desc, axis=1, out=c[:, 1:])
+    above_strict = n_neg - np.searchsorted(neg_sorted, s_pos, side="right")   # negatives > s_p
+    above_or_tie = n_neg - np.searchsorted(neg_sorted, s_pos, side="left")    # negatives >= s_p
+    w_pos = np.take(weights, pos_idx, axis=1)
+    num_pos = w_pos.sum(axis=1, dtype=np.float64)
+    num_neg = c[:, -1].astype(np.float64)
+    beaten_by = 0.5 * (np.einsum("bp,bp->b", w_pos, c[:, above_strict], dtype=np.float64)
+                       + np.einsum("bp,bp->b", w_pos, c[:, above_or_tie], dtype=np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (num_pos * num_neg - beaten_by) / (num_pos * num_neg)
+    return np.where((num_pos > 0) & (num_neg > 0), auc, np.nan)
+
+
+def _youden_exact(j, pos_g, neg_g) -> int:
+    """argmax of J over the points roc_curve keeps (drop_intermediate=True), one resample."""
+    present = np.flatnonzero((pos_g + neg_g) > 0)
+    steps_p, steps_n = pos_g[present], neg_g[present]
+    keep = np.ones(len(present), bool)
+    keep[1:-1] = (steps_p[1:-1] != steps_p[2:]) | (steps_n[1:-1] != steps_n[2:])
+    kept = present[keep]
+    return int(kept[np.argmax(j[kept])])
 
 
 def _num(x):
