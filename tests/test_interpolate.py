@@ -40,6 +40,27 @@ def test_resize_matches_torch_float64(in_hw, kwargs):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_hw,kwargs", [
+    ((37, 37), dict(size=(16, 16))),          # DINOv2-reg ViT-B/14 at 224 px
+    ((13, 9), dict(size=(5, 4))),             # strong downsampling, odd ratios
+    ((7, 5), dict(size=(13, 11))),            # upsampling: a = -0.5, taps truncated at the border
+    ((37, 37), dict(size=(40, 23))),          # one axis up, one down
+])
+def test_antialiased_resize_matches_torch_float64(in_hw, kwargs):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1, *in_hw, 2))
+    want = _torch_resize_aa(x, **kwargs)
+    with jax.enable_x64(True):
+        got = np.asarray(interpolate.resize_bicubic_torch(jnp.asarray(x), kwargs["size"], antialias=True))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def _torch_resize_aa(x_nhwc, **kwargs):
+    t = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+    out = F.interpolate(t, mode="bicubic", align_corners=False, antialias=True, **kwargs)
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
 def test_resize_float32_and_jit_and_grad():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(1, 9, 12, 4)).astype(np.float32)
@@ -93,6 +114,18 @@ def test_size_mode_matches_transformers_semantics():
     got = interpolate.interpolate_pos_embed(jnp.asarray(pos), src_grid=(6, 6), dst_grid=(4, 9), mode="size")
     np.testing.assert_allclose(np.asarray(got[:, 1:]), want.reshape(1, -1, 5).numpy(), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(got[:, :1]), pos[:, :1])
+
+
+def test_size_aa_mode_matches_dinov2_register_models():
+    # dinov2_vit*14_reg: interpolate_offset=0 -> size=(h0, w0), interpolate_antialias=True.
+    rng = np.random.default_rng(5)
+    pos = rng.normal(size=(1, 1 + 37 * 37, 4))
+    grid = torch.from_numpy(pos[:, 1:]).reshape(1, 37, 37, 4).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(16, 12), mode="bicubic", antialias=True).permute(0, 2, 3, 1)
+    with jax.enable_x64(True):
+        got = np.asarray(interpolate.interpolate_pos_embed(jnp.asarray(pos), src_grid=(37, 37), dst_grid=(16, 12),
+                                                           mode="size_aa"))
+    np.testing.assert_allclose(got[:, 1:], want.reshape(1, -1, 4).numpy(), rtol=0, atol=1e-12)
 
 
 def test_bad_arguments_raise_one_line_errors():

@@ -23,7 +23,11 @@ which is the same number and the same call, so both versions give identical embe
 (offset 0.1, no antialias). Both return the stored embedding untouched, without any resampling, when the
 number of patches equals the stored number and the image is square; we do the same (resampling at the
 native grid with the 0.1 offset would not be the identity).
-transformers' Dinov2Model instead passes `size=(h0, w0)` (no offset): `mode='size'` reproduces that.
+The hub's register models (`dinov2_vit*14_reg`) are built with interpolate_offset=0 and
+interpolate_antialias=True, i.e. `size=(h0, w0), antialias=True`: `mode='size_aa'` (torch's antialiased
+bicubic: Keys a = -0.5, kernel stretched when downsampling, renormalised taps; `bicubic_aa_matrix`).
+transformers' Dinov2Model passes `size=(h0, w0)` without antialias (`mode='size'`); its
+Dinov2WithRegistersModel passes `size=(h0, w0), antialias=True` (`mode='size_aa'`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 
 CUBIC_A = -0.75  # PyTorch's bicubic coefficient (OpenCV uses the same; Keys/PIL/jax.image use -0.5).
 DINOV2_OFFSET = 0.1  # facebookresearch/dino issue 8: avoids floor() landing one short of the grid.
-POS_INTERP_MODES = ("dinov2", "size", "none")
+POS_INTERP_MODES = ("dinov2", "size", "size_aa", "none")
 
 
 class InterpolateError(ValueError):
@@ -75,6 +79,32 @@ def bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None = Non
     return matrix
 
 
+def bicubic_aa_matrix(in_size: int, out_size: int, scale_factor: float | None = None) -> np.ndarray:
+    """[out_size, in_size] matrix of torch's antialiased bicubic (F.interpolate(..., antialias=True)).
+
+    aten `_compute_weights_aa`: a Keys kernel with a = -0.5 (PIL's, not -0.75), stretched by the scale
+    when downsampling, truncated to the input (no border replication) and renormalised to sum to 1.
+    """
+    if in_size < 1 or out_size < 1:
+        raise InterpolateError(f"bicubic_aa_matrix: sizes must be >= 1, got in={in_size} out={out_size}")
+    scale = 1.0 / float(scale_factor) if scale_factor is not None and scale_factor > 0 else in_size / out_size
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    a = -0.5
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        # int64 casts in aten truncate toward zero.
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        x = np.abs((np.arange(xmin, xmax) - center + 0.5) * invscale)
+        w = np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+                     np.where(x < 2.0, ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a, 0.0))
+        total = w.sum()
+        matrix[i, xmin:xmax] = w / total if total != 0.0 else w
+    return matrix
+
+
 def _pair(value, name: str) -> tuple:
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != 2:
@@ -84,8 +114,9 @@ def _pair(value, name: str) -> tuple:
 
 
 def resize_bicubic_torch(x: jax.Array, out_hw: Sequence[int] | int | None = None, *,
-                         scale_factor: Sequence[float] | float | None = None) -> jax.Array:
-    """Resize x [..., H, W, C] like torch's F.interpolate(mode='bicubic', align_corners=False, antialias=False).
+                         scale_factor: Sequence[float] | float | None = None,
+                         antialias: bool = False) -> jax.Array:
+    """Resize x [..., H, W, C] like torch's F.interpolate(mode='bicubic', align_corners=False, antialias=...).
 
     Give exactly one of out_hw (the output size) or scale_factor (as torch: the output size is
     floor(size * factor) and the source coordinates use 1 / factor, not the size ratio).
@@ -107,8 +138,9 @@ def resize_bicubic_torch(x: jax.Array, out_hw: Sequence[int] | int | None = None
         raise InterpolateError(f"resize_bicubic_torch: output size {(out_h, out_w)} from input {(in_h, in_w)} "
                                "is empty")
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    mh = jnp.asarray(bicubic_matrix(in_h, out_h, sh), dtype)
-    mw = jnp.asarray(bicubic_matrix(in_w, out_w, sw), dtype)
+    build = bicubic_aa_matrix if antialias else bicubic_matrix
+    mh = jnp.asarray(build(in_h, out_h, sh), dtype)
+    mw = jnp.asarray(build(in_w, out_w, sw), dtype)
     # HIGHEST: TPUs would otherwise multiply f32 in bf16 passes and lose the 1e-6 agreement.
     hi = jax.lax.Precision.HIGHEST
     y = jnp.einsum("oh,...hwc->...owc", mh, x.astype(dtype), precision=hi)
@@ -122,6 +154,8 @@ def interpolate_pos_embed(pos_embed: jax.Array, *, src_grid: Sequence[int], dst_
 
     mode 'dinov2': torch bicubic with scale_factor (dst + 0.1) / src (facebookresearch/dinov2);
     mode 'size': torch bicubic with an output size (transformers' Dinov2Model, timm);
+    mode 'size_aa': the same with antialias=True (DINOv2 models with registers: the hub builds them with
+      interpolate_offset=0, interpolate_antialias=True; transformers' Dinov2WithRegistersModel likewise);
     mode 'none': the grids must match.
     As in both PyTorch implementations, nothing is resampled when the grids match and the image is square
     (image_hw; a non-square image with a matching grid is still resampled, as they do).
@@ -151,6 +185,6 @@ def interpolate_pos_embed(pos_embed: jax.Array, *, src_grid: Sequence[int], dst_
             raise InterpolateError(f"DINOv2 interpolation of a {src_h}x{src_w} grid gave {grid.shape[1:3]}, "
                                    f"not {dst_h}x{dst_w}")
     else:
-        grid = resize_bicubic_torch(grid, (dst_h, dst_w))
+        grid = resize_bicubic_torch(grid, (dst_h, dst_w), antialias=mode == "size_aa")
     grid = grid.reshape(1, dst_h * dst_w, dim).astype(pos_embed.dtype)
     return jnp.concatenate([prefix, grid], axis=1)

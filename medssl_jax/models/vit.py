@@ -7,7 +7,7 @@ Architecture (facebookresearch/dinov2 `vision_transformer.py`, timm `VisionTrans
 - learned position embeddings for the CLS token and a square grid of image_size // patch_size patches,
   stored at that grid and resampled in-graph to the input's grid on every call
   (`interpolate.interpolate_pos_embed`, PyTorch bicubic; 'dinov2' semantics with the +0.1 scale offset,
-  'size' for transformers' Dinov2Model). Register tokens carry no position embedding, as in DINOv2;
+  'size' for transformers' Dinov2Model, 'size_aa' for DINOv2's register models). Register tokens carry no position embedding, as in DINOv2;
 - pre-norm blocks: x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)), LayerNorm eps 1e-6, fused qkv
   with bias, scale 1/sqrt(head_dim), exact (erf) GELU, optional LayerScale (per-channel gamma), optional
   SwiGLU feed-forward (DINOv2 ViT-g), stochastic depth when training;
@@ -178,7 +178,8 @@ class ViT(nn.Module):
         replicated to 3 identical channels (what reading a grayscale image as RGB does).
       num_registers: DINOv2 register tokens (0 or 4 in the released models).
       layerscale_init: LayerScale gamma initial value (DINOv2 trains with 1e-5); None = no LayerScale.
-      pos_interp: 'dinov2' (scale factor with the +0.1 offset), 'size' (transformers/timm) or 'none'.
+      pos_interp: 'dinov2' (scale factor with the +0.1 offset), 'size' (transformers' Dinov2Model, timm),
+        'size_aa' (antialiased; DINOv2 register models) or 'none' (input grid must equal the stored one).
       pool: 'token' (normed CLS), 'gap' (mean of normed patch tokens) or 'token+gap' (concatenated).
       drop_path_rate: stochastic depth of the last block (linear from 0 over depth; needs a 'dropout' rng).
       attention: jax.nn.dot_product_attention implementation: None (default XLA), 'xla' or 'cudnn'.
