@@ -1,0 +1,50 @@
+"""Encoders and heads, and the registry that builds an encoder from a config.
+
+`build_encoder(cfg)` picks the encoder by `cfg.name` and passes the remaining config fields as module
+attributes, so a config typo fails as a TypeError naming the field. A new encoder registers a
+module path and class name in `ENCODERS`; modules are imported only when their encoder is built, so a
+ResNet run never imports the ViT code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from medssl_jax.models.heads import LinearClassifier, ProjectionHead
+from medssl_jax.models.resnet import ResNet
+
+# name -> (module path, class name)
+ENCODERS = {
+    "resnet": ("medssl_jax.models.resnet", "ResNet"),
+    "vit": ("medssl_jax.models.vit", "ViT"),
+}
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def build_encoder(cfg) -> nn.Module:
+    """Builds the encoder named by `cfg.name` with the other fields of `cfg` as its attributes.
+
+    `cfg` is an ml_collections ConfigDict (or a mapping), e.g.
+    `{'name': 'resnet', 'depth': 50, 'width': 1, 'dtype': 'bfloat16'}`. `dtype` may be given by name.
+    """
+    fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    name = fields.pop("name", None)
+    if name not in ENCODERS:
+        raise ValueError(f"encoder name={name!r} is not one of {sorted(ENCODERS)}")
+    if isinstance(fields.get("dtype"), str):
+        if fields["dtype"] not in _DTYPES:
+            raise ValueError(f"encoder dtype={fields['dtype']!r} is not one of {sorted(_DTYPES)}")
+        fields["dtype"] = _DTYPES[fields["dtype"]]
+    module_path, class_name = ENCODERS[name]
+    encoder_cls = getattr(importlib.import_module(module_path), class_name)
+    try:
+        return encoder_cls(**fields)
+    except TypeError as error:
+        raise ValueError(f"encoder config for {name!r} has a field {class_name} does not take: {error}") from None
+
+
+__all__ = ["ENCODERS", "LinearClassifier", "ProjectionHead", "ResNet", "build_encoder"]
