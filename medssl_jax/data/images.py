@@ -81,12 +81,19 @@ def resize_longest(img: np.ndarray, size: int | None, *, max_value: int | None =
     if max(h, w) <= size:
         return img
     scale = size / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    return resize_to(img, (max(1, round(h * scale)), max(1, round(w * scale))), max_value=max_value)
+
+
+def resize_to(img: np.ndarray, shape: tuple[int, int], *, max_value: int | None = None) -> np.ndarray:
+    """Anti-aliased (Lanczos) resize of an (H, W) or (H, W, C) integer array to shape (h, w)."""
+    new_h, new_w = shape
+    if img.shape[:2] == (new_h, new_w):
+        return img
     if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] == 3):
         mode = "L" if img.ndim == 2 else "RGB"
-        out = Image.fromarray(img, mode=mode).resize((new_w, new_h), Image.Resampling.LANCZOS,
-                                                    reducing_gap=None)
-        return np.asarray(out)
+        out = Image.fromarray(img, mode=mode).resize((new_w, new_h), Image.Resampling.LANCZOS)
+        out = np.asarray(out)
+        return out if max_value is None else np.minimum(out, max_value).astype(np.uint8)
     # Higher bit depths go through 32-bit float mode 'F', one channel at a time.
     chans = [img] if img.ndim == 2 else [img[..., c] for c in range(img.shape[2])]
     outs = []
