@@ -1,0 +1,7 @@
+"""Losses: pure keyword-only functions over (global) arrays.
+
+Each module owner adds one import line here for their module.
+"""
+
+from medssl_jax.losses.contrastive import ntxent
+from medssl_jax.losses.supervised import bce_with_pos_weight, pos_weight_from_labels

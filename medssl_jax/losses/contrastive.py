@@ -1,0 +1,76 @@
+"""NT-Xent, SimCLR's normalised temperature-scaled cross-entropy, over the global batch.
+
+Written as plain math over the full (global) arrays: under `jax.jit` with z1/z2 sharded over the batch
+axis, every row's softmax still runs over all 2N views of the global batch and XLA inserts the all-gather
+that google-research/simclr does by hand (`tpu_cross_replica_concat`). MICLe uses the same loss; only
+the sampler changes what the two views of a row are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# SimCLR's LARGE_NUM: subtracted from a view's similarity with itself, so exp() of it is exactly 0.
+SELF_SIMILARITY_MASK = 1e9
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    # tf.math.l2_normalize semantics: x / sqrt(max(sum(x^2), 1e-12)).
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def _gathered(x: jax.Array) -> jax.Array:
+    """The full array on every device, for the column side of the similarity matrices.
+
+    With Auto mesh axes (and on one device) XLA chooses the layout and this is a no-op. With Explicit
+    mesh axes a [N@data] x [N@data]^T product has no legal output sharding, so the columns are
+    all-gathered explicitly (SimCLR's cross-replica concat); the rows, and hence the logits, stay
+    sharded over the batch.
+    """
+    sharding = jax.typeof(x).sharding
+    if any(axis is not None for axis in sharding.spec):
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return x
+
+
+def ntxent(*, z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+    """The SimCLR loss L of Chen et al. (2020): mean over all 2N anchors of the NT-Xent term.
+
+    For the 2N L2-normalised projections z (row i of z1 and row i of z2 are the positive pair),
+        l(a, p) = -log( exp(z_a.z_p / t) / sum_{k != a} exp(z_a.z_k / t) ),
+        L = 1/(2N) * sum_i [ l(z1_i, z2_i) + l(z2_i, z1_i) ].
+    The denominator runs over the other 2N-1 views of the global batch (the positive and 2N-2
+    negatives); each view's similarity with itself is masked out.
+
+    Relation to google-research/simclr `objective.add_contrastive_loss`: it computes, in the same block
+    structure as below, loss_a (anchors from the first view, logits [ab | aa - 1e9 I]) and loss_b (anchors
+    from the second view, logits [ba | bb - 1e9 I]), each a mean over N anchors, and returns
+    loss_a + loss_b. So **official loss = 2 x ntxent(...)**, with identical gradients up to that factor.
+    This matters when comparing loss curves and for the balance with decoupled terms; LARS itself is
+    insensitive to a constant factor on the gradient except through weight decay (wd * w is added to a
+    gradient half the size of the official one). To reproduce the official scale exactly, multiply by 2.
+
+    Args:
+      z1: [N, D] projections of the first view (global batch, may be sharded over N). Any float dtype.
+      z2: [N, D] projections of the second view, same order.
+      temperature: softmax temperature t (SimCLR default 0.1).
+
+    Returns:
+      Scalar float32 loss, computed in float32 whatever the input dtype.
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"ntxent: z1 and z2 must both be [N, D] with the same shape, got {z1.shape} and {z2.shape}")
+    a = _l2_normalize(z1.astype(jnp.float32))
+    b = _l2_normalize(z2.astype(jnp.float32))
+    a_all, b_all = _gathered(a), _gathered(b)
+    self_mask = SELF_SIMILARITY_MASK * jnp.eye(a.shape[0], dtype=jnp.float32)
+    logits_ab = a @ b_all.T / temperature
+    logits_aa = a @ a_all.T / temperature - self_mask
+    logits_ba = b @ a_all.T / temperature
+    logits_bb = b @ b_all.T / temperature - self_mask
+    # The diagonal of logits_ab (== that of logits_ba), computed row-wise so it needs no gather.
+    positive = jnp.sum(a * b, axis=1) / temperature
+    loss_a = jnp.mean(jax.nn.logsumexp(jnp.concatenate([logits_ab, logits_aa], axis=1), axis=1) - positive)
+    loss_b = jnp.mean(jax.nn.logsumexp(jnp.concatenate([logits_ba, logits_bb], axis=1), axis=1) - positive)
+    return (loss_a + loss_b) / 2
