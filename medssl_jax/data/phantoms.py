@@ -37,7 +37,7 @@ import numpy as np
 from medssl_jax.data.store import Store, StoreError, StoreWriter
 
 # Bump when rendering changes: the version is part of the cache directory name.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LABEL_NAMES = ("nodule", "effusion", "cardiomegaly", "pneumothorax")
 PREVALENCES = (0.15, 0.25, 0.30, 0.10)
 # Probability of a patient having 1, 2, 3 or 4 images.
@@ -169,7 +169,7 @@ def sample_cohort(*, num_patients: int, seed: int) -> dict[str, np.ndarray]:
     c["nodule_side"] = rng.choice([-1.0, 1.0], n)
     c["nodule_du"] = rng.uniform(-0.55, 0.55, n)  # within the lung, in units of its semi-axes
     c["nodule_dv"] = rng.uniform(-0.6, 0.35, n)
-    c["nodule_r"] = rng.uniform(0.035, 0.06, n)
+    c["nodule_r"] = rng.uniform(0.04, 0.07, n)
     c["nodule_amp"] = rng.uniform(0.25, 0.4, n)
     c["effusion_side"] = rng.choice([-1.0, 1.0, 0.0], n, p=[0.4, 0.4, 0.2])  # 0 = bilateral
     c["effusion_height"] = rng.uniform(0.15, 0.32, n)
@@ -187,12 +187,12 @@ def sample_cohort(*, num_patients: int, seed: int) -> dict[str, np.ndarray]:
     c["image_ty"] = rng.uniform(-0.08, 0.08, m)
     c["image_rot"] = np.deg2rad(rng.uniform(-7, 7, m))
     c["image_scale"] = rng.uniform(0.92, 1.08, m)
-    c["image_mu"] = rng.uniform(0.9, 1.6, m)  # attenuation scale ~ beam energy
-    c["image_gain"] = rng.uniform(0.75, 0.95, m)
-    c["image_offset"] = rng.uniform(0.02, 0.10, m)
-    c["image_gamma"] = rng.uniform(0.8, 1.25, m)
-    c["image_heel"] = rng.uniform(-0.08, 0.08, m)
-    c["image_noise"] = rng.uniform(0.006, 0.025, m)
+    c["image_mu"] = rng.uniform(0.8, 1.8, m)  # attenuation scale ~ beam energy
+    c["image_gain"] = rng.uniform(0.6, 0.95, m)
+    c["image_offset"] = rng.uniform(0.0, 0.15, m)
+    c["image_gamma"] = rng.uniform(0.7, 1.4, m)
+    c["image_heel"] = rng.uniform(-0.15, 0.15, m)
+    c["image_noise"] = rng.uniform(0.006, 0.03, m)
     c["image_noise_seed"] = rng.integers(0, 2**31, m)
     return c
 
