@@ -1,0 +1,149 @@
+"""Optimisers and learning-rate schedules, in steps.
+
+`make_optimizer(cfg, total_steps=..., batch_size=...)` returns an optax transformation and the schedule.
+
+LARS is `optax.lars`, which is the ordering of google-research/simclr's `LARSOptimizer` with its default
+`classic_momentum=True`: weight decay is added to the gradient (g + wd*w), the trust ratio
+eta*||w||/||g + wd*w|| (1 where either norm is 0) is taken of that sum, the learning rate is applied and
+only then does momentum accumulate (v = m*v + lr*ratio*g; w -= v). BYOL's LARS applies the learning rate
+after momentum instead; the two differ whenever the learning rate changes (warm-up, decay).
+tests/test_optim.py checks one-to-one agreement with a NumPy port of the SimCLR update.
+
+Which parameters get weight decay and LARS adaptation (`param_labels`, a rule on the parameter path,
+the equivalent of SimCLR's exclusion list ['batch_normalization', 'bias']): a parameter is 'no_decay'
+if its own name is 'bias', or if any module on its path is a normalisation layer, i.e. its name starts
+with 'bn' or contains 'norm' (case-insensitive: our `bn*` BatchNorms, Flax's auto-named 'BatchNorm_0'/
+'LayerNorm_0', ViT 'norm1'/'encoder_norm'); everything else is 'decay'. The same mask is used for AdamW
+and SGD weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+DECAY = "decay"
+NO_DECAY = "no_decay"
+
+LR_SCALINGS = ("linear", "sqrt", "none")
+SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("lars", "adamw", "sgd")
+
+
+def default_config(name: str = "lars") -> ml_collections.ConfigDict:
+    """Every field `make_optimizer` reads, with SimCLR's pretraining defaults (adamw/sgd fields unused by lars)."""
+    return ml_collections.ConfigDict({
+        "name": name,
+        "base_lr": 0.3,  # per 256 images with 'linear' scaling (SimCLR v1 flag default)
+        "lr_scaling": "linear",
+        "warmup_steps": 0,
+        "schedule": "cosine",
+        "end_lr_factor": 0.0,  # cosine decays to base_lr * scale * end_lr_factor
+        "weight_decay": 1e-6,
+        "momentum": 0.9,  # lars and sgd
+        "nesterov": False,  # sgd (SimCLR fine-tuning uses Nesterov momentum)
+        "eta": 1e-3,  # LARS trust coefficient
+        "b1": 0.9,  # adamw
+        "b2": 0.999,
+        "eps": 1e-8,
+    })
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+
+
+def _is_decayed(path) -> bool:
+    *modules, leaf = _path_names(path)
+    if leaf == "bias":
+        return False
+    return not any(m.lower().startswith("bn") or "norm" in m.lower() for m in modules)
+
+
+def param_labels(params: Any) -> Any:
+    """Tree like `params` with 'decay' or 'no_decay' per leaf (the rule is in the module docstring)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: DECAY if _is_decayed(path) else NO_DECAY, params)
+
+
+def decay_mask(params: Any) -> Any:
+    """Boolean tree: True where weight decay and LARS adaptation apply."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _is_decayed(path), params)
+
+
+def _field(cfg, name: str):
+    if name not in cfg:
+        raise ValueError(f"optimizer config has no field {name!r} (see medssl_jax.optim.default_config)")
+    return cfg[name]
+
+
+def _choice(cfg, name: str, allowed: tuple[str, ...]) -> str:
+    value = _field(cfg, name)
+    if value not in allowed:
+        raise ValueError(f"optimizer config {name}={value!r} is not one of {list(allowed)}")
+    return value
+
+
+def scaled_lr(cfg, batch_size: int) -> float:
+    """Peak learning rate: SimCLR's 'linear' base_lr*B/256, 'sqrt' base_lr*sqrt(B) (SimCLR v2), or base_lr."""
+    scaling = _choice(cfg, "lr_scaling", LR_SCALINGS)
+    base_lr = float(_field(cfg, "base_lr"))
+    if scaling == "linear":
+        return base_lr * batch_size / 256
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    return base_lr
+
+
+def make_schedule(cfg, *, total_steps: int, batch_size: int) -> Callable[[Any], Any]:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine to end_lr_factor*peak at `total_steps`, or constant."""
+    kind = _choice(cfg, "schedule", SCHEDULES)
+    warmup_steps = int(_field(cfg, "warmup_steps"))
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be at least 1")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"optimizer config warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}]")
+    peak = scaled_lr(cfg, batch_size)
+    if kind == "cosine":
+        end_value = peak * float(cfg.get("end_lr_factor", 0.0))
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=end_value)
+    if warmup_steps == 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps])
+
+
+def make_optimizer(cfg, *, total_steps: int, batch_size: int) -> tuple[optax.GradientTransformation, Callable]:
+    """The optimiser named by `cfg.name` ('lars', 'adamw', 'sgd') driven by `make_schedule`.
+
+    Returns (tx, schedule): `schedule(step)` is the learning rate used at update number `step` (0-based),
+    for logging.
+    """
+    name = _choice(cfg, "name", OPTIMIZERS)
+    schedule = make_schedule(cfg, total_steps=total_steps, batch_size=batch_size)
+    weight_decay = float(_field(cfg, "weight_decay"))
+    if name == "lars":
+        tx = optax.lars(
+            schedule,
+            weight_decay=weight_decay,
+            weight_decay_mask=decay_mask,
+            trust_coefficient=float(_field(cfg, "eta")),
+            eps=0.0,
+            trust_ratio_mask=decay_mask,
+            momentum=float(_field(cfg, "momentum")),
+        )
+    elif name == "adamw":
+        tx = optax.adamw(
+            schedule, b1=float(_field(cfg, "b1")), b2=float(_field(cfg, "b2")), eps=float(_field(cfg, "eps")),
+            weight_decay=weight_decay, mask=decay_mask)
+    else:
+        momentum = float(_field(cfg, "momentum"))
+        tx = optax.chain(
+            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=momentum or None, nesterov=bool(cfg.get("nesterov", False))),
+        )
+    return tx, schedule
