@@ -279,3 +279,11 @@ def test_benchmark_smoke(tmp_path):
     assert [(r["syntax"], r["workers"], r["files"]) for r in rows] == [
         ("uncompressed", 1, 2), ("jpeg2000", 1, 2)]
     assert all(r["files_per_s"] > 0 for r in rows)
+
+
+def test_output_inside_input_and_missing_input_refused(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    assert _run([f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'in' / 'store'}"]) == 2
+    assert _run([f"--input={tmp_path / 'nope'}", f"--output={tmp_path / 'store'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "inside --input" in err[0] and "not a directory" in err[1]

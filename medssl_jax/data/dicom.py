@@ -143,9 +143,9 @@ def open_dicom(path: str | os.PathLike) -> Dataset:
 
 
 def _is_dicomdir(ds: Dataset) -> bool:
-    return ds.get("MediaStorageSOPClassUID", getattr(getattr(ds, "file_meta", None),
-                  "MediaStorageSOPClassUID", "")) == dcm_uid.MediaStorageDirectoryStorage or \
-        "DirectoryRecordSequence" in ds
+    meta = getattr(ds, "file_meta", None)
+    sop = meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""
+    return sop == dcm_uid.MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds
 
 
 def _check_decodable(ds: Dataset) -> None:

@@ -55,7 +55,7 @@ def read_image(path: str | os.PathLike, *, color: str = "gray") -> tuple[np.ndar
             if mode == "LA":
                 return np.asarray(im.convert("L"), dtype=np.uint8), 8
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise ImageError(f"{path}: unreadable image ({type(e).__name__}: {_first_line(e)})") from None
     if color == "gray":
         return to_gray(rgb), 8
