@@ -89,6 +89,10 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
         _write_json(os.path.join(out, "curves.json"), {"steps": [float(s) for s in curves["steps"]],
                                                        "val_auc": [metrics._num(v) for v in curves["val_auc"]]})
     if robustness_curves is not None:
+        bad = [k for k in robustness_curves if k not in robustness.PERTURBATIONS]
+        if bad or not all(isinstance(v, (list, tuple)) for v in robustness_curves.values()):
+            raise ReportError(f"robustness_curves: expected {{perturbation in {robustness.PERTURBATIONS}: "
+                              f"[entries]}}, got keys {sorted(robustness_curves)}")
         _write_json(os.path.join(out, "robustness.json"), dict(robustness_curves))
     if label_fractions is not None:
         _write_json(os.path.join(out, "label_fractions.json"),
