@@ -112,3 +112,18 @@ def test_grouped_youden_follows_roc_curve_drop_intermediate_on_exact_ties():
             ref = metrics.youden_point(s, y.astype(float))
             for k in metrics.YOUDEN_KEYS:
                 assert out[k] == pytest.approx([ref[k], ref[k]], abs=1e-12), (n_pairs, top, k)
+
+
+def test_label_mapping_for_distribution_shift():
+    model = ["Atelectasis", "Cardiomegaly", "Pleural Effusion", "Edema"]
+    store = ["Effusion", "Nodule", "Atelectasis", "Edema"]
+    mcols, scols, names = metrics.label_mapping(model, store, {"Effusion": "Pleural Effusion"})
+    assert names == ["Pleural Effusion", "Atelectasis", "Edema"]
+    assert [model[i] for i in mcols] == names and [store[i] for i in scols] == ["Effusion", "Atelectasis",
+                                                                                "Edema"]
+    with pytest.raises(metrics.MetricsError, match="'Mass' is not a store label"):
+        metrics.label_mapping(model, store, {"Mass": "Edema"})
+    with pytest.raises(metrics.MetricsError, match="share no label"):
+        metrics.label_mapping(["a"], ["b"])
+    with pytest.raises(metrics.MetricsError, match="mapped twice"):
+        metrics.label_mapping(model, store, {"Nodule": "Edema"})

@@ -57,7 +57,7 @@ def resample_counts(indices: np.ndarray, num_examples: int) -> np.ndarray:
 
 def replicate_stats(probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray, indices: np.ndarray,
                     *, youden: bool = True, num_threads: int | None = None,
-                    max_chunk_elements: int = 4_000_000) -> dict:
+                    max_chunk_elements: int = 2_000_000) -> dict:
     """Per-replicate statistics for each model on shared resamples.
 
     probs_by_model: name -> [N, L]; labels [N, L] (NaN missing); indices [B, N].

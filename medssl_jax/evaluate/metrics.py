@@ -1,9 +1,10 @@
 """Multi-label classification metrics that match scikit-learn: per-label ROC-AUC, mean AUC, Youden metrics.
 
 Point estimates come from scikit-learn itself (`roc_auc_score`, `roc_curve`), so the numbers in a report are
-the numbers a reviewer gets by re-running sklearn on `predictions.npz`. `grouped_roc_stats` is the vectorised
-kernel the bootstrap uses: it evaluates AUC and the Youden operating point for many multiplicity-weighted
-resamples at once, and is tested to equal sklearn on the resampled data, ties included.
+the numbers a reviewer gets by re-running sklearn on `predictions.npz`. `weighted_auc` (AUC only) and
+`grouped_roc_stats` (AUC + Youden operating point) are the vectorised kernels the bootstrap uses: they
+evaluate many multiplicity-weighted resamples at once and are tested to equal sklearn on the resampled
+data, ties included. `label_mapping` aligns a model's labels with another store's for zero-shot evaluation.
 
 Conventions:
 - `labels` is float [N, L] with 1 = positive, 0 = negative, NaN = missing. A missing label excludes that
@@ -247,6 +248,37 @@ def _youden_exact(j, pos_g, neg_g) -> int:
     keep[1:-1] = (steps_p[1:-1] != steps_p[2:]) | (steps_n[1:-1] != steps_n[2:])
     kept = present[keep]
     return int(kept[np.argmax(j[kept])])
+
+
+def label_mapping(model_label_names: Sequence[str], store_label_names: Sequence[str],
+                  mapping: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Shared label space for zero-shot evaluation on another store (distribution shift, Azizi).
+
+    mapping: store label name -> model label name for names that differ (e.g. {"Effusion":
+    "Pleural Effusion"}); other store labels match a model label of the same name or are dropped.
+    Returns (model_columns, store_columns, names): probs[:, model_columns] and labels[:, store_columns]
+    are then aligned, named by the model's labels.
+    """
+    model_label_names = [str(n) for n in model_label_names]
+    store_label_names = [str(n) for n in store_label_names]
+    mapping = dict(mapping or {})
+    for store_name, model_name in mapping.items():
+        if store_name not in store_label_names:
+            raise MetricsError(f"label mapping: {store_name!r} is not a store label ({store_label_names})")
+        if model_name not in model_label_names:
+            raise MetricsError(f"label mapping: {model_name!r} is not a model label ({model_label_names})")
+    model_cols, store_cols, names = [], [], []
+    for j, store_name in enumerate(store_label_names):
+        target = mapping.get(store_name, store_name)
+        if target in model_label_names:
+            if target in names:
+                raise MetricsError(f"label mapping: model label {target!r} is mapped twice")
+            model_cols.append(model_label_names.index(target))
+            store_cols.append(j)
+            names.append(target)
+    if not names:
+        raise MetricsError("label mapping: the model and the store share no label")
+    return np.asarray(model_cols), np.asarray(store_cols), names
 
 
 def _num(x):
