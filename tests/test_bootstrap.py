@@ -105,3 +105,21 @@ def test_format_p_and_bad_input():
                                    label_names=["a", "b"])
     with pytest.raises(bootstrap.BootstrapError, match="num_resamples"):
         bootstrap.bootstrap_indices(5, num_resamples=0)
+
+
+def test_large_resample_matches_sklearn_and_bench_runs():
+    rng = np.random.default_rng(5)
+    n = 3000
+    y = rng.random(n) < 0.05
+    s = np.where(rng.random(n) < 0.5, np.round(rng.random(n), 2), rng.random(n))   # mixed ties / distinct
+    idx = bootstrap.bootstrap_indices(n, num_resamples=3, seed=9)
+    counts = bootstrap.resample_counts(idx, n)
+    fast = metrics.weighted_auc(s, y, counts)
+    full = metrics.grouped_roc_stats(s, y, counts)
+    for b in range(3):
+        ref = skm.roc_auc_score(y[idx[b]], s[idx[b]])
+        assert fast[b] == pytest.approx(ref, abs=1e-12) and full["auc"][b] == pytest.approx(ref, abs=1e-12)
+        yp = metrics.youden_point(s[idx[b]], y[idx[b]].astype(float))
+        assert full["sensitivity"][b] == pytest.approx(yp["sensitivity"], abs=1e-12)
+    res = bootstrap.bench_bootstrap(num_examples=200, num_labels=2, num_resamples=20)
+    assert res["auc_seconds"] > 0 and res["youden_cpu_seconds"] > 0
