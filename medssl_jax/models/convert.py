@@ -1,0 +1,605 @@
+"""Weight import: checkpoints of other frameworks -> Flax variables of our ViT / ResNet, with a model config.
+
+Formats (FORMATS):
+  dinov2              the official facebookresearch/dinov2 hub `.pth` state_dict (`dinov2_vitb14_pretrain.pth`,
+                      `..._reg4_pretrain.pth`), read with torch.load(weights_only=True);
+  hf-dinov2           a transformers Dinov2Model / Dinov2WithRegistersModel directory (model.safetensors +
+                      config.json), read with safetensors (no torch needed);
+  timm-npz            the original JAX `.npz` of the augreg / vision_transformer ViTs that timm loads for
+                      `vit_base_patch16_224_in21k` (`Transformer/encoderblock_N/...`), read with
+                      np.load(allow_pickle=False);
+  torchvision-resnet  a torchvision ResNet-50/101/152 `.pth` state_dict into medssl_jax.models.resnet.ResNet
+                      (params + batch_stats), read with torch.load(weights_only=True).
+No loader unpickles arbitrary objects.
+
+The architecture is inferred from the checkpoint's tensors (width, depth, heads where the layout tells
+them, patch, registers, stored pos-embed grid, LayerScale, SwiGLU) unless the caller chooses one
+(`arch={'variant': 'B/14', ...}`); either way every parameter of the model built from the resulting config
+must come from exactly one checkpoint tensor of the right shape, otherwise ConvertError lists the first
+missing, unexpected and mis-shaped keys. Heads, DINOv2's mask_token and BatchNorm counters are ignored.
+
+Position-embedding interpolation follows the source (see medssl_jax.models.interpolate): 'dinov2' (+0.1
+offset) for the hub models without registers, 'size_aa' for the hub register models and transformers'
+Dinov2WithRegistersModel, 'size' for transformers' Dinov2Model and timm. At the checkpoint's own resolution
+none of them resamples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMATS = ("dinov2", "hf-dinov2", "timm-npz", "torchvision-resnet")
+
+# DINOv2 / ViT widths whose head count is fixed by the released models.
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
+_LIST_LIMIT = 5
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted; the one-line message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _to_numpy(value, key: str, path: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch.Tensor
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()
+        return value.numpy()
+    if isinstance(value, (np.ndarray, jax.Array)):
+        array = np.asarray(value.astype(jnp.float32) if jnp.issubdtype(value.dtype, jnp.floating) else value)
+        return array
+    raise ConvertError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+
+
+def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A .pth state_dict as float32 NumPy arrays; torch.load(weights_only=True) never runs pickled code."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such file")
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"{path}: reading .pth files needs PyTorch (pip install torch, the CPU build is enough)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConvertError(f"{path}: not a loadable weights-only PyTorch state_dict (it pickles objects other than "
+                           "tensors; refused instead of running its code)") from None
+    except Exception as error:  # noqa: BLE001 - torch raises several types; all mean "not a plain state_dict"
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n")[0][:200] or type(error).__name__
+        raise ConvertError(f"{path}: not a loadable weights-only PyTorch state_dict ({first})") from None
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if wrapper in obj and isinstance(obj[wrapper], Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ConvertError(f"{path}: holds a {type(obj).__name__}, not a non-empty state_dict")
+    state = {str(k): _to_numpy(v, k, path) for k, v in obj.items() if hasattr(v, "detach")}
+    return _strip_common_prefix(state, ("module.", "backbone."))
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such file")
+    from safetensors.flax import load_file  # jax arrays: bfloat16 checkpoints load too
+
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise ConvertError(f"{path}: not a readable safetensors file ({error})") from None
+    return {k: _to_numpy(v, k, path) for k, v in tensors.items()}
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k], np.float32) if np.issubdtype(data[k].dtype, np.floating)
+                    else np.asarray(data[k]) for k in data.files}
+    except (ValueError, OSError) as error:
+        raise ConvertError(f"{path}: not a readable .npz archive ({error})") from None
+
+
+def read_hf_directory(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(state_dict, config.json) of a transformers model directory (or its model.safetensors file)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    weights = path if os.path.isfile(path) else os.path.join(directory, "model.safetensors")
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(weights):
+        raise ConvertError(f"{path}: no model.safetensors (save the model with save_pretrained(safe_serialization=True))")
+    if not os.path.isfile(config_path):
+        raise ConvertError(f"{path}: no config.json beside the weights")
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    return read_safetensors(weights), hf_config
+
+
+def _strip_common_prefix(state: dict, prefixes) -> dict:
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- the mapping
+
+# A source: (checkpoint keys, function of those arrays -> the Flax array).
+Source = tuple[tuple[str, ...], Callable[..., np.ndarray]]
+
+
+def _same(a):
+    return a
+
+
+def _linear_t(a):  # torch Linear weight [out, in] -> Flax Dense kernel [in, out]
+    return a.T
+
+
+def _conv_oihw(a):  # torch Conv2d weight [O, I, kh, kw] -> Flax Conv kernel [kh, kw, I, O]
+    return a.transpose(2, 3, 1, 0)
+
+
+def _concat_linear_t(*arrays):
+    return np.concatenate(arrays, axis=0).T
+
+
+def _concat(*arrays):
+    return np.concatenate(arrays, axis=0)
+
+
+def _abstract_variables(model, image_hw, in_chans) -> dict:
+    x = jax.ShapeDtypeStruct((1, *image_hw, in_chans), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype), train=False))
+
+
+def _fill(abstract: dict, state: dict, source_of: Callable[[tuple[str, ...]], Source], *,
+          ignore: Callable[[str], bool], what: str, adapt: Callable | None = None) -> dict:
+    """Builds a tree shaped like `abstract` from `state`; ConvertError lists what does not fit."""
+    missing, misshaped, used = [], [], set()
+    leaves = []
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    for path, leaf in flat:
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        keys, fn = source_of(names)
+        absent = [k for k in keys if k not in state]
+        if absent:
+            missing.extend(absent)
+            leaves.append(None)
+            continue
+        used.update(keys)
+        array = np.asarray(fn(*(state[k] for k in keys)), np.float32)
+        if adapt is not None:
+            array = adapt(names, array)
+        if array.shape != tuple(leaf.shape):
+            misshaped.append(f"{'+'.join(keys)} gives {array.shape}, {'/'.join(names)} needs {tuple(leaf.shape)}")
+        leaves.append(array)
+    unexpected = [k for k in state if k not in used and not ignore(k)]
+    parts = []
+    for label, items in (("missing", set(missing)), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        items = sorted(items, key=_natural)
+        if items:
+            more = f" (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
+            parts.append(f"{label} {items[:_LIST_LIMIT]}{more}")
+    if parts:
+        raise ConvertError(f"{what}: " + "; ".join(parts))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _natural(key: str):
+    """Sort key that puts blocks.2 before blocks.10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", key)]
+
+
+def _count_indices(state: Mapping, pattern: str) -> int:
+    regex = re.compile(pattern)
+    found = {int(m.group(1)) for k in state if (m := regex.match(k))}
+    if found and found != set(range(len(found))):
+        raise ConvertError(f"block indices {sorted(found)} are not consecutive from 0")
+    return len(found)
+
+
+def _grid_side(num_tokens: int, num_prefix: int, what: str) -> int:
+    side = math.isqrt(num_tokens - num_prefix)
+    if side * side != num_tokens - num_prefix:
+        raise ConvertError(f"{what}: {num_tokens} position embeddings are not {num_prefix} + a square grid")
+    return side
+
+
+def _require(state: Mapping, keys, what: str):
+    absent = [k for k in keys if k not in state]
+    if absent:
+        raise ConvertError(f"{what}: not this format, missing {absent[:_LIST_LIMIT]} "
+                           f"(first keys present: {sorted(state)[:_LIST_LIMIT]})")
+
+
+def _vit_config(inferred: dict, arch: Mapping | None) -> dict:
+    """Model config for build_encoder: the inferred one, or the caller's choice on top of it."""
+    from medssl_jax.models import vit
+
+    config = {"name": "vit", **inferred}
+    if arch:
+        arch = dict(arch)
+        unknown = sorted(set(arch) - set(vit.ViT.__dataclass_fields__) - {"name"})
+        if unknown:
+            raise ConvertError(f"architecture fields {unknown} are not ViT attributes")
+        if "variant" in arch:  # a chosen variant governs the size fields it sets
+            for field in vit.decode_variant(arch["variant"]):
+                config.pop(field, None)
+        config.update(arch)
+    return config
+
+
+def _vit_abstract(config: dict, what: str):
+    from medssl_jax import models
+    from medssl_jax.models import vit
+
+    try:
+        model = models.build_encoder({**config, "dtype": "float32"})
+        arch = model.arch()
+    except (vit.ViTConfigError, ValueError) as error:
+        raise ConvertError(f"{what}: {error}") from None
+    side = model.image_size // arch["patch_size"] * arch["patch_size"]
+    return _abstract_variables(model, (side, side), model.in_chans)
+
+
+def _adapt_in_chans(kernel_names: tuple[str, ...], in_chans: int | None):
+    """Summing an RGB first-layer kernel over its input channels gives the same output on grey images that
+    are replicated to 3 channels (timm's adapt_input_conv does the same)."""
+    def adapt(names, array):
+        if in_chans is None or names != kernel_names or array.shape[2] == in_chans:
+            return array
+        if in_chans == 1:
+            return array.sum(axis=2, keepdims=True)
+        raise ConvertError(f"cannot adapt a {array.shape[2]}-channel first layer to in_chans={in_chans} (only 1)")
+    return adapt
+
+
+def _describe(config: Mapping, arch) -> str:
+    fields = ", ".join(f"{k}={config[k]}" for k in ("variant", "width", "depth", "patch_size") if k in config)
+    return f"{config['name']}({fields}, {'as chosen' if arch else 'inferred from the checkpoint'})"
+
+
+# ------------------------------------------------------------------------------------------------ DINOv2
+
+
+def dinov2_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: int | None = None,
+                   pos_interp: str | None = None, in_chans: int | None = None, what: str = "checkpoint"):
+    """Official DINOv2 hub state_dict -> ({'params': ...}, model config)."""
+    # Checkpoints saved with block_chunks > 0 name blocks 'blocks.<chunk>.<index>.'.
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+    _require(state, ("patch_embed.proj.weight", "cls_token", "pos_embed", "norm.weight"), what)
+    width, chans, patch = state["patch_embed.proj.weight"].shape[:3]
+    depth = _count_indices(state, r"blocks\.(\d+)\.")
+    registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    if swiglu:
+        hidden = state["blocks.0.mlp.w3.weight"].shape[1] if "blocks.0.mlp.w3.weight" in state else 0
+        mlp_dim = 4 * width  # DINOv2's ViT-g: SwiGLU hidden = 2/3 of 4 * width, rounded up to 8
+    else:
+        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 4 * width
+    heads = num_heads or HEADS_BY_WIDTH.get(int(width))
+    if heads is None and not (arch and ("num_heads" in arch or "variant" in arch)):
+        raise ConvertError(f"{what}: cannot infer the head count of width {width} (the released widths are "
+                           f"{sorted(HEADS_BY_WIDTH)}); give num_heads")
+    inferred = dict(
+        variant=_variant_name(width, depth, patch), width=int(width), depth=depth, num_heads=heads,
+        mlp_dim=int(mlp_dim), patch_size=int(patch), ffn="swiglu" if swiglu else "mlp",
+        image_size=_grid_side(state["pos_embed"].shape[1], 1, what) * int(patch), in_chans=int(in_chans or chans),
+        num_registers=int(registers), layerscale_init=1.0 if "blocks.0.ls1.gamma" in state else None,
+        ln_eps=1e-6, qkv_bias="blocks.0.attn.qkv.bias" in state, gelu_approximate=False,
+        pos_interp=pos_interp or ("size_aa" if registers else "dinov2"), pool="token")
+    if swiglu and hidden:
+        from medssl_jax.models.vit import swiglu_hidden_dim
+        if swiglu_hidden_dim(mlp_dim) != hidden:
+            raise ConvertError(f"{what}: SwiGLU hidden size {hidden} is not DINOv2's for width {width}")
+    config = _vit_config(inferred, arch)
+    what = f"{what} does not fit {_describe(config, arch)}"
+    abstract = _vit_abstract(config, what)
+
+    def source_of(names) -> Source:
+        top = names[0]
+        if top == "patch_embed":
+            return (f"patch_embed.proj.{'weight' if names[1] == 'kernel' else 'bias'}",), (
+                _conv_oihw if names[1] == "kernel" else _same)
+        if top in ("cls_token", "pos_embed", "register_tokens"):
+            return (top,), _same
+        if top == "norm":
+            return (f"norm.{'weight' if names[1] == 'scale' else 'bias'}",), _same
+        block = f"blocks.{int(top.split('_')[1])}."
+        if names[1] in ("ls1", "ls2"):
+            return (block + names[1] + ".gamma",), _same
+        if names[1] in ("norm1", "norm2"):
+            return (block + names[1] + (".weight" if names[2] == "scale" else ".bias"),), _same
+        # attn/{qkv,proj}/{kernel,bias}, mlp/{fc1,fc2,w12,w3}/{kernel,bias}
+        key = block + ".".join(names[1:-1]) + (".weight" if names[-1] == "kernel" else ".bias")
+        return (key,), _linear_t if names[-1] == "kernel" else _same
+
+    params = _fill(abstract["params"], state, source_of, ignore=lambda k: k == "mask_token" or k.startswith("head."),
+                   what=what, adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
+    return {"params": params}, config
+
+
+def _variant_name(width, depth, patch) -> str:
+    from medssl_jax.models.vit import VARIANTS
+
+    for name, (w, d, *_rest) in VARIANTS.items():
+        if (w, d) == (width, depth):
+            return f"{name}/{patch}"
+    return f"S/{patch}"  # placeholder size; the explicit width/depth/heads/mlp_dim fields override it
+
+
+# ------------------------------------------------------------------------------------- transformers DINOv2
+
+
+def hf_dinov2_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None = None,
+                      pos_interp: str | None = None, in_chans: int | None = None, what: str = "checkpoint"):
+    """transformers Dinov2Model / Dinov2WithRegistersModel weights + config.json -> ({'params'}, config)."""
+    model_type = hf_config.get("model_type", "dinov2")
+    if model_type not in ("dinov2", "dinov2_with_registers"):
+        raise ConvertError(f"{what}: config.json model_type={model_type!r} is not dinov2 or dinov2_with_registers")
+    state = _strip_common_prefix(state, ("dinov2.",))  # Dinov2ForImageClassification keeps its backbone there
+    _require(state, ("embeddings.patch_embeddings.projection.weight", "embeddings.cls_token",
+                     "embeddings.position_embeddings", "layernorm.weight"), what)
+    act = hf_config.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ConvertError(f"{what}: hidden_act={act!r} is not a GELU")
+    width, chans, patch = state["embeddings.patch_embeddings.projection.weight"].shape[:3]
+    registers = state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in state else 0
+    swiglu = bool(hf_config.get("use_swiglu_ffn", False))
+    depth = _count_indices(state, r"encoder\.layer\.(\d+)\.")
+    heads = int(hf_config.get("num_attention_heads", HEADS_BY_WIDTH.get(int(width), 0)))
+    inferred = dict(
+        variant=_variant_name(width, depth, patch), width=int(width), depth=depth, num_heads=heads,
+        mlp_dim=int(width * hf_config.get("mlp_ratio", 4)), patch_size=int(patch),
+        ffn="swiglu" if swiglu else "mlp",
+        image_size=_grid_side(state["embeddings.position_embeddings"].shape[1], 1, what) * int(patch),
+        in_chans=int(in_chans or chans), num_registers=int(registers),
+        layerscale_init=float(hf_config.get("layerscale_value", 1.0)),
+        ln_eps=float(hf_config.get("layer_norm_eps", 1e-6)), qkv_bias=bool(hf_config.get("qkv_bias", True)),
+        gelu_approximate=act != "gelu",
+        pos_interp=pos_interp or ("size_aa" if model_type == "dinov2_with_registers" else "size"), pool="token")
+    config = _vit_config(inferred, arch)
+    what = f"{what} does not fit {_describe(config, arch)}"
+    abstract = _vit_abstract(config, what)
+    old_swiglu = "encoder.layer.0.mlp.weights_in.weight" in state  # transformers < 5 names
+
+    def wb(names):
+        return "weight" if names[-1] in ("kernel", "scale") else "bias"
+
+    def source_of(names) -> Source:
+        top = names[0]
+        if top == "patch_embed":
+            return (f"embeddings.patch_embeddings.projection.{wb(names)}",), (
+                _conv_oihw if names[1] == "kernel" else _same)
+        if top == "cls_token":
+            return ("embeddings.cls_token",), _same
+        if top == "pos_embed":
+            return ("embeddings.position_embeddings",), _same
+        if top == "register_tokens":
+            return ("embeddings.register_tokens",), _same
+        if top == "norm":
+            return (f"layernorm.{wb(names)}",), _same
+        layer = f"encoder.layer.{int(top.split('_')[1])}."
+        part, t = names[1], _linear_t if names[-1] == "kernel" else _same
+        if part in ("ls1", "ls2"):
+            return (f"{layer}layer_scale{part[-1]}.lambda1",), _same
+        if part in ("norm1", "norm2"):
+            return (f"{layer}{part}.{wb(names)}",), _same
+        if part == "attn" and names[2] == "qkv":
+            keys = tuple(f"{layer}attention.attention.{n}.{wb(names)}" for n in ("query", "key", "value"))
+            return keys, _concat_linear_t if names[-1] == "kernel" else _concat
+        if part == "attn":
+            return (f"{layer}attention.output.dense.{wb(names)}",), t
+        sub = names[2]  # mlp/{fc1, fc2, w12, w3}
+        if sub in ("fc1", "fc2"):
+            return (f"{layer}mlp.{sub}.{wb(names)}",), t
+        if old_swiglu:
+            return (f"{layer}mlp.{'weights_in' if sub == 'w12' else 'weights_out'}.{wb(names)}",), t
+        if sub == "w12":  # our w12 = [gate; up]: silu(x @ gate) * (x @ up)
+            keys = (f"{layer}mlp.gate_proj.{wb(names)}", f"{layer}mlp.up_proj.{wb(names)}")
+            return keys, _concat_linear_t if names[-1] == "kernel" else _concat
+        return (f"{layer}mlp.down_proj.{wb(names)}",), t
+
+    params = _fill(abstract["params"], state, source_of,
+                   ignore=lambda k: k == "embeddings.mask_token" or k.startswith("classifier."),
+                   what=what, adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
+    return {"params": params}, config
+
+
+# ------------------------------------------------------------------------------------------- timm / augreg
+
+
+def timm_npz_to_flax(npz: dict, *, arch: Mapping | None = None, pos_interp: str | None = None,
+                     in_chans: int | None = None, what: str = "checkpoint"):
+    """Original JAX ViT .npz (augreg / vision_transformer layout, as timm's _load_weights reads) -> Flax."""
+    state = dict(npz)
+    for prefix in ("opt/target/", "params/"):
+        if "embedding/kernel" not in state and f"{prefix}embedding/kernel" in state:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    _require(state, ("embedding/kernel", "Transformer/encoder_norm/scale"), what)
+    if "cls" not in state or "Transformer/posembed_input/pos_embedding" not in state:
+        raise ConvertError(f"{what}: no 'cls' token / 'Transformer/posembed_input/pos_embedding': ViTs without "
+                           "a CLS token (big_vision pool='gap' models) are not supported")
+    # Scanned checkpoints stack all blocks in 'Transformer/encoderblock/...': unstack them.
+    stacked = {k: v for k, v in state.items() if k.startswith("Transformer/encoderblock/")}
+    for key, value in stacked.items():
+        del state[key]
+        for i in range(value.shape[0]):
+            state[key.replace("encoderblock/", f"encoderblock_{i}/")] = value[i]
+    big_vision = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel" in state
+    mha, ln2, mlp = (("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if big_vision else
+                     ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"))
+    patch, _, chans, width = state["embedding/kernel"].shape
+    depth = _count_indices(state, r"Transformer/encoderblock_(\d+)/")
+    _require(state, (f"Transformer/encoderblock_0/{mha}/query/kernel", f"Transformer/encoderblock_0/{mlp}/Dense_0/kernel"), what)
+    inferred = dict(
+        variant=_variant_name(width, depth, patch), width=int(width), depth=depth,
+        num_heads=int(state[f"Transformer/encoderblock_0/{mha}/query/kernel"].shape[1]),
+        mlp_dim=int(state[f"Transformer/encoderblock_0/{mlp}/Dense_0/kernel"].shape[1]), patch_size=int(patch),
+        ffn="mlp",
+        image_size=_grid_side(state["Transformer/posembed_input/pos_embedding"].shape[1], 1, what) * int(patch),
+        in_chans=int(in_chans or chans), num_registers=0, layerscale_init=None, ln_eps=1e-6, qkv_bias=True,
+        gelu_approximate=False, pos_interp=pos_interp or "size", pool="token")
+    config = _vit_config(inferred, arch)
+    what = f"{what} does not fit {_describe(config, arch)}"
+    abstract = _vit_abstract(config, what)
+
+    def flat_heads(a):  # [D, H, hd] -> [D, H*hd]
+        return a.reshape(a.shape[0], -1)
+
+    def qkv_kernel(q, k, v):
+        return np.concatenate([flat_heads(q), flat_heads(k), flat_heads(v)], axis=1)
+
+    def qkv_bias(q, k, v):
+        return np.concatenate([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
+
+    def out_kernel(a):  # [H, hd, D] -> [H*hd, D]
+        return a.reshape(-1, a.shape[-1])
+
+    def source_of(names) -> Source:
+        top, leaf = names[0], names[-1]
+        if top == "patch_embed":
+            return (f"embedding/{leaf}",), _same
+        if top == "cls_token":
+            return ("cls",), _same
+        if top == "pos_embed":
+            return ("Transformer/posembed_input/pos_embedding",), _same
+        if top == "norm":
+            return (f"Transformer/encoder_norm/{leaf}",), _same
+        block = f"Transformer/encoderblock_{int(top.split('_')[1])}/"
+        part = names[1]
+        if part == "norm1":
+            return (f"{block}LayerNorm_0/{leaf}",), _same
+        if part == "norm2":
+            return (f"{block}{ln2}/{leaf}",), _same
+        if part == "attn" and names[2] == "qkv":
+            return tuple(f"{block}{mha}/{n}/{leaf}" for n in ("query", "key", "value")), (
+                qkv_kernel if leaf == "kernel" else qkv_bias)
+        if part == "attn":
+            return (f"{block}{mha}/out/{leaf}",), out_kernel if leaf == "kernel" else _same
+        if part == "mlp":
+            return (f"{block}{mlp}/Dense_{0 if names[2] == 'fc1' else 1}/{leaf}",), _same
+        return (f"<no source for {'/'.join(names)}>",), _same
+
+    params = _fill(abstract["params"], state, source_of,
+                   ignore=lambda k: k.startswith(("head/", "pre_logits/")), what=what,
+                   adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
+    return {"params": params}, config
+
+
+# ------------------------------------------------------------------------------------- torchvision ResNet
+
+
+def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_chans: int | None = None,
+                               what: str = "checkpoint"):
+    """torchvision ResNet state_dict -> ({'params', 'batch_stats'}, config) for models.resnet.ResNet.
+
+    Only the bottleneck depths (50/101/152) map one-to-one: our ResNet (SimCLR layout) gives the first
+    block of every stage a projection shortcut, which torchvision's ResNet-18/34 lack in stage 1.
+    """
+    from medssl_jax import models
+    from medssl_jax.models.resnet import STAGE_SIZES
+
+    _require(state, ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"), what)
+    blocks = tuple(_count_indices(state, rf"layer{s}\.(\d+)\.") for s in range(1, 5))
+    bottleneck = "layer1.0.conv3.weight" in state
+    depth = next((d for d, (sizes, bn) in STAGE_SIZES.items() if sizes == blocks and bn == bottleneck), None)
+    if depth is None and not (arch and "depth" in arch):
+        raise ConvertError(f"{what}: blocks per stage {blocks} ({'bottleneck' if bottleneck else 'basic'}) "
+                           "match no ResNet depth")
+    config = {"name": "resnet", "depth": depth, "width": 1, "base_width": int(state["conv1.weight"].shape[0])}
+    if arch:
+        unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype"})
+        if unknown:
+            raise ConvertError(f"architecture fields {unknown} are not ResNet attributes")
+        config.update(arch)
+    what = f"{what} does not fit {_describe(config, arch)}"
+    channels = int(in_chans or state["conv1.weight"].shape[1])
+    try:
+        model = models.build_encoder({**config, "dtype": "float32"})
+        abstract = _abstract_variables(model, (64, 64), channels)
+    except ValueError as error:
+        raise ConvertError(f"{what}: {error}") from None
+
+    bn_names = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+    def torch_module(names) -> str:
+        if names[0] == "stem":
+            return {"conv": "conv1", "bn": "bn1"}[names[1]]
+        stage, block = re.match(r"stage(\d+)_block(\d+)", names[0]).groups()
+        prefix = f"layer{stage}.{block}."
+        if names[1] == "proj":
+            return prefix + ("downsample.0" if names[2] == "conv" else "downsample.1")
+        k = names[1][len("conv_bn"):]
+        return prefix + ("conv" if names[2] == "conv" else "bn") + k
+
+    def source_of(names) -> Source:
+        names = names[1:]  # drop the collection ('params' / 'batch_stats')
+        module = torch_module(names)
+        if names[-1] == "kernel":
+            return (module + ".weight",), _conv_oihw
+        return (f"{module}.{bn_names[names[-1]]}",), _same
+
+    ignore = lambda k: k.endswith("num_batches_tracked") or k.startswith("fc.")  # noqa: E731
+    variables = _fill(abstract, state, source_of, ignore=ignore, what=what,
+                      adapt=_adapt_in_chans(("params", "stem", "conv", "kernel"), in_chans))
+    return variables, config
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int | None = None,
+            pos_interp: str | None = None, in_chans: int | None = None) -> tuple[dict, dict]:
+    """Reads `path` in format `fmt` -> (variables, export config {'model': ..., 'source': ...})."""
+    if fmt not in FORMATS:
+        raise ConvertError(f"format {fmt!r} is not one of {FORMATS}")
+    if in_chans not in (None, 1, 3):
+        raise ConvertError(f"in_chans={in_chans} is not 1 or 3")
+    what = os.path.basename(os.path.normpath(path)) or path
+    if fmt == "dinov2":
+        variables, model = dinov2_to_flax(read_torch_state_dict(path), arch=arch, num_heads=num_heads,
+                                          pos_interp=pos_interp, in_chans=in_chans, what=what)
+        weights_file = path
+    elif fmt == "hf-dinov2":
+        state, hf_config = read_hf_directory(path)
+        variables, model = hf_dinov2_to_flax(state, hf_config, arch=arch, pos_interp=pos_interp, in_chans=in_chans,
+                                             what=what)
+        weights_file = path if os.path.isfile(path) else os.path.join(path, "model.safetensors")
+    elif fmt == "timm-npz":
+        variables, model = timm_npz_to_flax(read_npz(path), arch=arch, pos_interp=pos_interp, in_chans=in_chans,
+                                            what=what)
+        weights_file = path
+    else:
+        variables, model = torchvision_resnet_to_flax(read_torch_state_dict(path), arch=arch, in_chans=in_chans,
+                                                      what=what)
+        weights_file = path
+    source = {"format": fmt, "file": os.path.basename(weights_file), "sha256": file_sha256(weights_file)}
+    return variables, {"model": model, "source": source}
+
+
+def num_parameters(variables: Any) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(variables.get("params", variables))))

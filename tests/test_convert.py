@@ -1,0 +1,395 @@
+"""Weight import: reference PyTorch models with random weights -> save -> convert -> same features in Flax.
+
+The DINOv2 and timm references are small re-implementations with the official module/parameter names
+(facebookresearch/dinov2 `vision_transformer.py`: patch_embed.proj, cls_token, pos_embed, register_tokens,
+blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1/fc2 or mlp.w12/w3, ls2.gamma}, norm); the
+.npz is written in the augreg layout that timm's `_load_weights` reads; transformers' own Dinov2Model is
+used as is; the torchvision ResNet-50 layout (conv1, bn1, layerS.B.convK/bnK, downsample.0/1, fc) comes
+from a small hand-written torch ResNet. Tiny sizes keep this CPU-only test fast.
+"""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from medssl_jax import checkpoint, models  # noqa: E402
+from medssl_jax import convert as convert_cli  # noqa: E402
+from medssl_jax.models import convert  # noqa: E402
+
+WIDTH, HEADS = 32, 4
+
+
+def _randomize(module, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "bn1.weight")) else 0.0
+            p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+    return module.eval()
+
+
+def _rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+# ------------------------------------------------------------------ torch reference: DINOv2 / timm ViT
+
+
+class RefAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * (c // self.heads) ** -0.5, qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class RefMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class RefSwiGLU(nn.Module):  # dinov2 SwiGLUFFNFused
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class RefLayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim, heads, swiglu, layerscale):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), RefAttention(dim, heads)
+        self.ls1 = RefLayerScale(dim) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = RefSwiGLU(dim, 4 * dim) if swiglu else RefMlp(dim, 4 * dim)
+        self.ls2 = RefLayerScale(dim) if layerscale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class RefViT(nn.Module):
+    """DinoVisionTransformer's forward_features (returns the normed token sequence)."""
+
+    def __init__(self, *, patch, img_size, depth=2, registers=0, swiglu=False, layerscale=True,
+                 interpolate_offset=0.1, interpolate_antialias=False):
+        super().__init__()
+        self.patch, self.offset, self.antialias = patch, interpolate_offset, interpolate_antialias
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, WIDTH, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch) ** 2, WIDTH))
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, WIDTH)) if registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, WIDTH))
+        self.blocks = nn.ModuleList(RefBlock(WIDTH, HEADS, swiglu, layerscale) for _ in range(depth))
+        self.norm = nn.LayerNorm(WIDTH, eps=1e-6)
+
+    def interpolate_pos_encoding(self, x, w, h):  # dinov2 b8931f7 semantics ("w" = dim 2 of NCHW)
+        npatch, n = x.shape[1] - 1, self.pos_embed.shape[1] - 1
+        if npatch == n and w == h:
+            return self.pos_embed
+        pos = self.pos_embed.float()
+        w0, h0, m = w // self.patch, h // self.patch, int(math.sqrt(n))
+        kwargs = ({"scale_factor": (float(w0 + self.offset) / m, float(h0 + self.offset) / m)} if self.offset
+                  else {"size": (w0, h0)})
+        grid = F.interpolate(pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2), mode="bicubic",
+                             antialias=self.antialias, **kwargs)
+        assert (w0, h0) == grid.shape[-2:]
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, WIDTH)], dim=1)
+
+    def forward(self, x):
+        _, _, w, h = x.shape
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(x, w, h)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+def _flax_features(export_dir, images_nhwc):
+    variables, config = checkpoint.load_export(export_dir)
+    model = models.build_encoder({**config["model"], "dtype": "float32"})
+    _, out = jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(images_nhwc))
+    return out, config
+
+
+def _images(b, h, w, seed=0):
+    return np.random.default_rng(seed).normal(size=(b, h, w, 3)).astype(np.float32)
+
+
+def _compare_tokens(out, ref_tokens, registers):
+    errs = {"cls": _rel_err(out["cls"], ref_tokens[:, 0]),
+            "patch": _rel_err(out["patch_tokens"], ref_tokens[:, 1 + registers:])}
+    if registers:
+        errs["reg"] = _rel_err(out["register_tokens"], ref_tokens[:, 1:1 + registers])
+    print("max relative error", errs)  # shown with pytest -s
+    assert max(errs.values()) < 1e-4, errs
+    return errs
+
+
+def _run_cli(argv):
+    assert convert_cli.main(argv) == 0
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_dinov2_hub_state_dict(tmp_path, registers):
+    # Hub models without registers interpolate with scale factor (+0.1); the _reg models with size + antialias.
+    ref = _randomize(RefViT(patch=14, img_size=56, registers=registers, swiglu=registers > 0,
+                            interpolate_offset=0.0 if registers else 0.1,
+                            interpolate_antialias=registers > 0), seed=registers)
+    torch.save(ref.state_dict(), tmp_path / "dinov2.pth")
+    _run_cli(["--format=dinov2", f"--input={tmp_path / 'dinov2.pth'}", f"--output={tmp_path / 'out'}",
+              f"--num_heads={HEADS}"])
+    for hw in [(42, 28), (56, 56)]:  # resampled non-square grid; native grid (stored pos-embed as is)
+        x = _images(2, *hw, seed=hw[0])
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+        out, config = _flax_features(tmp_path / "out", x)
+        _compare_tokens(out, want, registers)
+    model = config["model"]
+    assert (model["num_registers"], model["image_size"], model["patch_size"]) == (registers, 56, 14)
+    assert model["pos_interp"] == ("size_aa" if registers else "dinov2")
+    assert model["ffn"] == ("swiglu" if registers else "mlp")
+    assert config["source"]["format"] == "dinov2" and len(config["source"]["sha256"]) == 64
+
+
+def _hf_model(tmp_path, registers):
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, patch_size=14,
+                  image_size=56, layerscale_value=0.5)
+    if registers:
+        config = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kwargs)
+        model = transformers.Dinov2WithRegistersModel(config)
+    else:
+        config = transformers.Dinov2Config(use_swiglu_ffn=True, **kwargs)
+        model = transformers.Dinov2Model(config)
+    model = _randomize(model, seed=10 + registers)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("registers", [0, 3])
+def test_hf_dinov2_directory(tmp_path, registers):
+    ref = _hf_model(tmp_path, registers)
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    _run_cli(["--format=hf-dinov2", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'out'}"])
+    x = _images(2, 28, 42, seed=3)
+    with torch.no_grad():
+        want = ref(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+    out, config = _flax_features(tmp_path / "out", x)
+    _compare_tokens(out, want, registers)
+    assert config["model"]["pos_interp"] == ("size_aa" if registers else "size")
+
+
+def _augreg_npz(ref: RefViT, path, *, stacked=False):
+    """The original JAX ViT layout (what timm's _load_weights reads), written from the torch weights."""
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    d, h = WIDTH, HEADS
+    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+         "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"],
+         "head/kernel": np.zeros((d, 7), np.float32), "head/bias": np.zeros(7, np.float32)}
+    blocks = []
+    for i in range(len(ref.blocks)):
+        p = f"blocks.{i}."
+        qw, kw, vw = np.split(sd[p + "attn.qkv.weight"], 3)
+        qb, kb, vb = np.split(sd[p + "attn.qkv.bias"], 3)
+        blk = {"LayerNorm_0/scale": sd[p + "norm1.weight"], "LayerNorm_0/bias": sd[p + "norm1.bias"],
+               "LayerNorm_2/scale": sd[p + "norm2.weight"], "LayerNorm_2/bias": sd[p + "norm2.bias"],
+               "MultiHeadDotProductAttention_1/out/kernel": sd[p + "attn.proj.weight"].reshape(d, h, -1).transpose(1, 2, 0),
+               "MultiHeadDotProductAttention_1/out/bias": sd[p + "attn.proj.bias"],
+               "MlpBlock_3/Dense_0/kernel": sd[p + "mlp.fc1.weight"].T, "MlpBlock_3/Dense_0/bias": sd[p + "mlp.fc1.bias"],
+               "MlpBlock_3/Dense_1/kernel": sd[p + "mlp.fc2.weight"].T, "MlpBlock_3/Dense_1/bias": sd[p + "mlp.fc2.bias"]}
+        for name, wt, bs in (("query", qw, qb), ("key", kw, kb), ("value", vw, vb)):
+            blk[f"MultiHeadDotProductAttention_1/{name}/kernel"] = wt.T.reshape(d, h, -1)
+            blk[f"MultiHeadDotProductAttention_1/{name}/bias"] = bs.reshape(h, -1)
+        blocks.append(blk)
+    for key in blocks[0]:
+        if stacked:
+            w[f"Transformer/encoderblock/{key}"] = np.stack([b[key] for b in blocks])
+        else:
+            w.update({f"Transformer/encoderblock_{i}/{key}": b[key] for i, b in enumerate(blocks)})
+    np.savez(path, **w)
+
+
+def test_timm_augreg_npz(tmp_path):
+    ref = _randomize(RefViT(patch=16, img_size=64, layerscale=False), seed=20)  # timm ViT: no LayerScale
+    _augreg_npz(ref, tmp_path / "augreg.npz")
+    _augreg_npz(ref, tmp_path / "scanned.npz", stacked=True)
+    _run_cli(["--format=timm-npz", f"--input={tmp_path / 'augreg.npz'}", f"--output={tmp_path / 'out'}"])
+    x = _images(2, 64, 64, seed=4)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    out, config = _flax_features(tmp_path / "out", x)
+    _compare_tokens(out, want, 0)
+    assert config["model"]["num_heads"] == HEADS and config["model"]["layerscale_init"] is None
+    flat, _ = convert.convert("timm-npz", str(tmp_path / "augreg.npz"))
+    scanned, _ = convert.convert("timm-npz", str(tmp_path / "scanned.npz"))
+    jax.tree.map(np.testing.assert_array_equal, flat, scanned)
+
+
+# ------------------------------------------------------------------------------ torchvision ResNet-50
+
+
+class RefBottleneck(nn.Module):
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
+        self.downsample = None
+        if stride != 1 or inplanes != 4 * planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, 4 * planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class RefResNet50(nn.Module):
+    """torchvision.models.resnet50's layout and forward (v1.5: stride on the 3x3), with a base width."""
+
+    def __init__(self, base=8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, base, 7, 2, 3, bias=False), nn.BatchNorm2d(base)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = base
+        for i, blocks in enumerate((3, 4, 6, 3)):
+            layer = []
+            for j in range(blocks):
+                layer.append(RefBottleneck(inplanes, base * 2**i, 2 if i > 0 and j == 0 else 1))
+                inplanes = 4 * base * 2**i
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+        self.fc = nn.Linear(inplanes, 10)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return x.mean(dim=(2, 3))
+
+
+def test_torchvision_resnet50(tmp_path):
+    ref = _randomize(RefResNet50(base=8), seed=30)
+    torch.save(ref.state_dict(), tmp_path / "resnet50.pth")
+    _run_cli(["--format=torchvision-resnet", f"--input={tmp_path / 'resnet50.pth'}", f"--output={tmp_path / 'out'}"])
+    # 34 px: the stem output (17) is odd, where our ResNet's SAME max-pool pads like torch's padding=1.
+    x = _images(2, 34, 34, seed=5)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    variables, config = checkpoint.load_export(tmp_path / "out")
+    assert set(variables) == {"params", "batch_stats"}
+    assert config["model"] == {"name": "resnet", "depth": 50, "width": 1, "base_width": 8}
+    model = models.build_encoder({**config["model"], "dtype": "float32"})
+    features, _ = model.apply(variables, jnp.asarray(x), train=False)
+    print("max relative error", _rel_err(features, want))  # shown with pytest -s
+    assert _rel_err(features, want) < 1e-4
+
+
+# ------------------------------------------------------------------------------------ options and errors
+
+
+def test_in_chans_1_sums_the_patch_kernel(tmp_path):
+    ref = _randomize(RefViT(patch=14, img_size=28, depth=1), seed=40)
+    torch.save(ref.state_dict(), tmp_path / "d.pth")
+    rgb, _ = convert.convert("dinov2", str(tmp_path / "d.pth"), num_heads=HEADS)
+    grey, config = convert.convert("dinov2", str(tmp_path / "d.pth"), num_heads=HEADS, in_chans=1)
+    assert grey["params"]["patch_embed"]["kernel"].shape == (14, 14, 1, WIDTH)
+    model = models.build_encoder({**config["model"], "dtype": "float32"})
+    x = _images(1, 28, 28)[..., :1]
+    f_grey = model.apply(grey, jnp.asarray(x))[0]
+    f_rgb = model.clone(in_chans=3).apply(rgb, jnp.asarray(np.repeat(x, 3, -1)))[0]
+    np.testing.assert_allclose(f_grey, f_rgb, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_architecture_lists_missing_unexpected_misshaped(tmp_path):
+    ref = _randomize(RefViT(patch=14, img_size=28, depth=2), seed=50)
+    sd = ref.state_dict()
+    sd["blocks.1.extra.weight"] = torch.zeros(3)
+    del sd["blocks.0.attn.proj.bias"]
+    torch.save(sd, tmp_path / "d.pth")
+    with pytest.raises(convert.ConvertError) as info:
+        convert.convert("dinov2", str(tmp_path / "d.pth"), num_heads=HEADS)
+    message = str(info.value)
+    assert "\n" not in message and "d.pth does not fit vit" in message
+    assert "missing ['blocks.0.attn.proj.bias']" in message and "unexpected ['blocks.1.extra.weight']" in message
+    # A chosen architecture (ViT-S/14 here) that the checkpoint does not fit: mis-shaped + missing blocks.
+    torch.save(ref.state_dict(), tmp_path / "ok.pth")
+    with pytest.raises(convert.ConvertError, match=r"as chosen.*missing \['blocks.2.attn.proj.bias'.*mis-shaped \['blocks.0.attn.proj.bias gives"):
+        convert.convert("dinov2", str(tmp_path / "ok.pth"), arch={"variant": "S/14"})
+    with pytest.raises(convert.ConvertError, match="cannot infer the head count of width 32"):
+        convert.convert("dinov2", str(tmp_path / "ok.pth"))
+    with pytest.raises(convert.ConvertError, match="not this format"):
+        convert.convert("torchvision-resnet", str(tmp_path / "ok.pth"))
+
+
+class _NotWeights:
+    pass
+
+
+def test_loading_refuses_pickled_code_and_reports_cli_errors(tmp_path, capsys):
+    torch.save({"x": _NotWeights()}, tmp_path / "evil.pth")
+    with pytest.raises(convert.ConvertError, match="not a loadable weights-only PyTorch state_dict"):
+        convert.read_torch_state_dict(str(tmp_path / "evil.pth"))
+    with pytest.raises(convert.ConvertError, match="no such file"):
+        convert.convert("timm-npz", str(tmp_path / "absent.npz"))
+    assert convert_cli.main(["--format=dinov2", f"--input={tmp_path / 'evil.pth'}",
+                             f"--output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("convert: error: ") and "evil.pth: not a loadable" in err and "\n" not in err
+    assert "refused instead of running its code" in err
+    assert not os.path.exists(tmp_path / "out" / "config.json")
+    os.makedirs(tmp_path / "out")
+    json.dump({}, open(tmp_path / "out" / "config.json", "w"))
+    assert convert_cli.main(["--format=dinov2", f"--input={tmp_path / 'evil.pth'}",
+                             f"--output={tmp_path / 'out'}"]) == 2
+    assert "already holds an export" in capsys.readouterr().err
