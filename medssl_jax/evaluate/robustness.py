@@ -150,7 +150,8 @@ def robustness_curves(predict_fn: Callable[[np.ndarray], np.ndarray], images, la
                       label_names: Sequence[str] | None = None, batch_size: int = 256) -> dict:
     """AUC of `predict_fn` on perturbed test images, per perturbation and strength.
 
-    predict_fn: float32 images [b, H, W, C] in [0, 1] -> probabilities [b, L] (numpy or jax array).
+    predict_fn: float32 images [b, H, W, C] in [0, 1] (a jax.Array, already perturbed on the default
+    device) -> probabilities [b, L] (numpy or jax array).
     images: [N, H, W, C] or [N, H, W] (uint8, uint16 or float in [0, 1]); converted and perturbed batch
     by batch, so a uint16 test set never has to exist as float32 all at once. labels: [N, L], NaN missing.
     Returns {kind: [{"strength", "mean_auc", "per_label": {name: auc or None}}, ...]} (JSON-serialisable).
