@@ -2,8 +2,8 @@
 
 Pretraining (`make_pretrain_iterator`)::
 
-    elements (one per record, or one per patient for MICLe) of a split
-      -> this host's slice [process_index::process_count]
+    element indices (one per image, or one per patient for MICLe) of this host's slice
+      [process_index::process_count] of the split
       -> seed -> shuffle -> repeat forever (each epoch reshuffled)
       -> random_map(SampleViews): pick the image(s), decode, random-resized crop(s), flip, to uint16
       -> batch(batch_size_per_host) -> to_iter_dataset -> mp_prefetch (num_workers > 0)
@@ -140,18 +140,22 @@ def validate_crops(crops: Sequence[dict]) -> list[dict]:
 
 
 class SampleViews(grain.transforms.RandomMap):
-    """Element (record ids of one patient, or of one image) -> the crop groups of the spec.
+    """Element (an index into `groups`: one patient, or one image) -> the crop groups of the spec.
 
-    With >= 2 ids two distinct images are drawn (MICLe positives); with one id both come from it.
+    `groups` is (offsets, record_ids) in CSR form: group g owns record_ids[offsets[g]:offsets[g+1]].
+    Two flat arrays pickle to worker processes in one copy however many patients there are. A group
+    with >= 2 images yields two distinct images (MICLe positives); with one image both come from it.
     """
 
-    def __init__(self, source, crops: Sequence[dict], *, with_record_ids: bool = False):
+    def __init__(self, source, groups: tuple[np.ndarray, np.ndarray], crops: Sequence[dict], *,
+                 with_record_ids: bool = False):
         self.source = source  # an ArrayRecordDataSource pickles without its open readers
+        self.offsets, self.record_ids = groups
         self.crops = validate_crops(crops)
         self.with_record_ids = with_record_ids
 
-    def random_map(self, element: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        ids = np.asarray(element)
+    def random_map(self, group: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        ids = self.record_ids[self.offsets[group]:self.offsets[group + 1]]
         if len(ids) >= 2:
             pair = rng.choice(ids, size=2, replace=False)
         else:
@@ -213,13 +217,22 @@ def _host(process_index: int | None, process_count: int | None) -> tuple[int, in
     return process_index, process_count
 
 
-def pretrain_elements(store: Store, *, sampler: str, split: str | None) -> list[np.ndarray]:
-    """What one dataset element is: a patient's record ids (micle) or a single record id (pairs)."""
+def pretrain_groups(store: Store, *, sampler: str, split: str | None, process_index: int = 0,
+                    process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """This host's dataset elements in CSR form (offsets, record_ids): one group per patient of the
+    split for 'micle', one group per image for 'pairs'. Hosts take every process_count-th group."""
     if sampler == "micle":
-        return list(store.groups(split).values())
-    if sampler == "pairs":
-        return [np.array([i], np.int64) for i in store.ids(split)]
-    raise ValueError(f"data spec sampler {sampler!r} unknown; use one of {SAMPLERS}")
+        member_lists = list(store.groups(split).values())[process_index::process_count]
+        lengths = np.array([len(m) for m in member_lists], np.int64)
+        record_ids = (np.concatenate(member_lists).astype(np.int64) if member_lists
+                      else np.zeros(0, np.int64))
+    elif sampler == "pairs":
+        record_ids = store.ids(split)[process_index::process_count]
+        lengths = np.ones(len(record_ids), np.int64)
+    else:
+        raise ValueError(f"data spec sampler {sampler!r} unknown; use one of {SAMPLERS}")
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return offsets, record_ids
 
 
 def make_pretrain_dataset(store: Store, *, spec: dict, batch_size_per_host: int, seed: int,
@@ -227,16 +240,19 @@ def make_pretrain_dataset(store: Store, *, spec: dict, batch_size_per_host: int,
                           process_count: int | None = None, with_record_ids: bool = False) -> grain.MapDataset:
     """The infinite, batched pretraining MapDataset for this host (see the module docstring)."""
     process_index, process_count = _host(process_index, process_count)
-    elements = pretrain_elements(store, sampler=spec.get("sampler", "pairs"), split=split)
-    host_elements = elements[process_index::process_count]
-    unit = "patients" if spec.get("sampler") == "micle" else "images"
-    if len(host_elements) < batch_size_per_host:
+    sampler = spec.get("sampler", "pairs")
+    offsets, record_ids = pretrain_groups(store, sampler=sampler, split=split,
+                                          process_index=process_index, process_count=process_count)
+    num_groups = len(offsets) - 1
+    unit = "patients" if sampler == "micle" else "images"
+    if num_groups < batch_size_per_host:
         raise ValueError(f"store {store.path}: split {split!r} gives host {process_index} "
-                         f"{len(host_elements)} {unit}, fewer than batch_size_per_host={batch_size_per_host}")
+                         f"{num_groups} {unit}, fewer than batch_size_per_host={batch_size_per_host}")
     # Hosts get different seeds so their augmentation streams are independent, not copies.
     host_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-    views = SampleViews(store.data_source(), spec["crops"], with_record_ids=with_record_ids)
-    return (grain.MapDataset.source(host_elements)
+    views = SampleViews(store.data_source(), (offsets, record_ids), spec["crops"],
+                        with_record_ids=with_record_ids)
+    return (grain.MapDataset.range(num_groups)
             .seed(host_seed)
             .shuffle()
             .repeat(None)
