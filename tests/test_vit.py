@@ -25,32 +25,38 @@ def test_decode_variant():
         vit.decode_variant("B/x")
 
 
-def test_shapes_and_out_dict_with_registers_and_pos_interpolation():
-    model = vit.ViT(**TINY, num_registers=4, layerscale_init=1e-5, pool="token+gap")
-    x = _images((2, 42, 28, 3))  # 3x2 grid from a 4x4 stored grid: non-square interpolation
-    variables = model.init(jax.random.key(0), x)
+@pytest.fixture(scope="module")
+def base():
+    """One tiny ViT (2 registers, LayerScale, CLS+mean features) initialised once for the tests below."""
+    model = vit.ViT(**TINY, num_registers=2, layerscale_init=0.5, pool="token+gap")
+    variables = jax.jit(model.init)(jax.random.key(0), _images((1, 56, 56, 3)))
+    return model, variables
+
+
+def test_shapes_and_out_dict_with_registers_and_pos_interpolation(base):
+    model, variables = base
     params = variables["params"]
     assert params["pos_embed"].shape == (1, 1 + 4 * 4, 32)
-    assert params["register_tokens"].shape == (1, 4, 32)
+    assert params["register_tokens"].shape == (1, 2, 32)
     assert params["block_0"]["attn"]["qkv"]["kernel"].shape == (32, 96)
     assert params["block_1"]["ls2"].shape == (32,)
-    features, out = jax.jit(lambda v, a: model.apply(v, a))(variables, x)
+    x = _images((2, 42, 28, 3))  # 3x2 grid from the stored 4x4 grid: non-square interpolation
+    features, out = jax.jit(model.apply)(variables, x)
     assert features.shape == (2, 64) and features.dtype == jnp.float32
     assert set(out) == {"cls", "patch_tokens", "register_tokens", "blocks", "pre_logits"}
     assert out["cls"].shape == (2, 32) and out["patch_tokens"].shape == (2, 6, 32)
-    assert out["register_tokens"].shape == (2, 4, 32)
-    assert len(out["blocks"]) == 2 and all(b.shape == (2, 1 + 4 + 6, 32) for b in out["blocks"])
+    assert out["register_tokens"].shape == (2, 2, 32)
+    assert len(out["blocks"]) == 2 and all(b.shape == (2, 1 + 2 + 6, 32) for b in out["blocks"])
     np.testing.assert_allclose(features[:, :32], out["cls"])
     np.testing.assert_allclose(features[:, 32:], out["patch_tokens"].mean(1), rtol=1e-6, atol=1e-6)
 
 
-def test_padding_to_multiple_of_8_equals_unpadded():
+def test_padding_to_multiple_of_8_equals_unpadded(base):
+    plain, variables = base
     x = _images((3, 28, 42, 3), seed=1)  # 1 + 2 registers + 6 patches = 9 tokens -> padded to 16
-    plain = vit.ViT(**TINY, num_registers=2, layerscale_init=0.5)
     padded = plain.clone(attention="xla", pad_to_multiple=8)
-    variables = plain.init(jax.random.key(1), x)
-    f1, o1 = plain.apply(variables, x)
-    f2, o2 = padded.apply(variables, x)
+    f1, o1 = jax.jit(plain.apply)(variables, x)
+    f2, o2 = jax.jit(padded.apply)(variables, x)
     np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-6)
     for b1, b2 in zip(o1["blocks"], o2["blocks"]):
         assert b1.shape == b2.shape
@@ -64,44 +70,44 @@ def test_padding_to_multiple_of_8_equals_unpadded():
         _, out = model.apply(v, x)
         return jnp.sum(out["cls"] * readout[0]) + jnp.sum(out["patch_tokens"] * readout[1:])
 
-    g1 = jax.grad(loss)(variables, plain)
-    g2 = jax.grad(loss)(variables, padded)
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(variables, plain)
+    g2 = jax.jit(jax.grad(loss), static_argnums=1)(variables, padded)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max()), g1, g2)
 
 
-def test_native_grid_square_input_uses_stored_pos_embed_unchanged():
-    model = vit.ViT(**TINY)
+def test_native_grid_square_input_uses_stored_pos_embed_unchanged(base):
+    model, variables = base
     x = _images((1, 56, 56, 3))
-    variables = model.init(jax.random.key(2), x)
     # Zero weights everywhere except the pos-embed and the final norm: the patch tokens then show the
     # (normed) pos-embed, which must be the stored one at the native 4x4 grid (no +0.1 resampling).
     zeroed = jax.tree.map(jnp.zeros_like, variables)
     zeroed["params"]["pos_embed"] = variables["params"]["pos_embed"]
     zeroed["params"]["norm"] = {"scale": jnp.ones(32), "bias": jnp.zeros(32)}
-    _, out = model.apply(zeroed, x)
+    _, out = jax.jit(model.apply)(zeroed, x)
     pos = np.asarray(variables["params"]["pos_embed"][0, 1:], np.float64)
     want = (pos - pos.mean(-1, keepdims=True)) / np.sqrt(pos.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(out["patch_tokens"][0], want, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_compute_keeps_f32_params_and_grayscale_input_replicates():
-    model = vit.ViT(**{**TINY, "dtype": jnp.bfloat16}, layerscale_init=1e-5)
+def test_bf16_compute_keeps_f32_params_and_grayscale_input_replicates(base):
+    model, variables = base
+    model = model.clone(dtype=jnp.bfloat16)
     gray = _images((2, 28, 28, 1), seed=3)
-    variables = model.init(jax.random.key(3), gray)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
     assert variables["params"]["patch_embed"]["kernel"].shape == (14, 14, 3, 32)
-    f_gray, _ = model.apply(variables, gray)
-    f_rgb, _ = model.apply(variables, jnp.repeat(gray, 3, axis=-1))
+    apply = jax.jit(model.apply)
+    f_gray, _ = apply(variables, gray)
+    f_rgb, _ = apply(variables, jnp.repeat(gray, 3, axis=-1))
     assert f_gray.dtype == jnp.float32
     np.testing.assert_array_equal(f_gray, f_rgb)
-    f32, _ = model.clone(dtype=jnp.float32).apply(variables, gray)
+    f32, _ = jax.jit(model.clone(dtype=jnp.float32).apply)(variables, gray)
     np.testing.assert_allclose(f_gray, f32, rtol=0.1, atol=0.1)
 
 
-def test_train_with_drop_path_and_remat_gives_finite_grads():
-    model = vit.ViT(**TINY, layerscale_init=1.0, drop_path_rate=0.5, remat=True, pool="gap")
+def test_train_with_drop_path_and_remat_gives_finite_grads(base):
+    model, variables = base
+    model = model.clone(drop_path_rate=0.5, remat=True)
     x = _images((4, 28, 28, 3), seed=4)
-    variables = model.init(jax.random.key(4), x)
 
     def loss(v, key):
         return jnp.mean(model.apply(v, x, train=True, rngs={"dropout": key})[0] ** 2)
@@ -109,15 +115,15 @@ def test_train_with_drop_path_and_remat_gives_finite_grads():
     g = jax.jit(jax.grad(loss))(variables, jax.random.key(5))
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
     # Stochastic depth is random in training, off in evaluation.
-    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(6)})[0]
-    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(7)})[0]
-    assert not np.allclose(a, b)
-    np.testing.assert_array_equal(model.apply(variables, x)[0], model.apply(variables, x)[0])
+    train_apply = jax.jit(lambda v, key: model.apply(v, x, train=True, rngs={"dropout": key})[0])
+    assert not np.allclose(train_apply(variables, jax.random.key(6)), train_apply(variables, jax.random.key(7)))
+    evaluate = jax.jit(lambda v: model.apply(v, x)[0])
+    np.testing.assert_array_equal(evaluate(variables), evaluate(variables))
 
 
 def test_swiglu_ffn_param_shapes():
-    model = vit.ViT(**{**TINY, "ffn": "swiglu", "mlp_dim": 96})
-    variables = model.init(jax.random.key(0), _images((1, 28, 28, 3)))
+    model = vit.ViT(**{**TINY, "ffn": "swiglu", "mlp_dim": 96, "depth": 1})
+    variables = jax.eval_shape(model.init, jax.random.key(0), _images((1, 28, 28, 3)))
     mlp = variables["params"]["block_0"]["mlp"]
     assert mlp["w12"]["kernel"].shape == (32, 2 * 64) and mlp["w3"]["kernel"].shape == (64, 32)
 
@@ -131,4 +137,4 @@ def test_bad_inputs_and_configs_raise_one_line_errors():
     with pytest.raises(vit.ViTConfigError, match="pool="):
         vit.ViT(**TINY, pool="max").init(jax.random.key(0), _images((1, 28, 28, 3)))
     with pytest.raises(ValueError, match="interpolation is off"):
-        vit.ViT(**TINY, pos_interp="none").init(jax.random.key(0), _images((1, 28, 28, 3)))
+        jax.eval_shape(vit.ViT(**TINY, pos_interp="none").init, jax.random.key(0), _images((1, 28, 28, 3)))
