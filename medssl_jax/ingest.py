@@ -35,12 +35,15 @@ import math
 import multiprocessing
 import os
 import re
+import resource
 import secrets
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -340,8 +343,18 @@ def _store_name(output: Path) -> str:
 
 
 def _load_or_make_salt(args, output: Path) -> str:
+    if args.salt and args.salt_file:
+        raise IngestError("--salt and --salt-file: give only one")
     if args.salt:
         return args.salt
+    if args.salt_file:
+        try:
+            salt = Path(args.salt_file).read_text().strip()
+        except OSError as e:
+            raise IngestError(f"--salt-file {args.salt_file}: cannot read ({e.strerror})") from None
+        if not salt:
+            raise IngestError(f"--salt-file {args.salt_file}: empty")
+        return salt
     salt_path = output.with_name(output.name + ".salt")
     if salt_path.exists():
         # Reuse: reruns and extra stores of the same archive keep the same patient keys.
@@ -430,10 +443,12 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
     try:
         if workers > 1:
             # spawn, not fork: the caller may have imported jax, and forking its threads deadlocks.
-            ctx = multiprocessing.get_context("spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts,))
+            # ProcessPoolExecutor (not multiprocessing.Pool): a worker that dies, or cannot start,
+            # raises BrokenProcessPool instead of being respawned forever.
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(opts,))
             chunk = max(1, min(16, len(tasks) // (workers * 8)))
-            results = pool.imap(process_task, tasks, chunksize=chunk)
+            results = pool.map(process_task, tasks, chunksize=chunk)
         else:
             results = (process_task(t, opts) for t in tasks)
         with open(sources_tmp, "w", newline="") as sf:
@@ -465,8 +480,7 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
                 progress.update(done, len(skipped))
         progress.update(len(tasks), len(skipped), force=True)
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown()
             pool = None
         elapsed = time.monotonic() - start
         report = {
@@ -479,7 +493,8 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
                         for k, v in opts.items() if k != "salt"} | {
                 "workers": workers, "val_fraction": args.val_fraction,
                 "test_fraction": args.test_fraction, "uncertain": args.uncertain,
-                "missing": args.missing, "salt": "given" if args.salt else "generated (STORE.salt)"},
+                "missing": args.missing,
+                "salt": "given" if (args.salt or args.salt_file) else "STORE.salt"},
             "elapsed_s": round(elapsed, 3), "files_per_s": round(len(tasks) / max(elapsed, 1e-9), 2),
             # Rate over the second half of the files, i.e. without worker start-up (spawn +
             # imports, ~1 s per process): what a long run approaches.
@@ -495,13 +510,15 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
         writer.close()
         closed = True
         (partial / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
-    except BaseException:
+    except BaseException as e:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=False, cancel_futures=True)
         if not closed:
             writer.abort()
         sources_tmp.unlink(missing_ok=True)
+        if isinstance(e, BrokenProcessPool):
+            raise IngestError(f"--workers={workers}: a worker process died or could not start "
+                              f"({e}); retry with --workers=1 to see the cause") from None
         raise
     # Commit: the new store replaces the old one only now that it is complete.
     if output.exists():
@@ -573,8 +590,10 @@ def benchmark(*, n_files: int = 64, size: int = 512, store_size: int = 224,
               workdir: str | None = None) -> list[dict]:
     """End-to-end ingest rate (read + decode + resize + store write) on generated DICOM files,
     for each syntax and worker count. Returns rows {syntax, workers, files, seconds, files_per_s,
-    startup_s, files_per_s_steady, files_per_s_steady_per_worker}; 'steady' is the rate over the
-    second half of the files (no process start-up, which a long ingestion amortises)."""
+    startup_s, files_per_s_steady, files_per_s_steady_per_worker, cpu_ms_per_file_main,
+    cpu_ms_per_file_workers}; 'steady' is the rate over the second half of the files (no process
+    start-up, which a long ingestion amortises). The CPU costs do not depend on other load on the
+    machine: N idle cores ingest about min(N_workers / worker cost, 1 / main cost) files/s."""
     workers = workers or tuple(sorted({1, os.cpu_count() or 1}))
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -586,15 +605,25 @@ def benchmark(*, n_files: int = 64, size: int = 512, store_size: int = 224,
                 args = build_parser().parse_args(
                     [f"--input={src}", f"--output={out}", f"--size={store_size}", f"--workers={w}",
                      "--salt=benchmark", "--quiet"])
+                self0 = resource.getrusage(resource.RUSAGE_SELF)
+                kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.monotonic()
                 report = run_ingest(args)
                 dt = time.monotonic() - t0
+                self1 = resource.getrusage(resource.RUSAGE_SELF)
+                kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers, once reaped
+                cpu_main = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
+                cpu_kids = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
                 steady = report["files_per_s_steady"]
                 rows.append(dict(syntax=syntax, workers=w, files=report["files_written"],
                                  seconds=round(dt, 3), files_per_s=round(n_files / dt, 1),
                                  startup_s=report["first_result_s"],
                                  files_per_s_steady=round(steady, 1),
-                                 files_per_s_steady_per_worker=round(steady / w, 1)))
+                                 files_per_s_steady_per_worker=round(steady / w, 1),
+                                 # CPU cost per file, which does not depend on other load on the
+                                 # machine: with 1 worker everything runs in the main process.
+                                 cpu_ms_per_file_main=round(1e3 * cpu_main / n_files, 2),
+                                 cpu_ms_per_file_workers=round(1e3 * cpu_kids / n_files, 2)))
     return rows
 
 
@@ -630,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", help="keep only these views (DICOM ViewPosition / CSV view), e.g. PA,AP")
     p.add_argument("--salt", help="secret salt for the patient/study hashes (default: reuse or "
                    "generate STORE.salt next to the store)")
+    p.add_argument("--salt-file", help="read the salt from this file (keeps it out of shell "
+                   "history and process lists)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of patients put in split 'val' (by salted hash)")
     p.add_argument("--test-fraction", type=float, default=0.0,
@@ -673,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark: {r['syntax']:>12}  workers={r['workers']}  end-to-end "
                   f"{r['files_per_s']:6.1f} files/s ({r['files']} files in {r['seconds']} s, "
                   f"first result after {r['startup_s']} s)  steady {r['files_per_s_steady']:6.1f} "
-                  f"files/s = {r['files_per_s_steady_per_worker']:.1f} per worker")
+                  f"files/s = {r['files_per_s_steady_per_worker']:.1f} per worker; CPU ms/file "
+                  f"main {r['cpu_ms_per_file_main']} workers {r['cpu_ms_per_file_workers']}")
         print(json.dumps(rows))
         return 0
     if not (args.input or args.csv):

@@ -287,3 +287,17 @@ def test_output_inside_input_and_missing_input_refused(tmp_path, capsys):
     assert _run([f"--input={tmp_path / 'nope'}", f"--output={tmp_path / 'store'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "inside --input" in err[0] and "not a directory" in err[1]
+
+
+def test_salt_file_and_salt_give_the_same_keys(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _phi_dataset(src / "a.dcm", name="A^B", pid="P1", birth="19000101", accession="1",
+                 study_uid="1.2.3")
+    (tmp_path / "secret").write_text("s3cret\n")
+    assert _run([f"--input={src}", f"--output={tmp_path / 'a'}", "--workers=1",
+                 f"--salt-file={tmp_path / 'secret'}"]) == 0
+    assert _run([f"--input={src}", f"--output={tmp_path / 'b'}", "--workers=1", "--salt=s3cret"]) == 0
+    assert not (tmp_path / "a.salt").exists() and not (tmp_path / "b.salt").exists()
+    assert Store(tmp_path / "a").patients[0] == Store(tmp_path / "b").patients[0] == \
+        ingest.hash_key("s3cret", "patient", "P1")
