@@ -691,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modality recorded for PNG/JPEG files (default OT)")
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench-files", type=int, default=64, help="files per syntax (default 64)")
+    b.add_argument("--bench-workers", help="comma-separated worker counts to compare, e.g. "
+                   "1,2,4,8,16 (default: 1 and all cores, or --workers)")
     return p
 
 
@@ -698,7 +700,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.benchmark:
-        w = (args.workers,) if args.workers else None
+        try:
+            w = (tuple(int(v) for v in args.bench_workers.split(",")) if args.bench_workers
+                 else (args.workers,) if args.workers else None)
+        except ValueError:
+            parser.error(f"--bench-workers={args.bench_workers}: use integers like 1,2,4")
         rows = benchmark(n_files=args.bench_files, workers=w)
         for r in rows:
             print(f"benchmark: {r['syntax']:>12}  workers={r['workers']}  end-to-end "
