@@ -2,7 +2,7 @@
 
     python -m medssl_jax.ingest --input=DIR --output=STORE [options]          # DICOM, by content
     python -m medssl_jax.ingest --csv=FILE --image-root=DIR --output=STORE [options]
-    python -m medssl_jax.ingest --benchmark [--workers=N]                     # files/s on generated DICOM
+    python -m medssl_jax.ingest --benchmark [--bench-workers=1,2]             # files/s, generated DICOM
 
 What it writes (STORE is the --output path):
 * STORE/                    the store (medssl_jax.data.store), plus STORE/ingest_report.json:

@@ -306,3 +306,30 @@ def test_salt_file_and_salt_give_the_same_keys(tmp_path):
     assert not (tmp_path / "a.salt").exists() and not (tmp_path / "b.salt").exists()
     assert Store(tmp_path / "a").patients[0] == Store(tmp_path / "b").patients[0] == \
         ingest.hash_key("s3cret", "patient", "P1")
+
+
+def test_csv_chexpert_layout_with_path_regexes(tmp_path):
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Cardiomegaly",
+              "Pleural Effusion"]
+    rows = []
+    for p, s, v in ((1, 1, "view1_frontal"), (1, 1, "view2_lateral"), (1, 2, "view1_frontal"),
+                    (2, 1, "view1_frontal")):
+        rel = f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/{v}.jpg"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 16), 40 * p, np.uint8)).save(tmp_path / rel)
+        rows.append([rel, "Male", "50", "Frontal" if "frontal" in v else "Lateral",
+                     "PA" if "frontal" in v else "", *(("1.0", "", "") if p == 2 else
+                                                       ("", "1.0", "-1.0"))])
+    csv_path = tmp_path / "CheXpert-v1.0-small" / "train.csv"
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    out = tmp_path / "store"
+    assert _run([f"--csv={csv_path}", f"--image-root={tmp_path}", f"--output={out}",
+                 "--path-column=Path", "--view-column=AP/PA", r"--patient-regex=(patient\d+)",
+                 r"--study-regex=(patient\d+/study\d+)", "--workers=1"]) == 0
+    store = Store(out)
+    assert store.label_names == ["No Finding", "Cardiomegaly", "Pleural Effusion"]
+    np.testing.assert_array_equal(store.labels[[0, 3]], [[0, 1, 0], [1, 0, 0]])
+    assert len(set(store.patients)) == 2 and len(set(store.studies)) == 3
+    assert store.patients[0] == store.patients[2] and store.studies[0] == store.studies[1]
+    assert list(store.views) == ["PA", "", "PA", "PA"]
