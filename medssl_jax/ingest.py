@@ -159,8 +159,7 @@ def _csv_image(task: Task, opts: dict) -> list[dict]:
     try:
         img, bits = images.read_image(task.path, color=opts["color"])
     except images.ImageError as e:
-        # The message names the path; the report already has the path, keep only the reason.
-        raise dicom.SkipFile(str(e).split(": ", 1)[-1]) from None
+        raise dicom.SkipFile(e.reason) from None  # the report already names the file
     img = images.resize_longest(img, opts["size"])
     return [dict(image=np.ascontiguousarray(img), modality=opts["default_modality"],
                  bits_stored=bits, frame=-1, intensity_offset=0.0, window_center=math.nan,

@@ -20,6 +20,10 @@ LUMA = np.array([0.299, 0.587, 0.114])
 class ImageError(ValueError):
     """An input image that cannot be used; the message is one line naming the file."""
 
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) integer RGB -> (H, W) luma with the same dtype (rounded, clipped)."""
@@ -46,17 +50,17 @@ def read_image(path: str | os.PathLike, *, color: str = "gray") -> tuple[np.ndar
                 if arr.dtype.kind == "i" or arr.dtype.itemsize > 2:
                     # Pillow opens some 16-bit PNGs as 32-bit 'I'; their values still fit in 16 bits.
                     if arr.min() < 0 or arr.max() > 65535:
-                        raise ImageError(f"{path}: 32-bit integer image with values outside 0..65535")
+                        raise ImageError(path, "32-bit integer image with values outside 0..65535")
                 return arr.astype(np.uint16), 16
             if mode == "F":
-                raise ImageError(f"{path}: floating-point image (mode F) is not supported")
+                raise ImageError(path, "floating-point image (mode F) is not supported")
             if mode in ("1", "L"):
                 return np.asarray(im.convert("L"), dtype=np.uint8), 8
             if mode == "LA":
                 return np.asarray(im.convert("L"), dtype=np.uint8), 8
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: unreadable image ({type(e).__name__}: {_first_line(e)})") from None
+        raise ImageError(path, f"unreadable image ({type(e).__name__}: {_first_line(e)})") from None
     if color == "gray":
         return to_gray(rgb), 8
     return rgb, 8
