@@ -254,15 +254,13 @@ def _vit_config(inferred: dict, arch: Mapping | None) -> dict:
 
 def _vit_abstract(config: dict, what: str):
     from medssl_jax import models
-    from medssl_jax.models import vit
 
     try:
         model = models.build_encoder({**config, "dtype": "float32"})
-        arch = model.arch()
-    except (vit.ViTConfigError, ValueError) as error:
+        side = model.image_size // model.arch()["patch_size"] * model.arch()["patch_size"]
+        return _abstract_variables(model, (side, side), model.in_chans)
+    except ValueError as error:  # ViTConfigError, InterpolateError, build_encoder's field errors
         raise ConvertError(f"{what}: {error}") from None
-    side = model.image_size // arch["patch_size"] * arch["patch_size"]
-    return _abstract_variables(model, (side, side), model.in_chans)
 
 
 def _adapt_in_chans(kernel_names: tuple[str, ...], in_chans: int | None):
