@@ -13,7 +13,8 @@ Pixel conventions (what the store receives):
   Other signed data use the offset that maps their theoretical minimum to 0.
 * ``bits_stored`` is the number of significant bits of the stored values (at least 12 for CT;
   BitsStored for unsigned X-ray, MR ...), never more than 16: data wider than 16 bits is shifted
-  right to fit. uint8 is used when bits_stored <= 8, uint16 otherwise.
+  right by s bits to fit (offset and window are divided by 2**s too, so ``stored - offset`` is
+  then ``value / 2**s``). uint8 is used when bits_stored <= 8, uint16 otherwise.
 * MONOCHROME1 is inverted (``stored = 2**bits_stored - 1 - stored``) so that high means bright
   (bone white) for every record.
 * The VOI window (first WindowCenter/WindowWidth, or the per-frame FrameVOILUTSequence) is
