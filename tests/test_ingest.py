@@ -333,3 +333,13 @@ def test_csv_chexpert_layout_with_path_regexes(tmp_path):
     assert len(set(store.patients)) == 2 and len(set(store.studies)) == 3
     assert store.patients[0] == store.patients[2] and store.studies[0] == store.studies[1]
     assert list(store.views) == ["PA", "", "PA", "PA"]
+
+
+def test_progress_line_has_rate_and_eta(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    assert ingest.main([f"--input={src}", f"--output={tmp_path / 's'}", "--workers=1"]) == 0
+    captured = capsys.readouterr()
+    assert "1/1 files" in captured.err and "files/s" in captured.err and "ETA" in captured.err
+    assert captured.out.startswith("ingest: 1 files seen, 1 written (1 records), 0 skipped")
