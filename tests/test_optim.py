@@ -155,3 +155,18 @@ def test_config_errors_are_one_clear_line():
     cfg.warmup_steps = 0
     with pytest.raises(ValueError, match="no field 'eta'"):
         optim.make_optimizer(cfg, total_steps=10, batch_size=8)
+
+
+def test_lars_gradient_scale_cancels_only_for_adapted_parameters():
+    # Why the NT-Xent scale matters under LARS (see losses.contrastive.ntxent): with wd = 0, doubling the
+    # loss leaves kernel steps unchanged (trust ratio) but doubles the steps of excluded BN/bias parameters.
+    cfg = optim.default_config("lars")
+    cfg.update(base_lr=1.0, lr_scaling="none", schedule="constant", weight_decay=0.0)
+    tx, _ = optim.make_optimizer(cfg, total_steps=10, batch_size=256)
+    params = _tiny_params()
+    grads = jax.tree.map(lambda w: np.full_like(w, 0.3), params)
+    single, _ = tx.update(grads, tx.init(params), params)
+    double, _ = tx.update(jax.tree.map(lambda g: 2 * g, grads), tx.init(params), params)
+    np.testing.assert_allclose(double["conv"]["kernel"], single["conv"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(double["bn"]["scale"], 2 * single["bn"]["scale"], rtol=1e-6)
+    np.testing.assert_allclose(double["dense"]["bias"], 2 * single["dense"]["bias"], rtol=1e-6)

@@ -46,10 +46,12 @@ def ntxent(*, z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
     Relation to google-research/simclr `objective.add_contrastive_loss`: it computes, in the same block
     structure as below, loss_a (anchors from the first view, logits [ab | aa - 1e9 I]) and loss_b (anchors
     from the second view, logits [ba | bb - 1e9 I]), each a mean over N anchors, and returns
-    loss_a + loss_b. So **official loss = 2 x ntxent(...)**, with identical gradients up to that factor.
-    This matters when comparing loss curves and for the balance with decoupled terms; LARS itself is
-    insensitive to a constant factor on the gradient except through weight decay (wd * w is added to a
-    gradient half the size of the official one). To reproduce the official scale exactly, multiply by 2.
+    loss_a + loss_b. So **official loss = 2 x ntxent(...)**, and official gradients = 2 x ours.
+    The factor is not harmless under SimCLR's LARS: for adapted parameters (conv/dense kernels) the trust
+    ratio cancels the gradient's scale except that wd * w now weighs twice as much relative to it, and the
+    excluded parameters (BatchNorm, biases) take plain lr * g steps, i.e. half the official step. A
+    training recipe that must match google-research/simclr's optimisation dynamics (same lr, wd) should
+    minimise 2 * ntxent(...); loss curves compare with the official logs after the same factor.
 
     Args:
       z1: [N, D] projections of the first view (global batch, may be sharded over N). Any float dtype.
