@@ -220,11 +220,16 @@ def augment_image(image: jax.Array, key: jax.Array, cfg) -> jax.Array:
     if channels == 3:
         image = _random_apply(keys["grayscale"], cfg.grayscale_p, to_grayscale, image)
     if cfg.gamma_p > 0:
+        if not 0 < cfg.gamma_min <= cfg.gamma_max:
+            raise ValueError(f"augment gamma range [{cfg.gamma_min}, {cfg.gamma_max}] must satisfy 0 < min <= max")
         # Log-uniform, so gamma and 1/gamma are equally likely for a symmetric range.
         gamma = jnp.exp(jax.random.uniform(keys["gamma_value"], minval=math.log(cfg.gamma_min),
                                            maxval=math.log(cfg.gamma_max)))
         image = _random_apply(keys["gamma"], cfg.gamma_p, lambda x: jnp.clip(x, 0.0, 1.0) ** gamma, image)
     if cfg.blur_p > 0:
+        if not 0 < cfg.blur_sigma_min <= cfg.blur_sigma_max:
+            raise ValueError(f"augment blur sigma range [{cfg.blur_sigma_min}, {cfg.blur_sigma_max}] must satisfy "
+                             "0 < min <= max")
         sigma = jax.random.uniform(keys["blur_sigma"], minval=cfg.blur_sigma_min, maxval=cfg.blur_sigma_max)
         kernel_size = blur_kernel_size(height, cfg.blur_kernel_frac)
         image = _random_apply(keys["blur"], cfg.blur_p, lambda x: gaussian_blur(x, sigma, kernel_size=kernel_size),

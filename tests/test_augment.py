@@ -146,6 +146,8 @@ def test_gamma_and_solarize():
     assert 0.5 <= gamma.flat[0] <= 2.0
     out = np.asarray(_run(image, _only(solarize_p=1.0, solarize_threshold=0.5)))
     np.testing.assert_allclose(out, np.where(image < 0.5, image, 1 - image), atol=1e-7)
+    with pytest.raises(ValueError, match="gamma range"):
+        _run(image, _only(gamma_p=1.0, gamma_min=0.0, gamma_max=2.0))
 
 
 def test_sharded_batch_gives_the_unsharded_result():
