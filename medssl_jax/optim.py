@@ -15,6 +15,10 @@ if its own name is 'bias', or if any module on its path is a normalisation layer
 with 'bn' or contains 'norm' (case-insensitive: our `bn*` BatchNorms, Flax's auto-named 'BatchNorm_0'/
 'LayerNorm_0', ViT 'norm1'/'encoder_norm'); everything else is 'decay'. The same mask is used for AdamW
 and SGD weight decay.
+
+Weight decay is constant, or (`weight_decay_end` >= 0) follows a cosine from `weight_decay` at step 0
+to `weight_decay_end` at `total_steps`, as DINO's `wd_schedule` (0.04 -> 0.4); the decay is then a
+schedule inside the optimiser (optax counts its own updates), so the optimiser state gains a counter.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -44,6 +49,7 @@ def default_config(name: str = "lars") -> ml_collections.ConfigDict:
         "schedule": "cosine",
         "end_lr_factor": 0.0,  # cosine decays to base_lr * scale * end_lr_factor
         "weight_decay": 1e-6,
+        "weight_decay_end": -1.0,  # >= 0: cosine from weight_decay to this at total_steps (DINO); -1: constant
         "momentum": 0.9,  # lars and sgd
         "nesterov": False,  # sgd (SimCLR fine-tuning uses Nesterov momentum)
         "eta": 1e-3,  # LARS trust coefficient
@@ -117,6 +123,22 @@ def make_schedule(cfg, *, total_steps: int, batch_size: int) -> Callable[[Any], 
         [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps])
 
 
+def make_weight_decay(cfg, *, total_steps: int):
+    """The weight decay: a float, or a schedule `wd(step)` when `weight_decay_end` >= 0 (see the docstring)."""
+    start = float(_field(cfg, "weight_decay"))
+    end = float(cfg.get("weight_decay_end", -1.0))
+    if end < 0:
+        return start
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be at least 1")
+
+    def schedule(step):
+        progress = jnp.minimum(jnp.asarray(step, jnp.float32) / total_steps, 1.0)
+        return end + 0.5 * (start - end) * (1.0 + jnp.cos(jnp.pi * progress))
+
+    return schedule
+
+
 def make_optimizer(cfg, *, total_steps: int, batch_size: int) -> tuple[optax.GradientTransformation, Callable]:
     """The optimiser named by `cfg.name` ('lars', 'adamw', 'sgd') driven by `make_schedule`.
 
@@ -125,7 +147,7 @@ def make_optimizer(cfg, *, total_steps: int, batch_size: int) -> tuple[optax.Gra
     """
     name = _choice(cfg, "name", OPTIMIZERS)
     schedule = make_schedule(cfg, total_steps=total_steps, batch_size=batch_size)
-    weight_decay = float(_field(cfg, "weight_decay"))
+    weight_decay = make_weight_decay(cfg, total_steps=total_steps)
     if name == "lars":
         tx = optax.lars(
             schedule,
