@@ -15,7 +15,7 @@ Paper-scale run (ResNet-50 1x, batch 1024, 100k steps, 224 px) on an ingested ch
 (e.g. CheXpert or MIMIC-CXR via `python -m medssl_jax.ingest`), two-stage from ImageNet SimCLR weights:
 
   python -m medssl_jax.main --config=configs/simclr.py:store=/data/cxr_store \
-      --config.init=/ckpt/simclr_imagenet_r50 --workdir=gs://bucket/simclr_r50
+      --config.init=/ckpt/simclr_imagenet_r50 --workdir=/mnt/shared/runs/simclr_r50
 
 Hardware and runtime: 100k steps x 2048 views = 205M views. At the ~6,000 views/s per H100 that the
 design targets for this step (an estimate, not a measurement of this config: see BENCHMARKS.md) that is
