@@ -210,3 +210,48 @@ def to_steps(config: mlc.ConfigDict, prefix: str, *, epoch_size: int, batch_size
     if epochs is None or epochs < 0:
         raise ValueError(f"config needs {prefix}_steps or {prefix}_epochs")
     return int(math.ceil(epochs * epoch_size / batch_size))
+
+
+def eval_config() -> mlc.ConfigDict:
+    """Fields every evaluation mode reads (linear_probe, finetune); each mode's module adds its own.
+
+    The splits (patient-wise train/val/test and nested label-fraction subsets of the train patients)
+    are a function of the store's patient keys and `splits.seed` alone, so every run that compares
+    encoders on one store gets the same records; see medssl_jax/evaluate/splits.py.
+    """
+    c = mlc.ConfigDict()
+    c.mode = ""
+    c.seed = 0
+    # What the encoder starts from: an export (RUN/export), a converted checkpoint directory
+    # (`python -m medssl_jax.convert`, same layout) or 'random' (then `model` gives the architecture).
+    c.init = ""
+    c.method = ""  # pretraining method of the init, for the report; '' = the export's own record
+    c.name = ""  # display name in `medssl_jax.compare`; '' = the workdir's name
+    c.compute_dtype = "float32"
+    c.mesh = [("data", -1)]
+    c.batch_size = 256
+    c.image_size = 224
+    # Encoder config for init='random', e.g. {'name': 'resnet', 'depth': 50, 'width': 1}; None here so a
+    # config file may use any encoder's fields (models.build_encoder rejects unknown ones).
+    c.model = None
+
+    c.data = mlc.ConfigDict()
+    c.data.store = ""  # '' = the embedded phantom dataset (same fields as pretrain_config().data)
+    c.data.cache_dir = ""
+    c.data.phantom_patients = 1200
+    c.data.phantom_size = 256
+    c.data.phantom_seed = 0
+    c.data.num_workers = 0  # Grain worker processes for the training iterator
+
+    c.splits = mlc.ConfigDict()
+    c.splits.train = "train"  # store split the training (and carved validation) patients come from
+    c.splits.test = "test"
+    c.splits.val = ""  # '' = carve `val_fraction` of the train patients; else a store split ('val')
+    c.splits.val_fraction = 0.2
+    c.splits.seed = 0
+    c.splits.file = ""  # reuse another workdir's splits.json (checked against the store)
+
+    # Fractions of the train patients (nested subsets); one probe / fine-tune per fraction.
+    c.label_fractions = (1.0,)
+    c.robustness = False  # also evaluate the test images under evaluate/robustness.py perturbations
+    return c
