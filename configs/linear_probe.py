@@ -1,0 +1,64 @@
+r"""Linear probe on frozen features of any encoder (multi-label logistic regression, C chosen on validation).
+
+Probe a pretraining run's export, a converted checkpoint, or a random-init encoder on the same store
+(the default store is the embedded phantom dataset; `store=PATH` or --config.data.store=PATH for an
+ingested one). Splits are patient-wise and deterministic (E/splits.json, identical for every run on the
+store), so the runs can be compared pairwise:
+
+  python -m medssl_jax.main --config=configs/linear_probe.py:store=/data/chexpert \
+      --config.init=/runs/micle_r50/export --workdir=/evals/micle_probe
+  python -m medssl_jax.main --config=configs/linear_probe.py:store=/data/chexpert \
+      --config.init=/ckpt/dinov2_vitb14 --workdir=/evals/dinov2_probe      # from medssl_jax.convert
+  python -m medssl_jax.main --config=configs/linear_probe.py:store=/data/chexpert,init=random \
+      --workdir=/evals/random_probe                                          # config.model = ResNet-50
+  python -m medssl_jax.compare /evals/micle_probe /evals/dinov2_probe /evals/random_probe --out=/evals/report
+
+Label efficiency (one probe per fraction of the train patients, nested subsets; E/eval holds the largest
+fraction plus label_fractions.json, E/fractions/f<F>/eval each fraction) and robustness curves:
+
+  python -m medssl_jax.main --config=configs/linear_probe.py:store=/data/chexpert \
+      --config.init=/runs/micle_r50/export --config.label_fractions="(0.01, 0.1, 0.25, 0.5, 1.0)" \
+      --config.robustness=True --workdir=/evals/micle_probe_fractions
+
+Offline smoke run on the embedded phantom dataset, the store configs/simclr.py:runlocal pretrains on
+(2 CPU cores: about 2 minutes; random-init ResNet-18 unless --config.init is given):
+
+  python -m medssl_jax.main --config=configs/linear_probe.py:runlocal --workdir=/tmp/probe_random
+  python -m medssl_jax.main --config=configs/linear_probe.py:runlocal \
+      --config.init=/tmp/simclr_local/export --workdir=/tmp/probe_simclr
+  python -m medssl_jax.compare /tmp/probe_simclr /tmp/probe_random --out=/tmp/probe_report
+
+Hardware and runtime (an estimate, not a measurement): the features are one forward pass per image
+(cached in E/cache, so fractions and reruns do not recompute them); a ResNet-50 forward at 224 px runs
+at several thousand images/s on one H100, so extraction over CheXpert (~224k images) takes minutes and
+is bound by the host pipeline; the logistic regressions (scikit-learn, one per label and C) take
+minutes on the CPU for 2048-d features. Measure the forward rate with
+`python -m medssl_jax.evaluate.linear_probe --bench --init=DIR`.
+"""
+
+import ml_collections as mlc
+
+from medssl_jax import config_lib
+from medssl_jax.evaluate import linear_probe
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, runlocal=False, store="", init="")
+    c = linear_probe.reference_config()
+    c.data.store = args.store
+    c.init = args.init
+    # Architecture for init='random' (an export or converted checkpoint brings its own).
+    c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64})
+    c.image_size = 224
+    c.batch_size = 256
+    if args.runlocal:
+        # The store and encoder of configs/simclr.py:runlocal (phantoms, 400 patients, 64 px; ResNet-18/16).
+        c.init = args.init or "random"
+        c.data.phantom_patients = 400
+        c.data.phantom_size = 64
+        c.image_size = 48
+        c.batch_size = 128
+        c.model = mlc.ConfigDict({"name": "resnet", "depth": 18, "width": 1, "base_width": 16})
+        c.label_fractions = (0.1, 0.25, 0.5, 1.0)
+        c.robustness = True
+    return c

@@ -1,0 +1,360 @@
+"""`config.mode = 'linear_probe'`: a multi-label logistic probe on frozen features of any encoder.
+
+    python -m medssl_jax.main --config=configs/linear_probe.py --config.init=RUN/export --workdir=E
+
+One flow, top to bottom (`run`):
+  store -> patient-wise splits (E/splits.json, evaluate/splits.py) -> encoder from `config.init` (an export,
+  a converted checkpoint or 'random') -> features of the train/val/test records, extracted once by the
+  jitted forward of evaluate/features.py and cached in E/cache/<key>/ -> per label fraction: standardise
+  with the fraction's train statistics, fit one L2 logistic regression per label for every C of
+  `config.c_grid` on the fraction's train patients, keep the C with the best validation mean AUC (never
+  test), predict test -> E/eval via report.write_eval (+ label_fractions.json with several fractions,
+  + robustness.json with `config.robustness`).
+
+The validation patients are only used to choose C; the probe is never refit on them, so the label
+fractions are exactly the labelled data the probe saw (evaluate/probe.py, used at the end of pretraining,
+refits on train + val instead). A label with a single class in a fraction's train records cannot be fit
+and scores 0.5 (AUC 0.5), as in probe.py.
+
+Robustness (Ghesu): the test images are perturbed on the device (evaluate/robustness.py), features are
+recomputed with the same jitted forward and the fitted probe scores them. Single-host only.
+
+`python -m medssl_jax.evaluate.linear_probe --bench ...` measures the feature-extraction rate (see `main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import scipy.special
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from medssl_jax import checkpoint, config_lib, logging_lib, models, sharding
+from medssl_jax.data import pipeline
+from medssl_jax.data.store import Store
+from medssl_jax.evaluate import features as features_lib
+from medssl_jax.evaluate import metrics, report, robustness
+from medssl_jax.evaluate import splits as splits_lib
+
+# Converted checkpoints record their file format; what their weights were trained with, for the report.
+CONVERTED_METHODS = {"dinov2": "dinov2", "hf-dinov2": "dinov2", "timm-npz": "supervised",
+                     "torchvision-resnet": "supervised"}
+
+
+def reference_config() -> mlc.ConfigDict:
+    """Every field of a linear-probe config (configs/linear_probe.py starts from this)."""
+    c = config_lib.eval_config()
+    c.mode = "linear_probe"
+    c.feature = "pre_logits"  # which entry of the encoder's out_dict
+    c.c_grid = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried on the validation patients
+    return c
+
+
+# ------------------------------------------------------------------------------------------ encoder
+
+@dataclasses.dataclass
+class Encoder:
+    model: Any
+    variables: Any
+    model_config: dict
+    method: str  # pretraining method of the weights ('none' for random)
+    source: dict  # the export's "source" record ({} for random)
+
+
+def store_channels(store: Store, ids: np.ndarray) -> int:
+    image = store[int(ids[0])]["image"]
+    return 1 if image.ndim == 2 else int(image.shape[-1])
+
+
+def load_encoder(config, *, channels: int) -> Encoder:
+    """The encoder `config.init` names, with its variables (host arrays), built at config.compute_dtype.
+
+    'random': `config.model` is the architecture, initialised from config.seed. A directory: an export or
+    converted checkpoint; its config.json gives the architecture and `checkpoint.load_encoder_init` loads
+    the weights (an RGB stem into a 1-channel ResNet is summed over channels), failing with the first
+    missing / unexpected / mis-shaped keys when they do not fit.
+    """
+    init = config.init
+    if not init:
+        raise ValueError("config.init is empty: give an export directory (RUN/export), a converted checkpoint "
+                         "directory (python -m medssl_jax.convert) or 'random'")
+    if init == "random":
+        if not config.model:
+            raise ValueError("config.init='random' needs config.model (the encoder architecture, e.g. "
+                             "{'name': 'resnet', 'depth': 50})")
+        model_config, source = config.model.to_dict(), {}
+        method = "none"
+    else:
+        export = checkpoint.load_export_config(init)
+        model_config, source = dict(export["model"]), dict(export.get("source", {}))
+        method = source.get("method") or CONVERTED_METHODS.get(source.get("format", ""), "")
+    model = models.build_encoder({**model_config, "dtype": config.compute_dtype})
+    example = jnp.zeros((1, config.image_size, config.image_size, channels), jnp.float32)
+    init_fn = lambda key: model.init(key, example, train=False)  # noqa: E731
+    if init == "random":
+        variables = jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(config.seed)))
+    else:
+        variables = checkpoint.load_encoder_init(init, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+    return Encoder(model, variables, model_config, config.method or method or "", source)
+
+
+def feature_cache_key(config, encoder: Encoder, store_fingerprint: str) -> str:
+    """Names the cached features: encoder weights identity, feature, size, dtype and store."""
+    if config.init == "random":
+        weights = {"random": encoder.model_config, "seed": int(config.seed)}
+    else:
+        stat = os.stat(os.path.join(config.init, "config.json"))  # rewritten last by every export
+        weights = {"init": os.path.abspath(config.init), "mtime_ns": stat.st_mtime_ns}
+    key = {**weights, "feature": config.feature, "image_size": int(config.image_size),
+           "dtype": config.compute_dtype, "store": store_fingerprint}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def features_of(encoder: Encoder, store: Store, splits: splits_lib.Splits, config, *, mesh, forward,
+                cache_dir: str) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """(features [N, D], labels [N, L], record id -> row) for every record of the store splits the
+    evaluation splits come from; extracted once per split (features_lib.extract, cached)."""
+    names = [splits.params["train"], splits.params["test"]] + ([splits.params["val"]] if splits.params["val"] else [])
+    parts = []
+    for name in dict.fromkeys(names):
+        parts.append(features_lib.extract(
+            encoder.model, encoder.variables, store, split=name, image_size=config.image_size,
+            batch_size=config.batch_size, mesh=mesh, feature=config.feature, forward=forward,
+            cache_path=os.path.join(cache_dir, f"features_{name}.npz")))
+    index = np.concatenate([p["index"] for p in parts])
+    rows = {int(record): row for row, record in enumerate(index)}
+    return np.concatenate([p["features"] for p in parts]), np.concatenate([p["labels"] for p in parts]), rows
+
+
+# ------------------------------------------------------------------------------------------ probe
+
+@dataclasses.dataclass
+class LinearProbe:
+    """Standardisation + one logistic regression per label: probs = sigmoid(((x - mean) / std) @ w + b)."""
+
+    mean: np.ndarray  # [D]
+    std: np.ndarray  # [D]
+    w: np.ndarray  # [D, L]
+    b: np.ndarray  # [L]
+    fitted: np.ndarray  # [L] bool; an unfit label has w = 0, b = 0 (probability 0.5)
+
+    def logits(self, x) -> np.ndarray:
+        return ((np.asarray(x, np.float32) - self.mean) / self.std) @ self.w + self.b
+
+    def predict(self, x) -> np.ndarray:
+        return scipy.special.expit(self.logits(x))
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, mean=None, std=None) -> LinearProbe:
+    """Per-label L2 logistic regression (scikit-learn, lbfgs) on standardised features; NaN labels are
+    left out for their label only."""
+    mean = x.mean(axis=0) if mean is None else mean
+    std = x.std(axis=0) + 1e-6 if std is None else std
+    xs = (x - mean) / std
+    w = np.zeros((x.shape[1], y.shape[1]), np.float32)
+    b = np.zeros(y.shape[1], np.float32)
+    fitted = np.zeros(y.shape[1], bool)
+    for j in range(y.shape[1]):
+        keep = ~np.isnan(y[:, j])
+        if len(np.unique(y[keep, j])) < 2:
+            continue
+        clf = LogisticRegression(C=c, max_iter=2000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(xs[keep], y[keep, j])
+        w[:, j], b[j], fitted[j] = clf.coef_[0], clf.intercept_[0], True
+    return LinearProbe(mean.astype(np.float32), std.astype(np.float32), w, b, fitted)
+
+
+def select_and_fit(x_train, y_train, x_val, y_val, *, c_grid, label_names) -> tuple[LinearProbe, float, dict]:
+    """Fits the probe for every C, picks the best validation mean AUC (ties: the smaller C, stronger L2)."""
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    best, best_c, best_auc, by_c = None, None, -np.inf, {}
+    for c in sorted(float(c) for c in c_grid):
+        fitted = fit_probe(x_train, y_train, c, mean=mean, std=std)
+        auc = metrics.evaluate_predictions(probs=fitted.predict(x_val), labels=y_val,
+                                           label_names=label_names)["mean_auc"]
+        by_c[c] = auc
+        if best is None or (auc is not None and auc > best_auc):
+            best, best_c, best_auc = fitted, c, (auc if auc is not None else -np.inf)
+    return best, best_c, by_c
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+def load_images(store: Store, ids: np.ndarray, *, image_size: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint16 [N, S, S, C] eval-preprocessed images and labels [N, L] of `ids`, in `ids` order."""
+    load = pipeline.LoadForEval(store.data_source(), image_size=image_size, channels=store_channels(store, ids),
+                                num_labels=len(store.label_names))
+    images, labels = [], []
+    for start in range(0, len(ids), batch_size):
+        items = [load.map(int(i)) for i in ids[start:start + batch_size]]
+        images.append(np.stack([item["image"] for item in items]))
+        labels.append(np.stack([item["labels"] for item in items]))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def padded_apply(fn, images, mesh):
+    """fn on a batch padded to a multiple of the device count and split over the mesh, cropped back."""
+    images = np.asarray(images)
+    n = images.shape[0]
+    pad = (-n) % mesh.devices.size
+    if pad:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    return np.asarray(fn(jax.device_put(images, sharding.data_sharding(mesh))))[:n]
+
+
+def check_single_host(what: str) -> None:
+    if jax.process_count() > 1:
+        raise ValueError(f"{what} runs on one host only (this job has {jax.process_count()} processes)")
+
+
+# ------------------------------------------------------------------------------------------ run
+
+def run(config, workdir: str) -> dict:
+    """Runs the linear probe described in the module docstring; returns E/eval/summary.json's dict."""
+    from medssl_jax import train  # the store opener; imported here to keep this module light for configs
+
+    workdir = os.path.abspath(workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    store = train.open_store(config.data)
+    fingerprint = report.store_fingerprint(store.path)
+    fractions = splits_lib.check_fractions(config.label_fractions)
+    splits = splits_lib.resolve(workdir, store, config.splits, fractions)
+    logging_lib.log(splits_lib.describe(splits, store))
+
+    encoder = load_encoder(config, channels=store_channels(store, splits.test))
+    logging_lib.log(f"linear probe on {config.feature} features of {config.init} ({encoder.model_config.get('name')})")
+    forward = features_lib.feature_fn(encoder.model, config.feature, mesh)
+    cache_dir = os.path.join(workdir, "cache", feature_cache_key(config, encoder, fingerprint))
+    feats, labels, rows = features_of(encoder, store, splits, config, mesh=mesh, forward=forward, cache_dir=cache_dir)
+    take = lambda ids: np.fromiter((rows[int(i)] for i in ids), np.int64, count=len(ids))  # noqa: E731
+    val_rows, test_rows = take(splits.val), take(splits.test)
+    label_names = list(store.label_names)
+
+    common = dict(label_names=label_names, mode="linear_probe", method=encoder.method, init=config.init,
+                  split=splits.params["test"], store_name=store.name, store_fingerprint=fingerprint)
+    results = {}
+    for fraction in fractions:
+        train_ids = splits.fraction_ids(fraction)
+        train_rows = take(train_ids)
+        probe, best_c, by_c = select_and_fit(feats[train_rows], labels[train_rows], feats[val_rows], labels[val_rows],
+                                             c_grid=config.c_grid, label_names=label_names)
+        probs = probe.predict(feats[test_rows])
+        results[fraction] = dict(probe=probe, probs=probs, c=best_c, by_c=by_c, num_train=len(train_ids))
+        unfit = [label_names[j] for j in np.flatnonzero(~probe.fitted)]
+        logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): C={best_c:g}, val mean AUC "
+                        f"{_fmt(by_c[best_c])}" + (f"; not fit (one class in train): {unfit}" if unfit else ""))
+
+    def extra(result):
+        return {"c": result["c"], "val_mean_auc_by_c": {f"{c:g}": v for c, v in result["by_c"].items()},
+                "num_train": result["num_train"], "feature": config.feature, "splits": splits.fingerprint,
+                "source": encoder.source, "unfit_labels": [label_names[j] for j in np.flatnonzero(~result["probe"].fitted)]}
+
+    test_labels = labels[test_rows]
+    entries = None
+    if len(fractions) > 1:
+        entries = []
+        for fraction, result in results.items():
+            report.write_eval(os.path.join(workdir, "fractions", f"f{fraction:g}"), probs=result["probs"],
+                              labels=test_labels, record_ids=splits.test, label_fraction=fraction,
+                              name=f"{config.name or os.path.basename(workdir)}@{fraction:g}", extra=extra(result),
+                              **common)
+            entries.append(robustness.label_efficiency_entry(
+                fraction=fraction, probs=result["probs"], labels=test_labels, label_names=label_names,
+                num_train=result["num_train"], seed=config.seed))
+
+    main_fraction = max(fractions)
+    main = results[main_fraction]
+    curves = None
+    if config.robustness:
+        check_single_host("config.robustness")
+        logging_lib.log("robustness: perturbing the test images, recomputing features")
+        images, _ = load_images(store, splits.test, image_size=config.image_size, batch_size=config.batch_size)
+        variables = sharding.replicate(encoder.variables, mesh)
+        curves = robustness.robustness_curves(
+            lambda x: main["probe"].predict(padded_apply(lambda b: forward(variables, b), x, mesh)),
+            images, test_labels, label_names=label_names, batch_size=config.batch_size)
+
+    summary = report.write_eval(workdir, probs=main["probs"], labels=test_labels, record_ids=splits.test,
+                                label_fraction=main_fraction, name=config.name or None, extra=extra(main),
+                                label_fractions=entries, robustness_curves=curves, **common)
+    per_label = ", ".join(f"{n} {_fmt(a)}" for n, a in summary["per_label_auc"].items())
+    logging_lib.log(f"linear probe test mean AUC {_fmt(summary['mean_auc'])}; per label: {per_label}")
+    logging_lib.log(f"wrote {os.path.join(workdir, 'eval')}")
+    return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4f}"
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+def bench_features(model, variables, *, image_size: int, channels: int, batch_size: int, mesh, feature="pre_logits",
+                   steps: int = 20) -> dict:
+    """Images/s of the jitted feature forward (features.feature_fn) on a synthetic uint16 batch, device only."""
+    forward = features_lib.feature_fn(model, feature, mesh)
+    variables = sharding.replicate(variables, mesh)
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 65535, (batch_size, image_size, image_size, channels),
+                                                             dtype=np.uint16), sharding.data_sharding(mesh))
+    start = time.perf_counter()
+    forward(variables, batch).block_until_ready()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = forward(variables, batch)
+    out.block_until_ready()
+    seconds = time.perf_counter() - start
+    return {"images_per_s": steps * batch_size / seconds, "compile_s": compile_s, "batch_size": batch_size,
+            "image_size": image_size, "devices": int(mesh.devices.size), "platform": jax.devices()[0].platform}
+
+
+def main(argv=None) -> int:
+    """`python -m medssl_jax.evaluate.linear_probe --bench --init=DIR|random [--model=JSON] [--store=PATH]`:
+    prints the device-only forward rate and, with --store, the end-to-end extraction rate of a split
+    (decode + crop + resize on the host, forward on the device)."""
+    parser = argparse.ArgumentParser(prog="python -m medssl_jax.evaluate.linear_probe", description=main.__doc__)
+    parser.add_argument("--bench", action="store_true", required=True)
+    parser.add_argument("--init", default="random")
+    parser.add_argument("--model", default='{"name": "resnet", "depth": 50}', help="encoder JSON for --init=random")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--store", default="")
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+    config = reference_config()
+    config.init, config.image_size, config.compute_dtype = args.init, args.image_size, args.dtype
+    config.model = json.loads(args.model)
+    mesh = sharding.make_mesh()
+    store = Store(args.store) if args.store else None
+    channels = store_channels(store, store.ids(args.split)) if store else 1
+    encoder = load_encoder(config, channels=channels)
+    result = bench_features(encoder.model, encoder.variables, image_size=args.image_size, channels=channels,
+                            batch_size=args.batch_size, mesh=mesh, steps=args.steps)
+    if store:
+        start = time.perf_counter()
+        extracted = features_lib.extract(encoder.model, encoder.variables, store, split=args.split,
+                                         image_size=args.image_size, batch_size=args.batch_size, mesh=mesh)
+        result["end_to_end_images_per_s"] = len(extracted["index"]) / (time.perf_counter() - start)
+    print(json.dumps({"model": encoder.model_config, "dtype": args.dtype, **result}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
