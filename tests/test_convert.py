@@ -322,14 +322,15 @@ def test_torchvision_resnet50(tmp_path):
     ref = _randomize(RefResNet50(base=8), seed=30)
     torch.save(ref.state_dict(), tmp_path / "resnet50.pth")
     _run_cli(["--format=torchvision-resnet", f"--input={tmp_path / 'resnet50.pth'}", f"--output={tmp_path / 'out'}"])
-    # 34 px: the stem output (17) is odd, where our ResNet's SAME max-pool pads like torch's padding=1.
-    x = _images(2, 34, 34, seed=5)
+    # 32 px: the stem output (16) is even, as at 224 px, where SimCLR's SAME pool would pad (0, 1);
+    # the export selects stem_pool='torch' (padding 1 on both sides) to match torchvision exactly.
+    x = _images(2, 32, 32, seed=5)
     with torch.no_grad():
         want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     variables, config = checkpoint.load_export(tmp_path / "out")
     assert set(variables) == {"params", "batch_stats"}
-    assert {k: config["model"][k] for k in ("name", "depth", "width", "base_width")} == {
-        "name": "resnet", "depth": 50, "width": 1, "base_width": 8}
+    assert {k: config["model"][k] for k in ("name", "depth", "width", "base_width", "stem_pool")} == {
+        "name": "resnet", "depth": 50, "width": 1, "base_width": 8, "stem_pool": "torch"}
     model = models.build_encoder({**config["model"], "dtype": "float32"})
     features, _ = model.apply(variables, jnp.asarray(x), train=False)
     print("max relative error", _rel_err(features, want))  # shown with pytest -s

@@ -519,7 +519,7 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
     block of every stage a projection shortcut, which torchvision's ResNet-18/34 lack in stage 1.
     Outputs equal torchvision's where the stem max-pool pads alike: torchvision pads 1 on both sides, our
     ResNet's 'SAME' pool pads (1, 1) when the stem output is odd (e.g. 34 or 66 px inputs) but (0, 1) when
-    it is even (224 px). When the ResNet offers `stem_pool='torch'`, the config selects it.
+    it is even (224 px), so the exported config selects `stem_pool='torch'`.
     """
     from medssl_jax import models
     from medssl_jax.models.resnet import STAGE_SIZES, ResNet
@@ -532,11 +532,11 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
         raise ConvertError(f"{what}: blocks per stage {blocks} ({'bottleneck' if bottleneck else 'basic'}) "
                            "match no ResNet depth")
     config = {"name": "resnet", "depth": depth, "width": 1, "base_width": int(state["conv1.weight"].shape[0])}
-    if "stem_pool" in ResNet.__dataclass_fields__:
-        # torchvision's max-pool pads 1 on both sides; SimCLR's 'SAME' pads (0, 1) on even sizes (224 px).
-        config["stem_pool"] = "torch"
+    # torchvision's max-pool pads 1 on both sides; SimCLR's 'SAME' pads (0, 1) on even sizes (224 px).
+    config["stem_pool"] = "torch"
     if arch:
-        unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype"})
+        unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype",
+                                       "stem_pool"})
         if unknown:
             raise ConvertError(f"architecture fields {unknown} are not ResNet attributes")
         config.update(arch)

@@ -127,6 +127,10 @@ class BottleneckBlock(nn.Module):
         return nn.relu(y + shortcut)
 
 
+# Stem max-pool padding conventions.
+STEM_POOL_PADDING = {"same": "SAME", "torch": ((1, 1), (1, 1))}
+
+
 class ResNet(nn.Module):
     """SimCLR-style ResNet v1 encoder without a classifier.
 
@@ -136,6 +140,8 @@ class ResNet(nn.Module):
       base_width: filters of the stem and first stage at width 1 (64 in the paper; tiny tests use 8).
       dtype: computation dtype; parameters are always float32.
       zero_init_last_bn: start the last BN gamma of every residual branch at 0.
+      stem_pool: 'same' (SimCLR/TF: pads (0, 1) on an even stem output such as 112 at 224 px) or
+        'torch' (torchvision: pads (1, 1)); converted torchvision weights use 'torch' to match exactly.
 
     Call: `(features [B, D] float32, out_dict)` for images [B, H, W, C] with any channel count C.
     out_dict holds 'stem' (after the max-pool, stride 4), 'stage1'..'stage4' (strides 4, 8, 16, 32) and
@@ -148,6 +154,7 @@ class ResNet(nn.Module):
     base_width: int = 64
     dtype: Any = jnp.bfloat16
     zero_init_last_bn: bool = True
+    stem_pool: str = "same"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -161,7 +168,9 @@ class ResNet(nn.Module):
         out = {}
 
         x = _ConvBN(filters, 7, 2, dtype=self.dtype, name="stem")(x, train=train)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        if self.stem_pool not in STEM_POOL_PADDING:
+            raise ValueError(f"ResNet stem_pool={self.stem_pool!r} is not one of {sorted(STEM_POOL_PADDING)}")
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=STEM_POOL_PADDING[self.stem_pool])
         out["stem"] = x
 
         for stage, num_blocks in enumerate(stage_sizes):
