@@ -14,9 +14,10 @@ patient keys and a seed:
   (seed, patient key) and fraction f takes the first ceil(f * P) of them with all their records, so the
   10 % subset is inside the 25 % subset, and so on.
 
-E/splits.json records the record ids, the parameters, the store fingerprint and a fingerprint of the ids.
-A rerun in the same workdir checks that the saved splits equal the ones its config gives; `splits.file`
-reuses another workdir's splits.json after checking it belongs to the same store.
+E/splits.json records the record ids, the parameters, the store fingerprint, a fingerprint of the
+train/val/test ids (equal across runs with any label fractions) and a checksum of all ids. A rerun in the
+same workdir checks that the saved splits equal the ones its config gives; `splits.file` reuses another
+workdir's splits.json after checking it belongs to the same store.
 """
 
 from __future__ import annotations
@@ -52,9 +53,17 @@ class Splits:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 (16 hex) of the record ids: equal fingerprints mean identical splits."""
-        payload = json.dumps(_ids_payload(self), sort_keys=True).encode()
-        return hashlib.sha256(payload).hexdigest()[:16]
+        """sha256 (16 hex) of the train/val/test record ids: equal fingerprints mean identical splits.
+
+        The label-fraction subsets are left out: they are a function of the train ids and the seed (in
+        `params`), and runs with different fraction lists still share train, val and test."""
+        payload = {k: v for k, v in _ids_payload(self).items() if k != "fractions"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def checksum(self) -> str:
+        """sha256 (16 hex) of every id in the file, fractions included (detects edits)."""
+        return hashlib.sha256(json.dumps(_ids_payload(self), sort_keys=True).encode()).hexdigest()[:16]
 
     def fraction_ids(self, fraction: float) -> np.ndarray:
         key = _fraction_key(fraction)
@@ -142,7 +151,7 @@ def save(path: str, splits: Splits, store: Store) -> None:
     payload = {
         "format": SPLITS_FORMAT, "version": SPLITS_VERSION,
         "store": {"name": store.name, "fingerprint": splits.store_fingerprint},
-        "params": splits.params, "fingerprint": splits.fingerprint,
+        "params": splits.params, "fingerprint": splits.fingerprint, "checksum": splits.checksum,
         "num_patients": {name: int(len(np.unique(store.patients[getattr(splits, name)])))
                          for name in ("train", "val", "test")},
         **_ids_payload(splits),
@@ -171,8 +180,8 @@ def load(path: str) -> Splits:
         fractions={_fraction_key(f): ids(v) for f, v in payload["fractions"].items()},
         store_fingerprint=payload["store"]["fingerprint"], params=payload["params"],
     )
-    if splits.fingerprint != payload.get("fingerprint"):
-        raise SplitsError(f"{path}: record ids do not match the file's fingerprint (edited or corrupt)")
+    if splits.checksum != payload.get("checksum"):
+        raise SplitsError(f"{path}: record ids do not match the file's checksum (edited or corrupt)")
     return splits
 
 
@@ -202,9 +211,12 @@ def resolve(workdir: str, store: Store, cfg, label_fractions) -> Splits:
             if saved.store_fingerprint != fingerprint:
                 raise SplitsError(f"{path} was made on another store (fingerprint {saved.store_fingerprint}, "
                                   f"this store has {fingerprint}); use a new workdir")
-            if saved.fingerprint != splits.fingerprint:
-                raise SplitsError(f"{path} holds other splits than this config gives (splits.* or "
-                                  "label_fractions changed); use a new workdir or config.splits.file")
+            same_fractions = all(np.array_equal(ids, splits.fractions[f])
+                                 for f, ids in saved.fractions.items() if f in splits.fractions)
+            if saved.fingerprint != splits.fingerprint or saved.params["seed"] != splits.params["seed"] \
+                    or not same_fractions:
+                raise SplitsError(f"{path} holds other splits than this config gives (config.splits changed); "
+                                  "use a new workdir or config.splits.file")
     save(path, splits, store)
     return splits
 

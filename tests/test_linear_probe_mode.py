@@ -1,0 +1,170 @@
+"""linear_probe mode and the evaluation splits: tiny ResNet export, tiny phantom store, 8 fake CPU devices."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medssl_jax import checkpoint, main, models
+from medssl_jax.data import phantoms
+from medssl_jax.data.store import Store
+from medssl_jax.evaluate import linear_probe, report
+from medssl_jax.evaluate import splits as splits_lib
+
+TINY_RESNET = {"name": "resnet", "depth": 18, "width": 1, "base_width": 4}
+
+
+@pytest.fixture(scope="module")
+def phantom_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("phantoms")
+    phantoms.ensure_phantom_store(str(cache), num_patients=64, image_size=32, seed=0)
+    return str(cache)
+
+
+def save_tiny_export(directory, model_config=TINY_RESNET, *, seed=1, size=24):
+    encoder = models.build_encoder({**model_config, "dtype": "float32"})
+    variables = jax.jit(lambda k: encoder.init(k, jnp.zeros((1, size, size, 1)), train=False))(
+        jax.random.PRNGKey(seed))
+    checkpoint.save_export(str(directory), jax.device_get(variables),
+                           {"model": dict(model_config), "source": {"method": "simclr"}})
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    return save_tiny_export(tmp_path_factory.mktemp("run") / "export")
+
+
+def probe_config(cache_dir, init, **overrides):
+    c = linear_probe.reference_config()
+    c.init = init
+    c.model = dict(TINY_RESNET)
+    c.data.cache_dir = cache_dir
+    c.data.phantom_patients = 64
+    c.data.phantom_size = 32
+    c.image_size = 24
+    c.batch_size = 32
+    c.c_grid = (0.1, 1.0)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return c
+
+
+def test_probe_export_and_random_write_comparable_eval_dirs(phantom_cache, tiny_export, tmp_path):
+    ssl_dir, random_dir = str(tmp_path / "ssl"), str(tmp_path / "random")
+    summary = main.run(probe_config(phantom_cache, tiny_export, label_fractions=(0.5, 1.0), robustness=True),
+                       ssl_dir)
+    main.run(probe_config(phantom_cache, "random"), random_dir)
+    assert summary["mode"] == "linear_probe" and summary["method"] == "simclr" and summary["init"] == tiny_export
+    assert summary["label_fraction"] == 1.0 and summary["extra"]["c"] in (0.1, 1.0)
+    assert set(summary["per_label_auc"]) == set(phantoms.LABEL_NAMES)
+    # Several fractions: label_fractions.json in E/eval and one eval dir per fraction.
+    with open(os.path.join(ssl_dir, "eval", "label_fractions.json")) as f:
+        fractions = json.load(f)["fractions"]
+    assert [e["fraction"] for e in fractions] == [0.5, 1.0]
+    assert fractions[0]["num_train"] < fractions[1]["num_train"]
+    assert report.read_eval(os.path.join(ssl_dir, "fractions", "f0.5")).summary["label_fraction"] == 0.5
+    with open(os.path.join(ssl_dir, "eval", "robustness.json")) as f:
+        assert set(json.load(f)) == {"intensity", "gamma", "rotation", "zoom"}
+    # The two runs share splits (made independently from the same store and seed) and test records.
+    splits_a = splits_lib.load(os.path.join(ssl_dir, "splits.json"))
+    splits_b = splits_lib.load(os.path.join(random_dir, "splits.json"))
+    assert splits_a.fingerprint == splits_b.fingerprint
+    np.testing.assert_array_equal(splits_a.test, splits_b.test)
+    assert report.read_eval(random_dir).summary["method"] == "none"
+    out = str(tmp_path / "report")
+    report.compare_runs([ssl_dir, random_dir], out, num_resamples=50)
+    assert os.path.exists(os.path.join(out, "report.md"))
+    # Features were cached once per encoder: a rerun of the same workdir reuses them and the splits.
+    cached = [d for d in os.listdir(os.path.join(random_dir, "cache"))]
+    assert len(cached) == 1
+    again = main.run(probe_config(phantom_cache, "random"), random_dir)
+    assert again["mean_auc"] == pytest.approx(report.read_eval(random_dir).summary["mean_auc"])
+
+
+def test_splits_patient_wise_nested_and_deterministic(phantom_cache):
+    store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    cfg = probe_config(phantom_cache, "random").splits
+    fractions = (0.1, 0.25, 0.5, 1.0)
+    a = splits_lib.make_splits(store, cfg, fractions)
+    b = splits_lib.make_splits(store, cfg, fractions)
+    assert a.fingerprint == b.fingerprint
+    patients = {name: set(store.patients[getattr(a, name)]) for name in ("train", "val", "test")}
+    assert not patients["train"] & patients["val"] and not patients["train"] & patients["test"]
+    assert not patients["val"] & patients["test"]
+    np.testing.assert_array_equal(a.fraction_ids(1.0), a.train)
+    previous = set()
+    for fraction in fractions:
+        ids = set(a.fraction_ids(fraction).tolist())
+        assert previous <= ids  # nested
+        chosen = set(store.patients[list(ids)])
+        # patient-wise: a chosen patient brings all of its train records
+        assert ids == {int(i) for i in a.train if store.patients[i] in chosen}
+        assert len(chosen) == max(1, int(np.ceil(fraction * len(patients["train"]))))
+        previous = ids
+    other_seed = cfg.copy_and_resolve_references()
+    other_seed.seed = 1
+    assert splits_lib.make_splits(store, other_seed, fractions).fingerprint != a.fingerprint
+
+
+def test_splits_reuse_is_checked(phantom_cache, tmp_path):
+    store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    cfg = probe_config(phantom_cache, "random").splits
+    first = splits_lib.resolve(str(tmp_path / "a"), store, cfg, (1.0,))
+    changed = cfg.copy_and_resolve_references()
+    changed.val_fraction = 0.3
+    with pytest.raises(splits_lib.SplitsError, match="other splits"):
+        splits_lib.resolve(str(tmp_path / "a"), store, changed, (1.0,))
+    # Another workdir can reuse the file explicitly, even with other split parameters in its config.
+    changed.file = str(tmp_path / "a" / "splits.json")
+    reused = splits_lib.resolve(str(tmp_path / "b"), store, changed, (1.0,))
+    assert reused.fingerprint == first.fingerprint
+    other = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=16, image_size=32, seed=3))
+    with pytest.raises(splits_lib.SplitsError, match="another store"):
+        splits_lib.resolve(str(tmp_path / "c"), other, changed, (1.0,))
+    with pytest.raises(splits_lib.SplitsError, match="label_fractions"):
+        splits_lib.check_fractions((0.0, 1.0))
+
+
+def test_bad_init_is_one_clear_line(phantom_cache, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="nope") as error:
+        main.run(probe_config(phantom_cache, str(tmp_path / "nope")), str(tmp_path / "e"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="config.init is empty"):
+        main.run(probe_config(phantom_cache, ""), str(tmp_path / "e"))
+
+
+def test_checkpoint_that_does_not_fit_is_reported(phantom_cache, tmp_path):
+    export = save_tiny_export(tmp_path / "export")
+    with open(os.path.join(export, "config.json")) as f:
+        config = json.load(f)
+    config["model"]["depth"] = 34  # the weights are a ResNet-18's
+    with open(os.path.join(export, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the chosen architecture: missing") as error:
+        main.run(probe_config(phantom_cache, export), str(tmp_path / "e"))
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_config_key_is_refused(phantom_cache, tmp_path):
+    config = probe_config(phantom_cache, "random")
+    config.c_gird = (1.0,)
+    with pytest.raises(ValueError, match="c_gird"):
+        main.run(config, str(tmp_path / "e"))
+
+
+def test_bench_features_reports_a_rate():
+    encoder = models.build_encoder({**TINY_RESNET, "dtype": "float32"})
+    variables = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 1)), train=False)
+    from medssl_jax import sharding
+
+    result = linear_probe.bench_features(encoder, variables, image_size=24, channels=1, batch_size=16,
+                                         mesh=sharding.make_mesh(), steps=2)
+    assert result["images_per_s"] > 0 and result["devices"] == 8
