@@ -75,10 +75,21 @@ def run(config, workdir: str) -> dict | None:
 
 def main(argv):
     del argv
-    if os.environ.get("MEDSSL_DISTRIBUTED"):
-        import jax
+    import jax
+    from absl import logging
 
+    if not os.environ.get("MEDSSL_DEBUG"):
+        logging.set_verbosity(logging.WARNING)  # Orbax/Grain INFO lines would drown the progress lines
+
+    if os.environ.get("MEDSSL_DISTRIBUTED"):
         jax.distributed.initialize()
+    if not jax.config.jax_compilation_cache_dir:
+        # Reruns and resumes skip XLA compilation (minutes for a big model); JAX_COMPILATION_CACHE_DIR
+        # overrides the location.
+        jax.config.update(
+            "jax_compilation_cache_dir",
+            os.path.join(os.environ.get("MEDSSL_JAX_CACHE", os.path.expanduser("~/.cache/medssl_jax")), "xla"),
+        )
     from medssl_jax import logging_lib
 
     try:

@@ -150,7 +150,10 @@ def setup(config) -> Setup:
             f"{'patients' if spec['sampler'] == 'micle' else 'images'} of split {config.data.split!r} in {store.path}"
         )
     total_steps = config_lib.to_steps(config, "total", epoch_size=elements, batch_size=config.batch_size)
-    warmup_steps = config_lib.to_steps(config, "warmup", epoch_size=elements, batch_size=config.batch_size)
+    optim_config = config.optim.copy_and_resolve_references()
+    optim_config.warmup_steps = config_lib.to_steps(
+        config.optim, "warmup", epoch_size=elements, batch_size=config.batch_size
+    )
     data_iter = pipeline.make_pretrain_iterator(
         store,
         spec=spec,
@@ -163,9 +166,7 @@ def setup(config) -> Setup:
 
     # ---------------------------------------------------------------- model & optimiser
     model = method.build(config)
-    tx, schedule = optim.make_optimizer(
-        config.optim, total_steps=total_steps, warmup_steps=warmup_steps, batch_size=config.batch_size
-    )
+    tx, schedule = optim.make_optimizer(optim_config, total_steps=total_steps, batch_size=config.batch_size)
     init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
 
     def init_state(batch):
@@ -286,11 +287,12 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
                 if problem:
                     checkpointer.close()
                     raise TrainingError(f"{problem}; last good checkpoint: step {last_saved}")
-                progress.update(step)
-                writer.write(step, {**host_metrics, f"{progress.unit}_per_s": progress.rate})
-                logging_lib.log(
-                    progress.line(step, loss=float(host_metrics["loss"]), lr=float(host_metrics["lr"]))
-                )
+                if want_log:
+                    progress.update(step)
+                    writer.write(step, {**host_metrics, f"{progress.unit}_per_s": progress.rate})
+                    logging_lib.log(
+                        progress.line(step, loss=float(host_metrics["loss"]), lr=float(host_metrics["lr"]))
+                    )
             if want_save:
                 checkpointer.save(step, state, data_iter)
                 last_saved = step

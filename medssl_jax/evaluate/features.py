@@ -49,14 +49,18 @@ def extract(
     mesh,
     feature: str = "pre_logits",
     cache_path: str | None = None,
+    forward=None,
 ) -> dict[str, np.ndarray]:
-    """Returns {"features" [N, D], "labels" [N, L], "index" [N]} for every record of `split`, in store order."""
+    """Returns {"features" [N, D], "labels" [N, L], "index" [N]} for every record of `split`, in store order.
+
+    Pass the same `forward` (from `feature_fn`) to repeated calls so the encoder compiles once.
+    """
     if cache_path and os.path.exists(cache_path):
         with np.load(cache_path) as cached:
             return {k: cached[k] for k in cached.files}
     devices = mesh.devices.size
     batch_size = max(devices, (batch_size // devices) * devices)
-    forward = feature_fn(model, feature, mesh)
+    forward = forward or feature_fn(model, feature, mesh)
     variables = sharding.replicate(variables, mesh)
     features, labels, index = [], [], []
     iterator = pipeline.make_eval_iterator(

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from medssl_jax import checkpoint, logging_lib, models
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import features as features_lib
-from medssl_jax.evaluate import metrics
+from medssl_jax.evaluate import report
 
 
 def patient_split(patients: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
@@ -103,6 +103,7 @@ def probe_encoder(
     mesh,
     seed: int,
     cache_dir: str | None = None,
+    forward=None,
 ) -> dict[str, Any]:
     """Extracts features of the train/test splits and runs the linear probe; returns the metrics dict."""
     kwargs = dict(
@@ -110,6 +111,7 @@ def probe_encoder(
         batch_size=probe_config.batch_size,
         mesh=mesh,
         feature=probe_config.feature,
+        forward=forward or features_lib.feature_fn(model, probe_config.feature, mesh),
     )
     train = features_lib.extract(
         model, variables, store, split=probe_config.train_split,
@@ -123,39 +125,37 @@ def probe_encoder(
         train["features"], train["labels"], store.patients[train["index"]], test["features"],
         c_grid=tuple(probe_config.c_grid), val_fraction=probe_config.val_fraction, seed=seed,
     )
-    result = metrics.evaluate_predictions(
-        probs=np.nan_to_num(fitted["probs"], nan=0.5), labels=test["labels"], label_names=store.label_names
-    )
-    result["per_label_auc"] = {name: entry["auc"] for name, entry in result["per_label"].items()}
-    result["c"] = fitted["c"]
-    result["val_mean_auc_by_c"] = fitted["val_mean_auc_by_c"]
-    result["num_train"] = int(len(train["index"]))
-    result["num_test"] = int(len(test["index"]))
-    return result | {"_probs": fitted["probs"], "_labels": test["labels"], "_index": test["index"]}
+    return {
+        "c": fitted["c"],
+        "val_mean_auc_by_c": fitted["val_mean_auc_by_c"],
+        "num_train": int(len(train["index"])),
+        "_probs": fitted["probs"],
+        "_labels": test["labels"],
+        "_index": test["index"],
+    }
 
 
 def run_after_pretraining(export_dir: str, store: Store, probe_config, *, mesh, seed: int, workdir: str,
                           compute_dtype: str = "float32") -> dict[str, Any]:
-    """Probes the exported encoder and a randomly initialised one; writes WORKDIR/eval/summary.json."""
-    eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
+    """Probes the exported encoder (-> WORKDIR/eval/) and a randomly initialised encoder of the same
+    architecture (-> WORKDIR/baselines/random_init/eval/), both in the evaluation-workdir format that
+    `python -m medssl_jax.compare` reads; WORKDIR/eval/summary.json also carries `random_init`."""
     variables, export_config = checkpoint.load_export(export_dir)
     model = models.build_encoder({**export_config["model"], "dtype": compute_dtype})
+    source = export_config.get("source", {})
+    common = dict(
+        label_names=list(store.label_names), mode="linear_probe", split=probe_config.test_split,
+        store_name=store.name, store_fingerprint=report.store_fingerprint(store.path),
+    )
     logging_lib.log(f"linear probe on {probe_config.feature} features of {export_dir}")
+    forward = features_lib.feature_fn(model, probe_config.feature, mesh)  # compiled once, used for both
     pretrained = probe_encoder(model, variables, store, probe_config, mesh=mesh, seed=seed,
-                               cache_dir=os.path.join(eval_dir, "cache"))
-    summary = {
-        "mean_auc": pretrained["mean_auc"],
-        "per_label_auc": pretrained["per_label_auc"],
-        "label_names": list(store.label_names),
-        "init": export_dir,
-        "source": export_config.get("source", {}),
-        "probe": {k: v for k, v in pretrained.items() if not k.startswith("_")},
-    }
-    np.savez(
-        os.path.join(eval_dir, "predictions.npz"),
-        probs=pretrained["_probs"], labels=pretrained["_labels"], index=pretrained["_index"],
-        label_names=np.array(store.label_names),
+                               cache_dir=os.path.join(workdir, "eval", "cache"), forward=forward)
+    summary = report.write_eval(
+        workdir, probs=_fill_unfit(pretrained["_probs"]), labels=pretrained["_labels"],
+        record_ids=pretrained["_index"], method=source.get("method", ""), init=export_dir,
+        extra={"probe_c": pretrained["c"], "val_mean_auc_by_c": pretrained["val_mean_auc_by_c"], "source": source},
+        **common,
     )
     if probe_config.random_baseline:
         channels = int(export_config.get("input", {}).get("channels", 1))
@@ -163,12 +163,24 @@ def run_after_pretraining(export_dir: str, store: Store, probe_config, *, mesh, 
         random_vars = jax.jit(lambda key: model.init(key, np.zeros((1, size, size, channels), np.float32),
                                                      train=False))(jax.random.PRNGKey(seed + 1))
         logging_lib.log("linear probe on a randomly initialised encoder of the same architecture (baseline)")
-        baseline = probe_encoder(model, random_vars, store, probe_config, mesh=mesh, seed=seed)
+        baseline = probe_encoder(model, random_vars, store, probe_config, mesh=mesh, seed=seed, forward=forward)
+        baseline_summary = report.write_eval(
+            os.path.join(workdir, "baselines", "random_init"), probs=_fill_unfit(baseline["_probs"]),
+            labels=baseline["_labels"], record_ids=baseline["_index"], method="none", init="random",
+            extra={"probe_c": baseline["c"]}, **common,
+        )
         summary["random_init"] = {
-            "mean_auc": baseline["mean_auc"],
-            "per_label_auc": baseline["per_label_auc"],
-            "c": baseline["c"],
+            "mean_auc": baseline_summary["mean_auc"],
+            "per_label_auc": baseline_summary["per_label_auc"],
+            "workdir": os.path.join(workdir, "baselines", "random_init"),
         }
-    with open(os.path.join(eval_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        path = os.path.join(workdir, "eval", "summary.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
     return summary
+
+
+def _fill_unfit(probs: np.ndarray) -> np.ndarray:
+    """A label the probe could not fit (one class in train) scores 0.5 everywhere: AUC 0.5, not a crash."""
+    return np.nan_to_num(probs, nan=0.5)

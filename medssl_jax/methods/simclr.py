@@ -63,18 +63,12 @@ def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, A
     return dict(variables), {}
 
 
-def augmented_views(views_uint16: jax.Array, *, rng: jax.Array, config) -> jax.Array:
-    """[B, V, H, W, C] uint16 -> [B*V, H, W, C] float32 with the device-side photometric augmentation."""
-    batch, num_views = views_uint16.shape[:2]
-    flat = views_uint16.reshape(batch * num_views, *views_uint16.shape[2:])
-    return augment.augment_views(augment.to_unit(flat), rng=rng, cfg=augment.preset_from_config(config.augment))
-
-
 def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config):
     del step
     views = batch["global"]
     batch_size = views.shape[0]
-    x = augmented_views(views, rng=rng, config=config)
+    x = augment.augment_views(views, rng=rng, cfg=config.augment)
+    x = x.reshape(batch_size * 2, *x.shape[2:])  # sample-major: both views of an element on one device
     (z, _), updates = model.apply(
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )

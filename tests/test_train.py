@@ -1,0 +1,170 @@
+"""The spine end to end: pretrain -> checkpoint -> resume -> export -> probe, and its failure modes.
+
+Tiny ResNet on a tiny phantom store, 8 fake CPU devices (tests/conftest.py), so the sharded path is the
+one exercised.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from medssl_jax import checkpoint, config_lib, main, models, train
+from medssl_jax.data import phantoms
+from medssl_jax.data.store import StoreError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def phantom_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("phantoms")
+    phantoms.ensure_phantom_store(str(cache), num_patients=64, image_size=32, seed=0)
+    return str(cache)
+
+
+def tiny_config(cache_dir, method="micle", **overrides):
+    c = config_lib.azizi_cxr_config("runlocal", method=method)
+    c.data.cache_dir = cache_dir
+    c.data.phantom_patients = 64
+    c.data.phantom_size = 32
+    c.data.image_size = 24
+    c.model.depth, c.model.base_width = 18, 4
+    c.head.hidden_dim = 16
+    c.head.out_dim = 8
+    c.batch_size = 16
+    c.total_steps = 6
+    c.optim.warmup_steps = 2
+    c.log_every = 2
+    c.checkpoint_every = 3
+    c.probe.image_size = 24
+    c.probe.batch_size = 32
+    c.probe.c_grid = (0.1, 1.0)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return c
+
+
+def final_params(workdir):
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    manager_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        state = c.restore(manager_dir)
+    ckpt.close()
+    return step, state
+
+
+def test_micle_end_to_end_writes_export_and_summary(phantom_cache, tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = main.run(tiny_config(phantom_cache), workdir)
+    assert set(summary) >= {"mean_auc", "per_label_auc", "random_init"}
+    assert 0.0 <= summary["mean_auc"] <= 1.0
+    assert set(summary["per_label_auc"]) == set(phantoms.LABEL_NAMES)
+    with open(os.path.join(workdir, "eval", "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["mean_auc"] == pytest.approx(summary["mean_auc"])
+    assert "mean_auc" in on_disk["random_init"]
+    # metrics.jsonl has one line per log step with loss, lr and the rate.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [line["step"] for line in lines] == [2, 4, 6]
+    assert all(np.isfinite(line["loss"]) and "lr" in line and "views_per_s" in line for line in lines)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    # The export reloads with orbax + the model module alone and gives features.
+    variables, config = checkpoint.load_export(os.path.join(workdir, "export"))
+    encoder = models.build_encoder({**config["model"], "dtype": "float32"})
+    features, out = encoder.apply(variables, np.zeros((2, 24, 24, 1), np.float32), train=False)
+    assert features.shape == (2, out["pre_logits"].shape[-1])
+
+
+def test_resume_equals_uninterrupted(phantom_cache, tmp_path):
+    """N steps + interruption + resume to 2N gives bitwise the parameters of 2N uninterrupted."""
+    config = tiny_config(phantom_cache, total_steps=6, checkpoint_every=3)
+    config.probe.enabled = False
+    straight = str(tmp_path / "straight")
+    train.pretrain(config, straight)
+    interrupted = str(tmp_path / "interrupted")
+    first = train.pretrain(config, interrupted, stop_after=3)
+    assert first.steps_done == 3 and first.export_dir is None
+    second = train.pretrain(config, interrupted)
+    assert second.steps_done == 6
+    step_a, state_a = final_params(straight)
+    step_b, state_b = final_params(interrupted)
+    assert step_a == step_b == 6
+    leaves_a = jax.tree.leaves(state_a)
+    leaves_b = jax.tree.leaves(state_b)
+    assert len(leaves_a) == len(leaves_b)
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_store_is_one_clear_error(tmp_path):
+    config = tiny_config(str(tmp_path), **{"data.store": str(tmp_path / "nope")})
+    with pytest.raises(StoreError, match="nope"):
+        main.run(config, str(tmp_path / "w"))
+
+
+def test_wrong_store_version_is_reported(phantom_cache, tmp_path):
+    import shutil
+
+    source = phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0)
+    copy = tmp_path / "store"
+    shutil.copytree(source, copy)
+    meta = json.loads((copy / "store.json").read_text())
+    meta["version"] = 999
+    (copy / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="version"):
+        main.run(tiny_config(phantom_cache, **{"data.store": str(copy)}), str(tmp_path / "w"))
+
+
+def test_batch_not_divisible_by_devices(phantom_cache, tmp_path):
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        main.run(tiny_config(phantom_cache, batch_size=12), str(tmp_path / "w"))
+
+
+def test_unknown_config_key_inside_a_config_file(phantom_cache, tmp_path):
+    config = tiny_config(phantom_cache)
+    config.optim.weight_decy = 1e-4  # the typo a user makes editing a config file
+    with pytest.raises(ValueError, match="unknown config key 'optim.weight_decy'"):
+        main.run(config, str(tmp_path / "w"))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(phantom_cache, tmp_path, monkeypatch):
+    from medssl_jax.methods import simclr
+
+    original = simclr.loss_fn
+
+    def poisoned(*args, step, **kwargs):
+        loss, aux = original(*args, step=step, **kwargs)
+        return jax.numpy.where(step >= 4, jax.numpy.nan, loss), aux
+
+    monkeypatch.setattr(simclr, "loss_fn", poisoned)
+    config = tiny_config(phantom_cache, total_steps=6, checkpoint_every=3, log_every=1)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(train.TrainingError, match="non-finite loss=nan at step 5.*last good checkpoint: step 3"):
+        train.pretrain(config, workdir)
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+
+
+def test_cli_reports_config_typo_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "medssl_jax.main", "--config=configs/micle.py:runlocal",
+         f"--workdir={tmp_path}", "--config.optim.weight_decy=0.1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "weight_decy" in result.stderr
+    assert "Traceback" not in result.stderr
