@@ -213,7 +213,7 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "batch_stats": batch_stats, "opt_state": opt_state}
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
 
     train_step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(repl, data), out_shardings=(repl, repl))
     predict_fn = jax.jit(

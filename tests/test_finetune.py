@@ -1,0 +1,157 @@
+"""finetune mode: a few steps of a tiny ResNet / ViT on a tiny phantom store, 8 fake CPU devices."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medssl_jax import checkpoint, main, models
+from medssl_jax.data import phantoms
+from medssl_jax.data.store import Store
+from medssl_jax.evaluate import finetune, linear_probe, report
+from medssl_jax.evaluate import splits as splits_lib
+
+TINY_RESNET = {"name": "resnet", "depth": 18, "width": 1, "base_width": 4}
+TINY_VIT = {"name": "vit", "variant": "Ti/8", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+            "image_size": 24, "pos_interp": "size"}
+
+
+@pytest.fixture(scope="module")
+def phantom_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("phantoms")
+    phantoms.ensure_phantom_store(str(cache), num_patients=64, image_size=32, seed=0)
+    return str(cache)
+
+
+def ft_config(cache_dir, init, **overrides):
+    c = finetune.reference_config()
+    c.init = init
+    c.model = dict(TINY_RESNET)
+    c.data.cache_dir = cache_dir
+    c.data.phantom_patients = 64
+    c.data.phantom_size = 32
+    c.image_size = 24
+    c.batch_size = 16
+    c.crop_scale = (0.5, 1.0)
+    c.total_steps = 6
+    c.eval_every = 2
+    c.log_every = 2
+    c.early_stop_patience = 0
+    for key, value in overrides.items():
+        setattr(c, key, value)
+    return c
+
+
+@pytest.fixture(scope="module")
+def ssl_run(phantom_cache, tmp_path_factory):
+    """Fine-tune from a (randomly initialised) tiny export: two label fractions, robustness, shift store."""
+    root = tmp_path_factory.mktemp("ft")
+    encoder = models.build_encoder({**TINY_RESNET, "dtype": "float32"})
+    variables = jax.jit(lambda k: encoder.init(k, jnp.zeros((1, 24, 24, 1)), train=False))(jax.random.PRNGKey(1))
+    export = checkpoint.save_export(str(root / "export"), jax.device_get(variables),
+                                    {"model": TINY_RESNET, "source": {"method": "micle"}})
+    shift_store = str(phantoms.ensure_phantom_store(phantom_cache, num_patients=16, image_size=32, seed=5))
+    workdir = str(root / "ssl")
+    config = ft_config(phantom_cache, export, label_fractions=(0.5, 1.0), robustness=True, shift_store=shift_store,
+                       label_map=(("effusion", "effusion"),))
+    summary = main.run(config, workdir)
+    return {"workdir": workdir, "summary": summary, "shift_store": shift_store, "config": config}
+
+
+def test_selects_the_validation_best_step_and_writes_eval(ssl_run):
+    workdir, summary = ssl_run["workdir"], ssl_run["summary"]
+    with open(os.path.join(workdir, "eval", "curves.json")) as f:
+        curves = json.load(f)
+    assert curves["steps"] == [2, 4, 6]
+    values = [-np.inf if v is None else v for v in curves["val_auc"]]
+    assert summary["extra"]["best_step"] == curves["steps"][int(np.argmax(values))]
+    assert summary["mode"] == "finetune" and summary["method"] == "micle" and summary["label_fraction"] == 1.0
+    run = report.read_eval(workdir)
+    splits = splits_lib.load(os.path.join(workdir, "splits.json"))
+    np.testing.assert_array_equal(np.sort(run.record_ids), splits.test)
+    with open(os.path.join(workdir, "eval", "label_fractions.json")) as f:
+        assert [e["fraction"] for e in json.load(f)["fractions"]] == [0.5, 1.0]
+    assert report.read_eval(os.path.join(workdir, "fractions", "f0.5")).summary["label_fraction"] == 0.5
+    with open(os.path.join(workdir, "eval", "robustness.json")) as f:
+        assert set(json.load(f)) == {"intensity", "gamma", "rotation", "zoom"}
+
+
+def test_test_predictions_come_from_the_saved_selected_model(ssl_run, phantom_cache):
+    workdir = ssl_run["workdir"]
+    variables, config = checkpoint.load_export(os.path.join(workdir, "export"))
+    head = np.load(os.path.join(workdir, "export", "head.npz"))
+    encoder = models.build_encoder({**config["model"], "dtype": "float32"})
+    assert config["source"]["steps"] == ssl_run["summary"]["extra"]["best_step"]
+    store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    run = report.read_eval(workdir)
+    images, _ = linear_probe.load_images(store, run.record_ids, image_size=24, batch_size=64)
+    features, _ = encoder.apply(variables, images.astype(np.float32) / 65535.0, train=False)
+    probs = 1 / (1 + np.exp(-(np.asarray(features) @ head["kernel"] + head["bias"])))
+    np.testing.assert_allclose(probs, run.probs, atol=2e-5)
+
+
+def test_pos_weight_comes_from_the_train_split_only(ssl_run, phantom_cache):
+    workdir = ssl_run["workdir"]
+    store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    splits = splits_lib.load(os.path.join(workdir, "splits.json"))
+    expected, _ = finetune.pos_weight_for(store.labels[splits.train], store.label_names)
+    np.testing.assert_allclose(ssl_run["summary"]["extra"]["pos_weight"], expected, rtol=1e-6)
+    everything, _ = finetune.pos_weight_for(store.labels, store.label_names)
+    assert not np.allclose(expected, everything)
+    half = report.read_eval(os.path.join(workdir, "fractions", "f0.5")).summary["extra"]["pos_weight"]
+    np.testing.assert_allclose(half, finetune.pos_weight_for(store.labels[splits.fraction_ids(0.5)],
+                                                             store.label_names)[0], rtol=1e-6)
+
+
+def test_distribution_shift_eval_has_the_other_stores_fingerprint(ssl_run):
+    shift = report.read_eval(os.path.join(ssl_run["workdir"], "shift"))
+    assert shift.store_fingerprint == report.store_fingerprint(ssl_run["shift_store"])
+    assert shift.label_names == list(phantoms.LABEL_NAMES) and shift.summary["mode"] == "eval"
+    assert len(shift.record_ids) == len(Store(ssl_run["shift_store"]).ids("test"))
+
+
+def test_random_init_vit_and_compare(ssl_run, phantom_cache, tmp_path):
+    workdir = str(tmp_path / "random_vit")
+    config = ft_config(phantom_cache, "random", total_steps=4, model=dict(TINY_VIT))
+    config.optim.name, config.optim.base_lr, config.optim.lr_scaling = "adamw", 1e-3, "none"
+    summary = main.run(config, workdir)
+    assert summary["init"] == "random" and summary["method"] == "none"
+    out = str(tmp_path / "report")
+    report.compare_runs([ssl_run["workdir"], workdir], out, num_resamples=50)
+    with open(os.path.join(out, "comparison.json")) as f:
+        assert json.load(f)["convergence"]  # the SSL run's curve against the random-init run's
+
+
+def test_pos_weight_for_masks_missing_and_names_labels_without_positives():
+    labels = np.array([[1, 0, np.nan], [0, 0, 1], [0, np.nan, 0], [np.nan, 0, 0]], np.float32)
+    weight, empty = finetune.pos_weight_for(labels, ["a", "b", "c"])
+    np.testing.assert_allclose(weight, [2.0, 1.0, 2.0])
+    assert empty == ["b"]
+
+
+def test_bad_shift_label_map_fails_before_training(phantom_cache, tmp_path):
+    config = ft_config(phantom_cache, "random", shift_store=str(
+        phantoms.ensure_phantom_store(phantom_cache, num_patients=16, image_size=32, seed=5)),
+        label_map=(("Effusion", "effusion"),))
+    with pytest.raises(ValueError, match="'Effusion' is not a store label") as error:
+        main.run(config, str(tmp_path / "e"))
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(str(tmp_path / "e" / "eval"))
+
+
+def test_train_iterator_yields_labelled_batches_of_the_given_records(phantom_cache):
+    store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    ids = store.ids("train")[:20]
+    iterator = finetune.make_train_iterator(store, ids, image_size=24, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33),
+                                            flip=True, batch_size_per_host=8, seed=0)
+    batch = next(iterator)
+    assert batch["image"].shape == (8, 24, 24, 1) and batch["image"].dtype == np.uint16
+    assert batch["labels"].shape == (8, len(store.label_names))
+    rows = {tuple(np.nan_to_num(r, nan=-1)) for r in store.labels[ids]}
+    assert all(tuple(np.nan_to_num(r, nan=-1)) in rows for r in batch["labels"])
+    with pytest.raises(ValueError, match="fewer than the batch"):
+        finetune.make_train_iterator(store, ids[:4], image_size=24, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33),
+                                     flip=True, batch_size_per_host=8, seed=0)
