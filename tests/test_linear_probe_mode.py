@@ -168,3 +168,15 @@ def test_bench_features_reports_a_rate():
     result = linear_probe.bench_features(encoder, variables, image_size=24, channels=1, batch_size=16,
                                          mesh=sharding.make_mesh(), steps=2)
     assert result["images_per_s"] > 0 and result["devices"] == 8
+
+
+def test_converted_rgb_vit_checkpoint_probes_a_grey_store(phantom_cache, tmp_path):
+    """A converted DINOv2-style checkpoint (3-channel ViT, source format 'dinov2') on 1-channel images."""
+    vit = {"name": "vit", "variant": "Ti/8", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+           "image_size": 32, "in_chans": 3}
+    encoder = models.build_encoder({**vit, "dtype": "float32"})
+    variables = jax.jit(lambda k: encoder.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(2))
+    export = checkpoint.save_export(str(tmp_path / "dinov2_tiny"), jax.device_get(variables),
+                                    {"model": vit, "source": {"format": "dinov2", "file": "x.pth"}})
+    summary = main.run(probe_config(phantom_cache, export), str(tmp_path / "e"))
+    assert summary["method"] == "dinov2" and summary["num_examples"] > 0
