@@ -1,0 +1,49 @@
+r"""DINO self-distillation pretraining of a ViT (Caron et al. 2021) on chest radiographs.
+
+Student ViT + DINO head (MLP 2048-2048-256, L2 norm, weight-normalised last layer to K = 65536
+prototypes, g fixed to 1) against an EMA teacher (momentum 0.996 -> 1, cosine) that sees only the two
+global crops; centring (momentum 0.9) and sharpening (teacher temperature 0.04 -> 0.07 over 30 epochs,
+student 0.1); multi-crop 2 x 224 px (scale 0.4-1) + 8 x 96 px (scale 0.05-0.4); AdamW lr 5e-4 x B/256,
+10 warm-up epochs then cosine to 1e-6, weight decay 0.04 -> 0.4 (cosine), per-tensor gradient clipping
+at 3.0, last layer frozen for the first epoch, drop path 0.1. Device augmentation: DINO's colour jitter
+(brightness/contrast 0.4 act on 1-channel radiographs; saturation, hue and grayscale need RGB), blur p
+1.0 / 0.1 / 0.5 (global 1 / global 2 / locals), solarisation p 0.2 on global 2; flips on the host. The
+exported encoder is the teacher's backbone; a linear probe on its CLS features follows.
+
+Offline smoke run on the embedded phantom dataset (tiny ViT: width 64, 4 blocks, patch 8, 2 x 32 px +
+4 x 16 px crops, K = 256, 300 steps of 64 images). On 2 shared CPU cores it took about 4 minutes end to
+end when measured (pretraining ~2.5 min, probe ~1 min); it prints the linear-probe mean AUC next to the
+random-init encoder's and writes WORKDIR/eval/summary.json:
+
+  python -m medssl_jax.main --config=configs/dino.py:runlocal --workdir=/tmp/dino_local
+
+Full run (ViT-S/16; `variant=B/16` for ViT-B) on an ingested chest X-ray store, e.g. CheXpert via
+`python -m medssl_jax.ingest`; `steps_per_epoch` = training images / 256 (875 for CheXpert's ~224k)
+sets the epoch-based durations (100 epochs, 10 lr warm-up, 30 teacher-temperature warm-up, 1 frozen):
+
+  python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,steps_per_epoch=875 \
+      --config.model.attention=cudnn --workdir=/runs/dino_vits16
+
+Two-stage (natural images -> radiographs) from DINOv2 or timm weights converted with
+`python -m medssl_jax.convert` (the model fields must describe the converted ViT, e.g. B/14 at 518 px,
+3 input channels, LayerScale): add `--config.init=/ckpt/dinov2_vitb14` and those `--config.model.*`
+fields; the student gets the weights and the teacher copies the student at step 0.
+
+Hardware and runtime (an ESTIMATE, not a measurement of this config): per image a step is 2 global
+crops through student and teacher plus 8 local crops of (96/224)^2 = 0.18 the tokens each, about 3.5
+global-crop forward/backward passes for the student and 2 forwards for the teacher. ViT-B/16 trains at
+~3,400 views/s on one H100 (DESIGN.md, cuDNN attention, bf16) and ViT-S/16 about 3x faster, so ViT-S/16
+runs ~2,500 images/s: 100 epochs of CheXpert (22M images) take ~2.5 hours on one H100 (~8 hours for
+ViT-B/16). Memory: batch 256 fits one 80 GB card for ViT-S/16; use `--config.model.remat=True` for B/16.
+Expected result: DINO's ViT-S/16 100-epoch ImageNet run reaches 74.0 % k-NN / 76.1 % linear top-1 at
+batch 1024; there is no published number for this exact recipe on chest X-rays. Expect a linear-probe
+mean AUC above a random-init encoder and below a fine-tuned DINOv2 (configs/dinov2_finetune.py);
+compare runs with `python -m medssl_jax.compare`. The teacher's entropy and KL to the student are logged
+(dino/* in metrics.jsonl); the run stops with a message if the teacher collapses.
+"""
+
+from medssl_jax.methods import dino
+
+
+def get_config(arg=None):
+    return dino.dino_config(arg)

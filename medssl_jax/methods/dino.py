@@ -1,0 +1,526 @@
+"""DINO self-distillation (Caron et al. 2021, facebookresearch/dino `main_dino.py`) for ViTs.
+
+- Student: encoder (`config.model`, a ViT; its `pre_logits` is the normed CLS token) + `DINOHead`:
+  MLP in -> hidden -> hidden -> bottleneck (exact GELU, no BatchNorm), L2 normalisation, then a bias-free
+  weight-normalised last layer to K prototypes, w_k = g_k v_k / ||v_k|| with g fixed to 1
+  (`norm_last_layer`; False makes g trainable).
+- Teacher: an EMA copy of the whole student (backbone + head) in `method_state["teacher"]`, so it is
+  checkpointed with the run. It is the student at step 0 (DINO loads the student's weights into the
+  teacher before training), which also covers `config.init`: the student is initialised from the
+  export and the teacher copies it at the first step. After every update (`after_update`)
+  teacher = m * teacher + (1 - m) * student, m a cosine from `momentum_teacher` (0.996) to 1 over
+  `config.total_steps`. The teacher runs without stochastic depth and without gradient.
+- Multi-crop: 2 global crops + `num_local_crops` local crops; each resolution goes through the backbone
+  in its own call (two fixed shapes; the ViT resamples its position embeddings in-graph), the head sees
+  all crops. The teacher sees only the global crops. Crops stay [B, n, ...] with the batch axis first,
+  so the data-parallel sharding never moves data to form crops.
+- Loss (`dino_loss`): t = softmax((teacher - centre) / T_t(step)), s = log_softmax(student / T_s);
+  the mean over the pairs (teacher crop i, student crop v != i) of the batch mean of -sum_k t s.
+  T_t warms up linearly from `warmup_teacher_temp` to `teacher_temp` over `teacher_temp_warmup_steps`.
+- Centre: centre = 0.9 centre + 0.1 mean over the global batch and both global crops of the raw teacher
+  outputs (a plain jnp.mean under jit: XLA inserts the cross-device reduction, as DINO's all_reduce).
+- `process_grads`: each parameter tensor's gradient clipped to norm `clip_grad` (3.0) separately, then
+  the last layer's gradient zeroed for the first `freeze_last_layer_steps` steps. Unlike PyTorch (which
+  skips parameters without a gradient), optax still applies weight decay to the frozen last layer; with
+  g fixed to 1 that rescales v without changing the output.
+- Export: the TEACHER backbone (`export_variables`); DINO evaluates the teacher.
+- `check_health`: collapse shows as a teacher that puts every sample on one prototype (per-sample and
+  batch-marginal entropies -> 0) or a uniform teacher (per-sample entropy -> log K); both are reported
+  with the KL between teacher and student, which goes to 0 in either case.
+
+Durations here are steps (`config.total_steps` must be set): the EMA and temperature schedules are
+functions of the step inside the jitted update, which does not know the epoch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+
+from medssl_jax import augment, config_lib, models, optim
+from medssl_jax.models import vit
+
+# DINO initialises the head's Linear layers with trunc_normal(std=0.02) and zero biases.
+TRUNC_NORMAL_02 = nn.initializers.truncated_normal(0.02)
+# PyTorch nn.Linear's default weight init, which the weight-normalised last layer keeps for v.
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# Collapse detection (check_health), on entropies divided by ln K.
+COLLAPSE_UNIFORM_ENTROPY = 0.98  # per-sample teacher entropy this close to ln K: uniform teacher
+COLLAPSE_ONE_PROTOTYPE_FRACTION = 0.95  # share of samples whose teacher argmax is the most common one
+COLLAPSE_MARGINAL_ENTROPY = 0.05  # entropy of the batch-mean teacher distribution: (near) one prototype
+COLLAPSE_MIN_SAMPLES = 8  # below this one prototype can win by chance
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def vit_model_config(**overrides) -> mlc.ConfigDict:
+    """`config.model` for a ViT: name 'vit' and every ViT attribute with its default (dtype comes from
+    config.compute_dtype), so a mistyped model field is rejected like any other config typo."""
+    fields = {f.name: f.default for f in dataclasses.fields(vit.ViT) if f.name not in ("parent", "name", "dtype")}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"vit_model_config: {unknown} are not ViT attributes")
+    return mlc.ConfigDict({"name": "vit", **fields, **overrides})
+
+
+def extend_config(config: mlc.ConfigDict) -> None:
+    """Adds `config.dino` with DINO's defaults (`main_dino.py` arguments; durations in steps) and makes
+    `config.model` a ViT's field set (DINO here trains encoders without BatchNorm)."""
+    config.model = vit_model_config()
+    d = mlc.ConfigDict()
+    d.num_prototypes = 65536  # K (DINO's out_dim)
+    d.hidden_dim = 2048
+    d.bottleneck_dim = 256
+    d.num_head_layers = 3  # Linear layers before the last (weight-normalised) one
+    d.norm_last_layer = True  # g fixed to 1
+    d.student_temp = 0.1
+    d.teacher_temp = 0.04  # after the warm-up (DINO uses up to 0.07)
+    d.warmup_teacher_temp = 0.04
+    d.teacher_temp_warmup_steps = 0  # DINO: 30 epochs
+    d.center_momentum = 0.9
+    d.momentum_teacher = 0.996  # cosine to 1 over config.total_steps
+    d.freeze_last_layer_steps = 0  # DINO: 1 epoch
+    d.clip_grad = 3.0  # per-tensor gradient norm; 0 = no clipping
+    d.num_local_crops = 8  # multi-crop: 2 x data.image_size (data.crop_scale) + locals
+    d.local_image_size = 96
+    d.local_crop_scale = (0.05, 0.4)
+    # DINO's per-crop photometric probabilities on top of config.augment (which sets the colour jitter).
+    d.global1_blur_p = 1.0
+    d.global2_blur_p = 0.1
+    d.global2_solarize_p = 0.2
+    d.local_blur_p = 0.5
+    d.health_check_after_steps = 100  # the centre needs some steps to undo an init that favours one prototype
+    config.dino = d
+
+
+def dino_augment() -> mlc.ConfigDict:
+    """DINO's colour augmentation for the device: jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2.
+
+    On 1-channel radiographs only brightness and contrast act (augment skips saturation, hue and
+    grayscale for one channel); blur and solarisation are set per crop from `config.dino`.
+    """
+    cfg = augment.preset("none")
+    cfg.update(color_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2)
+    return cfg
+
+
+def dino_config(arg: str | None) -> mlc.ConfigDict:
+    """The config of configs/dino.py (see its docstring for commands, hardware and expected results).
+
+    DINO's ViT-S/16 recipe: 2 x 224 px global crops (scale 0.4-1) + 8 x 96 px local crops (0.05-0.4),
+    K = 65536, bottleneck 256, student temperature 0.1, teacher 0.04 -> 0.07 over 30 epochs, centre
+    momentum 0.9, EMA 0.996 -> 1, AdamW lr 5e-4 x B/256 with 10 warm-up epochs and cosine to 1e-6,
+    weight decay 0.04 -> 0.4 (cosine), per-tensor clipping at 3.0, last layer frozen for 1 epoch,
+    drop path 0.1. Epoch-based values are steps at `steps_per_epoch` (arg), since the method's
+    schedules run in steps.
+
+    Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested store;
+    '' = embedded phantoms), `variant` (ViT 'S/16' or 'B/16'), `steps_per_epoch` (images in the train
+    split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100).
+    """
+    args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100)
+    c = config_lib.pretrain_config()
+    c.method = "dino"
+    extend_config(c)
+    c.data.store = args.store
+    c.data.sampler = "pairs"
+    c.data.image_size = 224
+    c.data.crop_scale = (0.4, 1.0)
+    c.data.num_workers = 8
+    c.model = vit_model_config(variant=args.variant, image_size=224, in_chans=1, pool="token", drop_path_rate=0.1)
+    c.augment = dino_augment()
+    epoch = args.steps_per_epoch
+    c.batch_size = 256
+    c.total_steps = args.epochs * epoch
+    c.dino.teacher_temp = 0.07
+    c.dino.warmup_teacher_temp = 0.04
+    c.dino.teacher_temp_warmup_steps = 30 * epoch
+    c.dino.freeze_last_layer_steps = epoch
+    c.optim = optim.default_config("adamw")
+    c.optim.base_lr = 5e-4  # per 256 images, linear scaling
+    c.optim.warmup_steps = 10 * epoch
+    c.optim.warmup_epochs = -1.0
+    c.optim.end_lr_factor = 1e-6 / (5e-4 * c.batch_size / 256)  # DINO's min_lr 1e-6
+    c.optim.weight_decay = 0.04
+    c.optim.weight_decay_end = 0.4
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    if args.runlocal:
+        # Minutes on 2 CPU cores: a 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops.
+        c.compute_dtype = "float32"  # bf16 is emulated (slow) on CPUs
+        c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
+                       drop_path_rate=0.0)
+        c.data.phantom_patients = 400
+        c.data.phantom_size = 64
+        c.data.image_size = 32
+        c.data.crop_scale = (0.3, 1.0)
+        c.data.num_workers = 0
+        c.dino.num_local_crops = 4
+        c.dino.local_image_size = 16
+        c.dino.local_crop_scale = (0.08, 0.3)
+        c.dino.num_prototypes = 256
+        c.dino.hidden_dim = 128
+        c.dino.bottleneck_dim = 32
+        c.dino.teacher_temp = 0.04
+        c.dino.teacher_temp_warmup_steps = 0
+        c.dino.freeze_last_layer_steps = 20
+        c.dino.health_check_after_steps = 100
+        c.batch_size = 64
+        c.total_steps = 300
+        c.optim.base_lr = 2e-3
+        c.optim.warmup_steps = 30
+        c.optim.end_lr_factor = 0.01
+        c.log_every = 25
+        c.checkpoint_every = 100
+        c.probe.image_size = 32
+        c.probe.batch_size = 128
+    return c
+
+
+def _check_config(config) -> None:
+    if config.total_steps is None or config.total_steps < 1:
+        raise ValueError(f"config.total_steps={config.total_steps}: DINO needs the run length in steps "
+                         "(its EMA momentum schedule runs over config.total_steps)")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class WeightNormDense(nn.Module):
+    """Bias-free Linear with weight normalisation (torch.nn.utils.weight_norm, dim=0).
+
+    kernel v [in, K]; every output unit k uses w_k = g_k v_k / ||v_k|| (column norm). g is 1 and not a
+    parameter when `fixed_scale` (DINO's norm_last_layer=True), else a parameter 'scale' [K] starting
+    at 1. Computed in float32 so the loss sees exact unit-norm prototypes.
+    """
+
+    features: int
+    fixed_scale: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("kernel", TORCH_LINEAR_INIT, (x.shape[-1], self.features), jnp.float32)
+        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+        if not self.fixed_scale:
+            w = w * self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        return x.astype(jnp.float32) @ w
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) over the last axis, like torch.nn.functional.normalize."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: (num_layers - 1) x [Linear, GELU] -> Linear(bottleneck) -> L2 norm ->
+    weight-normalised Linear(K). Returns (logits [..., K] float32, out_dict with 'bottleneck')."""
+
+    num_prototypes: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    norm_last_layer: bool = True
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        del train  # no BatchNorm or dropout in the ViT version of the head
+        if self.num_layers < 1:
+            raise ValueError(f"DINOHead num_layers={self.num_layers} must be at least 1")
+        dense = dict(kernel_init=TRUNC_NORMAL_02, bias_init=nn.initializers.zeros, dtype=self.dtype,
+                     param_dtype=jnp.float32)
+        for i in range(self.num_layers - 1):
+            x = nn.gelu(nn.Dense(self.hidden_dim, name=f"mlp_{i}", **dense)(x), approximate=False)
+        x = nn.Dense(self.bottleneck_dim, name=f"mlp_{self.num_layers - 1}", **dense)(x)
+        z = l2_normalize(x.astype(jnp.float32))
+        logits = WeightNormDense(self.num_prototypes, fixed_scale=self.norm_last_layer, name="last_layer")(z)
+        return logits, {"bottleneck": z}
+
+
+class DINOModel(nn.Module):
+    """Backbone + DINO head over crop groups.
+
+    Call with a sequence of crop groups, each [B, n_i, H_i, W_i, C] (one backbone call per group), or
+    one [B, H, W, C] array. Returns (logits [B, V, K], out_dict) with 'features' [B, V, D] (backbone
+    pre_logits) and 'encoder' (the backbone's out_dict of the first group).
+    """
+
+    encoder: nn.Module
+    head: nn.Module
+
+    def __call__(self, crops, *, train: bool):
+        if not isinstance(crops, (list, tuple)):
+            crops = (crops[:, None],)
+        features = []
+        encoder_out = {}
+        for index, group in enumerate(crops):
+            batch, num = group.shape[:2]
+            f, enc = self.encoder(group.reshape(batch * num, *group.shape[2:]), train=train)
+            features.append(f.reshape(batch, num, -1))
+            if index == 0:
+                encoder_out = enc
+        features = jnp.concatenate(features, axis=1)  # [B, V, D]: a device-local concatenation
+        logits, head_out = self.head(features, train=train)
+        return logits, {"encoder": encoder_out, "features": features, "head": head_out, "logits": logits}
+
+
+def build(config) -> nn.Module:
+    d = config.dino
+    encoder = models.build_encoder({**config.model.to_dict(), "dtype": config.compute_dtype})
+    head = DINOHead(num_prototypes=d.num_prototypes, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+                    num_layers=d.num_head_layers, norm_last_layer=d.norm_last_layer,
+                    dtype=jnp.dtype(config.compute_dtype))
+    return DINOModel(encoder=encoder, head=head)
+
+
+def data_spec(config) -> dict:
+    crops = [{"name": "global", "num": 2, "size": config.data.image_size, "scale": tuple(config.data.crop_scale)}]
+    if config.dino.num_local_crops > 0:
+        crops.append({"name": "local", "num": config.dino.num_local_crops, "size": config.dino.local_image_size,
+                      "scale": tuple(config.dino.local_crop_scale)})
+    return {"sampler": config.data.sampler, "crops": crops}
+
+
+def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, Any]:
+    """Student variables and {'teacher': a copy of the student's params, 'center': zeros [K]}."""
+    _check_config(config)
+    crops = tuple(jnp.zeros((1, 1, *batch[c["name"]].shape[2:]), jnp.float32) for c in data_spec(config)["crops"])
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = dict(model.init({"params": params_rng, "dropout": dropout_rng}, crops, train=True))
+    if jax.tree.leaves(variables.get("batch_stats", {})):
+        raise ValueError(f"config.model.name={config.model.name!r} has BatchNorm statistics; DINO here supports "
+                         "encoders without them (use config.model.name='vit')")
+    params = variables["params"]
+    method_state = {
+        # A copy, not an alias: the train step donates its state, and the two trees must not share buffers.
+        "teacher": jax.tree.map(jnp.copy, params),
+        "center": jnp.zeros((config.dino.num_prototypes,), jnp.float32),
+    }
+    return {"params": params}, method_state
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+
+def teacher_temperature(step, config) -> jax.Array:
+    """Linear warm-up from warmup_teacher_temp to teacher_temp over teacher_temp_warmup_steps, then flat."""
+    d = config.dino
+    if d.teacher_temp_warmup_steps <= 0:
+        return jnp.float32(d.teacher_temp)
+    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / d.teacher_temp_warmup_steps, 1.0)
+    return d.warmup_teacher_temp + (d.teacher_temp - d.warmup_teacher_temp) * progress
+
+
+def teacher_momentum(step, config) -> jax.Array:
+    """EMA momentum after update `step` (0-based): cosine from momentum_teacher to 1 over total_steps."""
+    m0 = config.dino.momentum_teacher
+    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / config.total_steps, 1.0)
+    return 1.0 - (1.0 - m0) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def dino_loss(*, student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
+              student_temp: float, teacher_temp) -> tuple[jax.Array, dict]:
+    """DINO's cross-entropy between sharpened, centred teacher outputs and student outputs.
+
+    Args:
+      student_logits: [B, V, K], crops in the order global 1, global 2, locals...
+      teacher_logits: [B, G, K] for the G global crops (the first G student crops are the same images).
+      center: [K].
+      student_temp, teacher_temp: temperatures (teacher_temp may be a traced scalar).
+
+    Returns:
+      (loss, stats): loss = mean over pairs (i < G, v < V, v != i) of mean_b -sum_k t[b,i,k] log s[b,v,k];
+      stats holds the teacher probabilities 'teacher_probs' [B, G, K], the per-pair cross-entropies 'ce'
+      [B, G, V] and the pair mask 'pairs' [G, V].
+    """
+    if student_logits.ndim != 3 or teacher_logits.ndim != 3:
+        raise ValueError(f"dino_loss: logits must be [B, V, K], got student {student_logits.shape} and teacher "
+                         f"{teacher_logits.shape}")
+    b, v, k = student_logits.shape
+    g = teacher_logits.shape[1]
+    if teacher_logits.shape[0] != b or teacher_logits.shape[2] != k or g > v or center.shape != (k,):
+        raise ValueError(f"dino_loss: teacher {teacher_logits.shape} / centre {center.shape} do not fit student "
+                         f"{student_logits.shape} (need [B, G<=V, K] and [K])")
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+    t = jax.nn.softmax((teacher_logits.astype(jnp.float32) - center) / teacher_temp, axis=-1)
+    t = jax.lax.stop_gradient(t)
+    ce = -jnp.einsum("bik,bvk->biv", t, log_s)
+    pairs = jnp.arange(g)[:, None] != jnp.arange(v)[None, :]
+    loss = jnp.sum(jnp.mean(ce, axis=0) * pairs) / jnp.sum(pairs)
+    return loss, {"teacher_probs": t, "ce": ce, "pairs": pairs}
+
+
+def updated_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
+    """center * m + (1 - m) * mean of the teacher outputs over the (global) batch and the global crops."""
+    batch_center = jnp.mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]).astype(jnp.float32), axis=0)
+    return center * momentum + batch_center * (1.0 - momentum)
+
+
+def _crop_augment(config, *, blur_p: float, solarize_p: float | None = None) -> mlc.ConfigDict:
+    cfg = mlc.ConfigDict(config.augment.to_dict())
+    cfg.blur_p = float(blur_p)
+    if solarize_p is not None:
+        cfg.solarize_p = float(solarize_p)
+    return cfg
+
+
+def augmented_crops(batch: dict, *, rng: jax.Array, config) -> tuple[jax.Array, ...]:
+    """(globals [B, 2, H, W, C], locals [B, n, h, w, C] if any) as float32 in [0, 1], with DINO's
+    per-crop blur/solarisation probabilities on top of config.augment."""
+    d = config.dino
+    spec = data_spec(config)["crops"]
+    for crop in spec:
+        views = batch[crop["name"]]
+        if views.shape[1] != crop["num"] or views.shape[2] != crop["size"]:
+            raise ValueError(f"batch[{crop['name']!r}] has shape {views.shape}, expected "
+                             f"[B, {crop['num']}, {crop['size']}, {crop['size']}, C] (config / pipeline mismatch)")
+    k1, k2, k3 = jax.random.split(rng, 3)
+    views = batch["global"]
+    # Solarisation only on the second global crop, as DINO; the first never solarises.
+    g1 = augment.augment_views(views[:, :1], rng=k1, cfg=_crop_augment(config, blur_p=d.global1_blur_p, solarize_p=0.0))
+    g2 = augment.augment_views(views[:, 1:], rng=k2,
+                               cfg=_crop_augment(config, blur_p=d.global2_blur_p, solarize_p=d.global2_solarize_p))
+    groups = [jnp.concatenate([g1, g2], axis=1)]
+    if d.num_local_crops > 0:
+        groups.append(augment.augment_views(batch["local"], rng=k3,
+                                            cfg=_crop_augment(config, blur_p=d.local_blur_p, solarize_p=0.0)))
+    return tuple(groups)
+
+
+def _sync_teacher(params, teacher, step):
+    """The teacher used at `step`: the student itself at step 0 (DINO copies the student into the teacher
+    before training, which also picks up a student initialised from config.init), else the EMA."""
+    return jax.tree.map(lambda s, t: jnp.where(step == 0, s, t), params, teacher)
+
+
+def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config):
+    del batch_stats  # the ViT has none (init refuses encoders with BatchNorm)
+    d = config.dino
+    augment_rng, dropout_rng = jax.random.split(rng)
+    crops = augmented_crops(batch, rng=augment_rng, config=config)
+    teacher = jax.lax.stop_gradient(_sync_teacher(params, method_state["teacher"], step))
+    teacher_logits, _ = model.apply({"params": teacher}, crops[:1], train=False)  # globals only, no drop path
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    student_logits, _ = model.apply({"params": params}, crops, train=True, rngs={"dropout": dropout_rng})
+    temp = teacher_temperature(step, config)
+    loss, stats = dino_loss(student_logits=student_logits, teacher_logits=teacher_logits,
+                            center=method_state["center"], student_temp=d.student_temp, teacher_temp=temp)
+    new_state = {
+        "teacher": teacher,
+        "center": updated_center(method_state["center"], teacher_logits, d.center_momentum),
+    }
+    metrics = {"loss": loss, "dino/teacher_temp": temp, "dino/momentum": teacher_momentum(step, config),
+               "dino/health_check": (step + 1 >= d.health_check_after_steps).astype(jnp.float32)}
+    metrics.update(_collapse_stats(stats))
+    return loss, ({}, new_state, metrics)
+
+
+def _entropy(p: jax.Array) -> jax.Array:
+    return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
+
+
+def _collapse_stats(stats: dict) -> dict:
+    t = stats["teacher_probs"]  # [B, G, K]
+    k = t.shape[-1]
+    log_k = math.log(k)
+    flat = t.reshape(-1, k)
+    counts = jnp.sum(jax.nn.one_hot(jnp.argmax(flat, axis=-1), k, dtype=jnp.float32), axis=0)
+    pairs = stats["pairs"]
+    kl = stats["ce"] - _entropy(t)[:, :, None]  # KL(t || s) per pair: cross-entropy minus the teacher entropy
+    return {
+        "dino/teacher_entropy": jnp.mean(_entropy(t)) / log_k,
+        "dino/marginal_entropy": _entropy(jnp.mean(flat, axis=0)) / log_k,
+        "dino/kl": jnp.sum(jnp.mean(kl, axis=0) * pairs) / jnp.sum(pairs),
+        "dino/top_prototype_fraction": jnp.max(counts) / flat.shape[0],
+        "dino/prototypes_used": jnp.sum(counts > 0).astype(jnp.float32),
+        "dino/samples": jnp.float32(flat.shape[0]),
+        "dino/num_prototypes": jnp.float32(k),
+    }
+
+
+# --------------------------------------------------------------------------------------------- train-loop hooks
+
+
+def clip_per_tensor(grads, max_norm: float):
+    """DINO's `clip_gradients`: every tensor g -> g * min(1, max_norm / (||g|| + 1e-6)) on its own."""
+    def clip(g):
+        norm = jnp.linalg.norm(g.astype(jnp.float32).reshape(-1))
+        return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+    return jax.tree.map(clip, grads)
+
+
+def process_grads(grads, *, step, config):
+    """Per-tensor clipping at clip_grad, then no last-layer update for the first freeze_last_layer_steps."""
+    d = config.dino
+    if d.clip_grad > 0:
+        grads = clip_per_tensor(grads, d.clip_grad)
+    frozen = step < d.freeze_last_layer_steps
+    last = jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads["head"]["last_layer"])
+    return {**grads, "head": {**grads["head"], "last_layer": last}}
+
+
+def ema(teacher, student, momentum):
+    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+
+
+def after_update(params, method_state, *, step, config):
+    """teacher = m(step) * teacher + (1 - m(step)) * updated student."""
+    teacher = ema(method_state["teacher"], params, teacher_momentum(step, config))
+    return params, {**method_state, "teacher": teacher}
+
+
+def encoder_variables(variables: dict) -> dict:
+    """The student's backbone (shapes for config.init; what is exported if the loop ignores export_variables)."""
+    return {collection: tree["encoder"] for collection, tree in variables.items() if "encoder" in tree}
+
+
+def export_variables(variables: dict, method_state: dict) -> dict:
+    """What DINO exports: the teacher's backbone (DINO evaluates the teacher)."""
+    del variables
+    return {"params": method_state["teacher"]["encoder"]}
+
+
+def with_encoder_variables(variables: dict, encoder: dict) -> dict:
+    """Returns `variables` with the student's backbone replaced (config.init); the teacher copies the
+    student at step 0 (see `_sync_teacher`), so both start from the loaded weights."""
+    result = {collection: dict(tree) for collection, tree in variables.items()}
+    for collection, tree in encoder.items():
+        result[collection]["encoder"] = tree
+    return result
+
+
+def check_health(metrics, *, step) -> str | None:
+    """A message when the teacher has collapsed (one prototype for every sample, or uniform), else None.
+
+    Not checked before `dino.health_check_after_steps`: at initialisation every image can land on the
+    same prototype until the centre has caught up with the mean teacher output.
+    """
+    if float(metrics.get("dino/health_check", 1.0)) < 0.5:
+        return None
+    k = float(metrics["dino/num_prototypes"])
+    entropy = float(metrics["dino/teacher_entropy"])
+    marginal = float(metrics["dino/marginal_entropy"])
+    top = float(metrics["dino/top_prototype_fraction"])
+    samples = int(metrics["dino/samples"])
+    stats = (f"loss={float(metrics['loss']):.4g}, teacher entropy={entropy:.3f} ln K, batch-marginal entropy="
+             f"{marginal:.3f} ln K, KL(teacher||student)={float(metrics['dino/kl']):.3g}, top prototype "
+             f"fraction={top:.3f} of {samples} samples, prototypes used={float(metrics['dino/prototypes_used']):.0f}"
+             f" of K={k:.0f}")
+    if entropy > COLLAPSE_UNIFORM_ENTROPY:
+        return (f"DINO collapse at step {step}: the teacher output is uniform over the prototypes (centring "
+                f"dominates sharpening: lower dino.teacher_temp or raise dino.center_momentum) ({stats})")
+    if samples >= COLLAPSE_MIN_SAMPLES and (top > COLLAPSE_ONE_PROTOTYPE_FRACTION or marginal < COLLAPSE_MARGINAL_ENTROPY):
+        return (f"DINO collapse at step {step}: the teacher puts every sample on one prototype (sharpening "
+                f"dominates centring: raise dino.teacher_temp or lower dino.center_momentum) ({stats})")
+    return None

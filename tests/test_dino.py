@@ -1,0 +1,336 @@
+"""DINO (methods/dino.py, configs/dino.py): the loss against a NumPy port of DINOLoss, the centre over the
+global batch on 8 fake devices, EMA and temperature schedules, no gradient into the teacher, the
+weight-normalised last layer, gradient clipping/freezing, the collapse check, the weight-decay schedule,
+and a tiny run through the real train loop that checkpoints teacher and centre and resumes bitwise."""
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from medssl_jax import config_lib, main, optim, train
+from medssl_jax.data import phantoms
+from medssl_jax.methods import dino
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg=None):
+    spec = importlib.util.spec_from_file_location("config_dino", os.path.join(REPO, "configs", "dino.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_config(cache_dir="", **overrides):
+    """A ViT of one block (width 16, patch 4) on 8 px global / 4 px local crops, K = 16."""
+    c = load_config("runlocal")
+    c.data.cache_dir = cache_dir
+    c.data.phantom_patients = 64
+    c.data.phantom_size = 32
+    c.data.image_size = 8
+    c.model.update(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4, image_size=8)
+    c.dino.update(num_local_crops=2, local_image_size=4, num_prototypes=16, hidden_dim=16, bottleneck_dim=8,
+                  freeze_last_layer_steps=1, teacher_temp_warmup_steps=4, warmup_teacher_temp=0.04,
+                  teacher_temp=0.07)
+    c.batch_size = 16
+    c.total_steps = 4
+    c.optim.warmup_steps = 1
+    c.log_every = 2
+    c.checkpoint_every = 2
+    c.probe.enabled = False
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return c
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+
+def numpy_dino_loss(student, teacher, center, student_temp, teacher_temp):
+    """facebookresearch/dino DINOLoss.forward, crops chunked out of [V*B, K] as there, in float64."""
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    b, v, _ = student.shape
+    student_out = [student[:, i] / student_temp for i in range(v)]
+    teacher_out = [softmax((teacher[:, i] - center) / teacher_temp) for i in range(teacher.shape[1])]
+    total, terms = 0.0, 0
+    for iq, q in enumerate(teacher_out):
+        for iv, s in enumerate(student_out):
+            if iv == iq:
+                continue
+            log_s = s - s.max(-1, keepdims=True)
+            log_s = log_s - np.log(np.exp(log_s).sum(-1, keepdims=True))
+            total += np.mean(np.sum(-q * log_s, axis=-1))
+            terms += 1
+    new_center = 0.9 * center + 0.1 * np.concatenate([teacher[:, i] for i in range(teacher.shape[1])]).mean(0)
+    return total / terms, new_center
+
+
+def test_dino_loss_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    student = rng.normal(size=(3, 5, 7))
+    teacher = rng.normal(size=(3, 2, 7))
+    center = 0.3 * rng.normal(size=7)
+    loss, stats = dino.dino_loss(student_logits=jnp.asarray(student, jnp.float32),
+                                 teacher_logits=jnp.asarray(teacher, jnp.float32),
+                                 center=jnp.asarray(center, jnp.float32), student_temp=0.1, teacher_temp=0.04)
+    expected, expected_center = numpy_dino_loss(student, teacher, center, 0.1, 0.04)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats["teacher_probs"]).sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(dino.updated_center(jnp.asarray(center, jnp.float32), jnp.asarray(teacher, jnp.float32),
+                                                   0.9), expected_center, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        dino.dino_loss(student_logits=jnp.zeros((3, 5, 7)), teacher_logits=jnp.zeros((3, 2, 6)),
+                       center=jnp.zeros(7), student_temp=0.1, teacher_temp=0.04)
+
+
+# ------------------------------------------------------------------------------------------- model pieces
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    config = tiny_config()
+    model = dino.build(config)
+    rng = np.random.default_rng(1)
+    batch = {
+        "global": rng.integers(0, 65535, size=(16, 2, 8, 8, 1)).astype(np.uint16),
+        "local": rng.integers(0, 65535, size=(16, 2, 4, 4, 1)).astype(np.uint16),
+    }
+    variables, state = jax.jit(lambda b: dino.init(model, jax.random.PRNGKey(0), b, config))(batch)
+    return config, model, batch, variables, state
+
+
+def test_init_teacher_is_a_copy_and_center_is_zero(tiny_setup):
+    config, _, _, variables, state = tiny_setup
+    assert set(variables) == {"params"} and set(variables["params"]) == {"encoder", "head"}
+    for s, t in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state["teacher"])):
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(t))
+    assert state["center"].shape == (config.dino.num_prototypes,) and not np.any(np.asarray(state["center"]))
+    # The export is the teacher's backbone.
+    exported = dino.export_variables(variables, state)
+    assert exported["params"] is state["teacher"]["encoder"]
+
+
+def test_weight_normalised_last_layer():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8))
+    layer = dino.WeightNormDense(5)
+    variables = layer.init(jax.random.PRNGKey(1), x)
+    assert set(variables["params"]) == {"kernel"}  # g is fixed to 1, not a parameter
+    v = np.asarray(variables["params"]["kernel"])
+    out = layer.apply(variables, x)
+    np.testing.assert_allclose(out, np.asarray(x) @ (v / np.linalg.norm(v, axis=0)), rtol=1e-5, atol=1e-6)
+    # Rescaling v changes nothing (only its direction matters); a unit input gives cosine similarities.
+    np.testing.assert_allclose(layer.apply({"params": {"kernel": 7.0 * v}}, x), out, rtol=1e-5, atol=1e-6)
+    unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    assert float(jnp.max(jnp.abs(layer.apply(variables, unit)))) <= 1.0 + 1e-6
+    free = dino.WeightNormDense(5, fixed_scale=False).init(jax.random.PRNGKey(1), x)
+    np.testing.assert_array_equal(free["params"]["scale"], 1.0)
+
+
+def test_schedules_by_step():
+    config = tiny_config(total_steps=100)
+    config.dino.update(momentum_teacher=0.996, teacher_temp_warmup_steps=10, warmup_teacher_temp=0.04, teacher_temp=0.07)
+    np.testing.assert_allclose(float(dino.teacher_momentum(0, config)), 0.996, rtol=1e-7)
+    np.testing.assert_allclose(float(dino.teacher_momentum(50, config)), 0.998, rtol=1e-7)
+    np.testing.assert_allclose(float(dino.teacher_momentum(100, config)), 1.0, rtol=1e-7)
+    np.testing.assert_allclose(float(dino.teacher_temperature(0, config)), 0.04, rtol=1e-6)
+    np.testing.assert_allclose(float(dino.teacher_temperature(5, config)), 0.055, rtol=1e-6)
+    np.testing.assert_allclose(float(dino.teacher_temperature(30, config)), 0.07, rtol=1e-6)
+
+
+def test_ema_update(tiny_setup):
+    config = tiny_config(total_steps=100)
+    _, _, _, variables, state = tiny_setup
+    student = jax.tree.map(lambda p: p + 1.0, variables["params"])
+    params, new_state = dino.after_update(student, state, step=50, config=config)
+    assert params is student
+    m = 0.998  # cosine 0.996 -> 1 at half way
+    for t_new, t_old, s in zip(jax.tree.leaves(new_state["teacher"]), jax.tree.leaves(state["teacher"]),
+                               jax.tree.leaves(student)):
+        np.testing.assert_allclose(t_new, m * np.asarray(t_old) + (1 - m) * np.asarray(s), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new_state["center"], state["center"])
+
+
+def _loss(config, model, params, state, batch, step):
+    return dino.loss_fn(params, {}, state, batch, model=model, rng=jax.random.PRNGKey(3), step=jnp.int32(step),
+                        config=config)
+
+
+def test_teacher_gets_no_gradient(tiny_setup):
+    config, model, batch, variables, state = tiny_setup
+    params = variables["params"]
+    # An EMA teacher that differs from the student.
+    state = {**state, "teacher": jax.tree.map(lambda p: p * 0.9, params)}
+    grad_state = jax.jit(jax.grad(lambda s: _loss(config, model, params, s, batch, 5)[0]))(state)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grad_state))
+    # At step 0 the teacher IS the student, still without a gradient path through it: the gradient
+    # equals the one with the same values as a separate constant teacher.
+    same = {**state, "teacher": jax.tree.map(jnp.copy, params)}
+    config_flat = tiny_config()  # no temperature warm-up, so steps 0 and 1 differ only in the teacher sync
+    config_flat.dino.teacher_temp_warmup_steps = 0
+    grad_step0 = jax.jit(jax.grad(lambda p: _loss(config_flat, model, p, state, batch, 0)[0]))(params)
+    grad_const = jax.jit(jax.grad(lambda p: _loss(config_flat, model, p, same, batch, 1)[0]))(params)
+    for a, b in zip(jax.tree.leaves(grad_step0), jax.tree.leaves(grad_const)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # same math, different fusion
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grad_step0))
+    # Step 0 syncs the returned teacher to the student; later steps keep the EMA teacher.
+    _, (_, state0, _) = _loss(config_flat, model, params, state, batch, 0)
+    _, (_, state5, _) = _loss(config_flat, model, params, state, batch, 5)
+    np.testing.assert_array_equal(state0["teacher"]["head"]["last_layer"]["kernel"], params["head"]["last_layer"]["kernel"])
+    np.testing.assert_array_equal(state5["teacher"]["head"]["last_layer"]["kernel"], state["teacher"]["head"]["last_layer"]["kernel"])
+
+
+def test_center_uses_the_global_batch_on_8_devices(tiny_setup):
+    config, model, batch, variables, state = tiny_setup
+    state = {**state, "center": jnp.linspace(-0.1, 0.1, config.dino.num_prototypes)}
+    step = jax.jit(lambda p, s, b: _loss(config, model, p, s, b, 5))
+    loss_1, (_, state_1, _) = step(variables["params"], state, batch)
+    assert len(jax.devices()) == 8
+    mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    params, state_r = jax.device_put((variables["params"], state), NamedSharding(mesh, P()))
+    loss_8, (_, state_8, _) = step(params, state_r, sharded)
+    np.testing.assert_allclose(float(loss_8), float(loss_1), rtol=1e-5)
+    np.testing.assert_allclose(state_8["center"], state_1["center"], rtol=1e-5, atol=1e-7)
+    # And the centre moved by 0.1 x (the batch mean of the teacher outputs - centre), i.e. over all 16 elements.
+    teacher_logits, _ = model.apply({"params": state["teacher"]}, dino.augmented_crops(
+        batch, rng=jax.random.split(jax.random.PRNGKey(3))[0], config=config)[:1], train=False)
+    expected = 0.9 * np.asarray(state["center"]) + 0.1 * np.asarray(teacher_logits).reshape(-1, 16).mean(0)
+    np.testing.assert_allclose(state_1["center"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_process_grads_clips_each_tensor_and_freezes_the_last_layer(tiny_setup):
+    config, _, _, variables, _ = tiny_setup
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 10.0), variables["params"])
+    out = dino.process_grads(grads, step=jnp.int32(0), config=config)  # frozen at step 0 (freeze for 1 step)
+    assert not np.any(np.asarray(out["head"]["last_layer"]["kernel"]))
+    for g in jax.tree.leaves(out["encoder"]):
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(g)), 3.0, rtol=1e-5)  # each tensor to norm 3
+    later = dino.process_grads(grads, step=jnp.int32(1), config=config)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(later["head"]["last_layer"]["kernel"])), 3.0, rtol=1e-5)
+    small = jax.tree.map(lambda p: jnp.full_like(p, 1e-4), variables["params"])
+    kept = dino.process_grads(small, step=jnp.int32(1), config=config)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(small)):
+        np.testing.assert_array_equal(a, b)  # below the threshold a gradient is untouched
+
+
+def test_check_health_flags_a_collapsed_teacher():
+    k, b = 16, 16
+    student = jax.random.normal(jax.random.PRNGKey(0), (b, 4, k))
+
+    def metrics(teacher, center, step=200):
+        loss, stats = dino.dino_loss(student_logits=student, teacher_logits=teacher, center=center,
+                                     student_temp=0.1, teacher_temp=0.04)
+        m = {"loss": loss, "dino/health_check": jnp.float32(1.0), **dino._collapse_stats(stats)}
+        return jax.device_get(m)
+
+    # Uniform: every teacher output equals the centre.
+    same = jnp.broadcast_to(jnp.linspace(-1, 1, k), (b, 2, k))
+    message = dino.check_health(metrics(same, same[0, 0]), step=300)
+    assert message and "uniform" in message and "step 300" in message and "entropy" in message
+    # One prototype: prototype 3 dominates for every sample.
+    one = jnp.zeros((b, 2, k)).at[:, :, 3].set(1.0)
+    message = dino.check_health(metrics(one, jnp.zeros(k)), step=300)
+    assert message and "one prototype" in message and "top prototype fraction=1.000" in message
+    # Healthy: samples spread over prototypes with sharp teachers.
+    spread = jax.nn.one_hot(jnp.arange(b * 2).reshape(b, 2) % k, k)
+    assert dino.check_health(metrics(spread, jnp.zeros(k)), step=300) is None
+    # Not checked during the first dino.health_check_after_steps steps.
+    early = {**metrics(same, same[0, 0]), "dino/health_check": 0.0}
+    assert dino.check_health(early, step=10) is None
+
+
+def test_weight_decay_schedule_in_optim():
+    cfg = optim.default_config("adamw")
+    cfg.update(base_lr=0.5, lr_scaling="none", schedule="constant", weight_decay=0.04, weight_decay_end=0.4)
+    tx, _ = optim.make_optimizer(cfg, total_steps=10, batch_size=8)
+    params = {"dense": {"kernel": np.full((2, 2), 2.0, np.float32), "bias": np.ones(2, np.float32)}}
+    zeros = jax.tree.map(np.zeros_like, params)
+    state = tx.init(params)
+    decays = []
+    for _ in range(11):
+        updates, state = tx.update(zeros, state, params)
+        decays.append(float(updates["dense"]["kernel"][0, 0]) / (-0.5 * 2.0))
+        assert not np.any(np.asarray(updates["dense"]["bias"]))
+    expected = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * i / 10)) for i in range(11)]
+    np.testing.assert_allclose(decays, expected, rtol=1e-5)
+    assert optim.make_weight_decay(optim.default_config("adamw"), total_steps=10) == 1e-6  # default: constant
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+def test_config_file_and_reference_fields():
+    full = load_config()
+    config_lib.check_known_keys(full, main.reference_config(full))
+    assert full.model.name == "vit" and full.model.variant == "S/16" and full.dino.num_prototypes == 65536
+    assert [(c["num"], c["size"], c["scale"]) for c in dino.data_spec(full)["crops"]] == [
+        (2, 224, (0.4, 1.0)), (8, 96, (0.05, 0.4))]
+    assert full.total_steps == 87_500 and full.dino.teacher_temp_warmup_steps == 30 * 875
+    assert full.optim.name == "adamw" and full.optim.weight_decay_end == 0.4
+    local = load_config("runlocal")
+    config_lib.check_known_keys(local, main.reference_config(local))
+    assert local.compute_dtype == "float32" and local.total_steps <= 500
+    assert load_config("variant=B/16,steps_per_epoch=100").total_steps == 10_000
+    with pytest.raises(ValueError, match="not one of"):
+        load_config("runlocal,variant_typo=1")
+    bad = tiny_config(total_steps=-1)
+    with pytest.raises(ValueError, match="total_steps"):
+        dino.init(dino.build(bad), jax.random.PRNGKey(0), {"global": np.zeros((1, 2, 8, 8, 1), np.uint16),
+                                                           "local": np.zeros((1, 2, 4, 4, 1), np.uint16)}, bad)
+
+
+# ------------------------------------------------------------------------------------------- the train loop
+
+
+@pytest.fixture(scope="module")
+def phantom_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("phantoms")
+    phantoms.ensure_phantom_store(str(cache), num_patients=64, image_size=32, seed=0)
+    return str(cache)
+
+
+def _final_state(workdir):
+    import orbax.checkpoint as ocp
+
+    from medssl_jax import checkpoint
+
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    ckpt.close()
+    with ocp.StandardCheckpointer() as c:
+        return step, c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def test_pretrain_checkpoints_teacher_and_center_and_resumes_bitwise(phantom_cache, tmp_path):
+    config = tiny_config(phantom_cache, total_steps=3, checkpoint_every=1)
+    straight = str(tmp_path / "straight")
+    result = train.pretrain(config, straight)
+    assert result.steps_done == 3 and result.export_dir
+    interrupted = str(tmp_path / "interrupted")
+    assert train.pretrain(config, interrupted, stop_after=1).steps_done == 1
+    assert train.pretrain(config, interrupted).steps_done == 3
+    step_a, a = _final_state(straight)
+    step_b, b = _final_state(interrupted)
+    assert step_a == step_b == 3
+    assert set(a["method_state"]) == {"teacher", "center"}
+    assert np.any(np.asarray(a["method_state"]["center"]))
+    # The teacher followed the student but is not equal to it (EMA).
+    teacher = np.asarray(a["method_state"]["teacher"]["head"]["mlp_0"]["kernel"])
+    student = np.asarray(a["params"]["head"]["mlp_0"]["kernel"])
+    assert not np.array_equal(teacher, student)
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
