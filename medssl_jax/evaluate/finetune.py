@@ -281,6 +281,7 @@ def run(config, workdir: str) -> dict:
     """Runs the fine-tuning described in the module docstring; returns E/eval/summary.json's dict."""
     from medssl_jax import train  # the store opener
 
+    linear_probe.check_init(config)
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)

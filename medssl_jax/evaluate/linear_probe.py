@@ -78,6 +78,19 @@ def store_channels(store: Store, ids: np.ndarray) -> int:
     return 1 if image.ndim == 2 else int(image.shape[-1])
 
 
+def check_init(config) -> None:
+    """Fails fast, before any store or device work, on an unusable `config.init` (one line naming it)."""
+    if not config.init:
+        raise ValueError("config.init is empty: give an export directory (RUN/export), a converted checkpoint "
+                         "directory (python -m medssl_jax.convert) or 'random'")
+    if config.init == "random":
+        if not config.model:
+            raise ValueError("config.init='random' needs config.model (the encoder architecture, e.g. "
+                             "{'name': 'resnet', 'depth': 50})")
+    else:
+        checkpoint.load_export_config(config.init)
+
+
 def load_encoder(config, *, channels: int) -> Encoder:
     """The encoder `config.init` names, with its variables (host arrays), built at config.compute_dtype.
 
@@ -86,14 +99,9 @@ def load_encoder(config, *, channels: int) -> Encoder:
     the weights (an RGB stem into a 1-channel ResNet is summed over channels), failing with the first
     missing / unexpected / mis-shaped keys when they do not fit.
     """
+    check_init(config)
     init = config.init
-    if not init:
-        raise ValueError("config.init is empty: give an export directory (RUN/export), a converted checkpoint "
-                         "directory (python -m medssl_jax.convert) or 'random'")
     if init == "random":
-        if not config.model:
-            raise ValueError("config.init='random' needs config.model (the encoder architecture, e.g. "
-                             "{'name': 'resnet', 'depth': 50})")
         model_config, source = config.model.to_dict(), {}
         method = "none"
     else:
@@ -227,6 +235,7 @@ def run(config, workdir: str) -> dict:
     """Runs the linear probe described in the module docstring; returns E/eval/summary.json's dict."""
     from medssl_jax import train  # the store opener; imported here to keep this module light for configs
 
+    check_init(config)
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
