@@ -241,7 +241,7 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
             host = jax.device_get(step_metrics)
             if not np.isfinite(host["loss"]):
                 raise FinetuneError(f"non-finite fine-tuning loss {float(host['loss'])} at step {step} "
-                                         f"(lower config.optim.base_lr?)")
+                                    "(lower config.optim.base_lr?)")
             progress.update(step)
             writer.write(step, {**host, "images_per_s": progress.rate})
             logging_lib.log(progress.line(step, loss=float(host["loss"]), lr=float(host["lr"])))

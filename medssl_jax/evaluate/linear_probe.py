@@ -271,7 +271,8 @@ def run(config, workdir: str) -> dict:
     def extra(result):
         return {"c": result["c"], "val_mean_auc_by_c": {f"{c:g}": v for c, v in result["by_c"].items()},
                 "num_train": result["num_train"], "feature": config.feature, "splits": splits.fingerprint,
-                "source": encoder.source, "unfit_labels": [label_names[j] for j in np.flatnonzero(~result["probe"].fitted)]}
+                "source": encoder.source,
+                "unfit_labels": [label_names[j] for j in np.flatnonzero(~result["probe"].fitted)]}
 
     test_labels = labels[test_rows]
     entries = None
