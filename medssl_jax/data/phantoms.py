@@ -10,8 +10,10 @@ What it models:
   (a smooth per-patient texture). Every patient has its own anatomy (sizes, positions, rib spacing).
 * Views: each patient has 1-4 images (PA or AP, like repeat/follow-up studies). A view is the same
   patient under a different rigid transform (shift, small rotation, scale; AP magnifies the heart a
-  little as in real AP films), exposure (attenuation scale, gain, gamma, heel-effect gradient) and
-  quantum noise, stored at the site's bit depth (12 or 16 bits stored in uint16).
+  little as in real AP films), exposure (attenuation scale, gain, gamma, heel-effect gradient),
+  collimation margins, the side marker, lung-marking texture and quantum noise, stored at the site's
+  bit depth (12 or 16 bits stored in uint16). This view-level variation is large on purpose: features
+  of a randomly initialised network are dominated by it, while MICLe/SimCLR learn to ignore it.
 * Findings, per patient (so consistent across that patient's images), placed in patient coordinates:
   nodule (small dense blob in a lung), effusion (basal opacity with a lateral meniscus), cardiomegaly
   (widened heart shadow), pneumothorax (apical-lateral region without lung markings, darker, behind a
@@ -37,7 +39,7 @@ import numpy as np
 from medssl_jax.data.store import Store, StoreError, StoreWriter
 
 # Bump when rendering changes: the version is part of the cache directory name.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 5
 LABEL_NAMES = ("nodule", "effusion", "cardiomegaly", "pneumothorax")
 PREVALENCES = (0.15, 0.25, 0.30, 0.10)
 # Probability of a patient having 1, 2, 3 or 4 images.
@@ -45,7 +47,7 @@ IMAGES_PER_PATIENT_P = (0.30, 0.35, 0.20, 0.15)
 TEST_FRACTION = 0.3
 # Images rendered per numpy pass: bounds peak memory (~40 float32 temporaries of chunk x H x W).
 _RENDER_CHUNK = 32
-_HEART_NORMAL_SCALE = (1.0, 0.07)  # mean, std of heart width relative to the reference anatomy
+_HEART_NORMAL_SCALE = (1.0, 0.05)  # mean, std of heart width relative to the reference anatomy
 _HEART_ENLARGED_SCALE = (1.28, 1.42)  # uniform range when the patient has cardiomegaly
 _NUM_MARKING_WAVES = 6
 
@@ -144,33 +146,30 @@ def sample_cohort(*, num_patients: int, seed: int) -> dict[str, np.ndarray]:
     c["bits_stored"] = rng.choice([12, 16], size=n)
 
     # Anatomy in normalised patient coordinates: u right-of-image, v downwards, both ~[-1, 1].
-    c["body_w"] = rng.uniform(0.82, 0.95, n)
-    c["lung_x"] = rng.uniform(0.33, 0.38, n)
-    c["lung_y"] = rng.uniform(-0.2, -0.1, n)
-    c["lung_ax"] = rng.uniform(0.24, 0.28, n)
-    c["lung_ay"] = rng.uniform(0.6, 0.68, n)
-    c["diaphragm_drop"] = rng.uniform(0.0, 0.06, n)  # left dome sits lower than the right
-    c["dome_h"] = rng.uniform(0.10, 0.18, n)
-    heart = rng.normal(*_HEART_NORMAL_SCALE, n).clip(0.85, 1.15)
+    # The ranges are kept modest on purpose: a contrastive model learns whatever tells patients apart,
+    # and the findings should be a real part of that, not drowned by arbitrary anatomical variety.
+    c["body_w"] = rng.uniform(0.85, 0.92, n)
+    c["lung_x"] = rng.uniform(0.34, 0.37, n)
+    c["lung_y"] = rng.uniform(-0.17, -0.13, n)
+    c["lung_ax"] = rng.uniform(0.25, 0.27, n)
+    c["lung_ay"] = rng.uniform(0.62, 0.66, n)
+    c["diaphragm_drop"] = rng.uniform(0.01, 0.05, n)  # left dome sits lower than the right
+    c["dome_h"] = rng.uniform(0.12, 0.16, n)
+    heart = rng.normal(*_HEART_NORMAL_SCALE, n).clip(0.9, 1.1)
     enlarged = labels[:, LABEL_NAMES.index("cardiomegaly")] == 1
     heart[enlarged] = rng.uniform(*_HEART_ENLARGED_SCALE, enlarged.sum())
     c["heart_scale"] = heart
     c["heart_y"] = rng.uniform(0.5, 0.6, n)  # centre, in lung semi-axes below lung centre
-    c["rib_spacing"] = rng.uniform(0.16, 0.2, n)
-    c["rib_phase"] = rng.uniform(0, 1, n)
-    c["rib_curve"] = rng.uniform(0.5, 0.9, n)
-    c["clavicle_tilt"] = rng.uniform(-0.06, 0.06, n)
-    c["marking_freq"] = rng.uniform(6, 16, (n, _NUM_MARKING_WAVES))
-    c["marking_angle"] = rng.uniform(0, np.pi, (n, _NUM_MARKING_WAVES))
-    c["marking_phase"] = rng.uniform(0, 2 * np.pi, (n, _NUM_MARKING_WAVES))
+    c["rib_curve"] = rng.uniform(0.6, 0.8, n)
+    c["clavicle_tilt"] = rng.uniform(-0.03, 0.03, n)
 
     # Findings geometry is drawn for every patient (keeps the random stream independent of the
     # labels) and used only where the label is positive.
     c["nodule_side"] = rng.choice([-1.0, 1.0], n)
     c["nodule_du"] = rng.uniform(-0.55, 0.55, n)  # within the lung, in units of its semi-axes
     c["nodule_dv"] = rng.uniform(-0.6, 0.35, n)
-    c["nodule_r"] = rng.uniform(0.04, 0.07, n)
-    c["nodule_amp"] = rng.uniform(0.25, 0.4, n)
+    c["nodule_r"] = rng.uniform(0.05, 0.08, n)
+    c["nodule_amp"] = rng.uniform(0.3, 0.5, n)
     c["effusion_side"] = rng.choice([-1.0, 1.0, 0.0], n, p=[0.4, 0.4, 0.2])  # 0 = bilateral
     c["effusion_height"] = rng.uniform(0.15, 0.32, n)
     c["ptx_side"] = rng.choice([-1.0, 1.0], n)
@@ -183,17 +182,27 @@ def sample_cohort(*, num_patients: int, seed: int) -> dict[str, np.ndarray]:
     within = np.arange(m) - first_of_patient[image_patient]
     c["image_study"] = within // 2  # pairs of images per study, like frontal + repeat
     c["image_view"] = np.where(rng.uniform(size=m) < 0.7, "PA", "AP")
-    c["image_tx"] = rng.uniform(-0.08, 0.08, m)
-    c["image_ty"] = rng.uniform(-0.08, 0.08, m)
-    c["image_rot"] = np.deg2rad(rng.uniform(-7, 7, m))
+    c["image_tx"] = rng.uniform(-0.1, 0.1, m)
+    c["image_ty"] = rng.uniform(-0.1, 0.1, m)
+    c["image_rot"] = np.deg2rad(rng.uniform(-10, 10, m))
     c["image_scale"] = rng.uniform(0.92, 1.08, m)
     c["image_mu"] = rng.uniform(0.8, 1.8, m)  # attenuation scale ~ beam energy
     c["image_gain"] = rng.uniform(0.6, 0.95, m)
     c["image_offset"] = rng.uniform(0.0, 0.15, m)
     c["image_gamma"] = rng.uniform(0.7, 1.4, m)
     c["image_heel"] = rng.uniform(-0.15, 0.15, m)
-    c["image_noise"] = rng.uniform(0.006, 0.03, m)
+    c["image_noise"] = rng.uniform(0.008, 0.015, m)
     c["image_noise_seed"] = rng.integers(0, 2**31, m)
+    # Lung markings change with inspiration and projection, so they are drawn per image: a texture
+    # that identified the patient would be a shortcut for patient-level contrastive learning.
+    c["image_marking_freq"] = rng.uniform(4, 10, (m, _NUM_MARKING_WAVES))
+    c["image_marking_angle"] = rng.uniform(0, np.pi, (m, _NUM_MARKING_WAVES))
+    c["image_marking_phase"] = rng.uniform(0, 2 * np.pi, (m, _NUM_MARKING_WAVES))
+    # Acquisition details that differ between a patient's images and carry no diagnosis: collimation
+    # (unexposed, bright margins of random width) and the radiographer's side marker.
+    c["image_collimation"] = rng.uniform(0.0, 0.16, (m, 4))  # left, right, top, bottom margins
+    c["image_marker_x"] = rng.choice([-1.0, 1.0], m) * rng.uniform(0.6, 0.8, m)
+    c["image_marker_y"] = rng.uniform(-0.85, -0.6, m)
     return c
 
 
@@ -248,9 +257,9 @@ def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image
     mediastinum = _sig((0.085 - np.abs(u)) / (2 * px)) * _sig((0.2 - v) / 0.05)
     displaced = np.maximum(heart, mediastinum)
 
-    # Lung markings: a smooth oriented texture fixed to the patient, fading towards the periphery.
-    angle, freq, phase = (cohort[k][pid].astype(np.float32)[:, :, None, None]
-                          for k in ("marking_angle", "marking_freq", "marking_phase"))
+    # Lung markings: a smooth oriented texture, fading towards the periphery.
+    angle, freq, phase = (cohort[k][image_ids].astype(np.float32)[:, :, None, None]
+                          for k in ("image_marking_angle", "image_marking_freq", "image_marking_phase"))
     waves = np.cos(freq * (np.cos(angle) * u[:, None] + np.sin(angle) * v[:, None]) + phase)
     markings = waves.mean(axis=1) * np.clip(1.2 - np.abs(u) / 0.45, 0.2, 1.0)
 
@@ -283,8 +292,10 @@ def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image
     nodule = has["nodule"] * patient("nodule_amp") * np.exp(
         -((u - nu) ** 2 + (v - nv) ** 2) / (2 * patient("nodule_r") ** 2))
 
-    rib_v = v - patient("rib_curve") * (np.abs(u) - 0.05) ** 2 - patient("rib_phase") * patient("rib_spacing")
-    ribs = _sig((np.cos(2 * np.pi * rib_v / patient("rib_spacing")) - 0.7) / 0.08)
+    # Ten-odd posterior ribs over the lung height, so their spacing follows the lung size.
+    rib_spacing = 0.27 * lung_ay
+    rib_v = v - patient("rib_curve") * (np.abs(u) - 0.05) ** 2 - (lung_y - lung_ay)
+    ribs = _sig((np.cos(2 * np.pi * rib_v / rib_spacing) - 0.7) / 0.08)
     thorax = _sig((1 - (np.abs(u) - lung_x) ** 2 / (1.25 * lung_ax) ** 2
                    - (v - lung_y) ** 2 / (1.1 * lung_ay) ** 2) / 0.1)
     spine = _sig((0.055 - np.abs(u)) / (1.5 * px)) * (0.8 + 0.2 * np.cos(2 * np.pi * v / 0.11))
@@ -302,7 +313,7 @@ def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image
     density = (body * (1.0 + 0.05 * heart)
                - 0.75 * aerated
                - 0.18 * ptx_region * (1 - displaced)
-               + 0.1 * markings * aerated * (1 - ptx_region)
+               + 0.04 * markings * aerated * (1 - ptx_region)
                + 0.15 * pleural_line * (1 - displaced)
                + 0.12 * ribs * thorax * body
                + 0.35 * spine * body
@@ -317,6 +328,13 @@ def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image
     shown = image("image_offset") + image("image_gain") * shown
     noise = np.stack([np.random.default_rng(s).standard_normal((image_size, image_size), np.float32)
                       for s in cohort["image_noise_seed"][image_ids]])
-    shown = np.clip(shown + image("image_noise") * noise, 0, 1)
+    shown = shown + image("image_noise") * noise
+    margins = cohort["image_collimation"][image_ids].astype(np.float32)[:, :, None, None]
+    inside = (_sig((x[None] - (-1 + margins[:, 0])) / px) * _sig(((1 - margins[:, 1]) - x[None]) / px)
+              * _sig((y[None] - (-1 + margins[:, 2])) / px) * _sig(((1 - margins[:, 3]) - y[None]) / px))
+    shown = inside * shown + (1 - inside) * np.float32(0.92)
+    marker = ((np.abs(x[None] - image("image_marker_x")) < 0.05)
+              & (np.abs(y[None] - image("image_marker_y")) < 0.06))
+    shown = np.clip(np.where(marker, np.float32(1.0), shown), 0, 1)
     full_scale = (2.0 ** cohort["bits_stored"][pid] - 1)[:, None, None]
     return np.round(shown * full_scale).astype(np.uint16)
