@@ -4,6 +4,8 @@ prototype freezing and normalisation, collapse detection, modality intensities, 
 The tests swap the ResNet for a one-convolution encoder so that they compile in seconds on a shared
 CPU; tests/test_swav_resnet.py covers the real encoder.
 """
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -220,20 +222,44 @@ def test_hybrid_adds_contrastive_and_masked_supervised_terms():
     assert not np.any(np.asarray(g["classifier"]["dense"]["kernel"]))
     with pytest.raises(ValueError, match="labels"):
         run_loss(model, config, variables, state, {k: v for k, v in batch.items() if k != "labels"})
+    # Labels per global crop ([B, 2, L], e.g. two images of a patient) are used crop by crop.
+    per_crop = jnp.stack([batch["labels"], jnp.full_like(batch["labels"], jnp.nan)], axis=1)
+    loss_a, fraction_a = swav._supervised_loss(out["logits"][:, :2], {"labels": per_crop}, config)
+    only_first = bce[:, 0][present[:, 0]].mean()
+    np.testing.assert_allclose(float(loss_a), only_first, rtol=1e-5)
+    np.testing.assert_allclose(float(fraction_a), present[:, 0].mean() / 2, rtol=1e-6)
 
 
 def test_check_health_reports_collapse_and_nonfinite_loss():
     config = make_config()
     model, batch, variables, state = setup(config)
-    # Every image identical -> identical embeddings: all samples nearest to one prototype.
+    # Every image identical -> identical embeddings: every code peaks at the same prototype.
     same = {k: jnp.broadcast_to(v[:1, :1], v.shape) for k, v in batch.items()}
     _, (_, _, metrics) = run_loss(model, config, variables, state, same)
     metrics = jax.device_get(metrics)
     assert float(metrics["swav/top_prototype_fraction"]) == 1.0
     message = swav.check_health(metrics, step=123)
     assert message is not None and "step 123" in message and "top_prototype_fraction=1.000" in message
+    # All-black crops make every embedding exactly 0 (BN of a constant, zero biases): the gradient must
+    # stay finite so that the train loop reaches check_health instead of stopping on a NaN.
+    black = {k: jnp.zeros_like(v) for k, v in batch.items()}
+    grads = jax.jit(jax.grad(lambda p: swav.loss_fn(p, variables["batch_stats"], state, black, model=model,
+                                                    rng=jax.random.PRNGKey(0), step=0, config=config)[0]))(
+        variables["params"])
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     bad = {**metrics, "loss": np.float32(np.nan)}
     assert "not finite at step 5" in swav.check_health(bad, step=5)
+    # Scores that tie for every prototype: uniform codes, loss ln K, no gradient.
+    healthy = {"loss": 3.0, "swav/top_prototype_fraction": 0.2, "swav/embedding_std": 0.5,
+               "swav/prototypes_used": 5.0, "swav/samples": 16.0, "swav/code_entropy": 0.5,
+               "swav/num_prototypes": float(K)}
+    assert swav.check_health(healthy, step=9) is None
+    stuck = {**healthy, "loss": math.log(K), "swav/code_entropy": 0.999}
+    assert "codes are uniform" in swav.check_health(stuck, step=9)
+    flat = {**healthy, "swav/embedding_std": 1e-4}
+    assert "same embedding" in swav.check_health(flat, step=9)
+    few = {**healthy, "swav/top_prototype_fraction": 1.0, "swav/samples": 4.0}
+    assert swav.check_health(few, step=9) is None
 
 
 def test_modality_intensity():
@@ -263,6 +289,13 @@ def test_modality_intensity():
                                 rng=jax.random.PRNGKey(1), ct_windows=(soft, swav.CT_WINDOWS["lung"]))
     distinct = {tuple(np.round(np.asarray(y[0, i]).ravel()[:20], 4)) for i in range(32)}
     assert len(distinct) == 2
+    # Per-crop fields ([B, n]) select per crop: crop 0 as CT, crop 1 as X-ray.
+    pair = jnp.concatenate([x[:1], x[:1]], axis=1)  # [1, 2, 8, 8, 1]
+    y = swav.modality_intensity(pair, modality_id=jnp.array([[swav.MODALITY_CT, swav.MODALITY_OTHER]]),
+                                bits_stored=jnp.array([[12, 12]]), intensity_offset=jnp.array([[1024.0, 1024.0]]),
+                                rng=jax.random.PRNGKey(0), ct_windows=(soft,))
+    np.testing.assert_allclose(y[0, 0], np.clip((hu_back - (40 - 200)) / 400, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(y[0, 1], np.asarray(x[0, 0], np.float64) / 65535, atol=1e-6)
     with pytest.raises(ValueError, match="bits_stored"):
         swav.modality_intensity(x, modality_id=modality, bits_stored=bits[:2], intensity_offset=offset,
                                 rng=jax.random.PRNGKey(0))

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from medssl_jax import augment, losses, models
+from medssl_jax import augment, config_lib, losses, models
 from medssl_jax.losses.clustering import sinkhorn, swav_loss
 from medssl_jax.models import heads
 from medssl_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
@@ -48,9 +48,10 @@ from medssl_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # Collapse detection (check_health).
-COLLAPSE_TOP_PROTOTYPE_FRACTION = 0.9  # share of samples whose nearest prototype is the most common one
+COLLAPSE_TOP_PROTOTYPE_FRACTION = 0.9  # share of samples whose code peaks at the commonest prototype
 COLLAPSE_EMBEDDING_STD = 0.01  # spread of the normalised embeddings over the batch (~1 when healthy)
 COLLAPSE_MIN_SAMPLES = 8  # below this a single prototype can win by chance
+COLLAPSE_CODE_ENTROPY = 0.995  # mean code entropy / ln K: uniform codes give no gradient (loss = ln K)
 
 # Modalities as the batch's per-sample `modality_id` (int32) encodes them; see `modality_id()`.
 MODALITY_OTHER, MODALITY_CT, MODALITY_MR = 0, 1, 2
@@ -99,14 +100,93 @@ def extend_config(config: mlc.ConfigDict) -> None:
     i.mr_percentiles = (1.0, 99.0)
     config.intensity = i
 
-    if config.get("method") == "hybrid":
-        h = mlc.ConfigDict()
-        h.contrastive_weight = 1.0  # lambda_c: paper value not public
-        h.contrastive_temperature = 0.1  # SimCLR default
-        h.supervised_weight = 0.0  # alpha: paper value not public; > 0 needs labels in the batch
-        h.num_labels = 0  # the store's label count (needed when supervised_weight > 0)
-        h.pos_weight = ()  # BCE pos_weight per label ((N - P) / P on the train split); () = 1
-        config.hybrid = h
+    h = mlc.ConfigDict()  # read only when config.method == 'hybrid'
+    h.contrastive_weight = 1.0  # lambda_c: paper value not public
+    h.contrastive_temperature = 0.1  # SimCLR default
+    h.supervised_weight = 0.0  # alpha: paper value not public; > 0 needs labels in the batch
+    h.num_labels = 0  # the store's label count (needed when supervised_weight > 0)
+    h.pos_weight = ()  # BCE pos_weight per label ((N - P) / P on the train split); () = 1
+    config.hybrid = h
+
+
+def ghesu_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
+    """The config of configs/swav.py ('swav') and configs/hybrid.py ('hybrid').
+
+    SwAV's single-node recipe (`swav_200ep_bs256_pretrain.sh`, methods.md 1(c)) because Ghesu et al.'s
+    values are not public: ResNet-50, batch 256, 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14)
+    crops, K = 3000, epsilon 0.05, 3 Sinkhorn iterations, tau 0.1, LARS (momentum 0.9, trust 0.001,
+    wd 1e-6), lr 0.6 cosine to 0.0006 without warm-up, prototypes frozen for 5005 steps, a 3840 queue.
+    Durations are in steps because the queue start and the freeze are steps.
+
+    Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested store;
+    '' = embedded phantoms), `micle` (hybrid: patient positives for the two global crops),
+    `supervised` (hybrid: weight alpha of the BCE term on labelled records; needs `num_labels`),
+    `num_labels` (the store's label count).
+    """
+    args = config_lib.parse_arg(arg, runlocal=False, store="", micle=False, supervised=0.0, num_labels=0)
+    c = config_lib.pretrain_config()
+    c.method = method
+    extend_config(c)
+    c.data.store = args.store
+    c.data.sampler = "micle" if args.micle else "pairs"
+    c.data.image_size = 224
+    c.data.crop_scale = (0.14, 1.0)
+    c.data.num_workers = 8
+    c.model.depth, c.model.width = 50, 1
+    c.head.hidden_dim = 2048
+    c.head.out_dim = 128
+    c.loss.temperature = 0.1
+    # Chest X-ray photometric augmentation (brightness/contrast 0.5, rotation <= 45 deg) plus SwAV's blur
+    # p 0.5; Ghesu et al.'s list is not public (robustness to intensity, rotation, scale is their aim).
+    c.augment = augment.preset("azizi_cxr")
+    c.augment.blur_p = 0.5
+    c.batch_size = 256
+    c.total_steps = 200_000
+    c.optim.base_lr = 0.6
+    c.optim.warmup_steps = 0
+    c.optim.end_lr_factor = 0.001
+    c.swav.freeze_prototypes_steps = 5005
+    c.swav.queue_length = 3840
+    c.swav.queue_start_steps = 15_000
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    if method == "hybrid":
+        c.hybrid.supervised_weight = args.supervised
+        c.hybrid.num_labels = args.num_labels
+    if args.runlocal:
+        # Minutes on 2 CPU cores: a tiny ResNet on the embedded phantom dataset, 2 x 48 + 2 x 24 px crops.
+        c.compute_dtype = "float32"  # bf16 is emulated (slow) on CPUs
+        c.model.depth, c.model.width, c.model.base_width = 18, 1, 16
+        c.data.phantom_patients = 400
+        c.data.phantom_size = 64
+        c.data.image_size = 48
+        c.data.crop_scale = (0.25, 1.0)
+        c.data.num_workers = 0
+        c.swav.num_local_crops = 2
+        c.swav.local_image_size = 24
+        c.swav.local_crop_scale = (0.14, 0.4)
+        # Keep K above the projection size: with K < out_dim the embeddings can turn orthogonal to every
+        # prototype, all scores tie, the codes go uniform and the loss sticks at ln K. At batch 64 the
+        # codes also need the queue (Sinkhorn over 1088 samples) and a sharper epsilon: with SwAV's 0.05
+        # this run drifted to uniform codes (check_health stops it) on the similar-looking phantoms.
+        c.head.out_dim = 32
+        c.swav.num_prototypes = 64
+        c.swav.epsilon = 0.02
+        c.swav.freeze_prototypes_steps = 30
+        c.swav.queue_length = 1024
+        c.swav.queue_start_steps = 20
+        c.augment.blur_p = 0.0
+        c.batch_size = 64
+        c.total_steps = 300
+        c.optim.warmup_steps = 30
+        c.optim.base_lr = 0.6
+        c.optim.end_lr_factor = 0.0
+        c.head.hidden_dim = 128
+        c.log_every = 25
+        c.checkpoint_every = 100
+        c.probe.image_size = 48
+        c.probe.batch_size = 128
+    return c
 
 
 def _is_hybrid(config) -> bool:
@@ -164,8 +244,12 @@ class SwAVHead(nn.Module):
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) over the last axis, like torch.nn.functional.normalize."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """x / max(||x||, eps) over the last axis, like torch.nn.functional.normalize.
+
+    Written as x * rsqrt(max(||x||^2, eps^2)) so the gradient is finite at x = 0 (the norm's is NaN
+    there), which a collapsed batch reaches: check_health must get to report it.
+    """
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class SwAVModel(nn.Module):
@@ -276,11 +360,12 @@ def modality_intensity(
     """Maps crops to float32 [0, 1] by their modality; pure, batched, jittable.
 
     Args:
-      x: crops [B, ..., H, W, C], uint16 as the pipeline delivers them (stored value rescaled to the
-        full uint16 range: value / (2**bits_stored - 1) * 65535) or already float in [0, 1].
-      modality_id: int [B]: MODALITY_CT, MODALITY_MR, or MODALITY_OTHER (X-ray, US, ...: as stored).
-      bits_stored: int [B], the record's bits_stored (to undo the full-range rescaling).
-      intensity_offset: float [B]: stored value = raw modality value (HU for CT) + offset.
+      x: crops [B, n, H, W, C] (or [B, H, W, C]), uint16 as the pipeline delivers them (stored value
+        rescaled to the full uint16 range: value / (2**bits_stored - 1) * 65535) or floats in [0, 1].
+      modality_id: int, per sample [B] or per crop [B, n]: MODALITY_CT, MODALITY_MR, or MODALITY_OTHER
+        (X-ray, US, ...: as stored).
+      bits_stored: int [B] or [B, n], the record's bits_stored (to undo the full-range rescaling).
+      intensity_offset: float [B] or [B, n]: stored value = raw modality value (HU for CT) + offset.
       rng: key for the window choice (one preset per crop, independently).
       ct_windows: (centre, width) presets in HU, e.g. CT_WINDOWS values.
       ct_window_probs: preset probabilities (None: uniform).
@@ -292,16 +377,16 @@ def modality_intensity(
       float32 array shaped like x with values in [0, 1].
     """
     unit = augment.to_unit(x)
-    batch = x.shape[0]
+    crop_shape = x.shape[:-3]  # one window per crop
     for name, value in (("modality_id", modality_id), ("bits_stored", bits_stored),
                         ("intensity_offset", intensity_offset)):
-        if value.shape != (batch,):
-            raise ValueError(f"modality_intensity: {name} must have shape ({batch},), got {value.shape}")
-    crop_shape = x.shape[:-3]  # one window per crop
-    expand = (slice(None),) + (None,) * (x.ndim - 1)
+        if jnp.shape(value) not in (crop_shape[:1], crop_shape):
+            raise ValueError(f"modality_intensity: {name} must have shape {crop_shape[:1]} (per sample) or "
+                             f"{crop_shape} (per crop), got {jnp.shape(value)}")
 
-    def per_sample(v):
-        return jnp.asarray(v, jnp.float32)[expand]
+    def per_sample(v, dtype=jnp.float32):
+        v = jnp.asarray(v, dtype)
+        return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
     # CT: raw HU from the stored value, then a window sampled per crop.
     full_range = jnp.exp2(per_sample(bits_stored)) - 1.0
@@ -323,7 +408,7 @@ def modality_intensity(
     low, high = low[..., None, None, None], high[..., None, None, None]
     mr = jnp.clip((unit - low) / jnp.maximum(high - low, 1e-6), 0.0, 1.0)
 
-    modality = jnp.asarray(modality_id)[expand]
+    modality = per_sample(modality_id, jnp.int32)
     return jnp.where(modality == MODALITY_CT, ct, jnp.where(modality == MODALITY_MR, mr, unit))
 
 
@@ -336,11 +421,17 @@ def _to_unit(crops: jax.Array, batch: dict, *, rng: jax.Array, config) -> jax.Ar
     unknown = [w for w in config.intensity.ct_windows if w not in CT_WINDOWS]
     if unknown:
         raise ValueError(f"config.intensity.ct_windows has unknown presets {unknown}; known: {sorted(CT_WINDOWS)}")
+    num = crops.shape[1]
+
+    def per_crop(value):
+        # [B] per element, or [B, 2] per source image (crop k comes from image k % 2, see the pipeline).
+        return value[:, jnp.arange(num) % 2] if value.ndim == 2 else value
+
     return modality_intensity(
         crops,
-        modality_id=batch["modality_id"],
-        bits_stored=batch["bits_stored"],
-        intensity_offset=batch["intensity_offset"],
+        modality_id=per_crop(batch["modality_id"]),
+        bits_stored=per_crop(batch["bits_stored"]),
+        intensity_offset=per_crop(batch["intensity_offset"]),
         rng=rng,
         ct_windows=tuple(CT_WINDOWS[w] for w in config.intensity.ct_windows),
         ct_window_probs=tuple(config.intensity.ct_window_probs) or None,
@@ -428,38 +519,48 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
 
 
 def _supervised_loss(logits: jax.Array, batch: dict, config) -> tuple[jax.Array, jax.Array]:
-    """BCE with pos_weight on the global crops' logits [B, 2, L]; NaN labels are masked out."""
+    """BCE with pos_weight on the global crops' logits [B, 2, L]; NaN labels are masked out.
+
+    batch['labels'] is [B, L] (one image per element) or [B, 2, L] (per global crop's source image, e.g.
+    two images of one patient with the MICLe sampler)."""
     if "labels" not in batch:
         raise ValueError("config.hybrid.supervised_weight > 0 needs batch['labels'] [B, L] (NaN = missing)")
     labels = batch["labels"].astype(jnp.float32)
-    if labels.shape != (logits.shape[0], logits.shape[-1]):
-        raise ValueError(f"batch['labels'] has shape {labels.shape}, expected ({logits.shape[0]}, "
-                         f"{logits.shape[-1]}) (config.hybrid.num_labels)")
-    present = ~jnp.isnan(labels)
+    if labels.ndim == 2:
+        labels = labels[:, None]
+    if labels.shape[0] != logits.shape[0] or labels.shape[-1] != logits.shape[-1] or labels.shape[1] not in (1, 2):
+        raise ValueError(f"batch['labels'] has shape {batch['labels'].shape}, expected ({logits.shape[0]}, "
+                         f"{logits.shape[-1]}) or ({logits.shape[0]}, 2, {logits.shape[-1]}) (config.hybrid.num_labels)")
+    labels = jnp.broadcast_to(labels, logits.shape)
     pos_weight = jnp.asarray(config.hybrid.pos_weight or (1.0,), jnp.float32)
     pos_weight = jnp.broadcast_to(pos_weight, labels.shape[-1:])
-    labels2 = jnp.broadcast_to(jnp.where(present, labels, 0.0)[:, None], logits.shape)
-    mask2 = jnp.broadcast_to(present[:, None], logits.shape)
-    loss = losses.bce_with_pos_weight(logits=logits, labels=labels2, pos_weight=pos_weight, mask=mask2)
-    return loss, jnp.mean(present.astype(jnp.float32))
+    loss = losses.bce_with_pos_weight(logits=logits, labels=labels, pos_weight=pos_weight)  # NaN = excluded
+    return loss, jnp.mean((~jnp.isnan(labels)).astype(jnp.float32))
 
 
 def _clustering_stats(scores, codes, z, crops_for_assign) -> dict:
     """Collapse statistics over the assignment crops (see check_health)."""
     k = scores.shape[-1]
-    nearest = jnp.concatenate([jnp.argmax(scores[:, a], axis=-1) for a in crops_for_assign])
-    counts = jnp.sum(jax.nn.one_hot(nearest, k, dtype=jnp.float32), axis=0)
+
+    def top_fraction(assigned):
+        counts = jnp.sum(jax.nn.one_hot(assigned, k, dtype=jnp.float32), axis=0)
+        return jnp.max(counts) / assigned.shape[0], jnp.sum(counts > 0).astype(jnp.float32)
+
     q = jnp.concatenate(codes)
+    code_top, prototypes_used = top_fraction(jnp.argmax(q, axis=-1))
+    nearest_top, _ = top_fraction(jnp.concatenate([jnp.argmax(scores[:, a], axis=-1) for a in crops_for_assign]))
     code_entropy = -jnp.sum(q * jnp.log(jnp.maximum(q, 1e-30)), axis=-1)
     # Mean over the batch of the per-dimension std of the normalised embeddings, times sqrt(dim):
     # about 1 for embeddings spread over the sphere, 0 when every sample maps to one point.
     za = jnp.concatenate([z[:, a] for a in crops_for_assign])
     return {
-        "swav/top_prototype_fraction": jnp.max(counts) / nearest.shape[0],
-        "swav/prototypes_used": jnp.sum(counts > 0).astype(jnp.float32),
+        "swav/top_prototype_fraction": code_top,  # share of samples whose code's argmax is the commonest
+        "swav/prototypes_used": prototypes_used,  # distinct argmax prototypes of the codes
+        "swav/nearest_prototype_fraction": nearest_top,  # same for the nearest prototype (before Sinkhorn)
         "swav/code_entropy": jnp.mean(code_entropy) / math.log(k),
         "swav/embedding_std": jnp.mean(jnp.std(za, axis=0)) * math.sqrt(za.shape[-1]),
-        "swav/samples": jnp.float32(nearest.shape[0]),
+        "swav/samples": jnp.float32(q.shape[0]),
+        "swav/num_prototypes": jnp.float32(k),
     }
 
 
@@ -482,9 +583,11 @@ def after_update(params, method_state, *, step, config):
 def check_health(metrics, *, step) -> str | None:
     """A message when the run has collapsed or the loss is not finite, else None.
 
-    The Sinkhorn codes are equipartitioned by construction, so they spread over prototypes even when
-    every embedding is the same; collapse shows in the embeddings instead: nearly every sample nearest
-    to one prototype, or no spread of the normalised embeddings over the batch.
+    Collapse is: nearly every sample's code (its Sinkhorn assignment) peaking at one prototype, codes
+    that are uniform over the prototypes (the scores hardly differ between prototypes: the loss sits at
+    ln K and its gradient vanishes), or no spread of the normalised embeddings over the batch. Embeddings
+    that merely crowd near one prototype (`nearest_prototype_fraction` high) are not flagged: Sinkhorn
+    removes that common component and the codes can still separate the samples.
     """
     loss = float(metrics["loss"])
     top = float(metrics["swav/top_prototype_fraction"])
@@ -499,4 +602,9 @@ def check_health(metrics, *, step) -> str | None:
         return f"SwAV collapse at step {step}: nearly all samples are assigned to one prototype ({stats})"
     if spread < COLLAPSE_EMBEDDING_STD:
         return f"SwAV collapse at step {step}: every sample has the same embedding ({stats})"
+    if float(metrics["swav/code_entropy"]) > COLLAPSE_CODE_ENTROPY:
+        return (f"SwAV collapse at step {step}: the codes are uniform over the prototypes (the scores "
+                f"hardly differ), so the loss sits at ln K = {math.log(float(metrics['swav/num_prototypes'])):.3f} "
+                f"with no gradient; small batches need the queue (swav.queue_length), and K should exceed "
+                f"head.out_dim ({stats})")
     return None

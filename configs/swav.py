@@ -1,0 +1,34 @@
+r"""SwAV pretraining (online feature clustering; the clustering half of Ghesu et al. 2022).
+
+Swapped prediction between crops: codes from Sinkhorn equipartition of the two global crops'
+prototype scores predict every other crop. SwAV's single-node recipe because Ghesu et al.'s values
+are not public (see methods.md section 1 and `medssl_jax.methods.swav.ghesu_config`): ResNet-50,
+batch 256, multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14), 3000 prototypes,
+epsilon 0.05, 3 Sinkhorn iterations, temperature 0.1, prototypes frozen for 5005 steps, a 3840-long
+queue from step 15,000, LARS lr 0.6 cosine to 0.0006, wd 1e-6, then a linear probe of the encoder.
+
+Offline smoke run on the embedded phantom dataset (2 CPU cores: a few minutes end to end; prints
+the linear-probe mean AUC next to the random-init encoder's; writes WORKDIR/eval/summary.json):
+
+  python -m medssl_jax.main --config=configs/swav.py:runlocal --workdir=/tmp/swav_local
+
+Full run on an ingested store (chest X-rays, or a mixed CT/MR/X-ray store with
+--config.intensity.modality_aware=True once the pipeline delivers the modality fields):
+
+  python -m medssl_jax.main --config=configs/swav.py:store=/data/store --workdir=/runs/swav_r50
+
+Hardware and runtime: 200k steps x 256 images x (2 x 224 + 6 x 96) crops. The 6 local crops cost
+6 x (96/224)^2 = 1.1 global crops of FLOPs, so a step is ~3.1 global-crop forward/backward passes per
+image; at the ~6,000 views/s (224 px) of a plain Flax ResNet-50 on one H100 (DESIGN.md; not a
+measurement of this config, see BENCHMARKS.md) that is ~1,900 images/s, about 7.5 hours on one H100.
+Expected result: no published numbers for this exact recipe on medical data; Ghesu et al. report
++3 to +7 % AUC over ImageNet initialisation after fine-tuning (CXR abnormality, brain-CT hemorrhage)
+for their (SwAV + contrastive) hybrid, see configs/hybrid.py. On ImageNet, SwAV 200 epochs at batch
+256 with this recipe reaches 72.0 % linear top-1 (swav README).
+"""
+
+from medssl_jax.methods import swav
+
+
+def get_config(arg=None):
+    return swav.ghesu_config(arg, method="swav")

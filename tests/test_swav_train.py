@@ -1,0 +1,104 @@
+"""configs/swav.py and configs/hybrid.py, and the hybrid through the real train loop: multi-crop batches
+from the pipeline, 8 fake devices, the queue checkpointed and restored with the run."""
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from medssl_jax import checkpoint, config_lib, main, train
+from medssl_jax.data import phantoms
+from medssl_jax.methods import swav
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["swav", "hybrid"])
+def test_config_files(name):
+    full = load_config(name)
+    config_lib.check_known_keys(full, main.reference_config(full))
+    assert full.method == name and full.model.depth == 50 and full.swav.num_prototypes == 3000
+    spec = swav.data_spec(full)
+    assert [(c["num"], c["size"], c["scale"]) for c in spec["crops"]] == [(2, 224, (0.14, 1.0)),
+                                                                         (6, 96, (0.05, 0.14))]
+    local = load_config(name, "runlocal")
+    config_lib.check_known_keys(local, main.reference_config(local))
+    assert local.compute_dtype == "float32" and local.total_steps <= 500
+    with pytest.raises(ValueError, match="not one of"):
+        load_config(name, "runlocal,variant=r50x4")
+    if name == "hybrid":
+        c = load_config(name, "micle,supervised=0.5,num_labels=5")
+        assert c.data.sampler == "micle" and c.hybrid.supervised_weight == 0.5 and c.hybrid.num_labels == 5
+        assert swav.data_spec(c)["fields"] == ["labels"]
+
+
+@pytest.fixture(scope="module")
+def phantom_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("phantoms")
+    phantoms.ensure_phantom_store(str(cache), num_patients=64, image_size=32, seed=0)
+    return str(cache)
+
+
+def tiny_config(cache_dir, method="hybrid"):
+    c = load_config(method, "runlocal")
+    c.data.cache_dir = cache_dir
+    c.data.phantom_patients = 64
+    c.data.phantom_size = 32
+    c.data.image_size = 24
+    c.swav.local_image_size = 12
+    c.swav.num_local_crops = 2
+    c.swav.num_prototypes = 10
+    c.swav.freeze_prototypes_steps = 2
+    c.swav.queue_length = 32  # two batches: filled at steps 1 and 2, used from step 3
+    c.swav.queue_start_steps = 1
+    c.model.depth, c.model.base_width = 18, 4
+    c.head.hidden_dim = 16
+    c.head.out_dim = 8
+    c.batch_size = 16
+    c.total_steps = 6
+    c.optim.warmup_steps = 2
+    c.log_every = 1
+    c.checkpoint_every = 3
+    c.probe.enabled = False
+    return c
+
+
+def saved_state(workdir):
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    ckpt.close()
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        return step, c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def test_hybrid_resume_with_queue_equals_uninterrupted(phantom_cache, tmp_path):
+    config = tiny_config(phantom_cache)
+    straight = str(tmp_path / "straight")
+    result = train.pretrain(config, straight)
+    assert result.steps_done == 6 and result.export_dir is not None
+    interrupted = str(tmp_path / "interrupted")
+    assert train.pretrain(config, interrupted, stop_after=3).steps_done == 3
+    step, state = saved_state(interrupted)
+    assert step == 3 and np.any(np.asarray(state["method_state"]["queue"]))  # the queue is in the checkpoint
+    train.pretrain(config, interrupted)
+    (step_a, a), (step_b, b) = saved_state(straight), saved_state(interrupted)
+    assert step_a == step_b == 6
+    assert np.asarray(a["method_state"]["queue"]).shape == (2, 32, 8)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    kernel = np.asarray(a["params"]["prototypes"]["kernel"])
+    np.testing.assert_allclose(np.linalg.norm(kernel, axis=0), 1.0, rtol=1e-5)
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        used = [json.loads(line).get("swav/queue_used") for line in f]
+    assert used[:3] == [0.0, 0.0, 0.0] and used[3:] == [1.0, 1.0, 1.0]
