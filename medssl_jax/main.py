@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -108,5 +109,21 @@ def _is_user_error(error: Exception) -> bool:
                               FileNotFoundError, json.JSONDecodeError))
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a mistyped `--config.x=...` reported as one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as error:
+        override = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")), "")
+        # ml_collections puts an escaped repr of its message in the error ("'\\'x\\'\\nDid you mean...").
+        detail = " ".join(str(error).encode().decode("unicode_escape").replace("'", "").split())
+        if isinstance(error, AttributeError) and override:
+            message = f"unknown config field in {override}: {detail}"
+        else:
+            message = f"bad command-line flag: {detail}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -203,7 +203,8 @@ def setup(config) -> Setup:
         params = optax.apply_updates(state["params"], updates)
         if hasattr(method, "after_update"):
             params, method_state = method.after_update(params, method_state, step=step, config=config)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        # The loop owns "loss": it is what was differentiated, whatever the method logs beside it.
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
         new_state = {
             "step": step + 1,
             "params": params,

@@ -18,6 +18,8 @@ from absl import flags  # noqa: E402
 # (fresh, interrupted, resumed), and XLA compilation dominates their run time on 2 CPU cores.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="medssl_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Tests run tiny models for a few steps: XLA's optimisation passes cost far more time than they save.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 def pytest_configure(config):
