@@ -40,7 +40,7 @@ The report gives per-label AUCs with the paired bootstrap (1000 resamples, the s
 model), one-sided p-values and Benjamini-Hochberg across labels, as the paper's evaluation does.
 
 Offline smoke run (2 CPU cores, a few minutes): a tiny random-init ViT (width 32, 2 blocks, patch 8,
-48 px) on the embedded phantom dataset; trains and prints per-label test AUCs:
+64 px) on the embedded phantom dataset; trains and prints per-label test AUCs:
 
   python -m medssl_jax.main --config=configs/dinov2_finetune.py:runlocal --workdir=/tmp/vit_ft_local
 
@@ -102,11 +102,11 @@ def get_config(arg=None):
         if c.init == "random":
             c.method = "none"
         c.model = mlc.ConfigDict({"name": "vit", "variant": "Ti/8", "width": 32, "depth": 2, "num_heads": 2,
-                                  "mlp_dim": 64, "image_size": 48, "pos_interp": "size"})
+                                  "mlp_dim": 64, "image_size": 64, "pos_interp": "size"})
         c.data.phantom_patients = 400
         c.data.phantom_size = 64
         c.data.num_workers = 0
-        c.image_size = 48
+        c.image_size = 64
         c.batch_size = 32
         c.total_steps = 300
         c.eval_every = 50
