@@ -29,6 +29,19 @@ _REGISTRY = {
 }
 
 
+def encoder_variables(variables: dict) -> dict:
+    """The encoder's part of a model whose encoder submodule is named 'encoder' (what gets exported)."""
+    return {collection: tree["encoder"] for collection, tree in variables.items() if "encoder" in tree}
+
+
+def with_encoder_variables(variables: dict, encoder: dict) -> dict:
+    """`variables` with the encoder part replaced (initialisation from an export, `config.init`)."""
+    result = {collection: dict(tree) for collection, tree in variables.items()}
+    for collection, tree in encoder.items():
+        result[collection]["encoder"] = tree
+    return result
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from medssl_jax import augment, losses, models
+from medssl_jax.methods import encoder_variables, with_encoder_variables  # noqa: F401 (method interface)
 from medssl_jax.models import heads
 
 
@@ -75,15 +76,3 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     z = z.reshape(batch_size, 2, -1)
     loss = losses.ntxent(z1=z[:, 0], z2=z[:, 1], temperature=config.loss.temperature)
     return loss, (updates["batch_stats"], method_state, {"loss": loss})
-
-
-def encoder_variables(variables: dict) -> dict:
-    return {collection: tree["encoder"] for collection, tree in variables.items() if "encoder" in tree}
-
-
-def with_encoder_variables(variables: dict, encoder: dict) -> dict:
-    """Returns `variables` with the encoder part replaced (initialisation from an export)."""
-    result = {collection: dict(tree) for collection, tree in variables.items()}
-    for collection, tree in encoder.items():
-        result[collection]["encoder"] = tree
-    return result
