@@ -17,7 +17,8 @@
 supervision") adds, with weights that are config fields because the paper's values are not public:
   loss = L_swav + contrastive_weight * NT-Xent(z of global crop 1, z of global crop 2)
               + supervised_weight * BCE(linear head on the global crops' encoder features, labels)
-NT-Xent uses the same normalised z (SimCLR temperature 0.1 by default); MICLe-style patient positives
+NT-Xent (`losses.ntxent`: the paper's L, half of google-research/simclr's loss_a + loss_b) uses the same
+normalised z (SimCLR temperature 0.1 by default); MICLe-style patient positives
 come from the sampler (`config.data.sampler = 'micle'`: the two global crops are two images of one
 patient). The supervised term uses only the labels that are present (NaN = missing is masked out).
 
@@ -41,6 +42,7 @@ import ml_collections as mlc
 
 from medssl_jax import augment, config_lib, losses, models
 from medssl_jax.losses.clustering import sinkhorn, swav_loss
+from medssl_jax.methods import encoder_variables, with_encoder_variables  # noqa: F401 (method interface)
 from medssl_jax.models import heads
 from medssl_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
 
@@ -325,18 +327,6 @@ def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, A
     return variables, method_state
 
 
-def encoder_variables(variables: dict) -> dict:
-    return {collection: tree["encoder"] for collection, tree in variables.items() if "encoder" in tree}
-
-
-def with_encoder_variables(variables: dict, encoder: dict) -> dict:
-    """Returns `variables` with the encoder part replaced (initialisation from an export)."""
-    result = {collection: dict(tree) for collection, tree in variables.items()}
-    for collection, tree in encoder.items():
-        result[collection]["encoder"] = tree
-    return result
-
-
 # --------------------------------------------------------------------------------------------- intensity
 
 
@@ -568,7 +558,11 @@ def _clustering_stats(scores, codes, z, crops_for_assign) -> dict:
 
 
 def process_grads(grads, *, step, config):
-    """Freezes the prototypes for the first `freeze_prototypes_steps` steps (SwAV sets their grad to None)."""
+    """Freezes the prototypes for the first `freeze_prototypes_steps` steps (SwAV sets their grad to None).
+
+    With a zero gradient, weight decay (and LARS's trust ratio on it) can only scale each prototype
+    along itself; `after_update` re-normalises, so the prototype directions stay exactly frozen.
+    """
     frozen = step < config.swav.freeze_prototypes_steps
     prototypes = jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads["prototypes"])
     return {**grads, "prototypes": prototypes}
