@@ -180,3 +180,21 @@ def test_converted_rgb_vit_checkpoint_probes_a_grey_store(phantom_cache, tmp_pat
                                     {"model": vit, "source": {"format": "dinov2", "file": "x.pth"}})
     summary = main.run(probe_config(phantom_cache, export), str(tmp_path / "e"))
     assert summary["method"] == "dinov2" and summary["num_examples"] > 0
+
+
+@pytest.mark.parametrize("spec", ["linear_probe.py", "linear_probe.py:runlocal,init=random", "finetune.py",
+                                  "finetune.py:runlocal", "dinov2_finetune.py", "dinov2_finetune.py:arm=in21k",
+                                  "dinov2_finetune.py:arm=random", "dinov2_finetune.py:runlocal"])
+def test_config_files_have_only_known_fields(spec):
+    import importlib.util
+
+    from medssl_jax import config_lib
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("cfg", os.path.join(os.path.dirname(__file__), "..",
+                                                                             "configs", path))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config_lib.check_known_keys(config, main.reference_config(config))
+    models.build_encoder({**config.model.to_dict(), "dtype": "float32"})  # the random-init architecture builds
