@@ -33,6 +33,10 @@ about 3 minutes; random-init ResNet-18 unless --config.init is given; prints per
       --workdir=/tmp/ft_simclr
   python -m medssl_jax.compare /tmp/ft_simclr /tmp/ft_random --out=/tmp/ft_report
 
+Measured on the phantoms (generator v5, 2 busy shared CPU cores, ~45 s CPU per run): fine-tuning from a
+300-step configs/micle.py:runlocal export reached test mean AUC 0.66, from random init 0.48 (p < 0.001).
+The validation split has 50 patients, so its AUC (and the step it selects) is noisy at this size.
+
 Hardware and runtime (an estimate, not a measurement): a ResNet-50 fine-tuning step costs about a third
 of a SimCLR pretraining step (one view, no projection head), so roughly 6,000-9,000 images/s on one
 H100 at 224 px: 30 epochs over CheXpert's ~180k training images take on the order of 15-25 minutes
