@@ -368,7 +368,8 @@ def _open_shift(config, store: Store):
     shift_store = Store(config.shift_store)
     model_cols, store_cols, names = metrics.label_mapping(store.label_names, shift_store.label_names,
                                                           {str(a): str(b) for a, b in pairs})
-    shift_store.ids(config.shift_split)  # unknown split -> StoreError now, not after training
+    if len(shift_store.ids(config.shift_split)) == 0:  # an unknown split raises StoreError here too
+        raise ValueError(f"config.shift_split={config.shift_split!r} has no records in {config.shift_store}")
     return shift_store, model_cols, store_cols, names
 
 
