@@ -116,7 +116,9 @@ def make_schedule(cfg, *, total_steps: int, batch_size: int) -> Callable[[Any], 
     if kind == "cosine":
         end_value = peak * float(cfg.get("end_lr_factor", 0.0))
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=end_value)
+            init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+            decay_steps=max(total_steps, warmup_steps + 1),  # optax needs a non-empty cosine part
+            end_value=end_value)
     if warmup_steps == 0:
         return optax.constant_schedule(peak)
     return optax.join_schedules(

@@ -102,3 +102,25 @@ def test_hybrid_resume_with_queue_equals_uninterrupted(phantom_cache, tmp_path):
     with open(os.path.join(straight, "metrics.jsonl")) as f:
         used = [json.loads(line).get("swav/queue_used") for line in f]
     assert used[:3] == [0.0, 0.0, 0.0] and used[3:] == [1.0, 1.0, 1.0]
+
+
+def test_hybrid_with_supervision_and_modality_fields_trains(phantom_cache, tmp_path):
+    """The pipeline delivers the per-image fields the hybrid asks for: labels for the supervised term
+    and the modality fields for intensity handling, [B, 2, ...] per source image."""
+    config = tiny_config(phantom_cache)
+    config.data.sampler = "micle"
+    config.hybrid.supervised_weight = 0.5
+    config.hybrid.num_labels = len(phantoms.LABEL_NAMES)
+    config.intensity.modality_aware = True
+    config.total_steps = 2
+    config.checkpoint_every = 2
+    run = train.setup(config)
+    batch = next(run.data_iter)
+    assert batch["labels"].shape == (16, 2, len(phantoms.LABEL_NAMES))
+    assert batch["modality_id"].shape == batch["bits_stored"].shape == batch["intensity_offset"].shape == (16, 2)
+    assert set(np.unique(batch["labels"][~np.isnan(batch["labels"])])) <= {0.0, 1.0}
+    result = train.pretrain(config, str(tmp_path / "w"))
+    assert result.steps_done == 2
+    with open(os.path.join(str(tmp_path / "w"), "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert all(np.isfinite(line["loss"]) for line in lines)

@@ -49,6 +49,41 @@ UINT16_MAX = 65535
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 SAMPLERS = ("pairs", "micle")
 
+# Modality codes the device side understands (CT windows, MR percentile normalisation, X-ray as stored).
+MODALITY_OTHER, MODALITY_CT, MODALITY_MR = 0, 1, 2
+_MODALITY_IDS = {"CT": MODALITY_CT, "MR": MODALITY_MR}
+
+
+def modality_id(code: str) -> int:
+    """The integer id of a record's DICOM modality code ('CT', 'MR', anything else -> other)."""
+    return _MODALITY_IDS.get(str(code).upper(), MODALITY_OTHER)
+
+
+def _labels(record):
+    return record["labels"].astype(np.float32)
+
+
+def _modality_id(record):
+    return np.int32(modality_id(record["modality"]))
+
+
+def _bits_stored(record):
+    return np.int32(record["bits_stored"])
+
+
+def _intensity_offset(record):
+    return np.float32(record["intensity_offset"])
+
+
+# Per-image fields a method can ask for with `"fields": [...]` in its data spec; each comes out as
+# [B, 2, ...] in the batch, one entry per source image (crop k of a group comes from image k % 2).
+RECORD_FIELDS = {
+    "labels": _labels,
+    "modality_id": _modality_id,
+    "bits_stored": _bits_stored,
+    "intensity_offset": _intensity_offset,
+}
+
 
 # ------------------------------------------------------------------------------------------ host ops
 
@@ -148,10 +183,14 @@ class SampleViews(grain.transforms.RandomMap):
     """
 
     def __init__(self, source, groups: tuple[np.ndarray, np.ndarray], crops: Sequence[dict], *,
-                 with_record_ids: bool = False):
+                 fields: Sequence[str] = (), with_record_ids: bool = False):
         self.source = source  # an ArrayRecordDataSource pickles without its open readers
         self.offsets, self.record_ids = groups
         self.crops = validate_crops(crops)
+        unknown = sorted(set(fields) - set(RECORD_FIELDS))
+        if unknown:
+            raise ValueError(f"data spec fields {unknown} unknown; available: {sorted(RECORD_FIELDS)}")
+        self.fields = tuple(fields)
         self.with_record_ids = with_record_ids
 
     def random_map(self, group: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -176,6 +215,8 @@ class SampleViews(grain.transforms.RandomMap):
                 views.append(crop_resize_uint16(image, box, crop["size"],
                                                 value_scale=full_range_scale(record), flip=flip))
             out[crop["name"]] = np.stack(views)
+        for field in self.fields:
+            out[field] = np.stack([RECORD_FIELDS[field](record) for record in records])
         if self.with_record_ids:
             out["record_ids"] = pair.astype(np.int32)
         return out
@@ -251,7 +292,7 @@ def make_pretrain_dataset(store: Store, *, spec: dict, batch_size_per_host: int,
     # Hosts get different seeds so their augmentation streams are independent, not copies.
     host_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
     views = SampleViews(store.data_source(), (offsets, record_ids), spec["crops"],
-                        with_record_ids=with_record_ids)
+                        fields=spec.get("fields", ()), with_record_ids=with_record_ids)
     return (grain.MapDataset.range(num_groups)
             .seed(host_seed)
             .shuffle()

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from medssl_jax import augment, config_lib, losses, models
+from medssl_jax.data.pipeline import MODALITY_CT, MODALITY_MR, MODALITY_OTHER, modality_id  # noqa: F401
 from medssl_jax.losses.clustering import sinkhorn, swav_loss
 from medssl_jax.methods import encoder_variables, with_encoder_variables  # noqa: F401 (method interface)
 from medssl_jax.models import heads
@@ -55,11 +56,6 @@ COLLAPSE_EMBEDDING_STD = 0.01  # spread of the normalised embeddings over the ba
 COLLAPSE_MIN_SAMPLES = 8  # below this a single prototype can win by chance
 COLLAPSE_CODE_ENTROPY = 0.995  # mean code entropy / ln K: uniform codes give no gradient (loss = ln K)
 
-# Modalities as the batch's per-sample `modality_id` (int32) encodes them; see `modality_id()`.
-MODALITY_OTHER, MODALITY_CT, MODALITY_MR = 0, 1, 2
-# DICOM modality code -> modality_id. X-ray (CR, DX, MG, RF, XA), ultrasound and anything unknown are
-# used as stored.
-_MODALITY_IDS = {"CT": MODALITY_CT, "MR": MODALITY_MR}
 # CT window presets (centre, width) in Hounsfield units.
 CT_WINDOWS = {
     "lung": (-600.0, 1500.0),
@@ -328,11 +324,6 @@ def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, A
 
 
 # --------------------------------------------------------------------------------------------- intensity
-
-
-def modality_id(modality: str) -> int:
-    """The `modality_id` for a record's DICOM modality code (host side, for the pipeline)."""
-    return _MODALITY_IDS.get(modality.upper(), MODALITY_OTHER)
 
 
 def modality_intensity(
