@@ -150,7 +150,7 @@ def test_schedules_by_step():
 
 
 def test_ema_update(tiny_setup):
-    config = tiny_config(total_steps=100)
+    config = tiny_config(total_steps=100, **{"dino.momentum_teacher": 0.996})
     _, _, _, variables, state = tiny_setup
     student = jax.tree.map(lambda p: p + 1.0, variables["params"])
     params, new_state = dino.after_update(student, state, step=50, config=config)

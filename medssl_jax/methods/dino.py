@@ -176,12 +176,12 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
         c.dino.teacher_temp_warmup_steps = 0
         # 0.996 keeps the teacher at ~70 % of its random init for all 300 steps; a random tiny ViT barely
         # depends on its input, so such a teacher is uniform after centring and the student copies it.
-        c.dino.momentum_teacher = 0.97
+        c.dino.momentum_teacher = 0.9
         c.dino.freeze_last_layer_steps = 20
         c.dino.health_check_after_steps = 100
         c.batch_size = 64
         c.total_steps = 300
-        c.optim.base_lr = 2e-3
+        c.optim.base_lr = 5e-4
         c.optim.warmup_steps = 30
         c.optim.end_lr_factor = 0.01
         c.log_every = 25
