@@ -441,7 +441,7 @@ def _collapse_stats(stats: dict) -> dict:
     k = t.shape[-1]
     log_k = math.log(k)
     flat = t.reshape(-1, k)
-    counts = jnp.sum(jax.nn.one_hot(jnp.argmax(flat, axis=-1), k, dtype=jnp.float32), axis=0)
+    counts = jnp.bincount(jnp.argmax(flat, axis=-1), length=k)  # not a [N, K] one-hot: K is 65536 in DINO
     pairs = stats["pairs"]
     kl = stats["ce"] - _entropy(t)[:, :, None]  # KL(t || s) per pair: cross-entropy minus the teacher entropy
     return {
