@@ -157,7 +157,7 @@ def azizi_cxr_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
         c.data.crop_scale = (0.25, 1.0)
         c.data.num_workers = 0
         c.batch_size = 64
-        c.total_steps = 300
+        c.total_steps = 600  # 300 steps: probe AUC 0.59 vs 0.47 random-init; 600 steps: 0.65 vs 0.47
         c.optim.warmup_steps = 30
         c.optim.base_lr = 1.0
         # tau 0.2 learned faster than 0.1 or 0.5 at batch 64 in 300 steps (probe AUC on the phantoms).
