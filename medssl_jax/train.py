@@ -309,9 +309,13 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     # ---------------------------------------------------------------- export
     export_dir = os.path.join(workdir, "export")
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if hasattr(method, "export_variables"):  # e.g. DINO exports its teacher, which lives in method_state
+        encoder = method.export_variables(jax.device_get(variables), jax.device_get(state["method_state"]))
+    else:
+        encoder = method.encoder_variables(jax.device_get(variables))
     checkpoint.save_export(
         export_dir,
-        method.encoder_variables(jax.device_get(variables)),
+        encoder,
         {
             "model": config.model.to_dict(),
             "input": {"image_size": config.data.image_size, "channels": int(run.example[spec["crops"][0]["name"]].shape[-1])},

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from medssl_jax import config_lib, main, optim, train
+from medssl_jax import checkpoint, config_lib, main, optim, train
 from medssl_jax.data import phantoms
 from medssl_jax.methods import dino
 
@@ -335,4 +335,11 @@ def test_pretrain_checkpoints_teacher_and_center_and_resumes_bitwise(phantom_cac
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The export is the teacher's backbone (DINO evaluates the teacher), not the student's.
+    exported, _ = checkpoint.load_export(result.export_dir)
+    teacher_leaves = jax.tree.leaves(a["method_state"]["teacher"]["encoder"])
+    exported_leaves = jax.tree.leaves(exported["params"])
+    assert len(teacher_leaves) == len(exported_leaves)
+    for x, y in zip(teacher_leaves, exported_leaves):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

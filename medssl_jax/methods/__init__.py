@@ -11,6 +11,8 @@ optional:
     process_grads(grads, *, step, config) -> grads
     after_update(params, method_state, *, step, config) -> (params, method_state)
     check_health(metrics, *, step) -> None | str              a message when training has collapsed
+    export_variables(variables, method_state) -> encoder variables to export instead of
+        encoder_variables(variables) (DINO: the teacher)
     extend_config(config) -> None                              add the method's own config fields
 """
 
