@@ -148,26 +148,33 @@ def azizi_cxr_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
     c.log_every = 100
     c.checkpoint_every = 2000
     if args.runlocal:
-        # Minutes on 2 CPU cores: a tiny ResNet on the embedded phantom dataset at 64 px.
-        c.compute_dtype = "float32"  # bf16 is emulated (slow) on CPUs
+        # Minutes on 2 CPU cores: a tiny ResNet on the embedded phantom dataset, 48 px crops of 64 px images.
+        apply_runlocal(c, image_size=48, probe_size=64)  # probe on whole phantoms, as a reader sees them
         c.model.depth, c.model.width, c.model.base_width = 18, 1, 16
-        c.data.phantom_patients = 400
-        c.data.phantom_size = 64
-        c.data.image_size = 48
         c.data.crop_scale = (0.25, 1.0)
-        c.data.num_workers = 0
-        c.batch_size = 64
         c.total_steps = 600  # 300 steps: probe AUC 0.59 vs 0.47 random-init; 600 steps: 0.65 vs 0.47
-        c.optim.warmup_steps = 30
         c.optim.base_lr = 1.0
         # tau 0.2 learned faster than 0.1 or 0.5 at batch 64 in 300 steps (probe AUC on the phantoms).
         c.loss.temperature = 0.2
         c.head.hidden_dim = 128
-        c.log_every = 25
-        c.checkpoint_every = 100
-        c.probe.image_size = 64  # the phantoms' native size: whole images, as a reader would see them
-        c.probe.batch_size = 128
     return c
+
+
+def apply_runlocal(c: mlc.ConfigDict, *, image_size: int, probe_size: int) -> None:
+    """The CPU-sized settings every `:runlocal` pretraining config shares: the embedded phantom dataset
+    (400 patients, 64 px), float32 (bf16 is emulated, hence slow, on CPUs), batch 64 in-process."""
+    c.compute_dtype = "float32"
+    c.data.phantom_patients = 400
+    c.data.phantom_size = 64
+    c.data.image_size = image_size
+    c.data.num_workers = 0
+    c.batch_size = 64
+    c.total_steps = 300
+    c.optim.warmup_steps = 30
+    c.log_every = 25
+    c.checkpoint_every = 100
+    c.probe.image_size = probe_size
+    c.probe.batch_size = 128
 
 
 def linear_probe_fields() -> mlc.ConfigDict:

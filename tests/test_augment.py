@@ -12,15 +12,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from medssl_jax import augment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """XLA's optimisation passes dominate these tests' CPU time; the checks do not depend on them."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _only(**fields):
     cfg = augment.preset("none")
     cfg.update(**fields)

@@ -9,15 +9,6 @@ from medssl_jax.models import LinearClassifier, ProjectionHead, ResNet, build_en
 from medssl_jax.models.resnet import BasicBlock, BottleneckBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """XLA's optimisation passes dominate these tests' CPU time; the checks do not depend on them."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _abstract_param_count(model, channels=3):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, channels)), train=False))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))

@@ -158,14 +158,10 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
     c.checkpoint_every = 2000
     if args.runlocal:
         # Minutes on 2 CPU cores: a 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops.
-        c.compute_dtype = "float32"  # bf16 is emulated (slow) on CPUs
+        config_lib.apply_runlocal(c, image_size=32, probe_size=32)
         c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
                        drop_path_rate=0.0)
-        c.data.phantom_patients = 400
-        c.data.phantom_size = 64
-        c.data.image_size = 32
         c.data.crop_scale = (0.3, 1.0)
-        c.data.num_workers = 0
         c.dino.num_local_crops = 4
         c.dino.local_image_size = 16
         c.dino.local_crop_scale = (0.08, 0.3)
@@ -179,15 +175,8 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
         c.dino.momentum_teacher = 0.9
         c.dino.freeze_last_layer_steps = 20
         c.dino.health_check_after_steps = 100
-        c.batch_size = 64
-        c.total_steps = 300
         c.optim.base_lr = 5e-4
-        c.optim.warmup_steps = 30
         c.optim.end_lr_factor = 0.01
-        c.log_every = 25
-        c.checkpoint_every = 100
-        c.probe.image_size = 32
-        c.probe.batch_size = 128
     return c
 
 

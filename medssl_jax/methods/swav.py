@@ -153,13 +153,9 @@ def ghesu_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
         c.hybrid.num_labels = args.num_labels
     if args.runlocal:
         # Minutes on 2 CPU cores: a tiny ResNet on the embedded phantom dataset, 2 x 48 + 2 x 24 px crops.
-        c.compute_dtype = "float32"  # bf16 is emulated (slow) on CPUs
+        config_lib.apply_runlocal(c, image_size=48, probe_size=48)
         c.model.depth, c.model.width, c.model.base_width = 18, 1, 16
-        c.data.phantom_patients = 400
-        c.data.phantom_size = 64
-        c.data.image_size = 48
         c.data.crop_scale = (0.25, 1.0)
-        c.data.num_workers = 0
         c.swav.num_local_crops = 2
         c.swav.local_image_size = 24
         c.swav.local_crop_scale = (0.14, 0.4)
@@ -174,16 +170,9 @@ def ghesu_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
         c.swav.queue_length = 1024
         c.swav.queue_start_steps = 20
         c.augment.blur_p = 0.0
-        c.batch_size = 64
-        c.total_steps = 300
-        c.optim.warmup_steps = 30
         c.optim.base_lr = 0.6
         c.optim.end_lr_factor = 0.0
         c.head.hidden_dim = 128
-        c.log_every = 25
-        c.checkpoint_every = 100
-        c.probe.image_size = 48
-        c.probe.batch_size = 128
     return c
 
 
