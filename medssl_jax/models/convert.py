@@ -346,7 +346,7 @@ def _variant_name(width, depth, patch) -> str:
     for name, (w, d, *_rest) in VARIANTS.items():
         if (w, d) == (width, depth):
             return f"{name}/{patch}"
-    return f"S/{patch}"  # placeholder size; the explicit width/depth/heads/mlp_dim fields override it
+    return f"S/{patch}"  # a non-standard size: the explicit width/depth/heads/mlp_dim fields override S
 
 
 # ------------------------------------------------------------------------------------- transformers DINOv2
