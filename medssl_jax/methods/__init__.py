@@ -44,6 +44,27 @@ def with_encoder_variables(variables: dict, encoder: dict) -> dict:
     return result
 
 
+def multicrop_features(encoder, crops, *, train: bool):
+    """Runs each crop resolution through `encoder` as its own batch (fixed shapes, one compile each).
+
+    crops: a tuple of [B, n_i, H_i, W_i, C] groups (or one [B, H, W, C] array); returns features
+    [B, sum n_i, D] (a device-local concatenation: rows stay on their device) and the encoder's
+    out_dict for the first group.
+    """
+    import jax.numpy as jnp
+
+    if not isinstance(crops, (list, tuple)):
+        crops = (crops[:, None],)
+    features, encoder_out = [], {}
+    for index, group in enumerate(crops):
+        batch, num = group.shape[:2]
+        f, out = encoder(group.reshape(batch * num, *group.shape[2:]), train=train)
+        features.append(f.reshape(batch, num, -1))
+        if index == 0:
+            encoder_out = out
+    return jnp.concatenate(features, axis=1), encoder_out
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
 

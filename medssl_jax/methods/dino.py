@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from medssl_jax import augment, config_lib, models
+from medssl_jax.methods import multicrop_features
 from medssl_jax.models import vit
 
 # DINO initialises the head's Linear layers with trunc_normal(std=0.02) and zero biases.
@@ -252,17 +253,7 @@ class DINOModel(nn.Module):
     head: nn.Module
 
     def __call__(self, crops, *, train: bool):
-        if not isinstance(crops, (list, tuple)):
-            crops = (crops[:, None],)
-        features = []
-        encoder_out = {}
-        for index, group in enumerate(crops):
-            batch, num = group.shape[:2]
-            f, enc = self.encoder(group.reshape(batch * num, *group.shape[2:]), train=train)
-            features.append(f.reshape(batch, num, -1))
-            if index == 0:
-                encoder_out = enc
-        features = jnp.concatenate(features, axis=1)  # [B, V, D]: a device-local concatenation
+        features, encoder_out = multicrop_features(self.encoder, crops, train=train)
         logits, head_out = self.head(features, train=train)
         return logits, {"encoder": encoder_out, "features": features, "head": head_out, "logits": logits}
 

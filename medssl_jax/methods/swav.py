@@ -43,7 +43,7 @@ import ml_collections as mlc
 from medssl_jax import augment, config_lib, losses, models
 from medssl_jax.data.pipeline import MODALITY_CT, MODALITY_MR, MODALITY_OTHER, modality_id  # noqa: F401
 from medssl_jax.losses.clustering import sinkhorn, swav_loss
-from medssl_jax.methods import encoder_variables, with_encoder_variables  # noqa: F401 (method interface)
+from medssl_jax.methods import encoder_variables, multicrop_features, with_encoder_variables  # noqa: F401 (method interface)
 from medssl_jax.models import heads
 from medssl_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
 
@@ -254,17 +254,7 @@ class SwAVModel(nn.Module):
 
     @nn.compact
     def __call__(self, crops, *, train: bool):
-        if not isinstance(crops, (list, tuple)):
-            crops = (crops[:, None],)
-        features = []
-        encoder_out = {}
-        for index, group in enumerate(crops):
-            batch, num = group.shape[:2]
-            f, enc = self.encoder(group.reshape(batch * num, *group.shape[2:]), train=train)
-            features.append(f.reshape(batch, num, -1))
-            if index == 0:
-                encoder_out = enc
-        features = jnp.concatenate(features, axis=1)  # [B, V, D]: a device-local concatenation
+        features, encoder_out = multicrop_features(self.encoder, crops, train=train)
         z, head_out = self.head(features, train=train)
         z = l2_normalize(z)
         scores = nn.Dense(self.num_prototypes, use_bias=False, kernel_init=TORCH_LINEAR_INIT,
