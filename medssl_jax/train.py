@@ -272,8 +272,9 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
             state, metrics = train_step(state, batch)
             step += 1
             last = step == end_step
-            want_log = step % config.log_every == 0 or last or sigterm.raised
-            want_save = step % config.checkpoint_every == 0 or last or sigterm.raised
+            stop = sigterm.raised  # read once: a signal arriving later in this step is handled next step
+            want_log = step % config.log_every == 0 or last or stop
+            want_save = step % config.checkpoint_every == 0 or last or stop
             if want_log or want_save:
                 host_metrics = jax.device_get(metrics)
                 bad = _first_nonfinite(host_metrics)
@@ -297,7 +298,7 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
             if want_save:
                 checkpointer.save(step, state, data_iter)
                 last_saved = step
-            if sigterm.raised:
+            if stop:
                 preempted = True
                 logging_lib.log(f"SIGTERM: saved checkpoint at step {step}; exiting (rerun the command to resume)")
                 break

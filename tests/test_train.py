@@ -168,3 +168,38 @@ def test_cli_reports_config_typo_in_one_line(tmp_path):
     assert result.returncode != 0
     assert "weight_decy" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(phantom_cache, tmp_path):
+    """A preempted run (SIGTERM) checkpoints the step it is at and exits 0; rerunning resumes."""
+    import signal
+    import time
+
+    workdir = tmp_path / "w"
+    overrides = [
+        f"--config.data.cache_dir={phantom_cache}", "--config.data.phantom_patients=64",
+        "--config.data.phantom_size=32", "--config.data.image_size=24", "--config.model.base_width=4",
+        "--config.head.hidden_dim=16", "--config.head.out_dim=8", "--config.batch_size=16",
+        "--config.total_steps=100000", "--config.log_every=1", "--config.checkpoint_every=100000",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medssl_jax.main", "--config=configs/micle.py:runlocal",
+         f"--workdir={workdir}", *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "SIGTERM: saved checkpoint at step" in stdout
+    saved = int(stdout.split("SIGTERM: saved checkpoint at step")[1].split(";")[0])
+    ckpt = checkpoint.TrainCheckpointer(str(workdir / "checkpoints"))
+    assert ckpt.latest_step() == saved >= 2
+    ckpt.close()
+    assert not (workdir / "export").exists()  # preempted: no export, the rerun continues
