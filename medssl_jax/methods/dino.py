@@ -72,7 +72,9 @@ def vit_model_config(**overrides) -> mlc.ConfigDict:
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"vit_model_config: {unknown} are not ViT attributes")
-    return mlc.ConfigDict({"name": "vit", **fields, **overrides})
+    # attention 'xla' rather than the module's None: a None config field cannot be set from the command
+    # line (`--config.model.attention=cudnn` on a GPU).
+    return mlc.ConfigDict({"name": "vit", **fields, "attention": "xla", **overrides})
 
 
 def extend_config(config: mlc.ConfigDict) -> None:
