@@ -30,22 +30,19 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-import scipy.special
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from medssl_jax import checkpoint, config_lib, logging_lib, models, sharding
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import features as features_lib
-from medssl_jax.evaluate import metrics, report, robustness
+from medssl_jax.evaluate import report, robustness
+from medssl_jax.evaluate.probe import LinearProbe, fit_probe, select_and_fit  # noqa: F401 (used here and by tests)
 from medssl_jax.evaluate import splits as splits_lib
 
 # Converted checkpoints record their file format; what their weights were trained with, for the report.
@@ -147,58 +144,6 @@ def features_of(encoder: Encoder, store: Store, splits: splits_lib.Splits, confi
 
 
 # ------------------------------------------------------------------------------------------ probe
-
-@dataclasses.dataclass
-class LinearProbe:
-    """Standardisation + one logistic regression per label: probs = sigmoid(((x - mean) / std) @ w + b)."""
-
-    mean: np.ndarray  # [D]
-    std: np.ndarray  # [D]
-    w: np.ndarray  # [D, L]
-    b: np.ndarray  # [L]
-    fitted: np.ndarray  # [L] bool; an unfit label has w = 0, b = 0 (probability 0.5)
-
-    def logits(self, x) -> np.ndarray:
-        return ((np.asarray(x, np.float32) - self.mean) / self.std) @ self.w + self.b
-
-    def predict(self, x) -> np.ndarray:
-        return scipy.special.expit(self.logits(x))
-
-
-def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, mean=None, std=None) -> LinearProbe:
-    """Per-label L2 logistic regression (scikit-learn, lbfgs) on standardised features; NaN labels are
-    left out for their label only."""
-    mean = x.mean(axis=0) if mean is None else mean
-    std = x.std(axis=0) + 1e-6 if std is None else std
-    xs = (x - mean) / std
-    w = np.zeros((x.shape[1], y.shape[1]), np.float32)
-    b = np.zeros(y.shape[1], np.float32)
-    fitted = np.zeros(y.shape[1], bool)
-    for j in range(y.shape[1]):
-        keep = ~np.isnan(y[:, j])
-        if len(np.unique(y[keep, j])) < 2:
-            continue
-        clf = LogisticRegression(C=c, max_iter=2000)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xs[keep], y[keep, j])
-        w[:, j], b[j], fitted[j] = clf.coef_[0], clf.intercept_[0], True
-    return LinearProbe(mean.astype(np.float32), std.astype(np.float32), w, b, fitted)
-
-
-def select_and_fit(x_train, y_train, x_val, y_val, *, c_grid, label_names) -> tuple[LinearProbe, float, dict]:
-    """Fits the probe for every C, picks the best validation mean AUC (ties: the smaller C, stronger L2)."""
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
-    best, best_c, best_auc, by_c = None, None, -np.inf, {}
-    for c in sorted(float(c) for c in c_grid):
-        fitted = fit_probe(x_train, y_train, c, mean=mean, std=std)
-        auc = metrics.evaluate_predictions(probs=fitted.predict(x_val), labels=y_val,
-                                           label_names=label_names)["mean_auc"]
-        by_c[c] = auc
-        if best is None or (auc is not None and auc > best_auc):
-            best, best_c, best_auc = fitted, c, (auc if auc is not None else -np.inf)
-    return best, best_c, by_c
-
 
 # ------------------------------------------------------------------------------------------ robustness
 

@@ -8,6 +8,7 @@ held-out test split. A record with a missing label is left out for that label on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,14 +17,14 @@ from typing import Any
 
 import jax
 import numpy as np
+import scipy.special
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
 from medssl_jax import checkpoint, logging_lib, models
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import features as features_lib
-from medssl_jax.evaluate import report
+from medssl_jax.evaluate import metrics, report
 
 
 def patient_split(patients: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
@@ -41,29 +42,57 @@ def patient_split(patients: np.ndarray, *, fraction: float, seed: int) -> np.nda
     return np.array([p in held for p in patients], dtype=bool)
 
 
-def _fit_predict(x_fit, y_fit, x_eval, c: float) -> np.ndarray:
-    """Per-label logistic regression; returns [N_eval, L] probabilities (NaN where a label can't be fit)."""
-    probs = np.full((x_eval.shape[0], y_fit.shape[1]), np.nan)
-    for j in range(y_fit.shape[1]):
-        keep = ~np.isnan(y_fit[:, j])
-        y = y_fit[keep, j]
-        if len(np.unique(y)) < 2:
+@dataclasses.dataclass
+class LinearProbe:
+    """Standardisation + one logistic regression per label: probs = sigmoid(((x - mean) / std) @ w + b)."""
+
+    mean: np.ndarray  # [D]
+    std: np.ndarray  # [D]
+    w: np.ndarray  # [D, L]
+    b: np.ndarray  # [L]
+    fitted: np.ndarray  # [L] bool; an unfit label has w = 0, b = 0 (probability 0.5)
+
+    def logits(self, x) -> np.ndarray:
+        return ((np.asarray(x, np.float32) - self.mean) / self.std) @ self.w + self.b
+
+    def predict(self, x) -> np.ndarray:
+        return scipy.special.expit(self.logits(x))
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, mean=None, std=None) -> LinearProbe:
+    """Per-label L2 logistic regression (scikit-learn, lbfgs) on standardised features; NaN labels are
+    left out for their label only."""
+    mean = x.mean(axis=0) if mean is None else mean
+    std = x.std(axis=0) + 1e-6 if std is None else std
+    xs = (x - mean) / std
+    w = np.zeros((x.shape[1], y.shape[1]), np.float32)
+    b = np.zeros(y.shape[1], np.float32)
+    fitted = np.zeros(y.shape[1], bool)
+    for j in range(y.shape[1]):
+        keep = ~np.isnan(y[:, j])
+        if len(np.unique(y[keep, j])) < 2:
             continue
         clf = LogisticRegression(C=c, max_iter=2000)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(x_fit[keep], y)
-        probs[:, j] = clf.predict_proba(x_eval)[:, 1]
-    return probs
+            clf.fit(xs[keep], y[keep, j])
+        w[:, j], b[j], fitted[j] = clf.coef_[0], clf.intercept_[0], True
+    return LinearProbe(mean.astype(np.float32), std.astype(np.float32), w, b, fitted)
 
 
-def _mean_auc(probs: np.ndarray, labels: np.ndarray) -> float:
-    aucs = []
-    for j in range(labels.shape[1]):
-        keep = ~np.isnan(labels[:, j]) & ~np.isnan(probs[:, j])
-        if keep.any() and len(np.unique(labels[keep, j])) == 2:
-            aucs.append(roc_auc_score(labels[keep, j], probs[keep, j]))
-    return float(np.mean(aucs)) if aucs else float("nan")
+def select_and_fit(x_train, y_train, x_val, y_val, *, c_grid, label_names) -> tuple[LinearProbe, float, dict]:
+    """Fits the probe for every C, picks the best validation mean AUC (ties: the smaller C, stronger L2)."""
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    best, best_c, best_auc, by_c = None, None, -np.inf, {}
+    for c in sorted(float(c) for c in c_grid):
+        fitted = fit_probe(x_train, y_train, c, mean=mean, std=std)
+        auc = metrics.evaluate_predictions(probs=fitted.predict(x_val), labels=y_val,
+                                           label_names=label_names)["mean_auc"]
+        by_c[c] = auc
+        if best is None or (auc is not None and auc > best_auc):
+            best, best_c, best_auc = fitted, c, (auc if auc is not None else -np.inf)
+    return best, best_c, by_c
+
 
 
 def fit_linear_probe(
@@ -76,21 +105,18 @@ def fit_linear_probe(
     val_fraction: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Chooses C on a patient-wise validation part of train, refits on all of train, predicts test."""
-    mean = train_features.mean(axis=0)
-    std = train_features.std(axis=0) + 1e-6
-    x_train = (train_features - mean) / std
-    x_test = (test_features - mean) / std
+    """Chooses C on a patient-wise validation part of train, refits on all of train, predicts test.
+
+    (The linear_probe mode keeps the validation patients out of the final fit instead, so that its
+    label fractions are exactly the labelled data the probe saw.)
+    """
     held = patient_split(train_patients, fraction=val_fraction, seed=seed)
     if held.all() or not held.any():
         raise ValueError(f"probe.val_fraction={val_fraction} leaves no patients for fitting or validation")
-    val_auc = {}
-    for c in c_grid:
-        val_probs = _fit_predict(x_train[~held], train_labels[~held], x_train[held], c)
-        val_auc[float(c)] = _mean_auc(val_probs, train_labels[held])
-    finite = {c: a for c, a in val_auc.items() if np.isfinite(a)}
-    best_c = max(finite, key=finite.get) if finite else float(c_grid[len(c_grid) // 2])
-    test_probs = _fit_predict(x_train, train_labels, x_test, best_c)
+    names = [str(j) for j in range(train_labels.shape[1])]
+    _, best_c, val_auc = select_and_fit(train_features[~held], train_labels[~held], train_features[held],
+                                        train_labels[held], c_grid=c_grid, label_names=names)
+    test_probs = fit_probe(train_features, train_labels, best_c).predict(test_features)
     return {"probs": test_probs, "c": best_c, "val_mean_auc_by_c": val_auc}
 
 
@@ -152,7 +178,7 @@ def run_after_pretraining(export_dir: str, store: Store, probe_config, *, mesh, 
     pretrained = probe_encoder(model, variables, store, probe_config, mesh=mesh, seed=seed,
                                cache_dir=os.path.join(workdir, "eval", "cache"), forward=forward)
     summary = report.write_eval(
-        workdir, probs=_fill_unfit(pretrained["_probs"]), labels=pretrained["_labels"],
+        workdir, probs=pretrained["_probs"], labels=pretrained["_labels"],
         record_ids=pretrained["_index"], method=source.get("method", ""), init=export_dir,
         extra={"probe_c": pretrained["c"], "val_mean_auc_by_c": pretrained["val_mean_auc_by_c"], "source": source},
         **common,
@@ -165,7 +191,7 @@ def run_after_pretraining(export_dir: str, store: Store, probe_config, *, mesh, 
         logging_lib.log("linear probe on a randomly initialised encoder of the same architecture (baseline)")
         baseline = probe_encoder(model, random_vars, store, probe_config, mesh=mesh, seed=seed, forward=forward)
         baseline_summary = report.write_eval(
-            os.path.join(workdir, "baselines", "random_init"), probs=_fill_unfit(baseline["_probs"]),
+            os.path.join(workdir, "baselines", "random_init"), probs=baseline["_probs"],
             labels=baseline["_labels"], record_ids=baseline["_index"], method="none", init="random",
             extra={"probe_c": baseline["c"]}, **common,
         )
@@ -179,8 +205,3 @@ def run_after_pretraining(export_dir: str, store: Store, probe_config, *, mesh, 
             json.dump(summary, f, indent=2, sort_keys=True)
         os.replace(path + ".tmp", path)
     return summary
-
-
-def _fill_unfit(probs: np.ndarray) -> np.ndarray:
-    """A label the probe could not fit (one class in train) scores 0.5 everywhere: AUC 0.5, not a crash."""
-    return np.nan_to_num(probs, nan=0.5)
