@@ -1,26 +1,31 @@
 """The embedded default dataset: synthetic chest radiographs ("phantoms"), generated on first use.
 
-So that `python -m medssl_jax.main` works offline on a fresh machine, a small labelled chest-X-ray-like
-dataset is rendered deterministically from a seed with numpy and written with the same `StoreWriter`
-that real ingestion uses.
+So that `python -m medssl_jax.main` works offline on a fresh machine, a labelled chest-X-ray-like dataset
+is rendered deterministically from a seed with numpy and written with the same `StoreWriter` that real
+ingestion uses. It is built to be an honest test of self-supervised pretraining: a task on which SSL can
+help and on which the features of a (fairly initialised) random encoder are weak.
 
 What it models:
 * Anatomy, drawn as an attenuation map in patient coordinates: body outline, two lung fields (air),
-  diaphragm domes, mediastinum and heart shadow, spine, posterior ribs, clavicles, and lung markings
-  (a smooth per-patient texture). Every patient has its own anatomy (sizes, positions, rib spacing).
-* Views: each patient has 1-4 images (PA or AP, like repeat/follow-up studies). A view is the same
-  patient under a different rigid transform (shift, small rotation, scale; AP magnifies the heart a
-  little as in real AP films), exposure (attenuation scale, gain, gamma, heel-effect gradient),
-  collimation margins, the side marker, lung-marking texture and quantum noise, stored at the site's
-  bit depth (12 or 16 bits stored in uint16). This view-level variation is large on purpose: features
-  of a randomly initialised network are dominated by it, while MICLe/SimCLR learn to ignore it.
-* Findings, per patient (so consistent across that patient's images), placed in patient coordinates:
-  nodule (small dense blob in a lung), effusion (basal opacity with a lateral meniscus), cardiomegaly
-  (widened heart shadow), pneumothorax (apical-lateral region without lung markings, darker, behind a
-  thin pleural line). They are deliberately subtle compared with the view-to-view variation, so that a
-  linear probe must rely on features that ignore exposure and position.
-* Splits: patient-wise 'train' / 'test'. Positives per label are drawn with exact counts inside each
-  split, so every label has positives and negatives on both sides (AUC is always defined).
+  diaphragm domes, mediastinum and heart shadow, spine, posterior ribs, clavicles, and lung markings.
+  Every patient has their own anatomy (modest ranges, `ANATOMY`).
+* Findings, per patient (so shared by all of that patient's images), in patient coordinates: nodule (a
+  dense blob at a random place in one lung), effusion (basal opacity with a lateral meniscus),
+  cardiomegaly (widened heart shadow: a ratio to the thorax, so framing does not give it away) and
+  pneumothorax (an apical-lateral rim without lung markings, more lucent, behind a pleural line).
+* Acquisition (nuisance), strong on purpose and inside what the pretraining augmentations cover: framing
+  (shift, rotation up to 20 degrees, scale 0.8-1.25, AP magnification), exposure (beam energy, gain,
+  offset, gamma 0.5-2, heel effect) and quantum noise. Each of these is drawn partly per patient (the
+  site protocol and habitus: a patient's films look alike) and partly per image (`WITHIN_PATIENT`).
+  Collimation margins, the side marker, inspiration depth, lung-marking texture and the noise pattern
+  are drawn per image: they differ between a patient's films, which no single-image augmentation
+  reproduces (what MICLe's positives teach). Pooled features of a random network are dominated by this
+  variation, which is what pretraining learns to ignore.
+* Independence: labels are drawn first and nothing depends on them but the rendering of the findings;
+  anatomy, finding geometry and acquisition come from their own child random streams (a test fits a
+  probe on every nuisance draw alone and finds chance-level AUC for every label).
+* Splits: patient-wise 'train' / 'val' / 'test' (`SPLIT_FRACTIONS`: 45 / 15 / 40 %). Positives per label
+  are drawn with exact counts inside each split, so every label has positives and negatives everywhere.
 
 `ensure_phantom_store(cache_dir, num_patients=..., image_size=..., seed=...)` returns the store path,
 generating it only when it is absent or incomplete. The directory name encodes the generator version
@@ -39,7 +44,7 @@ import numpy as np
 from medssl_jax.data.store import Store, StoreError, StoreWriter
 
 # Bump when rendering changes: the version is part of the cache directory name.
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 LABEL_NAMES = ("nodule", "effusion", "cardiomegaly", "pneumothorax")
 PREVALENCES = (0.15, 0.25, 0.30, 0.10)
 # Probability of a patient having 1, 2, 3 or 4 images.
@@ -48,7 +53,7 @@ TEST_FRACTION = 0.3
 # Images rendered per numpy pass: bounds peak memory (~40 float32 temporaries of chunk x H x W).
 _RENDER_CHUNK = 32
 _HEART_NORMAL_SCALE = (1.0, 0.05)  # mean, std of heart width relative to the reference anatomy
-_HEART_ENLARGED_SCALE = (1.28, 1.42)  # uniform range when the patient has cardiomegaly
+_HEART_ENLARGED_SCALE = (1.3, 1.5)  # uniform range when the patient has cardiomegaly
 _NUM_MARKING_WAVES = 6
 
 
@@ -67,8 +72,8 @@ def ensure_phantom_store(cache_dir: str | os.PathLike | None = None, *, num_pati
     Generation goes to a temporary sibling directory that is renamed into place when complete, so
     concurrent callers and interrupted runs never see or leave a half-written store at the final path.
     """
-    if num_patients < 4:
-        raise ValueError(f"num_patients={num_patients}: need at least 4 (train and test both need "
+    if num_patients < 6:
+        raise ValueError(f"num_patients={num_patients}: need at least 6 (train, val and test all need "
                          "positives and negatives)")
     if image_size < 32:
         raise ValueError(f"image_size={image_size}: need at least 32 pixels")
@@ -120,60 +125,86 @@ def write_phantom_store(path: str | os.PathLike, *, num_patients: int, image_siz
                            split=cohort["split"][p], source_id=int(i))
 
 
+# The ranges of every random draw. Nuisance (acquisition) ranges are wide on purpose and lie inside what
+# the pretraining augmentations cover (crop scale, rotation, brightness/contrast/gamma jitter), so a
+# network that has learned invariance to them has something a random one lacks. Tests and experiments
+# read these names; change them only with a generator version bump.
+ANATOMY = {
+    "body_w": (0.82, 0.95), "lung_x": (0.33, 0.38), "lung_y": (-0.18, -0.12), "lung_ax": (0.24, 0.28),
+    "lung_ay": (0.60, 0.68), "diaphragm_drop": (0.01, 0.05), "dome_h": (0.11, 0.17), "heart_y": (0.5, 0.6),
+    "rib_curve": (0.6, 0.8), "clavicle_tilt": (-0.03, 0.03),
+}
+FINDINGS = {
+    "nodule_du": (-0.55, 0.55), "nodule_dv": (-0.6, 0.35), "nodule_r": (0.07, 0.10), "nodule_amp": (0.4, 0.6),
+    "effusion_height": (0.22, 0.4), "ptx_gap": (0.25, 0.4),
+}
+ACQUISITION = {
+    "tx": (-0.12, 0.12), "ty": (-0.12, 0.12), "rot_deg": (-20.0, 20.0), "log_scale": (np.log(0.8), np.log(1.25)),
+    "inspiration": (0.9, 1.06), "mu": (0.8, 1.8), "gain": (0.35, 1.0), "offset": (0.0, 0.2),
+    "log_gamma": (np.log(0.5), np.log(2.0)), "heel": (-0.2, 0.2), "noise": (0.006, 0.04),
+    "collimation": (0.0, 0.18), "marker_x": (0.6, 0.8), "marker_y": (-0.85, -0.6),
+}
+# Share of each acquisition range drawn per image; the rest is drawn once per patient (the site's
+# protocol and the patient's habitus: a patient's films look alike in exposure and framing, different
+# patients' films do not). Collimation, marker, inspiration, texture and noise are all per image.
+WITHIN_PATIENT = {key: 0.3 for key in ("tx", "ty", "rot_deg", "log_scale", "mu", "gain", "offset", "log_gamma",
+                                       "heel")}
+RENDER = {"ptx_lucency": 0.3, "pleural_line": 0.3}
+SPLIT_FRACTIONS = {"val": 0.15, "test": 0.40}  # patient-wise; the rest is train
+
+
+def _split_patients(n: int, rng: np.random.Generator) -> np.ndarray:
+    """'train' / 'val' / 'test' per patient, with at least 2 patients in every split."""
+    order = rng.permutation(n)
+    counts = {name: max(2, round(fraction * n)) for name, fraction in SPLIT_FRACTIONS.items()}
+    split = np.full(n, "train", dtype=object)
+    start = 0
+    for name, count in counts.items():
+        split[order[start:start + count]] = name
+        start += count
+    if (split == "train").sum() < 2:
+        raise ValueError(f"num_patients={n}: too few for train, val and test (need at least 6)")
+    return split.astype(str)
+
+
 def sample_cohort(*, num_patients: int, seed: int) -> dict[str, np.ndarray]:
     """Draws every random quantity of the dataset (patients, findings, views) from one seed.
 
     Patient arrays have leading dim num_patients; image arrays (prefix image_) have one row per image,
-    images of a patient consecutive.
+    images of a patient consecutive. Independence: the labels are drawn first and nothing else depends
+    on them except the rendering of the findings; every anatomy, finding-geometry and acquisition draw
+    comes from its own child generator, so it is independent of the labels by construction (and the
+    streams do not shift when a label changes).
     """
-    rng = np.random.default_rng(seed)
+    streams = np.random.SeedSequence(seed).spawn(4)
+    rng_split, rng_anatomy, rng_finding, rng_image = (np.random.default_rng(s) for s in streams)
     n = num_patients
     c: dict[str, np.ndarray] = {}
-    c["num_images"] = rng.choice(np.arange(1, 5), size=n, p=IMAGES_PER_PATIENT_P)
-
-    order = rng.permutation(n)
-    num_test = min(max(2, round(TEST_FRACTION * n)), n - 2)
-    split = np.full(n, "train", dtype=object)
-    split[order[:num_test]] = "test"
-    c["split"] = split.astype(str)
+    c["split"] = _split_patients(n, rng_split)
     labels = np.zeros((n, len(LABEL_NAMES)), np.float32)
-    for members in (order[:num_test], order[num_test:]):
+    for name in ("train", "val", "test"):
+        members = np.flatnonzero(c["split"] == name)
         for j, prevalence in enumerate(PREVALENCES):
             # Exact counts inside each split: both classes present, prevalence as specified.
             k = int(np.clip(round(prevalence * len(members)), 1, len(members) - 1))
-            labels[rng.choice(members, size=k, replace=False), j] = 1.0
+            labels[rng_split.choice(members, size=k, replace=False), j] = 1.0
     c["labels"] = labels
-    c["bits_stored"] = rng.choice([12, 16], size=n)
+    c["num_images"] = rng_anatomy.choice(np.arange(1, 5), size=n, p=IMAGES_PER_PATIENT_P)
+    c["bits_stored"] = rng_anatomy.choice([12, 16], size=n)
 
     # Anatomy in normalised patient coordinates: u right-of-image, v downwards, both ~[-1, 1].
-    # The ranges are kept modest on purpose: a contrastive model learns whatever tells patients apart,
-    # and the findings should be a real part of that, not drowned by arbitrary anatomical variety.
-    c["body_w"] = rng.uniform(0.85, 0.92, n)
-    c["lung_x"] = rng.uniform(0.34, 0.37, n)
-    c["lung_y"] = rng.uniform(-0.17, -0.13, n)
-    c["lung_ax"] = rng.uniform(0.25, 0.27, n)
-    c["lung_ay"] = rng.uniform(0.62, 0.66, n)
-    c["diaphragm_drop"] = rng.uniform(0.01, 0.05, n)  # left dome sits lower than the right
-    c["dome_h"] = rng.uniform(0.12, 0.16, n)
-    heart = rng.normal(*_HEART_NORMAL_SCALE, n).clip(0.9, 1.1)
-    enlarged = labels[:, LABEL_NAMES.index("cardiomegaly")] == 1
-    heart[enlarged] = rng.uniform(*_HEART_ENLARGED_SCALE, enlarged.sum())
-    c["heart_scale"] = heart
-    c["heart_y"] = rng.uniform(0.5, 0.6, n)  # centre, in lung semi-axes below lung centre
-    c["rib_curve"] = rng.uniform(0.6, 0.8, n)
-    c["clavicle_tilt"] = rng.uniform(-0.03, 0.03, n)
+    for key, (low, high) in ANATOMY.items():
+        c[key] = rng_anatomy.uniform(low, high, n)
+    heart = rng_anatomy.normal(*_HEART_NORMAL_SCALE, n).clip(0.9, 1.1)
+    enlarged_scale = rng_finding.uniform(*_HEART_ENLARGED_SCALE, n)
+    c["heart_scale"] = np.where(labels[:, LABEL_NAMES.index("cardiomegaly")] == 1, enlarged_scale, heart)
 
-    # Findings geometry is drawn for every patient (keeps the random stream independent of the
-    # labels) and used only where the label is positive.
-    c["nodule_side"] = rng.choice([-1.0, 1.0], n)
-    c["nodule_du"] = rng.uniform(-0.55, 0.55, n)  # within the lung, in units of its semi-axes
-    c["nodule_dv"] = rng.uniform(-0.6, 0.35, n)
-    c["nodule_r"] = rng.uniform(0.05, 0.08, n)
-    c["nodule_amp"] = rng.uniform(0.3, 0.5, n)
-    c["effusion_side"] = rng.choice([-1.0, 1.0, 0.0], n, p=[0.4, 0.4, 0.2])  # 0 = bilateral
-    c["effusion_height"] = rng.uniform(0.15, 0.32, n)
-    c["ptx_side"] = rng.choice([-1.0, 1.0], n)
-    c["ptx_gap"] = rng.uniform(0.18, 0.3, n)
+    # Finding geometry is drawn for every patient and used only where the label is positive.
+    c["nodule_side"] = rng_finding.choice([-1.0, 1.0], n)
+    c["effusion_side"] = rng_finding.choice([-1.0, 1.0, 0.0], n, p=[0.4, 0.4, 0.2])  # 0 = bilateral
+    c["ptx_side"] = rng_finding.choice([-1.0, 1.0], n)
+    for key, (low, high) in FINDINGS.items():
+        c[key] = rng_finding.uniform(low, high, n)
 
     image_patient = np.repeat(np.arange(n), c["num_images"])
     m = len(image_patient)
@@ -181,28 +212,40 @@ def sample_cohort(*, num_patients: int, seed: int) -> dict[str, np.ndarray]:
     first_of_patient = np.concatenate([[0], np.cumsum(c["num_images"])[:-1]])
     within = np.arange(m) - first_of_patient[image_patient]
     c["image_study"] = within // 2  # pairs of images per study, like frontal + repeat
-    c["image_view"] = np.where(rng.uniform(size=m) < 0.7, "PA", "AP")
-    c["image_tx"] = rng.uniform(-0.1, 0.1, m)
-    c["image_ty"] = rng.uniform(-0.1, 0.1, m)
-    c["image_rot"] = np.deg2rad(rng.uniform(-10, 10, m))
-    c["image_scale"] = rng.uniform(0.92, 1.08, m)
-    c["image_mu"] = rng.uniform(0.8, 1.8, m)  # attenuation scale ~ beam energy
-    c["image_gain"] = rng.uniform(0.6, 0.95, m)
-    c["image_offset"] = rng.uniform(0.0, 0.15, m)
-    c["image_gamma"] = rng.uniform(0.7, 1.4, m)
-    c["image_heel"] = rng.uniform(-0.15, 0.15, m)
-    c["image_noise"] = rng.uniform(0.008, 0.015, m)
-    c["image_noise_seed"] = rng.integers(0, 2**31, m)
+    a = ACQUISITION
+    patient_part = rng_image.uniform(size=(n, len(a)))  # per-patient share of each acquisition draw
+    keys = list(a)
+
+    def u(key, size=m):
+        """An acquisition draw: a per-patient part (site protocol, habitus) plus a per-image part."""
+        low, high = a[key]
+        w = WITHIN_PATIENT.get(key, 1.0)
+        own = rng_image.uniform(size=size)
+        base = patient_part[image_patient, keys.index(key)]
+        if own.ndim == 2:
+            base = base[:, None]
+        return low + (high - low) * ((1 - w) * base + w * own)
+
+    c["image_view"] = np.where(rng_image.uniform(size=m) < 0.7, "PA", "AP")
+    c["image_tx"], c["image_ty"] = u("tx"), u("ty")
+    c["image_rot"] = np.deg2rad(u("rot_deg"))
+    c["image_scale"] = np.exp(u("log_scale"))
+    c["image_inspiration"] = u("inspiration")  # lung height: deep vs shallow breath
+    c["image_mu"] = u("mu")  # attenuation scale ~ beam energy
+    c["image_gain"], c["image_offset"] = u("gain"), u("offset")
+    c["image_gamma"] = np.exp(u("log_gamma"))
+    c["image_heel"], c["image_noise"] = u("heel"), u("noise")
+    c["image_noise_seed"] = rng_image.integers(0, 2**31, m)
     # Lung markings change with inspiration and projection, so they are drawn per image: a texture
     # that identified the patient would be a shortcut for patient-level contrastive learning.
-    c["image_marking_freq"] = rng.uniform(4, 10, (m, _NUM_MARKING_WAVES))
-    c["image_marking_angle"] = rng.uniform(0, np.pi, (m, _NUM_MARKING_WAVES))
-    c["image_marking_phase"] = rng.uniform(0, 2 * np.pi, (m, _NUM_MARKING_WAVES))
+    c["image_marking_freq"] = rng_image.uniform(4, 10, (m, _NUM_MARKING_WAVES))
+    c["image_marking_angle"] = rng_image.uniform(0, np.pi, (m, _NUM_MARKING_WAVES))
+    c["image_marking_phase"] = rng_image.uniform(0, 2 * np.pi, (m, _NUM_MARKING_WAVES))
     # Acquisition details that differ between a patient's images and carry no diagnosis: collimation
     # (unexposed, bright margins of random width) and the radiographer's side marker.
-    c["image_collimation"] = rng.uniform(0.0, 0.16, (m, 4))  # left, right, top, bottom margins
-    c["image_marker_x"] = rng.choice([-1.0, 1.0], m) * rng.uniform(0.6, 0.8, m)
-    c["image_marker_y"] = rng.uniform(-0.85, -0.6, m)
+    c["image_collimation"] = u("collimation", (m, 4))  # left, right, top, bottom margins
+    c["image_marker_x"] = rng_image.choice([-1.0, 1.0], m) * u("marker_x")
+    c["image_marker_y"] = u("marker_y")
     return c
 
 
@@ -234,7 +277,8 @@ def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image
 
     body = _sig((1 - (u / patient("body_w")) ** 2 - (v / 1.35) ** 2) / (6 * px))
     lung_x, lung_y = patient("lung_x"), patient("lung_y")
-    lung_ax, lung_ay = patient("lung_ax"), patient("lung_ay")
+    lung_ax = patient("lung_ax")
+    lung_ay = patient("lung_ay") * image("image_inspiration")  # this breath's lung height
 
     lungs = np.zeros_like(u)
     lung_ellipse = {}
@@ -312,9 +356,9 @@ def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image
     aerated = lungs * (1 - displaced) * (1 - np.clip(fluid, 0, 1))
     density = (body * (1.0 + 0.05 * heart)
                - 0.75 * aerated
-               - 0.18 * ptx_region * (1 - displaced)
+               - RENDER["ptx_lucency"] * ptx_region * (1 - displaced)
                + 0.04 * markings * aerated * (1 - ptx_region)
-               + 0.15 * pleural_line * (1 - displaced)
+               + RENDER["pleural_line"] * pleural_line * (1 - displaced)
                + 0.12 * ribs * thorax * body
                + 0.35 * spine * body
                + 0.4 * clavicles * body
