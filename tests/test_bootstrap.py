@@ -123,3 +123,22 @@ def test_large_resample_matches_sklearn_and_bench_runs():
         assert full["sensitivity"][b] == pytest.approx(yp["sensitivity"], abs=1e-12)
     res = bootstrap.bench_bootstrap(num_examples=200, num_labels=2, num_resamples=20)
     assert res["auc_seconds"] > 0 and res["youden_cpu_seconds"] > 0
+
+
+def test_fixed_threshold_replicates_equal_the_operating_point_on_each_resample():
+    rng = np.random.default_rng(7)
+    labels = (rng.random((150, 2)) < 0.3).astype(np.float64)
+    probs = np.round(0.4 * labels + 0.6 * rng.random((150, 2)), 2)
+    thresholds = [0.5, 0.35]
+    indices = bootstrap.bootstrap_indices(150, num_resamples=20, seed=1)
+    reps = bootstrap.replicate_stats({"m": probs}, labels, indices, thresholds={"m": thresholds})["m"]
+    for b in (0, 7, 19):
+        idx = indices[b]
+        for j in range(2):
+            ref = metrics.operating_point(probs[idx, j], labels[idx, j], thresholds[j])
+            for k in metrics.YOUDEN_KEYS:
+                assert reps[k][b, j] == pytest.approx(ref[k], abs=1e-12)
+    result = bootstrap.paired_bootstrap(probs={"m": probs, "n": probs[::-1]}, labels=labels, label_names=["a", "b"],
+                                        num_resamples=50, thresholds={"m": thresholds})
+    assert result["models"]["m"]["threshold_source"] == "validation"
+    assert result["models"]["n"]["threshold_source"] == "oracle"

@@ -127,3 +127,33 @@ def test_label_mapping_for_distribution_shift():
         metrics.label_mapping(["a"], ["b"])
     with pytest.raises(metrics.MetricsError, match="mapped twice"):
         metrics.label_mapping(model, store, {"Nodule": "Edema"})
+
+
+def test_operating_point_at_validation_thresholds_and_the_oracle():
+    # Thresholds chosen on one split and applied to another give exactly the confusion counts of
+    # `scores >= threshold`; the split's own Youden point is kept, labelled as the (optimistic) oracle.
+    val_probs, val_labels = _data(seed=3)
+    test_probs, test_labels = _data(seed=4)
+    thresholds = metrics.youden_thresholds(val_probs, val_labels)
+    assert thresholds[2] is None                     # label c has no positives in "val"
+    res = metrics.evaluate_predictions(probs=test_probs, labels=test_labels, label_names=list("abcd"),
+                                       thresholds=thresholds)
+    oracle = metrics.evaluate_predictions(probs=test_probs, labels=test_labels, label_names=list("abcd"))
+    assert res["threshold_source"] == "validation" and oracle["threshold_source"] == "oracle"
+    for j, name in enumerate("abd"):
+        col = "abcd".index(name)
+        keep = ~np.isnan(test_labels[:, col])
+        y, pred = test_labels[keep, col] == 1, test_probs[keep, col] >= thresholds[col]
+        entry = res["per_label"][name]
+        assert entry["threshold"] == pytest.approx(thresholds[col])
+        assert (entry["tp"], entry["fp"], entry["fn"]) == (int((pred & y).sum()), int((pred & ~y).sum()),
+                                                           int((~pred & y).sum()))
+        assert entry["sensitivity"] == pytest.approx((pred & y).sum() / y.sum())
+        assert entry["oracle"] == {k: oracle["per_label"][name][k] for k in ("threshold",) + metrics.YOUDEN_KEYS}
+        # The test split's own Youden point maximises sensitivity + specificity on test: never worse.
+        assert (entry["oracle"]["sensitivity"] + entry["oracle"]["specificity"]
+                >= entry["sensitivity"] + entry["specificity"] - 1e-12)
+    assert res["mean_youden_oracle"] == oracle["mean_youden"]
+    with pytest.raises(metrics.MetricsError, match="thresholds"):
+        metrics.evaluate_predictions(probs=test_probs, labels=test_labels, label_names=list("abcd"),
+                                     thresholds=[0.5])

@@ -3,8 +3,10 @@
 Protocol (Tayebi Arasteh et al. 2024 code, made deterministic):
 - B resamples (default 1000) of the N test indices with replacement, each of size N, drawn once from
   `np.random.default_rng(seed)`; the SAME [B, N] index matrix is used for every model (paired bootstrap).
-- Per replicate and label: ROC-AUC and the Youden operating point (threshold recomputed on the replicate)
-  -> accuracy, sensitivity, specificity, F1. Computed for all replicates at once: a resample is a vector of
+- Per replicate and label: ROC-AUC and an operating point -> accuracy, sensitivity, specificity, F1. When a
+  model comes with decision thresholds chosen on the validation split (`thresholds`), the operating point is
+  that fixed threshold (the honest figure); otherwise it is the Youden point recomputed on each replicate, as
+  in the paper's code, which is chosen on the test images themselves (an oracle, labelled so). Computed for all replicates at once: a resample is a vector of
   multiplicities, and `metrics.grouped_roc_stats` evaluates weighted statistics equal to sklearn's on the
   resampled data (O(N log N + B N) per label and model).
 - A missing label (NaN) removes that image from that label only. A replicate in which a label has only one
@@ -57,12 +59,15 @@ def resample_counts(indices: np.ndarray, num_examples: int) -> np.ndarray:
 
 def replicate_stats(probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray, indices: np.ndarray,
                     *, youden: bool = True, num_threads: int | None = None,
-                    max_chunk_elements: int = 2_000_000) -> dict:
+                    max_chunk_elements: int = 2_000_000,
+                    thresholds: Mapping[str, Sequence[float | None]] | None = None) -> dict:
     """Per-replicate statistics for each model on shared resamples.
 
     probs_by_model: name -> [N, L]; labels [N, L] (NaN missing); indices [B, N].
     Returns name -> {"auc" (and with youden=True "accuracy"|"sensitivity"|"specificity"|"f1"):
     [B, L] float64 (NaN where the replicate has one class), "mean_<stat>": [B]}.
+    A model named in `thresholds` (name -> per-label threshold, None = none) has its operating-point
+    statistics measured at those fixed thresholds instead of each replicate's own Youden point.
     AUC alone costs O(B N) per label and model; the Youden statistics about 6x that. Labels run in
     `num_threads` threads (numpy releases the GIL in the heavy loops); default min(4, cpu count).
     """
@@ -90,6 +95,8 @@ def replicate_stats(probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray
         for name, probs in probs_by_model.items():
             if youden:
                 stats = metrics.grouped_roc_stats(probs[keep, j], y, w)
+                if thresholds and name in thresholds:
+                    stats.update(fixed_threshold_stats(probs[keep, j], y, w, thresholds[name][j]))
             else:
                 stats = {"auc": metrics.weighted_auc(probs[keep, j], y, w)}
             for k in keys:
@@ -104,6 +111,26 @@ def replicate_stats(probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray
         for k in keys:
             res[f"mean_{k}"] = _row_nanmean(res[k])
     return out
+
+
+def fixed_threshold_stats(scores, y, weights, threshold) -> dict:
+    """Accuracy, sensitivity, specificity, F1 of `scores >= threshold` for multiplicity-weighted resamples
+    [B, n] (NaN where a resample has one class, or everywhere when threshold is None)."""
+    w = np.asarray(weights, np.float64)
+    if w.ndim == 1:
+        w = w[None]
+    if threshold is None or not math.isfinite(float(threshold)):
+        return {k: np.full(len(w), np.nan) for k in metrics.YOUDEN_KEYS}
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(scores, np.float64) >= float(threshold)
+    tp, fp = w @ (pred & y), w @ (pred & ~y)
+    fn, tn = w @ (~pred & y), w @ (~pred & ~y)
+    pos, neg = tp + fn, fp + tn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"accuracy": (tp + tn) / (pos + neg), "sensitivity": tp / pos, "specificity": tn / neg,
+               "f1": 2 * tp / (2 * tp + fp + fn)}
+    defined = (pos > 0) & (neg > 0)
+    return {k: np.where(defined, v, np.nan) for k, v in out.items()}
 
 
 def _row_nanmean(a: np.ndarray) -> np.ndarray:
@@ -155,7 +182,8 @@ def benjamini_hochberg(pvalues: Sequence[float | None]) -> list[float | None]:
 
 def paired_bootstrap(*, probs: Mapping[str, np.ndarray], labels, label_names: Sequence[str],
                      num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
-                     youden: bool = True, num_threads: int | None = None) -> dict:
+                     youden: bool = True, num_threads: int | None = None,
+                     thresholds: Mapping[str, Sequence[float | None]] | None = None) -> dict:
     """Bootstrap CIs per model and paired comparisons between every pair of models (JSON-serialisable).
 
     probs: model name -> [N, L] scores, all on the same test images in the same order as `labels` [N, L].
@@ -166,7 +194,9 @@ def paired_bootstrap(*, probs: Mapping[str, np.ndarray], labels, label_names: Se
                      "per_label": {label: {"diff": summary, "p_a_not_better", "p_b_not_better",
                                            "p_a_not_better_bh", "p_b_not_better_bh"}}}]}
     where summary = {"point", "ci_low", "ci_high", "mean", "std", "num_valid"}. With youden=False only AUC
-    is resampled (Youden summaries then carry the point estimate and no CI).
+    is resampled (Youden summaries then carry the point estimate and no CI). `thresholds` (model name ->
+    per-label validation thresholds) fixes those models' operating points; each model's
+    "threshold_source" says 'validation' or 'oracle'.
     """
     if not probs:
         raise BootstrapError("probs: no models given")
@@ -180,19 +210,23 @@ def paired_bootstrap(*, probs: Mapping[str, np.ndarray], labels, label_names: Se
     labels, label_names = labels2, names
     n = labels.shape[0]
     indices = bootstrap_indices(n, num_resamples=num_resamples, seed=seed)
-    reps = replicate_stats(checked, labels, indices, youden=youden, num_threads=num_threads)
+    thresholds = {k: list(v) for k, v in (thresholds or {}).items() if v is not None}
+    reps = replicate_stats(checked, labels, indices, youden=youden, num_threads=num_threads,
+                           thresholds=thresholds)
     missing = np.full((num_resamples, len(label_names)), np.nan)
 
     notes = []
     models = {}
     for name, p in checked.items():
-        point = metrics.evaluate_predictions(probs=p, labels=labels, label_names=label_names)
+        point = metrics.evaluate_predictions(probs=p, labels=labels, label_names=label_names,
+                                             thresholds=thresholds.get(name))
         per_label = {}
         for j, lname in enumerate(label_names):
             pl = point["per_label"][lname]
             per_label[lname] = {k: summarize(reps[name].get(k, missing)[:, j], pl[k], confidence=confidence)
                                 for k in STAT_KEYS}
         models[name] = {
+            "threshold_source": point["threshold_source"],
             "metrics": point,
             "mean_auc": summarize(reps[name]["mean_auc"], point["mean_auc"], confidence=confidence),
             "mean_youden": {k: summarize(reps[name].get(f"mean_{k}", missing[:, 0]), point["mean_youden"][k],

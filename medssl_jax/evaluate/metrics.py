@@ -14,6 +14,9 @@ Conventions:
   the defined labels (as `roc_auc_score(average=None).mean()` in the reference code).
 - Youden threshold = argmax(TPR - FPR) over sklearn's `roc_curve` thresholds, the leading `inf` included; the
   first maximum wins (np.argmax). An image is called positive when its score >= threshold.
+- Operating points are honest when their thresholds come from another split: `youden_thresholds` on the
+  validation predictions, then `evaluate_predictions(..., thresholds=...)` scores the test split at them.
+  The Youden point chosen on the evaluated split itself is optimistic and is reported as the *oracle*.
 """
 from __future__ import annotations
 
@@ -119,6 +122,31 @@ def youden_point(scores, y) -> dict:
         "f1": 2 * tp / (2 * tp + fp + fn),
         "tp": tp, "fp": fp, "tn": tn, "fn": fn,
     }
+
+
+def operating_point(scores, y, threshold) -> dict:
+    """Accuracy, sensitivity, specificity, F1 and confusion counts of `scores >= threshold`; NaN targets
+    dropped; all NaN/None when the label has one class or no threshold is given."""
+    scores = np.asarray(scores, np.float64)
+    y = np.asarray(y, np.float64)
+    keep = ~np.isnan(y)
+    scores, y = scores[keep], y[keep]
+    if threshold is None or undefined_reason(y) is not None:
+        return {"threshold": None, **{k: math.nan for k in YOUDEN_KEYS},
+                "tp": None, "fp": None, "tn": None, "fn": None}
+    pred = scores >= float(threshold)
+    pos = y == 1
+    tp, fp = int(np.sum(pred & pos)), int(np.sum(pred & ~pos))
+    fn, tn = int(np.sum(~pred & pos)), int(np.sum(~pred & ~pos))
+    return {"threshold": float(threshold), "accuracy": (tp + tn) / len(y), "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp), "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def youden_thresholds(probs, labels) -> list[float | None]:
+    """Per-label Youden thresholds of predictions (e.g. on the validation split); None where undefined."""
+    probs, labels, _ = check_predictions(probs, labels)
+    return [youden_point(probs[:, j], labels[:, j])["threshold"] for j in range(probs.shape[1])]
 
 
 def per_label_auc(probs, labels) -> np.ndarray:
@@ -289,35 +317,45 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
-def evaluate_predictions(*, probs, labels, label_names) -> dict:
+def evaluate_predictions(*, probs, labels, label_names, thresholds: Sequence[float | None] | None = None) -> dict:
     """Per-label and mean metrics of multi-label predictions; the result is JSON-serialisable.
 
     probs: [N, L] scores (sigmoid probabilities); labels: [N, L] 0/1, NaN = missing; label_names: L names.
+    thresholds: per-label decision thresholds chosen elsewhere (the validation split's Youden points, see
+    `youden_thresholds`); the operating-point metrics are then measured at them. Without thresholds they
+    are measured at this split's own Youden point, which is optimistic (`threshold_source` says which).
     Returns {"num_examples", "label_names", "mean_auc", "num_defined_labels", "undefined_labels",
-    "mean_youden": {accuracy, sensitivity, specificity, f1} (macro over defined labels),
+    "threshold_source" ('validation' | 'oracle'), "mean_youden": {accuracy, sensitivity, specificity, f1}
+    (macro over defined labels), "mean_youden_oracle" (the same at this split's own Youden points),
     "per_label": {name: {auc, n, n_pos, n_neg, n_missing, threshold, accuracy, sensitivity, specificity,
-    f1, tp, fp, tn, fn, note}}, "notes": [...]}. Undefined numbers are None.
+    f1, tp, fp, tn, fn, oracle: {threshold, accuracy, ...}, note}}, "notes": [...]}. Undefined numbers are
+    None.
     """
     probs, labels, label_names = check_predictions(probs, labels, label_names)
+    if thresholds is not None and len(thresholds) != len(label_names):
+        raise MetricsError(f"thresholds: {len(thresholds)} values for {len(label_names)} labels")
     per_label = {}
     notes = []
     aucs = []
     youdens = {k: [] for k in YOUDEN_KEYS}
+    oracles = {k: [] for k in YOUDEN_KEYS}
     for j, name in enumerate(label_names):
         y = labels[:, j]
         keep = ~np.isnan(y)
         reason = undefined_reason(y[keep])
         auc = roc_auc(probs[:, j], y)
-        yp = youden_point(probs[:, j], y)
+        oracle = youden_point(probs[:, j], y)
+        point = oracle if thresholds is None else operating_point(probs[:, j], y, thresholds[j])
         entry = {
             "auc": _num(auc),
             "n": int(keep.sum()),
             "n_pos": int(np.sum(y[keep] == 1)),
             "n_neg": int(np.sum(y[keep] == 0)),
             "n_missing": int((~keep).sum()),
-            "threshold": _num(yp["threshold"]),
-            **{k: _num(yp[k]) for k in YOUDEN_KEYS},
-            **{k: yp[k] for k in ("tp", "fp", "tn", "fn")},
+            "threshold": _num(point["threshold"]),
+            **{k: _num(point[k]) for k in YOUDEN_KEYS},
+            **{k: point[k] for k in ("tp", "fp", "tn", "fn")},
+            "oracle": {"threshold": _num(oracle["threshold"]), **{k: _num(oracle[k]) for k in YOUDEN_KEYS}},
             "note": reason,
         }
         per_label[name] = entry
@@ -326,14 +364,22 @@ def evaluate_predictions(*, probs, labels, label_names) -> dict:
         else:
             aucs.append(auc)
             for k in YOUDEN_KEYS:
-                youdens[k].append(yp[k])
+                if math.isfinite(point[k]):
+                    youdens[k].append(point[k])
+                oracles[k].append(oracle[k])
+    if thresholds is not None:
+        missing = [n for n, t in zip(label_names, thresholds) if t is None and per_label[n]["auc"] is not None]
+        if missing:
+            notes.append(f"no validation threshold for {missing} (one class in validation): no operating point")
     return {
         "num_examples": int(probs.shape[0]),
         "label_names": list(label_names),
         "mean_auc": _num(np.mean(aucs)) if aucs else None,
         "num_defined_labels": len(aucs),
         "undefined_labels": [n for n in label_names if per_label[n]["auc"] is None],
+        "threshold_source": "oracle" if thresholds is None else "validation",
         "mean_youden": {k: (_num(np.mean(v)) if v else None) for k, v in youdens.items()},
+        "mean_youden_oracle": {k: (_num(np.mean(v)) if v else None) for k, v in oracles.items()},
         "per_label": per_label,
         "notes": notes,
     }

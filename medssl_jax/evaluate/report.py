@@ -8,7 +8,9 @@ PNG plots (ROC per label, label efficiency, robustness, convergence).
 E/eval/ layout (version 1):
   summary.json          written LAST (a run without it is incomplete and refused)
   predictions.npz       record_ids int64 [N], labels float32 [N, L] (NaN missing), probs float32 [N, L],
-                        label_names str [L], split str, store_fingerprint str
+                        label_names str [L], split str, store_fingerprint str, and optionally
+                        thresholds float32 [L]: decision thresholds chosen on the validation split (NaN
+                        where none), at which the operating-point metrics are measured
   curves.json           optional {"steps": [...], "val_auc": [...]}: validation mean AUC vs training step
   robustness.json       optional, robustness.robustness_curves output
   label_fractions.json  optional {"fractions": [robustness.label_efficiency_entry, ...]}
@@ -59,14 +61,17 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
                method: str, init: str, split: str = "test", store_name: str = "",
                store_fingerprint: str = "", label_fraction: float = 1.0, name: str | None = None,
                curves: Mapping | None = None, robustness_curves: Mapping | None = None,
-               label_fractions: Sequence[Mapping] | None = None, extra: Mapping | None = None) -> dict:
+               label_fractions: Sequence[Mapping] | None = None, extra: Mapping | None = None,
+               thresholds: Sequence[float | None] | None = None) -> dict:
     """Writes WORKDIR/eval/ per the contract and returns the summary dict.
 
     probs/labels [N, L] (labels NaN = missing), record_ids [N] unique store record ids; mode e.g.
     "linear_probe" | "finetune" | "eval"; method = pretraining method of the init ("simclr", "micle",
     "dinov2", "supervised", "none", ...); init = what the encoder was initialised from ("random", an
     export dir, a converted checkpoint). `extra` is stored under summary["extra"] (e.g. the chosen
-    regularisation, best step).
+    regularisation, best step). `thresholds` (per label, from the validation split, see
+    `metrics.youden_thresholds`) are where accuracy/sensitivity/specificity/F1 are measured; without them
+    those metrics are the test split's own Youden points (an oracle, and said so in the summary).
     """
     probs, labels, label_names = metrics.check_predictions(probs, labels, label_names)
     record_ids = np.asarray(record_ids)
@@ -80,9 +85,15 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
     out = os.path.join(workdir, EVAL_SUBDIR)
     os.makedirs(out, exist_ok=True)
     tmp = os.path.join(out, "predictions.tmp.npz")
+    arrays = {}
+    if thresholds is not None:
+        if len(thresholds) != len(label_names):
+            raise ReportError(f"thresholds: {len(thresholds)} values for {len(label_names)} labels")
+        arrays["thresholds"] = np.array([np.nan if t is None else t for t in thresholds], np.float32)
+        thresholds = [None if np.isnan(t) else float(t) for t in arrays["thresholds"]]
     np.savez(tmp, record_ids=record_ids.astype(np.int64), labels=labels.astype(np.float32),
              probs=probs.astype(np.float32), label_names=np.asarray(label_names, dtype=str),
-             split=np.asarray(split), store_fingerprint=np.asarray(store_fingerprint))
+             split=np.asarray(split), store_fingerprint=np.asarray(store_fingerprint), **arrays)
     os.replace(tmp, os.path.join(out, "predictions.npz"))
     if curves is not None:
         robustness._curve(curves, "curves")
@@ -99,7 +110,7 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
                     {"fractions": robustness.label_efficiency_curve(label_fractions)})
     # Metrics from the float32 values actually saved, so summary.json and predictions.npz agree exactly.
     res = metrics.evaluate_predictions(probs=probs.astype(np.float32), labels=labels.astype(np.float32),
-                                       label_names=label_names)
+                                       label_names=label_names, thresholds=thresholds)
     summary = {
         "format": EVAL_FORMAT, "version": EVAL_VERSION,
         "name": name or os.path.basename(os.path.normpath(workdir)),
@@ -131,6 +142,7 @@ class EvalRun:
     curves: dict | None = None
     robustness: dict | None = None
     label_fractions: list | None = None
+    thresholds: np.ndarray | None = None  # [L] validation-chosen thresholds (NaN none), or None
 
 
 def _read_json(path: str, *, required: bool):
@@ -174,6 +186,9 @@ def read_eval(workdir: str) -> EvalRun:
     if record_ids.shape != (len(probs),) or len(np.unique(record_ids)) != len(record_ids):
         raise ReportError(f"{pred_path}: record_ids must be {len(probs)} unique ids, got shape "
                           f"{record_ids.shape}")
+    thresholds = arrays.get("thresholds")
+    if thresholds is not None and thresholds.shape != (len(names),):
+        raise ReportError(f"{pred_path}: thresholds must have shape ({len(names)},), got {thresholds.shape}")
     if list(summary.get("label_names", [])) != names:
         raise ReportError(f"{d}: label_names differ between summary.json and predictions.npz")
     curves = _read_json(os.path.join(d, "curves.json"), required=False)
@@ -197,7 +212,7 @@ def read_eval(workdir: str) -> EvalRun:
         summary=summary, record_ids=record_ids.astype(np.int64), labels=labels, probs=probs,
         label_names=names, split=str(arrays.get("split", summary.get("split", ""))),
         store_fingerprint=str(arrays.get("store_fingerprint", "")), curves=curves, robustness=rob,
-        label_fractions=fractions)
+        label_fractions=fractions, thresholds=None if thresholds is None else thresholds.astype(np.float64))
 
 
 def align_runs(runs: Sequence[EvalRun]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -266,7 +281,12 @@ def _convergence(runs: Sequence[EvalRun]) -> list[dict]:
             if run is rnd or not run.curves or str(run.summary.get("init", "")).lower() == "random":
                 continue
             res = robustness.convergence_reduction(ssl_curve=run.curves, random_curve=rnd.curves)
-            out.append({"ssl": run.name, "random": rnd.name, **res})
+            # A run cut off by its step limit while still improving has not converged: a reduction
+            # measured against it flatters the pretrained init (the target is too low).
+            converged = {name: r.summary.get("extra", {}).get("converged") for name, r in
+                         (("ssl", run), ("random", rnd))}
+            out.append({"ssl": run.name, "random": rnd.name, **res, "ssl_converged": converged["ssl"],
+                        "random_converged": converged["random"]})
     return out
 
 
@@ -392,11 +412,15 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
         s = r.summary
         lines.append(f"| {r.name} | {s.get('mode', '')} | {s.get('method', '')} | {s.get('init', '')} | "
                      f"{s.get('label_fraction', '')} | `{r.workdir}` |")
-    lines += ["", "## Mean AUC and Youden metrics (macro over defined labels)", "",
-              "| model | mean AUC | accuracy | sensitivity | specificity | F1 |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Mean AUC and operating-point metrics (macro over defined labels)", "",
+              "Operating points at the decision thresholds chosen on the validation split ('validation'); a run "
+              "without them is measured at the test split's own Youden point ('oracle': optimistic, chosen on "
+              "the test images).", "",
+              "| model | thresholds | mean AUC | accuracy | sensitivity | specificity | F1 |",
+              "|---|---|---|---|---|---|---|"]
     for n in names:
         m = boot["models"][n]
-        lines.append(f"| {n} | {_ci(m['mean_auc'])} | " +
+        lines.append(f"| {n} | {m.get('threshold_source', 'oracle')} | {_ci(m['mean_auc'])} | " +
                      " | ".join(_ci(m["mean_youden"][k]) for k in metrics.YOUDEN_KEYS) + " |")
     lines += ["", "## Per-label AUC (95% CI)", "",
               "| label | positives / labelled | " + " | ".join(names) + " |",
@@ -429,10 +453,15 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
                      f"{_verdict(m['p_a_not_better'], m['p_b_not_better'], a, b)} |")
     for n in names:
         m = boot["models"][n]
-        lines += ["", f"## Youden operating points: {n}", "",
-                  "Threshold = argmax(TPR − FPR) on the full test set; CIs recompute the threshold in every "
-                  "resample." if boot.get("youden_resampled") else
-                  "Threshold = argmax(TPR − FPR) on the full test set (Youden CIs not resampled).", "",
+        if m.get("threshold_source") == "validation":
+            how = ("Threshold = argmax(TPR − FPR) on the validation split, applied unchanged to the test set "
+                   "and to every resample.")
+        elif boot.get("youden_resampled"):
+            how = ("Oracle: threshold = argmax(TPR − FPR) on the full test set itself (optimistic); CIs "
+                   "recompute it in every resample.")
+        else:
+            how = "Oracle: threshold = argmax(TPR − FPR) on the full test set itself (CIs not resampled)."
+        lines += ["", f"## Operating points: {n}", "", how, "",
                   "| label | threshold | accuracy | sensitivity | specificity | F1 |", "|---|---|---|---|---|---|"]
         for lname in label_names:
             pl = m["per_label"][lname]
@@ -464,11 +493,19 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
                   "reduction of the random-init run's steps to that best (resolution: the eval interval).", ""]
         if convergence:
             lines += ["| pretrained | random init | target val AUC | steps (random) | steps (pretrained) | "
-                      "reduction |", "|---|---|---|---|---|---|"]
+                      "reduction | both converged |", "|---|---|---|---|---|---|---|"]
             for c in convergence:
                 red = "n/a" if c["reduction_pct"] is None else f"{c['reduction_pct']:.1f}%"
+                both = {True: "yes", False: "no", None: "unknown"}[
+                    None if None in (c.get("ssl_converged"), c.get("random_converged"))
+                    else bool(c["ssl_converged"] and c["random_converged"])]
                 lines.append(f"| {c['ssl']} | {c['random']} | {c['target_val_auc']:.4f} | {c['random_steps']:g} "
-                             f"| {'never' if c['ssl_steps'] is None else format(c['ssl_steps'], 'g')} | {red} |")
+                             f"| {'never' if c['ssl_steps'] is None else format(c['ssl_steps'], 'g')} | {red} | "
+                             f"{both} |")
+            if any(c.get("random_converged") is False or c.get("ssl_converged") is False for c in convergence):
+                lines += ["", "**Not comparable**: an arm stopped at its step limit while its validation AUC was "
+                          "still improving (no early stop), so the reduction above is not a convergence figure. "
+                          "Rerun with a larger total_steps."]
         else:
             lines.append("No run with init 'random' and validation curves: no reduction computed.")
     notes = list(boot["notes"])
@@ -500,8 +537,11 @@ def compare_runs(workdirs: Sequence[str], out_dir: str, *, num_resamples: int = 
     runs = [read_eval(w) for w in workdirs]
     _unique_names(runs)
     record_ids, labels, probs = align_runs(runs)
+    thresholds = {r.name: [None if np.isnan(t) else float(t) for t in r.thresholds]
+                  for r in runs if r.thresholds is not None}
     boot = bootstrap.paired_bootstrap(probs=probs, labels=labels, label_names=runs[0].label_names,
-                                      num_resamples=num_resamples, seed=seed, youden=youden_bootstrap)
+                                      num_resamples=num_resamples, seed=seed, youden=youden_bootstrap,
+                                      thresholds=thresholds)
     convergence = _convergence(runs)
     os.makedirs(out_dir, exist_ok=True)
     files = _plots(out_dir, runs, labels, probs, runs[0].label_names, convergence)
