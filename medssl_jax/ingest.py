@@ -2,6 +2,7 @@
 
     python -m medssl_jax.ingest --input=DIR --output=STORE [options]          # DICOM, by content
     python -m medssl_jax.ingest --csv=FILE --image-root=DIR --output=STORE [options]
+    python -m medssl_jax.ingest --medmnist=FILE.npz --output=STORE            # MedMNIST v2, official splits
     python -m medssl_jax.ingest --benchmark [--bench-workers=1,2]             # files/s, generated DICOM
 
 What it writes (STORE is the --output path):
@@ -640,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", help="folder walked recursively for DICOM files (by content)")
     src.add_argument("--csv", help="CSV with one row per image (path, patient, labels ...)")
+    src.add_argument("--medmnist", help="a MedMNIST v2 .npz file (official train/val/test splits kept; "
+                     "see medssl_jax/data/medmnist.py)")
     src.add_argument("--benchmark", action="store_true",
                      help="measure files/s on generated 512x512 16-bit DICOM and exit")
     p.add_argument("--output", help="store directory to create (STORE)")
@@ -688,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blank labels: zeros (default, as 3(d)) or missing (NaN)")
     g.add_argument("--default-modality", default="OT",
                    help="modality recorded for PNG/JPEG files (default OT)")
+    m = p.add_argument_group("MedMNIST mode")
+    m.add_argument("--medmnist-task", choices=("binary", "multi-class", "multi-label", "ordinal"),
+                   help="task of the file (default: from the subset's name, else from the label layout)")
+    m.add_argument("--label-names", help="comma-separated class names in index order (default: MedMNIST's)")
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench-files", type=int, default=64, help="files per syntax (default 64)")
     b.add_argument("--bench-workers", help="comma-separated worker counts to compare, e.g. "
@@ -713,10 +720,24 @@ def main(argv: list[str] | None = None) -> int:
                   f"main {r['cpu_ms_per_file_main']} workers {r['cpu_ms_per_file_workers']}")
         print(json.dumps(rows))
         return 0
-    if not (args.input or args.csv):
-        parser.error("give --input=DIR (DICOM) or --csv=FILE (with --image-root), or --benchmark")
+    if not (args.input or args.csv or args.medmnist):
+        parser.error("give --input=DIR (DICOM), --csv=FILE (with --image-root), --medmnist=FILE.npz, or --benchmark")
     if not args.output:
         parser.error("--output=STORE is required")
+    if args.medmnist:
+        from medssl_jax.data import medmnist
+
+        names = tuple(n.strip() for n in args.label_names.split(",")) if args.label_names else None
+        try:
+            report = medmnist.write_store(args.medmnist, args.output, task=args.medmnist_task, label_names=names,
+                                          name=args.name, overwrite=args.overwrite)
+        except medmnist.MedMNISTError as e:
+            print(f"ingest: error: {e}", file=sys.stderr)
+            return 2
+        print(f"ingest: {args.medmnist} ({report['subset'] or 'unknown subset'}, {report['task']}): "
+              + ", ".join(f"{s} {n}" for s, n in report["records"].items())
+              + f" images, labels {report['label_names']} -> {args.output}")
+        return 0
     try:
         report = run_ingest(args)
     except IngestError as e:
