@@ -106,8 +106,7 @@ def get_config(arg=None):
             c.method = "none"
         c.model = mlc.ConfigDict({"name": "vit", "variant": "Ti/8", "width": 32, "depth": 2, "num_heads": 2,
                                   "mlp_dim": 64, "image_size": 64, "pos_interp": "size"})
-        c.data.phantom_patients = 400
-        c.data.phantom_size = 64
+        c.data.update(config_lib.RUNLOCAL_PHANTOMS)  # the store the :runlocal pretraining configs use
         c.data.num_workers = 0
         c.image_size = 64
         c.batch_size = 32

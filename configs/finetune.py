@@ -56,7 +56,10 @@ def get_config(arg=None):
     c = finetune.reference_config()
     c.data.store = args.store
     c.init = args.init
-    c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64})  # for init=random
+    # Architecture for init=random: the init a pretraining run starts from (zero_init_last_bn=True, every block
+    # starts as its shortcut: a training aid for from-scratch training); every field settable on the command line.
+    c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64, "zero_init_last_bn": True,
+                              "stem_pool": "same"})
     c.image_size = 224
     c.batch_size = 256
     c.total_epochs = 30.0
@@ -71,16 +74,19 @@ def get_config(arg=None):
     c.data.num_workers = 8
     if args.runlocal:
         c.init = args.init or "random"
-        c.data.phantom_patients = 400
-        c.data.phantom_size = 64
+        c.data.update(config_lib.RUNLOCAL_PHANTOMS)  # the store the :runlocal pretraining configs use
         c.data.num_workers = 0
         c.image_size = 64  # the phantoms' native size
         c.batch_size = 64
         c.crop_scale = (0.5, 1.0)
-        c.model = mlc.ConfigDict({"name": "resnet", "depth": 18, "width": 1, "base_width": 16})
-        c.total_steps = 150
-        c.eval_every = 25
-        c.log_every = 25
-        c.early_stop_patience = 0
+        c.model.depth, c.model.base_width = 18, 16
+        # Every arm trains until its validation AUC has not improved for 5 evaluations (250 steps), at a
+        # constant lr so that stopping is the only schedule; 2000 steps is only a cap (a run that hits it is
+        # flagged as not converged in summary.json and by compare).
+        c.total_steps = 2000
+        c.eval_every = 50
+        c.log_every = 50
+        c.early_stop_patience = 5
+        c.optim.schedule = "constant"
         c.optim.base_lr = 0.4
     return c

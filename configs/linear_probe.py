@@ -53,18 +53,21 @@ def get_config(arg=None):
     c = linear_probe.reference_config()
     c.data.store = args.store
     c.init = args.init
-    # Architecture for init='random' (an export or converted checkpoint brings its own).
-    c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64})
+    # Architecture for init='random' (an export or converted checkpoint brings its own), every field settable
+    # with --config.model.FIELD. A probe baseline keeps every residual branch active at init
+    # (zero_init_last_bn=False; True would make every block the identity of its shortcut) and gets its
+    # BatchNorm statistics from the train images (evaluate/linear_probe.py: fair_random_init).
+    c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64, "zero_init_last_bn": False,
+                              "stem_pool": "same"})
     c.image_size = 224
     c.batch_size = 256
     if args.runlocal:
-        # The store and encoder of configs/simclr.py:runlocal (phantoms, 400 patients, 64 px; ResNet-18/16).
+        # The store and encoder of the :runlocal pretraining configs (phantoms at 64 px; ResNet-18, base width 16).
         c.init = args.init or "random"
-        c.data.phantom_patients = 400
-        c.data.phantom_size = 64
+        c.data.update(config_lib.RUNLOCAL_PHANTOMS)  # the store the :runlocal pretraining configs use
         c.image_size = 64  # whole phantom images, as configs/simclr.py:runlocal's own probe sees them
         c.batch_size = 128
-        c.model = mlc.ConfigDict({"name": "resnet", "depth": 18, "width": 1, "base_width": 16})
+        c.model.depth, c.model.base_width = 18, 16
         c.label_fractions = (0.1, 0.25, 0.5, 1.0)
         c.robustness = True
     return c

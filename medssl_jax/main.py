@@ -59,19 +59,41 @@ def run(config, workdir: str) -> dict | None:
     if not config.probe.enabled:
         return None
     store = train.open_store(config.data)
+    skip = probe.skip_reason(store, config.probe)
+    if skip:
+        logging_lib.log(f"linear probe skipped: {skip}. The encoder is in {result.export_dir}; probe it on a "
+                        "labelled store with: python -m medssl_jax.main --config=configs/linear_probe.py "
+                        f"--config.data.store=STORE --config.init={result.export_dir} --workdir=EVAL")
+        return None
     summary = probe.run_after_pretraining(
-        result.export_dir, store, config.probe, mesh=sharding.make_mesh(config.mesh), seed=config.seed,
-        workdir=workdir, compute_dtype="float32" if jax.devices()[0].platform == "cpu" else config.compute_dtype,
+        result.export_dir, config.data, config.probe, mesh=config.mesh, seed=config.seed, workdir=workdir,
+        compute_dtype="float32" if jax.devices()[0].platform == "cpu" else config.compute_dtype,
     )
-    line = f"linear probe mean AUC {summary['mean_auc']:.4f}"
-    if "random_init" in summary:
-        line += f" (random-init encoder: {summary['random_init']['mean_auc']:.4f})"
-    per_label = ", ".join(
-        f"{name} {auc:.3f}" if auc is not None else f"{name} n/a" for name, auc in summary["per_label_auc"].items()
-    )
-    logging_lib.log(f"{line}; per label: {per_label}")
     logging_lib.log(f"wrote {os.path.join(workdir, 'eval', 'summary.json')}")
+    logging_lib.log(summary_line(summary))
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """The run's last line: the probe's mean AUC and, with the baseline, the paired difference."""
+    def fmt(value, spec=".3f"):
+        return "n/a" if value is None else format(value, spec)
+
+    line = f"linear probe test mean AUC {fmt(summary['mean_auc'])}"
+    vs = summary.get("vs_random_init")
+    if vs:
+        from medssl_jax.evaluate import bootstrap
+
+        low, high = vs["ci95"]
+        line += (f" vs random-init {fmt(summary['random_init']['mean_auc'])}: difference "
+                 f"{fmt(vs['mean_auc_diff'], '+.3f')} [95% CI {fmt(low, '+.3f')}, {fmt(high, '+.3f')}], "
+                 f"p {_p_text(bootstrap.format_p(vs['p_value'], vs['num_resamples']))} (paired bootstrap, "
+                 f"{vs['num_resamples']} resamples of {vs['num_test_images']} test images)")
+    return line
+
+
+def _p_text(formatted: str) -> str:
+    return formatted if formatted.startswith("<") else f"= {formatted}"
 
 
 def main(argv):

@@ -258,8 +258,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     logging_lib.log(
         f"pretraining {config.method}: {total_steps} steps of {config.batch_size} "
         f"{'patients' if spec['sampler'] == 'micle' else 'images'} x {views_per_element(spec)} views "
-        f"on {mesh.devices.size} {jax.devices()[0].platform} device(s); store {store.path} "
-        f"({store.num_records} images)"
+        f"on {mesh.devices.size} {jax.devices()[0].platform} device(s); split {config.data.split!r} of store "
+        f"{store.path} ({len(store.ids(config.data.split))} of its {store.num_records} images)"
     )
     last_saved = latest
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)

@@ -155,3 +155,27 @@ def test_train_iterator_yields_labelled_batches_of_the_given_records(phantom_cac
     with pytest.raises(ValueError, match="fewer than the batch"):
         finetune.make_train_iterator(store, ids[:4], image_size=24, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33),
                                      flip=True, batch_size_per_host=8, seed=0)
+
+
+def test_arms_train_until_validation_stops_improving_and_say_whether_they_converged(phantom_cache, tmp_path):
+    # Patience with a maximum: a run that stops early converged; one cut off by total_steps did not, and
+    # compare then refuses to call the step reduction a convergence figure.
+    encoder = models.build_encoder({**TINY_RESNET, "dtype": "float32"})
+    variables = jax.jit(lambda k: encoder.init(k, jnp.zeros((1, 24, 24, 1)), train=False))(jax.random.PRNGKey(2))
+    export = checkpoint.save_export(str(tmp_path / "export"), jax.device_get(variables),
+                                    {"model": TINY_RESNET, "source": {"method": "simclr"}})
+    tiny_lr = finetune.reference_config().optim
+    tiny_lr.base_lr = 1e-7  # the validation AUC cannot improve: patience 1 stops after two evaluations
+    stopped = main.run(ft_config(phantom_cache, export, total_steps=40, eval_every=2, early_stop_patience=1,
+                                 optim=tiny_lr), str(tmp_path / "stopped"))
+    assert stopped["extra"]["converged"] is True and stopped["extra"]["steps_run"] < 40
+    capped = main.run(ft_config(phantom_cache, "random", total_steps=4, eval_every=2, early_stop_patience=50),
+                      str(tmp_path / "capped"))
+    assert capped["extra"]["converged"] is False and capped["extra"]["steps_run"] == 4
+    assert capped["metrics"]["threshold_source"] == "validation"
+    out = str(tmp_path / "report")
+    comparison = report.compare_runs([str(tmp_path / "stopped"), str(tmp_path / "capped")], out, num_resamples=20)
+    row = comparison["convergence"][0]
+    assert (row["ssl_converged"], row["random_converged"]) == (True, False)
+    with open(os.path.join(out, "report.md")) as f:
+        assert "Not comparable" in f.read()

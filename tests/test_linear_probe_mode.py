@@ -92,6 +92,7 @@ def test_probe_export_and_random_write_comparable_eval_dirs(phantom_cache, tiny_
 def test_splits_patient_wise_nested_and_deterministic(phantom_cache):
     store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
     cfg = probe_config(phantom_cache, "random").splits
+    cfg.val = "train"  # carve the validation patients from train by hash (the store's own val split aside)
     fractions = (0.1, 0.25, 0.5, 1.0)
     a = splits_lib.make_splits(store, cfg, fractions)
     b = splits_lib.make_splits(store, cfg, fractions)
@@ -117,6 +118,7 @@ def test_splits_patient_wise_nested_and_deterministic(phantom_cache):
 def test_splits_reuse_is_checked(phantom_cache, tmp_path):
     store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
     cfg = probe_config(phantom_cache, "random").splits
+    cfg.val = "train"
     first = splits_lib.resolve(str(tmp_path / "a"), store, cfg, (1.0,))
     changed = cfg.copy_and_resolve_references()
     changed.val_fraction = 0.3
@@ -198,3 +200,63 @@ def test_config_files_have_only_known_fields(spec):
     config = module.get_config(arg or None)
     config_lib.check_known_keys(config, main.reference_config(config))
     models.build_encoder({**config.model.to_dict(), "dtype": "float32"})  # the random-init architecture builds
+
+
+def test_random_baseline_is_fair_and_says_how_it_was_built(phantom_cache, tmp_path):
+    # init=random: the standard init with every residual branch active (zero_init_last_bn settable from the
+    # command line) and BatchNorm statistics recomputed on the train images, recorded in summary.json.
+    config = probe_config(phantom_cache, "random")
+    config.model = {**TINY_RESNET, "zero_init_last_bn": False}
+    summary = main.run(config, str(tmp_path / "fair"))
+    baseline = summary["extra"]["baseline"]
+    assert baseline["residual_branches"] == "standard initialisation, every residual branch active"
+    assert baseline["batch_stats"].startswith("recomputed on ") and "train images" in baseline["batch_stats"]
+    # The operating points are measured at thresholds chosen on validation (not on test).
+    assert summary["metrics"]["threshold_source"] == "validation"
+    assert report.read_eval(str(tmp_path / "fair")).thresholds.shape == (len(phantoms.LABEL_NAMES),)
+
+
+def test_recomputed_batch_stats_are_the_train_images_statistics(phantom_cache):
+    # The stem BatchNorm's recomputed mean/variance equal those of the stem convolution's output over
+    # exactly the images used (pooled over full batches, eval preprocessing).
+    from medssl_jax import sharding
+    from medssl_jax.data import pipeline
+    from medssl_jax.evaluate import features
+
+    store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    encoder = models.build_encoder({**TINY_RESNET, "zero_init_last_bn": False, "dtype": "float32"})
+    variables = jax.device_get(encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 1)), train=False))
+    ids = store.ids("train")
+    mesh = sharding.make_mesh([("data", -1)])
+    new, used = features.recalibrate_batch_stats(encoder, variables, store, ids, image_size=24, batch_size=16,
+                                                 mesh=mesh)
+    assert used == len(ids) // 16 * 16
+    load = pipeline.LoadForEval(store.data_source(), image_size=24, channels=1, num_labels=4)
+    images = np.stack([load.map(int(i))["image"] for i in ids[:used]]).astype(np.float32) / 65535
+    kernel = variables["params"]["stem"]["conv"]["kernel"]
+    conv = jax.lax.conv_general_dilated(images, kernel, (2, 2), ((3, 3), (3, 3)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = np.asarray(conv, np.float64)
+    np.testing.assert_allclose(new["batch_stats"]["stem"]["bn"]["mean"], conv.mean(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(new["batch_stats"]["stem"]["bn"]["var"], conv.var(axis=(0, 1, 2)), rtol=1e-3,
+                               atol=1e-6)
+    assert not np.allclose(new["batch_stats"]["stem"]["bn"]["var"], 1.0)  # no longer the initial statistics
+
+
+def test_store_val_split_is_the_default_validation_set(phantom_cache, tmp_path):
+    store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    config = probe_config(phantom_cache, "random")
+    made = splits_lib.make_splits(store, config.splits, (1.0,))
+    np.testing.assert_array_equal(made.val, store.ids("val"))
+    np.testing.assert_array_equal(made.train, store.ids("train"))
+    assert "the store's 'val' split" in splits_lib.describe(made, store)
+    config.splits.val = "train"  # carve from the train patients instead
+    carved = splits_lib.make_splits(store, config.splits, (1.0,))
+    assert set(carved.val) < set(store.ids("train")) and "carved" in splits_lib.describe(carved, store)
+
+
+def test_c_at_the_edge_of_the_grid_is_warned():
+    assert "widen the grid" in linear_probe.check_c_choice(10.0, (0.1, 1.0, 10.0))
+    assert "smallest" in linear_probe.check_c_choice(0.1, (0.1, 1.0, 10.0))
+    assert linear_probe.check_c_choice(1.0, (0.1, 1.0, 10.0)) is None

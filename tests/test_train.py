@@ -15,7 +15,7 @@ import pytest
 
 from medssl_jax import checkpoint, config_lib, main, models, train
 from medssl_jax.data import phantoms
-from medssl_jax.data.store import StoreError
+from medssl_jax.data.store import Store, StoreError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,6 +75,16 @@ def test_micle_end_to_end_writes_export_and_summary(phantom_cache, tmp_path):
         on_disk = json.load(f)
     assert on_disk["mean_auc"] == pytest.approx(summary["mean_auc"])
     assert "mean_auc" in on_disk["random_init"]
+    # The baseline is fair (every residual branch active, BN statistics from the train images) and the
+    # summary says so; the paired comparison is the one `compare` computes.
+    baseline = on_disk["random_init"]["baseline"]
+    assert baseline["architecture"]["zero_init_last_bn"] is False
+    assert baseline["batch_stats"].startswith("recomputed on")
+    vs = on_disk["vs_random_init"]
+    assert set(vs) >= {"mean_auc_diff", "ci95", "p_value"}
+    assert vs["mean_auc_diff"] == pytest.approx(on_disk["mean_auc"] - on_disk["random_init"]["mean_auc"])
+    assert vs["ci95"][0] <= vs["mean_auc_diff"] <= vs["ci95"][1] and 0 <= vs["p_value"] <= 1
+    assert main.summary_line(on_disk).startswith("linear probe test mean AUC")
     # metrics.jsonl has one line per log step with loss, lr and the rate.
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
@@ -86,6 +96,24 @@ def test_micle_end_to_end_writes_export_and_summary(phantom_cache, tmp_path):
     encoder = models.build_encoder({**config["model"], "dtype": "float32"})
     features, out = encoder.apply(variables, np.zeros((2, 24, 24, 1), np.float32), train=False)
     assert features.shape == (2, out["pre_logits"].shape[-1])
+
+
+def test_unlabelled_store_without_test_split_skips_the_probe_in_one_line(phantom_cache, tmp_path, capsys):
+    # A DICOM store is normally unlabelled and has no test split: pretraining finishes and exports, and the
+    # probe is skipped with the reason and the command to probe on a labelled store.
+    from medssl_jax.data.store import StoreWriter
+
+    source = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
+    with StoreWriter(tmp_path / "dicomlike", name="dicomlike", label_names=()) as writer:
+        for i in range(len(source)):
+            record = source[i]
+            writer.add(image=record["image"], patient=str(source.patients[i]), bits_stored=record["bits_stored"],
+                       modality="CR")
+    config = tiny_config(phantom_cache, **{"data.store": str(tmp_path / "dicomlike"), "total_steps": 2})
+    assert main.run(config, str(tmp_path / "w")) is None
+    out = capsys.readouterr().out
+    assert "linear probe skipped: store" in out and "has no labels" in out and "configs/linear_probe.py" in out
+    assert os.path.exists(tmp_path / "w" / "export" / "config.json")
 
 
 def test_resume_equals_uninterrupted(phantom_cache, tmp_path):

@@ -95,3 +95,68 @@ def extract(
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         np.savez(cache_path, **result)
     return result
+
+
+def recalibrate_batch_stats(model: nn.Module, variables: Any, store: Store, ids: np.ndarray, *, image_size: int,
+                            batch_size: int, mesh, max_images: int = 4096,
+                            momentum: float | None = None) -> tuple[Any, int]:
+    """BatchNorm statistics of `variables` recomputed on the store records `ids` ("precise BN").
+
+    A randomly initialised encoder carries the initial running statistics (mean 0, variance 1), which
+    describe no image, so its features would be a crippled baseline. Here full batches of up to
+    `max_images` of the records (in the given order, eval preprocessing: centre square, resize) go through
+    the encoder in training mode, which normalises every layer with the batch's own statistics; the
+    per-batch means and variances of every BatchNorm layer are pooled into a population mean and variance
+    (E[x^2] - E[x]^2 over all batches), as PreciseBN does (Wu & Johnson 2021). Returns (variables with the
+    new batch_stats, number of images used). Encoders without BatchNorm (ViT) come back unchanged, 0 images.
+
+    Flax updates running statistics as momentum * old + (1 - momentum) * batch; starting every batch from
+    zeros, the update is (1 - momentum) * the batch's statistic, which is divided back out.
+    """
+    if not variables.get("batch_stats"):
+        return variables, 0
+    if momentum is None:
+        from medssl_jax.models.resnet import BN_MOMENTUM as momentum  # every BatchNorm of our encoders
+    devices = mesh.devices.size
+    batch_size = max(devices, (batch_size // devices) * devices)
+    ids = np.asarray(ids, np.int64)
+    usable = min(len(ids), max_images) // batch_size * batch_size
+    if usable == 0:
+        raise ValueError(f"store {store.path}: {len(ids)} images, fewer than one batch of {batch_size}, to "
+                         "recompute BatchNorm statistics on (lower the batch size)")
+    zeros = jax.tree.map(np.zeros_like, jax.device_get(variables["batch_stats"]))
+
+    def batch_moments(params, images):
+        _, updates = model.apply({"params": params, "batch_stats": zeros}, augment.to_unit(images), train=True,
+                                 mutable=["batch_stats"])
+        stats = jax.tree.map(lambda s: s / (1.0 - momentum), updates["batch_stats"])
+        return _map_bn(stats, lambda t: {"mean": t["mean"], "second": t["var"] + t["mean"] ** 2})
+
+    moments = jax.jit(batch_moments, in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh))
+    params = sharding.replicate(variables["params"], mesh)
+    load = pipeline.LoadForEval(store.data_source(), image_size=image_size, channels=_channels(store, ids),
+                                num_labels=len(store.label_names))
+    sums = None
+    for start in range(0, usable, batch_size):
+        images = np.stack([load.map(int(i))["image"] for i in ids[start:start + batch_size]])
+        batch = jax.device_get(moments(params, jax.device_put(images, sharding.data_sharding(mesh))))
+        batch = jax.tree.map(lambda x: np.asarray(x, np.float64), batch)
+        sums = batch if sums is None else jax.tree.map(np.add, sums, batch)
+    num_batches = usable // batch_size
+    pooled = _map_bn(sums, lambda t: {
+        "mean": (t["mean"] / num_batches).astype(np.float32),
+        "var": np.maximum(t["second"] / num_batches - (t["mean"] / num_batches) ** 2, 0.0).astype(np.float32)})
+    return {**variables, "batch_stats": pooled}, usable
+
+
+def _map_bn(tree: dict, fn) -> dict:
+    """Applies fn to every BatchNorm statistics dict (keys 'mean' and 'var' or 'second') of a nested tree."""
+    if "mean" in tree and not isinstance(tree["mean"], dict):
+        return fn(tree)
+    return {k: _map_bn(v, fn) for k, v in tree.items()}
+
+
+def _channels(store: Store, ids: np.ndarray) -> int:
+    image = store[int(ids[0])]["image"]
+    return 1 if image.ndim == 2 else int(image.shape[-1])

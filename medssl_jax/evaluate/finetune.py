@@ -42,6 +42,7 @@ from medssl_jax import augment, checkpoint, config_lib, logging_lib, losses, opt
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import linear_probe, metrics, report, robustness
+from medssl_jax.evaluate import probe
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.models import heads
 
@@ -228,10 +229,13 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
         num_workers=config.data.num_workers)
     writer = logging_lib.MetricWriter(run_dir)
     progress = logging_lib.Progress(total_steps, items_per_step=config.batch_size, unit="images")
-    logging_lib.log(f"fine-tuning ({fraction:g} of the train patients: {len(train_ids)} images) for {total_steps} "
-                    f"steps of {config.batch_size}, validation every {eval_every} steps on {len(splits.val)} images")
+    stop_rule = (f"until the validation AUC has not improved for {config.early_stop_patience} evaluations, at most "
+                 f"{total_steps} steps" if config.early_stop_patience > 0 else f"for {total_steps} steps")
+    logging_lib.log(f"fine-tuning on {fraction:.0%} of the train patients ({len(train_ids)} images) {stop_rule} of "
+                    f"{config.batch_size}, validation every {eval_every} steps on {len(splits.val)} images")
     curve_steps, curve_auc = [], []
-    best = {"step": None, "val_auc": -np.inf, "variables": None}
+    best = {"step": None, "val_auc": -np.inf, "variables": None, "val_probs": None, "val_labels": None}
+    stopped_early = False
     evals_since_best = 0
     step = 0
     while step < total_steps:
@@ -257,22 +261,29 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
                             + (" (best so far)" if improved else ""))
             if improved or best["variables"] is None:
                 best = {"step": step, "val_auc": val_auc if val_auc is not None else -np.inf,
-                        "variables": jax.device_get(current)}
+                        "variables": jax.device_get(current), "val_probs": probs, "val_labels": labels}
                 evals_since_best = 0
             else:
                 evals_since_best += 1
                 if config.early_stop_patience > 0 and evals_since_best >= config.early_stop_patience:
                     logging_lib.log(f"early stop at step {step}: no better validation AUC in {evals_since_best} "
                                     f"evaluations (best {best['val_auc']:.4f} at step {best['step']})")
+                    stopped_early = True
                     break
     writer.close()
+    if config.early_stop_patience > 0 and not stopped_early:
+        logging_lib.log(f"warning: label fraction {fraction:g} reached the maximum of {total_steps} steps while the "
+                        f"validation AUC was still improving (best at step {best['step']}); it may not have "
+                        "converged: raise config.total_steps")
     best_variables = sharding.replicate(best["variables"], mesh)
     test_probs, test_labels = evaluate(best_variables, splits.test)
     return {"fraction": fraction, "num_train": len(train_ids), "probs": test_probs, "labels": test_labels,
             "curves": {"steps": curve_steps, "val_auc": curve_auc}, "best_step": best["step"],
             "best_val_auc": None if not np.isfinite(best["val_auc"]) else float(best["val_auc"]),
             "variables": best["variables"], "predict_fn": predict_fn, "evaluate": evaluate, "encoder": encoder,
-            "pos_weight": [float(w) for w in pos_weight], "steps_run": step, "total_steps": total_steps}
+            "pos_weight": [float(w) for w in pos_weight], "steps_run": step, "total_steps": total_steps,
+            "converged": bool(stopped_early),
+            "thresholds": metrics.youden_thresholds(best["val_probs"], best["val_labels"])}
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -286,6 +297,10 @@ def run(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     store = train.open_store(config.data)
+    problem = probe.unlabelled_reason(store, train=config.splits.train, test=config.splits.test)
+    if problem:
+        raise ValueError(f"cannot evaluate: {problem}; evaluation needs a labelled store with train and test "
+                         "splits (python -m medssl_jax.ingest --csv=... --labels=... --test-fraction=...)")
     shift = _open_shift(config, store)  # fail on a bad shift store / label map before training
     fingerprint = report.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
@@ -382,5 +397,6 @@ def _write(directory, result, config, splits, store, fingerprint, *, name, **opt
         extra={"best_step": result["best_step"], "best_val_auc": result["best_val_auc"],
                "steps_run": result["steps_run"], "total_steps": result["total_steps"],
                "num_train": result["num_train"], "pos_weight": result["pos_weight"], "splits": splits.fingerprint,
-               "source": result["encoder"].source},
-        **optional)
+               "source": result["encoder"].source, "converged": result["converged"],
+               "early_stop_patience": int(config.early_stop_patience)},
+        thresholds=result["thresholds"], **optional)

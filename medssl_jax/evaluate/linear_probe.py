@@ -3,18 +3,22 @@
     python -m medssl_jax.main --config=configs/linear_probe.py --config.init=RUN/export --workdir=E
 
 One flow, top to bottom (`run`):
-  store -> patient-wise splits (E/splits.json, evaluate/splits.py) -> encoder from `config.init` (an export,
-  a converted checkpoint or 'random') -> features of the train/val/test records, extracted once by the
-  jitted forward of evaluate/features.py and cached in E/cache/<key>/ -> per label fraction: standardise
-  with the fraction's train statistics, fit one L2 logistic regression per label for every C of
-  `config.c_grid` on the fraction's train patients, keep the C with the best validation mean AUC (never
-  test), predict test -> E/eval via report.write_eval (+ label_fractions.json with several fractions,
-  + robustness.json with `config.robustness`).
+  store (refused up front without labels or a test split) -> patient-wise splits (E/splits.json,
+  evaluate/splits.py; validation = the store's own 'val' split when it has one) -> encoder from
+  `config.init` (an export, a converted checkpoint or 'random': the architecture's standard init with
+  BatchNorm statistics recomputed on the train images, `fair_random_init`) -> features of the
+  train/val/test records, extracted once by the jitted forward of evaluate/features.py and cached in
+  E/cache/<key>/ -> per label fraction: standardise with the fraction's train statistics, fit one L2
+  logistic regression per label for every C of `config.c_grid` on the fraction's train patients, keep the
+  C with the best validation mean AUC (never test; a C at the grid's edge is warned about), take each
+  label's decision threshold at its Youden point on validation, predict test -> E/eval via
+  report.write_eval (+ label_fractions.json with several fractions, + robustness.json with
+  `config.robustness`).
 
-The validation patients are only used to choose C; the probe is never refit on them, so the label
-fractions are exactly the labelled data the probe saw (evaluate/probe.py, used at the end of pretraining,
-refits on train + val instead). A label with a single class in a fraction's train records cannot be fit
-and scores 0.5 (AUC 0.5), as in probe.py.
+The validation patients are only used to choose C and the thresholds; the probe is never refit on them,
+so the label fractions are exactly the labelled data the probe saw. The end of every pretraining run
+runs this mode too (evaluate/probe.py: run_after_pretraining). A label with a single class in a
+fraction's train records cannot be fit and scores 0.5 (AUC 0.5).
 
 Robustness (Ghesu): the test images are perturbed on the device (evaluate/robustness.py), features are
 recomputed with the same jitted forward and the fitted probe scores them. Single-host only.
@@ -41,8 +45,8 @@ from medssl_jax import checkpoint, config_lib, logging_lib, models, sharding
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import features as features_lib
-from medssl_jax.evaluate import report, robustness
-from medssl_jax.evaluate.probe import LinearProbe, fit_probe, select_and_fit  # noqa: F401 (used here and by tests)
+from medssl_jax.evaluate import metrics, probe, report, robustness
+from medssl_jax.evaluate.probe import C_GRID, LinearProbe, fit_probe, select_and_fit  # noqa: F401 (used here and by tests)
 from medssl_jax.evaluate import splits as splits_lib
 
 # Converted checkpoints record their file format; what their weights were trained with, for the report.
@@ -55,7 +59,7 @@ def reference_config() -> mlc.ConfigDict:
     c = config_lib.eval_config()
     c.mode = "linear_probe"
     c.feature = "pre_logits"  # which entry of the encoder's out_dict
-    c.c_grid = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried on the validation patients
+    c.c_grid = C_GRID  # inverse L2 strengths tried on the validation patients (see evaluate/probe.py)
     return c
 
 
@@ -68,6 +72,46 @@ class Encoder:
     model_config: dict
     method: str  # pretraining method of the weights ('none' for random)
     source: dict  # the export's "source" record ({} for random)
+    baseline: dict | None = None  # how a random-init encoder was built (set by `fair_random_init`)
+
+
+def fair_random_init(encoder: Encoder, store: Store, train_ids: np.ndarray, *, image_size: int, batch_size: int,
+                     mesh, seed: int) -> Encoder:
+    """Makes a random-init encoder a fair baseline: BatchNorm statistics recomputed on the train images.
+
+    The initial running statistics (mean 0, variance 1) describe no image; with them a random ResNet's
+    features are far worse than its architecture allows. The init itself is the architecture's standard
+    one from `encoder.model_config` (configs set zero_init_last_bn=False for a probe baseline: with the
+    last BN gamma of every residual branch at 0 every block is the identity and the "random ResNet" is its
+    stem plus shortcuts). Returns the encoder with new variables and `baseline` describing both.
+    """
+    variables, used = features_lib.recalibrate_batch_stats(encoder.model, encoder.variables, store, train_ids,
+                                                           image_size=image_size, batch_size=batch_size, mesh=mesh)
+    zero_init = encoder.model_config.get("zero_init_last_bn")
+    baseline = {
+        "init": "random", "seed": int(seed), "architecture": dict(encoder.model_config),
+        "residual_branches": ("zero-initialised last BN gamma (every block starts as its shortcut)" if zero_init
+                              else "standard initialisation, every residual branch active"
+                              if zero_init is not None else "standard initialisation"),
+        "batch_stats": (f"recomputed on {used} train images (precise BN, eval preprocessing)" if used
+                        else "none (the encoder has no BatchNorm)"),
+    }
+    if zero_init:
+        logging_lib.log("warning: the random-init encoder has zero_init_last_bn=True: every residual branch is "
+                        "off at init, a crippled baseline (set --config.model.zero_init_last_bn=False)")
+    logging_lib.log(f"random-init baseline: {baseline['residual_branches']}; BatchNorm statistics "
+                    f"{baseline['batch_stats']}")
+    return dataclasses.replace(encoder, variables=variables, baseline=baseline)
+
+
+def check_c_choice(best_c: float, c_grid) -> str | None:
+    """A warning when the chosen C sits at an end of the grid (the best value may lie outside it)."""
+    grid = sorted(float(c) for c in c_grid)
+    if len(grid) > 1 and best_c in (grid[0], grid[-1]):
+        side = "largest (weakest regularisation)" if best_c == grid[-1] else "smallest (strongest regularisation)"
+        return (f"warning: the chosen C={best_c:g} is the {side} value of config.c_grid {tuple(grid)}; "
+                "widen the grid")
+    return None
 
 
 def store_channels(store: Store, ids: np.ndarray) -> int:
@@ -118,7 +162,7 @@ def load_encoder(config, *, channels: int) -> Encoder:
 def feature_cache_key(config, encoder: Encoder, store_fingerprint: str) -> str:
     """Names the cached features: encoder weights identity, feature, size, dtype and store."""
     if config.init == "random":
-        weights = {"random": encoder.model_config, "seed": int(config.seed)}
+        weights = {"random": encoder.model_config, "seed": int(config.seed), "batch_stats": "precise-bn-train"}
     else:
         stat = os.stat(os.path.join(config.init, "config.json"))  # rewritten last by every export
         weights = {"init": os.path.abspath(config.init), "mtime_ns": stat.st_mtime_ns}
@@ -185,12 +229,19 @@ def run(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     store = train.open_store(config.data)
+    problem = probe.unlabelled_reason(store, train=config.splits.train, test=config.splits.test)
+    if problem:
+        raise ValueError(f"cannot evaluate: {problem}; evaluation needs a labelled store with train and test "
+                         "splits (python -m medssl_jax.ingest --csv=... --labels=... --test-fraction=...)")
     fingerprint = report.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
 
     encoder = load_encoder(config, channels=store_channels(store, splits.test))
+    if config.init == "random":
+        encoder = fair_random_init(encoder, store, splits.train, image_size=config.image_size,
+                                   batch_size=config.batch_size, mesh=mesh, seed=config.seed)
     logging_lib.log(f"linear probe on {config.feature} features of {config.init} ({encoder.model_config.get('name')})")
     forward = features_lib.feature_fn(encoder.model, config.feature, mesh)
     cache_dir = os.path.join(workdir, "cache", feature_cache_key(config, encoder, fingerprint))
@@ -205,18 +256,24 @@ def run(config, workdir: str) -> dict:
     for fraction in fractions:
         train_ids = splits.fraction_ids(fraction)
         train_rows = take(train_ids)
-        probe, best_c, by_c = select_and_fit(feats[train_rows], labels[train_rows], feats[val_rows], labels[val_rows],
+        fitted, best_c, by_c = select_and_fit(feats[train_rows], labels[train_rows], feats[val_rows], labels[val_rows],
                                              c_grid=config.c_grid, label_names=label_names)
-        probs = probe.predict(feats[test_rows])
-        results[fraction] = dict(probe=probe, probs=probs, c=best_c, by_c=by_c, num_train=len(train_ids))
-        unfit = [label_names[j] for j in np.flatnonzero(~probe.fitted)]
+        probs = fitted.predict(feats[test_rows])
+        thresholds = metrics.youden_thresholds(fitted.predict(feats[val_rows]), labels[val_rows])
+        edge = check_c_choice(best_c, config.c_grid)
+        results[fraction] = dict(probe=fitted, probs=probs, c=best_c, by_c=by_c, num_train=len(train_ids),
+                                 thresholds=thresholds, c_at_edge=edge is not None)
+        unfit = [label_names[j] for j in np.flatnonzero(~fitted.fitted)]
         logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): C={best_c:g}, val mean AUC "
                         f"{_fmt(by_c[best_c])}" + (f"; not fit (one class in train): {unfit}" if unfit else ""))
+        if edge:
+            logging_lib.log(edge)
 
     def extra(result):
         return {"c": result["c"], "val_mean_auc_by_c": {f"{c:g}": v for c, v in result["by_c"].items()},
                 "num_train": result["num_train"], "feature": config.feature, "splits": splits.fingerprint,
-                "source": encoder.source,
+                "source": encoder.source, "c_at_grid_edge": result["c_at_edge"],
+                **({"baseline": encoder.baseline} if encoder.baseline else {}),
                 "unfit_labels": [label_names[j] for j in np.flatnonzero(~result["probe"].fitted)]}
 
     test_labels = labels[test_rows]
@@ -227,7 +284,7 @@ def run(config, workdir: str) -> dict:
             report.write_eval(os.path.join(workdir, "fractions", f"f{fraction:g}"), probs=result["probs"],
                               labels=test_labels, record_ids=splits.test, label_fraction=fraction,
                               name=f"{config.name or os.path.basename(workdir)}@{fraction:g}", extra=extra(result),
-                              **common)
+                              thresholds=result["thresholds"], **common)
             entries.append(robustness.label_efficiency_entry(
                 fraction=fraction, probs=result["probs"], labels=test_labels, label_names=label_names,
                 num_train=result["num_train"], seed=config.seed))
@@ -246,7 +303,8 @@ def run(config, workdir: str) -> dict:
 
     summary = report.write_eval(workdir, probs=main["probs"], labels=test_labels, record_ids=splits.test,
                                 label_fraction=main_fraction, name=config.name or None, extra=extra(main),
-                                label_fractions=entries, robustness_curves=curves, **common)
+                                label_fractions=entries, robustness_curves=curves, thresholds=main["thresholds"],
+                                **common)
     per_label = ", ".join(f"{n} {_fmt(a)}" for n, a in summary["per_label_auc"].items())
     logging_lib.log(f"linear probe test mean AUC {_fmt(summary['mean_auc'])}; per label: {per_label}")
     logging_lib.log(f"wrote {os.path.join(workdir, 'eval')}")

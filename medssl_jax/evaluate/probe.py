@@ -1,9 +1,12 @@
-"""Linear probe: multi-label logistic regression on frozen encoder features.
+"""Linear probe: multi-label logistic regression on frozen encoder features, and the probe that ends
+every pretraining run.
 
 The probe fits one L2-regularised logistic regression per label (scikit-learn) on standardised
-features of the labelled train split. The regularisation C is chosen on a patient-wise validation part
-of the train split (never on test), then the probe is refit on the whole train split and scored on the
-held-out test split. A record with a missing label is left out for that label only.
+features of the train patients; the regularisation C is chosen on the validation patients (never on
+test) and the fitted probe scores the held-out test split. A record with a missing label is left out
+for that label only. The linear_probe mode (evaluate/linear_probe.py) runs this fitter; so does
+`run_after_pretraining`, through that mode, once for the export and once for a fair random-init
+encoder of the same architecture, followed by their paired bootstrap comparison.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import os
 import warnings
 from typing import Any
 
-import jax
 import numpy as np
 import scipy.special
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from medssl_jax import checkpoint, logging_lib, models
+from medssl_jax import logging_lib
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import features as features_lib
-from medssl_jax.evaluate import metrics, report
+from medssl_jax.evaluate import metrics
+
+
+# Inverse L2 strengths tried on the validation patients; wide on purpose (random features often want the
+# weakest regularisation); a choice at either end is logged as a warning.
+C_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def patient_split(patients: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
@@ -95,113 +101,109 @@ def select_and_fit(x_train, y_train, x_val, y_val, *, c_grid, label_names) -> tu
 
 
 
-def fit_linear_probe(
-    train_features: np.ndarray,
-    train_labels: np.ndarray,
-    train_patients: np.ndarray,
-    test_features: np.ndarray,
-    *,
-    c_grid,
-    val_fraction: float,
-    seed: int,
-) -> dict[str, Any]:
-    """Chooses C on a patient-wise validation part of train, refits on all of train, predicts test.
+def skip_reason(store: Store, probe_config) -> str | None:
+    """Why the end-of-pretraining probe cannot run on `store` (None when it can): no labels, or an empty
+    train or test split. Unlabelled, test-less stores are the normal case for pretraining."""
+    return unlabelled_reason(store, train=probe_config.train_split, test=probe_config.test_split)
 
-    (The linear_probe mode keeps the validation patients out of the final fit instead, so that its
-    label fractions are exactly the labelled data the probe saw.)
+
+def unlabelled_reason(store: Store, *, train: str, test: str) -> str | None:
+    """Why `store` cannot be evaluated with labels on its `train` and `test` splits, or None."""
+    if not store.label_names:
+        return f"store {store.path} has no labels"
+    labelled = ~np.all(np.isnan(store.labels), axis=1) if store.labels.size else np.zeros(len(store), bool)
+    for role, split in (("train", train), ("test", test)):
+        ids = store.ids(split)
+        if len(ids) == 0:
+            return f"store {store.path} has no {split!r} split (the {role} split)"
+        if not labelled[ids].any():
+            return f"the {split!r} split of store {store.path} has no labelled record"
+    return None
+
+
+def probe_eval_config(export_dir: str, data_config, probe_config, *, mesh, seed: int, compute_dtype: str):
+    """The linear_probe-mode config of the end-of-pretraining probe of `export_dir` on the run's store."""
+    from medssl_jax.evaluate import linear_probe
+
+    c = linear_probe.reference_config()
+    c.init = export_dir
+    c.seed = seed
+    c.mesh = list(mesh)
+    c.compute_dtype = compute_dtype
+    for key in ("store", "cache_dir", "phantom_patients", "phantom_size", "phantom_seed"):
+        c.data[key] = data_config[key]
+    c.image_size = probe_config.image_size
+    c.batch_size = probe_config.batch_size
+    c.feature = probe_config.feature
+    c.c_grid = tuple(probe_config.c_grid)
+    c.splits.train = probe_config.train_split
+    c.splits.test = probe_config.test_split
+    c.splits.val = probe_config.val_split
+    c.splits.val_fraction = probe_config.val_fraction
+    c.label_fractions = (1.0,)
+    return c
+
+
+def random_baseline_model(model_config: dict) -> dict:
+    """The export's architecture with its standard init: every residual branch active at initialisation.
+
+    zero_init_last_bn is a training aid for pretraining (each block starts as the identity); for a random
+    feature baseline it would switch every residual branch off.
     """
-    held = patient_split(train_patients, fraction=val_fraction, seed=seed)
-    if held.all() or not held.any():
-        raise ValueError(f"probe.val_fraction={val_fraction} leaves no patients for fitting or validation")
-    names = [str(j) for j in range(train_labels.shape[1])]
-    _, best_c, val_auc = select_and_fit(train_features[~held], train_labels[~held], train_features[held],
-                                        train_labels[held], c_grid=c_grid, label_names=names)
-    test_probs = fit_probe(train_features, train_labels, best_c).predict(test_features)
-    return {"probs": test_probs, "c": best_c, "val_mean_auc_by_c": val_auc}
+    model = dict(model_config)
+    if "zero_init_last_bn" in model or model.get("name") == "resnet":
+        model["zero_init_last_bn"] = False
+    return model
 
 
-def probe_encoder(
-    model,
-    variables,
-    store: Store,
-    probe_config,
-    *,
-    mesh,
-    seed: int,
-    cache_dir: str | None = None,
-    forward=None,
-) -> dict[str, Any]:
-    """Extracts features of the train/test splits and runs the linear probe; returns the metrics dict."""
-    kwargs = dict(
-        image_size=probe_config.image_size,
-        batch_size=probe_config.batch_size,
-        mesh=mesh,
-        feature=probe_config.feature,
-        forward=forward or features_lib.feature_fn(model, probe_config.feature, mesh),
-    )
-    train = features_lib.extract(
-        model, variables, store, split=probe_config.train_split,
-        cache_path=cache_dir and os.path.join(cache_dir, f"features_{probe_config.train_split}.npz"), **kwargs,
-    )
-    test = features_lib.extract(
-        model, variables, store, split=probe_config.test_split,
-        cache_path=cache_dir and os.path.join(cache_dir, f"features_{probe_config.test_split}.npz"), **kwargs,
-    )
-    fitted = fit_linear_probe(
-        train["features"], train["labels"], store.patients[train["index"]], test["features"],
-        c_grid=tuple(probe_config.c_grid), val_fraction=probe_config.val_fraction, seed=seed,
-    )
-    return {
-        "c": fitted["c"],
-        "val_mean_auc_by_c": fitted["val_mean_auc_by_c"],
-        "num_train": int(len(train["index"])),
-        "_probs": fitted["probs"],
-        "_labels": test["labels"],
-        "_index": test["index"],
-    }
+def compare_with_baseline(workdir: str, baseline_workdir: str, *, num_resamples: int = 1000, seed: int = 0) -> dict:
+    """Paired bootstrap of the two evaluation workdirs' test predictions (the code `compare` runs):
+    {"mean_auc_diff", "ci95": [lo, hi], "p_value" (one-sided: share of resamples in which the first is not
+    better), "num_resamples", "num_test_images"}."""
+    from medssl_jax.evaluate import bootstrap, report
+
+    runs = [report.read_eval(workdir), report.read_eval(baseline_workdir)]
+    runs[0].name, runs[1].name = "pretrained", "random_init"
+    _, labels, probs = report.align_runs(runs)
+    boot = bootstrap.paired_bootstrap(probs=probs, labels=labels, label_names=runs[0].label_names,
+                                      num_resamples=num_resamples, seed=seed, youden=False)
+    diff = boot["comparisons"][0]["mean_auc"]
+    return {"mean_auc_diff": diff["diff"]["point"], "ci95": [diff["diff"]["ci_low"], diff["diff"]["ci_high"]],
+            "p_value": diff["p_a_not_better"], "num_resamples": int(num_resamples),
+            "num_test_images": int(len(labels))}
 
 
-def run_after_pretraining(export_dir: str, store: Store, probe_config, *, mesh, seed: int, workdir: str,
+def run_after_pretraining(export_dir: str, data_config, probe_config, *, mesh, seed: int, workdir: str,
                           compute_dtype: str = "float32") -> dict[str, Any]:
-    """Probes the exported encoder (-> WORKDIR/eval/) and a randomly initialised encoder of the same
-    architecture (-> WORKDIR/baselines/random_init/eval/), both in the evaluation-workdir format that
-    `python -m medssl_jax.compare` reads; WORKDIR/eval/summary.json also carries `random_init`."""
-    variables, export_config = checkpoint.load_export(export_dir)
-    model = models.build_encoder({**export_config["model"], "dtype": compute_dtype})
-    source = export_config.get("source", {})
-    common = dict(
-        label_names=list(store.label_names), mode="linear_probe", split=probe_config.test_split,
-        store_name=store.name, store_fingerprint=report.store_fingerprint(store.path),
-    )
+    """Probes the exported encoder (-> WORKDIR/eval/) and a fair random-init encoder of the same
+    architecture (-> WORKDIR/baselines/random_init/eval/) on the same splits, both in the evaluation-workdir
+    format that `python -m medssl_jax.compare` reads. WORKDIR/eval/summary.json also carries `random_init`
+    (its AUCs and how it was built) and `vs_random_init` (paired bootstrap of the mean-AUC difference)."""
+    from medssl_jax.evaluate import linear_probe
+
+    config = probe_eval_config(export_dir, data_config, probe_config, mesh=mesh, seed=seed,
+                               compute_dtype=compute_dtype)
     logging_lib.log(f"linear probe on {probe_config.feature} features of {export_dir}")
-    forward = features_lib.feature_fn(model, probe_config.feature, mesh)  # compiled once, used for both
-    pretrained = probe_encoder(model, variables, store, probe_config, mesh=mesh, seed=seed,
-                               cache_dir=os.path.join(workdir, "eval", "cache"), forward=forward)
-    summary = report.write_eval(
-        workdir, probs=pretrained["_probs"], labels=pretrained["_labels"],
-        record_ids=pretrained["_index"], method=source.get("method", ""), init=export_dir,
-        extra={"probe_c": pretrained["c"], "val_mean_auc_by_c": pretrained["val_mean_auc_by_c"], "source": source},
-        **common,
-    )
-    if probe_config.random_baseline:
-        channels = int(export_config.get("input", {}).get("channels", 1))
-        size = probe_config.image_size
-        random_vars = jax.jit(lambda key: model.init(key, np.zeros((1, size, size, channels), np.float32),
-                                                     train=False))(jax.random.PRNGKey(seed + 1))
-        logging_lib.log("linear probe on a randomly initialised encoder of the same architecture (baseline)")
-        baseline = probe_encoder(model, random_vars, store, probe_config, mesh=mesh, seed=seed, forward=forward)
-        baseline_summary = report.write_eval(
-            os.path.join(workdir, "baselines", "random_init"), probs=baseline["_probs"],
-            labels=baseline["_labels"], record_ids=baseline["_index"], method="none", init="random",
-            extra={"probe_c": baseline["c"]}, **common,
-        )
-        summary["random_init"] = {
-            "mean_auc": baseline_summary["mean_auc"],
-            "per_label_auc": baseline_summary["per_label_auc"],
-            "workdir": os.path.join(workdir, "baselines", "random_init"),
-        }
-        path = os.path.join(workdir, "eval", "summary.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+    summary = linear_probe.run(config, workdir)
+    if not probe_config.random_baseline:
+        return summary
+    from medssl_jax import checkpoint
+
+    baseline_dir = os.path.join(workdir, "baselines", "random_init")
+    random_config = config.copy_and_resolve_references()
+    random_config.init = "random"
+    random_config.method = "none"
+    random_config.name = "random_init"
+    random_config.model = random_baseline_model(checkpoint.load_export_config(export_dir)["model"])
+    random_config.splits.file = os.path.join(workdir, "splits.json")
+    random_config.seed = seed + 1
+    logging_lib.log("linear probe on a random-init encoder of the same architecture (the baseline)")
+    baseline = linear_probe.run(random_config, baseline_dir)
+    summary["random_init"] = {"mean_auc": baseline["mean_auc"], "per_label_auc": baseline["per_label_auc"],
+                              "workdir": baseline_dir, "baseline": baseline["extra"].get("baseline")}
+    summary["vs_random_init"] = compare_with_baseline(workdir, baseline_dir, seed=seed)
+    path = os.path.join(workdir, "eval", "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1, allow_nan=False)
+    os.replace(path + ".tmp", path)
     return summary

@@ -5,10 +5,11 @@ of two encoders is meaningless. The splits here are a pure function of the store
 patient keys and a seed:
 
 - test: the store's `splits.test` split (the held-out patients chosen at ingestion);
-- val: the store's `splits.val` split when one is named, otherwise the patients of the train split whose
-  hash bucket of (seed, patient key) is below `val_fraction` (`probe.patient_split`, the same rule the
-  end-of-pretraining probe uses). A patient's bucket does not depend on which other patients exist, so
-  adding records never moves a patient between train and val;
+- val: `splits.val` names a store split ('val'); '' (the default) means the store's own 'val' split when it
+  has one (MedMNIST's official split, `ingest --val-fraction`, the phantoms), otherwise carved from train;
+  `splits.val` equal to `splits.train` always carves: the patients of the train split whose hash bucket of
+  (seed, patient key) is below `val_fraction` (`probe.patient_split`). A patient's bucket does not depend on
+  which other patients exist, so adding records never moves a patient between train and val;
 - train: the rest of the store's train split;
 - label fractions: nested subsets of the train *patients*: patients are ordered by another hash of
   (seed, patient key) and fraction f takes the first ceil(f * P) of them with all their records, so the
@@ -111,14 +112,24 @@ def _records_of(store: Store, patients: set, ids: np.ndarray) -> np.ndarray:
     return ids[keep]
 
 
+def val_split_of(store: Store, cfg) -> str:
+    """The store split used for validation ('' = carve it from the train patients), see the module docstring."""
+    if cfg.val == cfg.train:
+        return ""
+    if cfg.val:
+        return cfg.val
+    return "val" if "val" in set(store.splits.tolist()) else ""
+
+
 def make_splits(store: Store, cfg, label_fractions) -> Splits:
     """The splits `cfg` (config.splits) gives on `store` (see the module docstring)."""
     fractions = check_fractions(label_fractions)
     where = f"store {store.path}"
     train_all = store.ids(cfg.train)
     test = store.ids(cfg.test)
-    if cfg.val:
-        val, train = store.ids(cfg.val), train_all
+    val_split = val_split_of(store, cfg)
+    if val_split:
+        val, train = store.ids(val_split), train_all
     else:
         if not 0 < cfg.val_fraction < 1:
             raise SplitsError(f"config.splits.val_fraction={cfg.val_fraction} must be in (0, 1) (or name a "
@@ -141,7 +152,7 @@ def make_splits(store: Store, cfg, label_fractions) -> Splits:
     for fraction in fractions:
         count = max(1, math.ceil(fraction * len(ordered)))
         subsets[fraction] = _records_of(store, set(ordered[:count]), train)
-    params = {"train": cfg.train, "val": cfg.val, "test": cfg.test, "val_fraction": float(cfg.val_fraction),
+    params = {"train": cfg.train, "val": val_split, "test": cfg.test, "val_fraction": float(cfg.val_fraction),
               "seed": int(cfg.seed), "label_fractions": fractions}
     return Splits(train=train, val=val, test=test, fractions=subsets,
                   store_fingerprint=report.store_fingerprint(store.path), params=params)
@@ -226,5 +237,8 @@ def describe(splits: Splits, store: Store) -> str:
         return f"{len(ids)} images / {len(np.unique(store.patients[ids]))} patients"
 
     fractions = ", ".join(f"{f:g}: {count(ids)}" for f, ids in sorted(splits.fractions.items()))
-    return (f"splits {splits.fingerprint}: train {count(splits.train)}, val {count(splits.val)}, "
+    p = splits.params
+    source = (f"the store's {p['val']!r} split" if p["val"] else
+              f"{p['val_fraction']:g} of the {p['train']!r} patients, carved by patient hash")
+    return (f"splits {splits.fingerprint}: train {count(splits.train)}, val {count(splits.val)} ({source}), "
             f"test {count(splits.test)}; label fractions {fractions}")
