@@ -7,6 +7,12 @@ Two things live here, both on Orbax:
   iterator position, so a resumed run continues with the same data order. Saves are asynchronous; the
   manager keeps the last few. A checkpoint directory only becomes visible to `latest_step()` once Orbax
   has finalised it, so a crash or kill mid-save leaves the previous checkpoint usable.
+  A checkpoint is trusted only after verification: once Orbax has finalised it, the size and sha256 of
+  every file go to `<step>/medssl_checksums.json`; a restore first checks them (and then that the restore
+  itself succeeds). A damaged checkpoint (bytes flipped, a file truncated or missing, no checksums because
+  the run died before writing them) is moved to `WORKDIR/damaged_checkpoints/` with a one-line warning
+  naming it, and the next older one is tried (`restore_latest`); "last good checkpoint" in messages is
+  always one that verifies (`latest_intact_step`).
 
 * Exports, `DIR/config.json` + `DIR/variables/`: an encoder alone (params and, for ResNets, batch
   statistics) with the model config needed to rebuild it. Pretraining writes one to `WORKDIR/export`;
@@ -20,14 +26,19 @@ Two things live here, both on Orbax:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+CHECKSUM_FILE = "medssl_checksums.json"
+CHECKSUM_FORMAT = "medssl_jax.checkpoint_checksums"
 EXPORT_FORMAT = "medssl_jax.export"
 EXPORT_VERSION = 1
 
@@ -36,11 +47,70 @@ class CheckpointError(ValueError):
     """A checkpoint or export that cannot be used; the message names it."""
 
 
+def _file_digests(directory: str) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under `directory` except the checksum file."""
+    digests = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel == CHECKSUM_FILE:
+                continue
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            digests[rel] = [os.path.getsize(path), sha.hexdigest()]
+    return digests
+
+
+def write_checksums(step_dir: str) -> None:
+    """Records the size and sha256 of every file of a finalised checkpoint (atomically, file last)."""
+    payload = {"format": CHECKSUM_FORMAT, "version": 1, "files": _file_digests(step_dir)}
+    tmp = os.path.join(step_dir, CHECKSUM_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, sort_keys=True)
+    os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
+
+
+def verify_checkpoint(step_dir: str) -> str | None:
+    """None when every file of the checkpoint matches its recorded checksum, else what is wrong."""
+    path = os.path.join(step_dir, CHECKSUM_FILE)
+    if not os.path.isdir(step_dir):
+        return "directory missing"
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+        files = recorded["files"] if recorded.get("format") == CHECKSUM_FORMAT else None
+    except FileNotFoundError:
+        return f"no {CHECKSUM_FILE} (the run stopped before the checkpoint was verified)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable {CHECKSUM_FILE} ({error})"
+    if not isinstance(files, dict):
+        return f"{CHECKSUM_FILE} is not a checksum file"
+    actual = _file_digests(step_dir)
+    for rel, (size, digest) in sorted(files.items()):
+        if rel not in actual:
+            return f"{rel} is missing"
+        if actual[rel][0] != size:
+            return f"{rel} has {actual[rel][0]} bytes, {size} were written"
+        if actual[rel][1] != digest:
+            return f"{rel} does not match its checksum (changed since it was written)"
+    extra = sorted(set(actual) - set(files))
+    if extra:
+        return f"{extra[0]} was not part of the checkpoint"
+    return None
+
+
 class TrainCheckpointer:
-    """Saves and restores the train state together with the data iterator position."""
+    """Saves and restores the train state together with the data iterator position (verified, see above)."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        if int(keep) < 1:
+            raise CheckpointError(f"keep_checkpoints={keep}: must be >= 1 (0 would keep none, so nothing could "
+                                  "resume)")
         self.directory = os.path.abspath(directory)
+        self._pending: list[int] = []  # saved, checksums not written yet (the async save may still run)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -54,7 +124,11 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: Any, data_iterator=None) -> None:
+        self._finalize_pending()
         # The state is replicated: hand Orbax one host copy. Saving the device arrays instead makes it
         # slice every array per replica (thousands of tiny dispatches with 8 devices); restoring into
         # the abstract state's shardings is unaffected.
@@ -64,6 +138,18 @@ class TrainCheckpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._pending.append(step)
+
+    def _finalize_pending(self) -> None:
+        """Waits for the running save, then writes the checksums of every finalised checkpoint."""
+        if not self._pending:
+            return
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._pending:
+                if os.path.isdir(self.step_dir(step)):  # may already be rotated out by max_to_keep
+                    write_checksums(self.step_dir(step))
+        self._pending = []
 
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
         """Restores into `abstract_state`'s shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves)."""
@@ -73,11 +159,52 @@ class TrainCheckpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def restore_latest(self, abstract_state: Any, data_iterator=None, *,
+                       warn: Callable[[str], None] = print) -> tuple[int | None, Any]:
+        """(step, state) of the newest checkpoint that verifies and restores; (None, None) if none does.
+
+        Every damaged checkpoint met on the way is moved to WORKDIR/damaged_checkpoints/ with a one-line
+        warning, so that the run continues from the older one and never meets the damaged one again.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            problem = verify_checkpoint(self.step_dir(step))
+            if problem is None:
+                try:
+                    return step, self.restore(step, abstract_state, data_iterator)
+                except Exception as error:  # noqa: BLE001 - any failure to read it makes it unusable
+                    problem = f"restore failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            moved = self._quarantine(step)
+            warn(f"warning: checkpoint step {step} ({self.step_dir(step)}) is damaged: {problem}; moved to {moved}, "
+                 "falling back to the previous checkpoint")
+        if steps:
+            warn(f"warning: NO intact checkpoint in {self.directory} (all {len(steps)} damaged, moved aside): "
+                 "starting from scratch")
+        return None, None
+
+    def _quarantine(self, step: int) -> str:
+        target_root = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        os.makedirs(target_root, exist_ok=True)
+        target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        shutil.move(self.step_dir(step), target)
+        self._manager.reload()
+        return target
+
+    def latest_intact_step(self) -> int | None:
+        """The newest checkpoint whose files match their checksums (what "last good" may name)."""
+        self._finalize_pending()
+        for step in sorted(self.all_steps(), reverse=True):
+            if verify_checkpoint(self.step_dir(step)) is None:
+                return step
+        return None
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        self._finalize_pending()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
+        self._finalize_pending()
         self._manager.close()
 
 

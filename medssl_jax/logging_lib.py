@@ -30,13 +30,18 @@ def format_duration(seconds: float) -> str:
 class MetricWriter:
     """Appends scalars to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/ event files."""
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, enabled: bool | None = None, resume_step: int | None = None):
+        """`resume_step`: the step the run restarts from; rows after it (logged after the checkpoint it
+        resumes from, by the run that was interrupted) are dropped, so every step appears once."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resume_step is not None and os.path.exists(path):
+                _truncate_after(path, resume_step)
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -56,6 +61,22 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Rewrites metrics.jsonl without the rows of steps > `step` (and without a torn last line)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+            if int(row.get("step", 0)) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 class Progress:

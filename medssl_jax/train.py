@@ -100,6 +100,14 @@ def _abstract_with_sharding(tree: Any, target) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
 
 
+def _last_good(checkpointer) -> str:
+    """'step N' of the newest checkpoint that verifies (after the pending save is finalised), and closes
+    the checkpointer: the run is about to stop."""
+    step = checkpointer.latest_intact_step()
+    checkpointer.close()
+    return f"step {step}" if step is not None else "none (no verified checkpoint yet)"
+
+
 def _first_nonfinite(metrics: dict) -> str | None:
     for name in ("loss", "grad_norm"):
         if name in metrics and not math.isfinite(float(metrics[name])):
@@ -240,10 +248,9 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     checkpointer = checkpoint.TrainCheckpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
-    latest = checkpointer.latest_step()
+    latest, state = checkpointer.restore_latest(run.abstract_state, data_iter, warn=logging_lib.log)
     if latest is not None:
-        state = checkpointer.restore(latest, run.abstract_state, data_iter)
-        logging_lib.log(f"resumed from {os.path.join(workdir, 'checkpoints', str(latest))} (step {latest})")
+        logging_lib.log(f"resumed from {checkpointer.step_dir(latest)} (step {latest}, checksums verified)")
     else:
         state = run.init_state(sharding.to_global(run.example, mesh))
         if config.init:
@@ -253,7 +260,7 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     start_step = int(jax.device_get(state["step"]))
 
     # ---------------------------------------------------------------- loop
-    writer = logging_lib.MetricWriter(workdir)
+    writer = logging_lib.MetricWriter(workdir, resume_step=start_step)
     progress = logging_lib.Progress(total_steps, items_per_step=run.views_per_step, start_step=start_step)
     logging_lib.log(
         f"pretraining {config.method}: {total_steps} steps of {config.batch_size} "
@@ -261,7 +268,6 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
         f"on {mesh.devices.size} {jax.devices()[0].platform} device(s); split {config.data.split!r} of store "
         f"{store.path} ({len(store.ids(config.data.split))} of its {store.num_records} images)"
     )
-    last_saved = latest
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     preempted = False
     step = start_step
@@ -279,16 +285,15 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
                 host_metrics = jax.device_get(metrics)
                 bad = _first_nonfinite(host_metrics)
                 if bad:
-                    checkpointer.close()
-                    kept = f"step {last_saved}" if last_saved is not None else "none saved yet"
+                    kept = _last_good(checkpointer)
                     raise TrainingError(
                         f"non-finite {bad} at step {step}; stopped without saving it — last good checkpoint: "
                         f"{kept} in {os.path.join(workdir, 'checkpoints')}"
                     )
                 problem = method.check_health(host_metrics, step=step) if hasattr(method, "check_health") else None
                 if problem:
-                    checkpointer.close()
-                    raise TrainingError(f"{problem}; last good checkpoint: step {last_saved}")
+                    raise TrainingError(f"{problem}; last good checkpoint: {_last_good(checkpointer)} in "
+                                        f"{os.path.join(workdir, 'checkpoints')}")
                 if want_log:
                     progress.update(step)
                     writer.write(step, {**host_metrics, f"{progress.unit}_per_s": progress.rate})
@@ -297,7 +302,6 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
                     )
             if want_save:
                 checkpointer.save(step, state, data_iter)
-                last_saved = step
             if stop:
                 preempted = True
                 logging_lib.log(f"SIGTERM: saved checkpoint at step {step}; exiting (rerun the command to resume)")

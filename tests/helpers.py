@@ -1,0 +1,35 @@
+"""Shared test helpers: tiny configs on a tiny phantom store (8 fake CPU devices, see conftest.py)."""
+
+from medssl_jax import config_lib
+
+
+def set_fields(config, overrides: dict):
+    """config with dotted-path fields set, e.g. {"data.image_size": 24}."""
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def tiny_pretrain_config(cache_dir, method="micle", **overrides):
+    """A MICLe/SimCLR run of a 4-wide ResNet-18 on 24 px crops of a 64-patient, 32 px phantom store."""
+    c = config_lib.azizi_cxr_config("runlocal", method=method)
+    c.data.cache_dir = cache_dir
+    c.data.phantom_patients = 64
+    c.data.phantom_size = 32
+    c.data.image_size = 24
+    c.model.depth, c.model.base_width = 18, 4
+    c.head.hidden_dim = 16
+    c.head.out_dim = 8
+    c.batch_size = 16
+    c.total_steps = 6
+    c.optim.warmup_steps = 2
+    c.log_every = 2
+    c.checkpoint_every = 3
+    c.probe.image_size = 24
+    c.probe.batch_size = 32
+    c.probe.c_grid = (0.1, 1.0)
+    return set_fields(c, overrides)
