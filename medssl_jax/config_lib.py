@@ -85,7 +85,6 @@ def pretrain_config() -> mlc.ConfigDict:
     c.data.image_size = 224
     c.data.crop_scale = (0.08, 1.0)
     c.data.num_workers = 0  # Grain worker processes; 0 = in the main process
-    c.data.prefetch = 2  # batches prefetched onto the device
 
     # Device-side photometric augmentation; every field can be overridden (see medssl_jax/augment.py).
     c.augment = augment.preset("azizi_cxr")
@@ -201,6 +200,73 @@ def linear_probe_fields() -> mlc.ConfigDict:
     # active, BatchNorm statistics recomputed on the train images) and compare the two (paired bootstrap).
     p.random_baseline = True
     return p
+
+
+def _need(condition: bool, field: str, value, rule: str) -> None:
+    if not condition:
+        raise ValueError(f"config.{field}={value!r}: {rule}")
+
+
+def _positive(config, *fields) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        _need(isinstance(value, (int, float)) and value > 0, field, value, "must be > 0")
+
+
+def _steps_or_sentinel(config, field: str) -> None:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    _need(value == -1 or value >= 1, field, value, "must be >= 1 (or -1 to use the epochs field)")
+
+
+def validate_pretrain(config) -> None:
+    """Refuses, in one line naming the field, values that make no sense, before any data or device work."""
+    _positive(config, "batch_size", "optim.base_lr", "log_every", "checkpoint_every", "keep_checkpoints",
+              "data.image_size", "probe.image_size", "probe.batch_size")
+    _steps_or_sentinel(config, "total_steps")
+    if config.total_steps == -1:
+        _positive(config, "total_epochs")
+    _need(config.optim.warmup_steps >= -1, "optim.warmup_steps", config.optim.warmup_steps,
+          "must be >= 0 (or -1 to use optim.warmup_epochs)")
+    if config.optim.warmup_steps == -1:
+        _need(config.optim.warmup_epochs >= 0, "optim.warmup_epochs", config.optim.warmup_epochs, "must be >= 0")
+    _need(config.optim.weight_decay >= 0, "optim.weight_decay", config.optim.weight_decay, "must be >= 0")
+    _need(all(float(c) > 0 for c in config.probe.c_grid) and len(config.probe.c_grid) > 0, "probe.c_grid",
+          tuple(config.probe.c_grid), "needs one or more values > 0")
+    _need(0 < config.probe.val_fraction < 1, "probe.val_fraction", config.probe.val_fraction, "must be in (0, 1)")
+
+
+def validate_eval(config) -> None:
+    """The same for the evaluation modes (linear_probe, finetune)."""
+    _positive(config, "batch_size", "image_size")
+    _need(0 < config.splits.val_fraction < 1, "splits.val_fraction", config.splits.val_fraction, "must be in (0, 1)")
+    if "c_grid" in config:
+        _need(len(config.c_grid) > 0 and all(float(c) > 0 for c in config.c_grid), "c_grid", tuple(config.c_grid),
+              "needs one or more values > 0")
+    if config.mode == "finetune":
+        _positive(config, "optim.base_lr", "log_every")
+        _steps_or_sentinel(config, "total_steps")
+        if config.total_steps == -1:
+            _positive(config, "total_epochs")
+        _need(config.eval_every == -1 or config.eval_every >= 1, "eval_every", config.eval_every,
+              "must be >= 1 (or -1 for once per epoch)")
+        _need(config.early_stop_patience >= 0, "early_stop_patience", config.early_stop_patience,
+              "must be >= 0 (0 = never stop early)")
+
+
+def check_image_size(store, split: str | None, size: int, *, field: str, sample: int = 16) -> None:
+    """Refuses an input size larger than the stored images: every crop would be upsampled."""
+    ids = store.ids(split)[:sample]
+    if len(ids) == 0:
+        return
+    largest = max(max(store[int(i)]["image"].shape[:2]) for i in ids)
+    if size > largest:
+        raise ValueError(f"config.{field}={size} is larger than the images of store {store.path} (longest side "
+                         f"{largest} px in its first {len(ids)} {split!r} records): they would be upsampled "
+                         f"{size / largest:.1f}x; use at most {largest} or re-ingest at a larger --size")
 
 
 def check_known_keys(config: mlc.ConfigDict, reference: mlc.ConfigDict, prefix: str = "") -> None:

@@ -49,6 +49,10 @@ def run(config, workdir: str) -> dict | None:
     if config.mode not in config_lib.MODES:
         raise ValueError(f"config.mode={config.mode!r} is not one of {config_lib.MODES}")
     config_lib.check_known_keys(config, reference_config(config))
+    if config.mode == "pretrain":
+        config_lib.validate_pretrain(config)
+    else:
+        config_lib.validate_eval(config)
     if config.mode != "pretrain":
         module = __import__(f"medssl_jax.evaluate.{config.mode}", fromlist=["run"])
         return module.run(config, workdir)
@@ -132,19 +136,36 @@ def _is_user_error(error: Exception) -> bool:
 
 
 def parse_flags(argv):
-    """absl flag parsing, with a mistyped `--config.x=...` reported as one line instead of a traceback."""
+    """absl flag parsing, with a mistyped `--config.x=...` or a bad config argument (`:runlocal,foo=1`)
+    reported as one line instead of a traceback."""
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as error:
-        override = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")), "")
-        # ml_collections puts an escaped repr of its message in the error ("'\\'x\\'\\nDid you mean...").
-        detail = " ".join(str(error).encode().decode("unicode_escape").replace("'", "").split())
-        if isinstance(error, AttributeError) and override:
-            message = f"unknown config field in {override}: {detail}"
-        else:
-            message = f"bad command-line flag: {detail}"
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {flag_error_message(error, argv)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def flag_error_message(error: Exception, argv) -> str:
+    """One line for a flag-parsing error, naming the flag that caused it."""
+    import re
+
+    # ml_collections puts an escaped repr of its message in the error ("'\\'x\\'\\nDid you mean...").
+    text = str(error).encode().decode("unicode_escape")
+    if "Traceback (most recent call last)" in text:
+        # An exception inside the config file's get_config(): keep its last line ("ValueError: ...").
+        last = [line for line in text.splitlines() if re.match(r"^\w*(Error|Exception): ", line.strip())]
+        config_flag = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+        detail = last[-1].strip().split(": ", 1)[1] if last else text.splitlines()[-1]
+        return f"{config_flag}: {' '.join(detail.replace(chr(39) * 2, chr(39)).split())}"
+    detail = " ".join(text.replace("'", "").split())
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    if isinstance(error, AttributeError) and overrides:
+        # The unknown name is the first quoted word of the message; blame the override that contains it.
+        match = re.search(r"'([^']+)'", text)
+        name = match.group(1) if match else ""
+        culprit = next((o for o in overrides if name and name in o[len("--config."):].split(".")), overrides[-1])
+        return f"unknown config field in {culprit}: {detail}"
+    return f"bad command-line flag: {detail}"
 
 
 if __name__ == "__main__":

@@ -150,6 +150,9 @@ def setup(config) -> Setup:
 
     # ---------------------------------------------------------------- data
     store = open_store(config.data)
+    config_lib.check_image_size(store, config.data.split, config.data.image_size, field="data.image_size")
+    if config.probe.enabled:
+        config_lib.check_image_size(store, config.data.split, config.probe.image_size, field="probe.image_size")
     spec = method.data_spec(config)
     elements = epoch_size(store, spec, config.data.split)
     if elements < config.batch_size:

@@ -229,6 +229,7 @@ def run(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     store = train.open_store(config.data)
+    config_lib.check_image_size(store, config.splits.test, config.image_size, field="image_size")
     problem = probe.unlabelled_reason(store, train=config.splits.train, test=config.splits.test)
     if problem:
         raise ValueError(f"cannot evaluate: {problem}; evaluation needs a labelled store with train and test "

@@ -1,0 +1,53 @@
+"""Configs that make no sense are refused in one line naming the field, before any data or device work."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import tiny_pretrain_config
+from medssl_jax import main
+from medssl_jax.data import phantoms
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("phantoms"))
+    phantoms.ensure_phantom_store(path, num_patients=64, image_size=32, seed=0)
+    return path
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("checkpoint_every", 0, "config.checkpoint_every=0: must be > 0"),
+    ("log_every", 0, "config.log_every=0: must be > 0"),
+    ("optim.base_lr", -0.1, "config.optim.base_lr=-0.1: must be > 0"),
+    ("optim.base_lr", 0.0, "config.optim.base_lr=0.0: must be > 0"),
+    ("total_steps", -5, "config.total_steps=-5: must be >= 1"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints=0: must be > 0"),
+    ("batch_size", 0, "config.batch_size=0: must be > 0"),
+    ("data.image_size", 256, "config.data.image_size=256 is larger than the images of store"),
+    ("probe.image_size", 100, "config.probe.image_size=100 is larger than the images of store"),
+])
+def test_nonsense_value_is_refused_before_training(cache, tmp_path, field, value, message):
+    config = tiny_pretrain_config(cache, **{field: value})
+    with pytest.raises(ValueError) as error:
+        main.run(config, str(tmp_path / "w"))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")  # nothing was trained
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "medssl_jax.main", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_typo_is_blamed_on_the_flag_that_has_it_and_a_bad_config_argument_is_one_line(tmp_path):
+    out = cli("--config=configs/micle.py:runlocal", f"--workdir={tmp_path}", "--config.checkpoint_every=10",
+              "--config.batch_sizee=3")
+    assert out.returncode == 1 and out.stderr.startswith("error: unknown config field in --config.batch_sizee:")
+    out = cli("--config=configs/micle.py:runlocal,foo=1", f"--workdir={tmp_path}")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "config argument 'foo' is not one of" in out.stderr and "Traceback" not in out.stderr
