@@ -31,6 +31,7 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -39,6 +40,7 @@ import re
 import resource
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -167,11 +169,29 @@ def _csv_image(task: Task, opts: dict) -> list[dict]:
                  window_width=math.nan, view=task.view)]
 
 
+def not_regular_reason(path: str) -> str | None:
+    """Why `path` must not be opened (a FIFO, socket or device would block or never end), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None  # reported as "file not found" by the reader
+    except OSError as e:
+        return f"unreadable file ({e.strerror or type(e).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "directory" if stat.S_ISDIR(mode) else "special file")
+    return f"not a regular file ({kind}); skipped without reading"
+
+
 def process_task(task: Task, opts: dict | None = None) -> Result:
     """Reads one file -> Result. Never raises for bad data (that is what Result.reason is for)."""
     opts = _OPTS if opts is None else opts
     if task.error:
         return Result(task.source_id, [], task.error)
+    special = not_regular_reason(task.path)
+    if special:
+        return Result(task.source_id, [], special)
     salt = opts["salt"]
     try:
         if opts["mode"] == "dicom":
@@ -213,6 +233,21 @@ def process_task(task: Task, opts: dict | None = None) -> Result:
     return Result(task.source_id, records)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/](?:[^\s'\"\\/:,;()]+[\\/])*[^\s'\"\\/:,;()]*")
+
+
+def scrub_paths(reason: str, task: Task, *, redact: bool) -> str:
+    """A skip reason without any file path in it: library messages quote the absolute path, whose folder
+    names are often patient names. The report names the file separately (relative, or source:ID)."""
+    known = {task.path, *(str(p) for p in Path(task.path).parents)} if task.path else set()
+    for text in sorted(known - {"", "/", "."}, key=len, reverse=True):  # the file and every folder above it
+        reason = reason.replace(text, "<file>")
+    reason = _ABSOLUTE_PATH.sub("<file>", reason)
+    if redact and task.rel and len(task.rel) > 2:
+        reason = reason.replace(task.rel, "<file>")
+    return reason
+
+
 # ----------------------------------------------------------------------------------------------
 # Task lists
 
@@ -237,10 +272,22 @@ def dicom_tasks(input_dir: Path) -> list[Task]:
 
 def csv_tasks(csv_path: Path, image_root: Path, args) -> tuple[list[Task], list[str]]:
     """CSV rows -> tasks (one per row) and the label names."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise IngestError(f"--csv {csv_path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save "
+                          "the CSV as UTF-8") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise IngestError(f"--csv {csv_path}: line {line} contains a NUL byte (a binary file, not a CSV)")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = reader.fieldnames or []
         rows = list(reader)
+    except csv.Error as e:
+        raise IngestError(f"--csv {csv_path}: line {reader.line_num}: {e}") from None
     if not rows:
         raise IngestError(f"--csv {csv_path}: no data rows")
     for opt in ("path_column",) + (() if args.patient_regex else ("patient_column",)):
@@ -261,10 +308,22 @@ def csv_tasks(csv_path: Path, image_root: Path, args) -> tuple[list[Task], list[
             raise IngestError(f"--csv {csv_path}: label columns {missing_cols} not found; "
                               f"columns are {columns}")
     else:
-        # Label columns: every other column whose cells are all 1, 0, -1 or blank (CheXpert style).
-        label_names = [c for c in columns if c not in used
-                       and any(r.get(c, "").strip() for r in rows)
-                       and all(_is_label_value(r.get(c) or "") for r in rows)]
+        # Label columns: every other column whose cells are all 1, 0, -1 or blank (CheXpert style). A column
+        # that is mostly such cells but has a few others is a typo, not a text column: stop and name it.
+        label_names = []
+        for c in columns:
+            cells = [(i, (r.get(c) or "").strip()) for i, r in enumerate(rows)]
+            filled = [(i, v) for i, v in cells if v]
+            if c in used or not filled:
+                continue
+            bad = [(i, v) for i, v in filled if not _is_label_value(v)]
+            if not bad:
+                label_names.append(c)
+            elif len(bad) <= 0.1 * len(filled):
+                i, v = bad[0]
+                raise IngestError(f"--csv {csv_path}: column {c!r} looks like a label column but row {i + 2} has "
+                                  f"{v!r} (labels are 1, 0, -1 or blank; {len(bad)} such cell(s)); fix it, or "
+                                  "name the label columns with --labels")
     patient_re = re.compile(args.patient_regex) if args.patient_regex else None
     study_re = re.compile(args.study_regex) if args.study_regex else None
     tasks = []
@@ -301,7 +360,27 @@ def csv_tasks(csv_path: Path, image_root: Path, args) -> tuple[list[Task], list[
             except ValueError as e:
                 task.error = f"CSV row {i + 2}: {e}"
         tasks.append(task)
+    _refuse_duplicate_paths(csv_path, tasks)
     return tasks, label_names
+
+
+def _refuse_duplicate_paths(csv_path: Path, tasks: list[Task]) -> None:
+    """One image listed twice would become two records (under two patients, maybe in train and test)."""
+    rows_of: dict[str, list[Task]] = {}
+    for task in tasks:
+        if task.path:
+            rows_of.setdefault(task.path, []).append(task)
+    repeated = [group for group in rows_of.values() if len(group) > 1]
+    if not repeated:
+        return
+    described = []
+    for group in repeated[:3]:
+        patients = {t.patient for t in group}
+        described.append(f"{group[0].rel!r} in rows {', '.join(str(t.source_id + 2) for t in group)}"
+                         + (f" under {len(patients)} different patients" if len(patients) > 1 else ""))
+    raise IngestError(f"--csv {csv_path}: {len(repeated)} image(s) listed more than once ("
+                      + "; ".join(described) + (" ..." if len(repeated) > 3 else "")
+                      + "); list every image once (duplicates could put the same pixels in train and test)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +530,8 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
             results = pool.map(process_task, tasks, chunksize=chunk)
         else:
             results = (process_task(t, opts) for t in tasks)
-        with open(sources_tmp, "w", newline="") as sf:
+        # Source paths are sensitive (folder names of a PACS export): readable by the owner only.
+        with os.fdopen(os.open(sources_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", newline="") as sf:
             sw = csv.writer(sf)
             sw.writerow(["record_id", "source_id", "frame", "path"])
             first_result_s = half_s = None
@@ -474,7 +554,8 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
                         sw.writerow([rid, task.source_id, rec["frame"], task.path])
                         records_written += 1
                 else:
-                    entry = {"path": show(task), "reason": res.reason}
+                    entry = {"path": show(task), "reason": scrub_paths(res.reason, task,
+                                                                       redact=args.redact_paths)}
                     (filtered if res.filtered else skipped).append(entry)
                     reasons["filtered" if res.filtered else res.reason.split(" (")[0]] += 1
                 progress.update(done, len(skipped))

@@ -343,3 +343,88 @@ def test_progress_line_has_rate_and_eta(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "1/1 files" in captured.err and "files/s" in captured.err and "ETA" in captured.err
     assert captured.out.startswith("ingest: 1 files seen, 1 written (1 records), 0 skipped")
+
+
+def _png_tree(root, names):
+    rng = np.random.default_rng(1)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(root / name)
+
+
+def _csv(path, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_fifo_in_the_input_folder_is_skipped_not_read(tmp_path):
+    import threading
+
+    root = tmp_path / "in"
+    root.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.save_as(root / "ct.dcm")
+    os.mkfifo(root / "pipe")
+    out = tmp_path / "store"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(code=_run(
+        [f"--input={root}", f"--output={out}", "--size=32", "--workers=1", "--allow-skips"])))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "ingest hung on a FIFO"
+    assert result["code"] == 0
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["files_written"] == 1
+    assert report["skipped"] == [{"path": "pipe", "reason": "not a regular file (FIFO); skipped without reading"}]
+
+
+def test_csv_listing_one_image_twice_is_refused(tmp_path, capsys):
+    _png_tree(tmp_path / "img", ["a.png", "b.png"])
+    _csv(tmp_path / "x.csv", [["path", "patient", "Edema"], ["a.png", "p1", "1"], ["b.png", "p2", "0"],
+                              ["./a.png", "p3", "0"]])
+    assert _run([f"--csv={tmp_path / 'x.csv'}", f"--image-root={tmp_path / 'img'}",
+                 f"--output={tmp_path / 's'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "listed more than once" in err and "rows 2, 4" in err
+    assert "under 2 different patients" in err and not (tmp_path / "s").exists()
+
+
+def test_one_bad_label_cell_names_its_column_and_row(tmp_path, capsys):
+    _png_tree(tmp_path / "img", [f"{i}.png" for i in range(12)])
+    rows = [["path", "patient", "Edema"]] + [[f"{i}.png", f"p{i}", str(i % 2)] for i in range(12)]
+    rows[5][2] = "maybe"
+    _csv(tmp_path / "x.csv", rows)
+    base = [f"--csv={tmp_path / 'x.csv'}", f"--image-root={tmp_path / 'img'}"]
+    assert _run(base + [f"--output={tmp_path / 's'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "column 'Edema'" in err and "row 6 has 'maybe'" in err and "--labels" in err
+
+
+def test_non_utf8_or_binary_csv_is_one_line_with_the_line_number(tmp_path, capsys):
+    (tmp_path / "latin1.csv").write_bytes("path,patient\na.png,p1\nb.png,Müller\n".encode("latin-1"))
+    assert _run([f"--csv={tmp_path / 'latin1.csv'}", f"--output={tmp_path / 's'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "line 3 is not UTF-8" in err
+    (tmp_path / "binary.csv").write_bytes(b"path,patient\n\x00\x01\x02")
+    assert _run([f"--csv={tmp_path / 'binary.csv'}", f"--output={tmp_path / 's'}"]) == 2
+    assert "line 2 contains a NUL byte" in capsys.readouterr().err
+
+
+def test_redact_paths_leaves_no_patient_folder_name_in_the_report(tmp_path):
+    # Folders named after patients; a missing file, an undecodable one and an unreadable one produce
+    # library messages that quote the absolute path.
+    root = tmp_path / "PACS" / "SMITH^JOHN_1962"
+    _png_tree(root, ["ok.png"])
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "locked.png").write_bytes(b"x")
+    os.chmod(root / "locked.png", 0)
+    _csv(tmp_path / "x.csv", [["path", "patient"], ["SMITH^JOHN_1962/ok.png", "p1"],
+                              ["SMITH^JOHN_1962/broken.png", "p2"], ["SMITH^JOHN_1962/gone.png", "p3"],
+                              ["SMITH^JOHN_1962/locked.png", "p4"]])
+    out = tmp_path / "store"
+    assert _run([f"--csv={tmp_path / 'x.csv'}", f"--image-root={tmp_path / 'PACS'}", f"--output={out}",
+                 "--workers=1", "--allow-skips", "--redact-paths"]) == 0
+    text = (out / "ingest_report.json").read_text()
+    assert "SMITH" not in text and str(tmp_path) not in text
+    assert len(json.loads(text)["skipped"]) == 3
+    assert oct(os.stat(str(out) + ".sources.csv").st_mode & 0o777) == "0o600"
