@@ -3,6 +3,7 @@
     python -m medssl_jax.ingest --input=DIR --output=STORE [options]          # DICOM, by content
     python -m medssl_jax.ingest --csv=FILE --image-root=DIR --output=STORE [options]
     python -m medssl_jax.ingest --medmnist=FILE.npz --output=STORE            # MedMNIST v2, official splits
+    python -m medssl_jax.ingest --verify=STORE                                # read every record, list bad ones
     python -m medssl_jax.ingest --benchmark [--bench-workers=1,2]             # files/s, generated DICOM
 
 What it writes (STORE is the --output path):
@@ -613,6 +614,26 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
     return report
 
 
+def verify_store(path: str, *, quiet: bool = False) -> int:
+    """`--verify=STORE`: 0 when every record reads and decodes, 1 (listing them) when some do not, 2 when
+    the store cannot be opened at all."""
+    from medssl_jax.data.store import Store, StoreError
+
+    try:
+        store = Store(path)
+        progress = Progress(store.num_records, enabled=not quiet)
+        bad = store.verify(progress=lambda done, failed: progress.update(done, failed))
+    except StoreError as error:
+        print(f"ingest: error: {error}", file=sys.stderr)
+        return 2
+    progress.update(store.num_records, len(bad), force=True)
+    for entry in bad:
+        print(f"verify: {entry['reason']}", file=sys.stderr)
+    print(f"verify: store {path}: {store.num_records} records in {len(store.shard_paths)} shards, "
+          f"{len(bad)} damaged" + ("" if bad else " (all records read and decoded)"))
+    return 1 if bad else 0
+
+
 def summary_line(report: dict, output: str) -> str:
     top = ", ".join(f"{n} {r}" for r, n in list(report["reason_counts"].items())[:4])
     return (f"ingest: {report['files_seen']} files seen, {report['files_written']} written "
@@ -724,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--csv", help="CSV with one row per image (path, patient, labels ...)")
     src.add_argument("--medmnist", help="a MedMNIST v2 .npz file (official train/val/test splits kept; "
                      "see medssl_jax/data/medmnist.py)")
+    src.add_argument("--verify", metavar="STORE", help="read and decode every record of STORE and list the "
+                     "damaged ones (exit 1 if any)")
     src.add_argument("--benchmark", action="store_true",
                      help="measure files/s on generated 512x512 16-bit DICOM and exit")
     p.add_argument("--output", help="store directory to create (STORE)")
@@ -801,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"main {r['cpu_ms_per_file_main']} workers {r['cpu_ms_per_file_workers']}")
         print(json.dumps(rows))
         return 0
+    if args.verify:
+        return verify_store(args.verify, quiet=args.quiet)
     if not (args.input or args.csv or args.medmnist):
         parser.error("give --input=DIR (DICOM), --csv=FILE (with --image-root), --medmnist=FILE.npz, or --benchmark")
     if not args.output:

@@ -43,7 +43,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from medssl_jax.data.store import Store, decode_record
+from medssl_jax.data.store import Store
 
 UINT16_MAX = 65535
 DEFAULT_RATIO = (3 / 4, 4 / 3)
@@ -200,9 +200,10 @@ class SampleViews(grain.transforms.RandomMap):
         else:
             pair = np.array([ids[0], ids[0]])
         if pair[0] == pair[1]:
-            records = [decode_record(self.source[int(pair[0])])] * 2
+            records = [self.source.decoded(int(pair[0]))] * 2
         else:
-            records = [decode_record(raw) for raw in self.source.__getitems__([int(i) for i in pair])]
+            raws = self.source.__getitems__([int(i) for i in pair])
+            records = [self.source.decoded(int(i), raw) for i, raw in zip(pair, raws)]
         out = {}
         for crop in self.crops:
             views = []
@@ -237,7 +238,7 @@ class LoadForEval(grain.transforms.Map):
             return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.uint16),
                     "labels": np.full(self.num_labels, np.nan, np.float32),
                     "index": np.int32(-1), "mask": np.bool_(False)}
-        record = decode_record(self.source[record_id])
+        record = self.source.decoded(record_id)
         image = record["image"]
         image = crop_resize_uint16(image, center_square_box(image.shape[0], image.shape[1]),
                                    self.image_size, value_scale=full_range_scale(record))

@@ -53,6 +53,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -330,6 +331,92 @@ class StoreWriter:
         self._closed = True
 
 
+class StoreSource:
+    """The store's shards as one random-access source, with damage reported as one line.
+
+    Wraps grain's ArrayRecordDataSource (opened lazily, so the object pickles to Grain worker processes as
+    a few strings and lists). A truncated or bit-flipped shard makes Riegeli fail its chunk checks and a
+    damaged record fails msgpack decoding; both become StoreError naming the store, the shard file and the
+    record (`python -m medssl_jax.ingest --verify=STORE` lists every such record).
+    """
+
+    def __init__(self, store_path: str, shard_paths: Sequence[str], shard_num_records: Sequence[int],
+                 num_records: int):
+        self.store_path = store_path
+        self.shard_paths = list(shard_paths)
+        self.offsets = np.concatenate([[0], np.cumsum(shard_num_records)]).astype(np.int64)
+        self.num_records = int(num_records)
+        self._source = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def _open(self):
+        if self._source is None:
+            import grain
+
+            try:
+                source = grain.sources.ArrayRecordDataSource(self.shard_paths)
+            except Exception as error:  # noqa: BLE001 - a shard whose footer/index is damaged
+                raise StoreError(f"store {self.store_path}: shard {self._unopenable_shard()} cannot be opened "
+                                 f"({_first_line(error)}); the store is damaged, re-create it") from None
+            if len(source) != self.num_records:
+                raise StoreError(f"store {self.store_path}: shards hold {len(source)} records, "
+                                 f"{STORE_JSON} says {self.num_records}")
+            self._source = source
+        return self._source
+
+    def _unopenable_shard(self) -> str:
+        import grain
+
+        for path in self.shard_paths:
+            try:
+                grain.sources.ArrayRecordDataSource([path])
+            except Exception:  # noqa: BLE001
+                return os.path.basename(path)
+        return "?"
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def locate(self, record_id: int) -> tuple[str, int]:
+        """(shard file name, position in the shard) of a record."""
+        shard = int(np.searchsorted(self.offsets, record_id, side="right") - 1)
+        return os.path.basename(self.shard_paths[shard]), int(record_id - self.offsets[shard])
+
+    def _damaged(self, record_id: int, error: Exception) -> StoreError:
+        shard, position = self.locate(record_id)
+        return StoreError(f"store {self.store_path}: record {record_id} (shard {shard}, record {position} of it) "
+                          f"is damaged ({_first_line(error)}); run python -m medssl_jax.ingest "
+                          f"--verify={self.store_path} to list every damaged record")
+
+    def __getitem__(self, record_id: int) -> bytes:
+        source = self._open()
+        try:
+            return source[int(record_id)]
+        except Exception as error:  # noqa: BLE001 - Riegeli/ArrayRecord raise several types
+            raise self._damaged(int(record_id), error) from None
+
+    def __getitems__(self, record_ids: Sequence[int]) -> list[bytes]:
+        source = self._open()
+        try:
+            return source.__getitems__([int(i) for i in record_ids])
+        except Exception:  # noqa: BLE001 - find which one
+            return [self[i] for i in record_ids]
+
+    def decoded(self, record_id: int, raw: bytes | None = None) -> dict:
+        raw = self[record_id] if raw is None else raw
+        try:
+            return decode_record(raw)
+        except Exception as error:  # noqa: BLE001 - msgpack, dtype or reshape errors of corrupt bytes
+            raise self._damaged(int(record_id), error) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
 def _group_index(patients: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Patient -> record ids in CSR form (patients sorted, record ids increasing within a patient)."""
     group_patients, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
@@ -380,16 +467,20 @@ class Store:
         index_path = self.path / INDEX_FILE
         if not index_path.is_file():
             raise StoreError(f"store {self.path}: {INDEX_FILE} missing")
-        with np.load(index_path, allow_pickle=False) as index:
-            self.patients: np.ndarray = index["patients"]
-            self.studies: np.ndarray = index["studies"]
-            self.views: np.ndarray = index["views"]
-            self.splits: np.ndarray = index["splits"]
-            self.labels: np.ndarray = index["labels"].astype(np.float32)
-            self.source_ids: np.ndarray = index["source_ids"]
-            self._group_patients: np.ndarray = index["group_patients"]
-            self._group_offsets: np.ndarray = index["group_offsets"]
-            self._group_record_ids: np.ndarray = index["group_record_ids"]
+        try:
+            with np.load(index_path, allow_pickle=False) as index:
+                self.patients: np.ndarray = index["patients"]
+                self.studies: np.ndarray = index["studies"]
+                self.views: np.ndarray = index["views"]
+                self.splits: np.ndarray = index["splits"]
+                self.labels: np.ndarray = index["labels"].astype(np.float32)
+                self.source_ids: np.ndarray = index["source_ids"]
+                self._group_patients: np.ndarray = index["group_patients"]
+                self._group_offsets: np.ndarray = index["group_offsets"]
+                self._group_record_ids: np.ndarray = index["group_record_ids"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise StoreError(f"store {self.path}: {INDEX_FILE} is damaged ({_first_line(error)}); re-create the "
+                             "store") from None
         if len(self.patients) != self.num_records or self.labels.shape != (
                 self.num_records, len(self.label_names)):
             raise StoreError(f"store {self.path}: {INDEX_FILE} does not match {STORE_JSON} "
@@ -403,15 +494,12 @@ class Store:
     def __len__(self) -> int:
         return self.num_records
 
-    def data_source(self):
-        """A grain ArrayRecordDataSource over all shards; key i is the raw bytes of record i."""
-        import grain
-
-        source = grain.sources.ArrayRecordDataSource(self.shard_paths)
-        if len(source) != self.num_records:
-            raise StoreError(f"store {self.path}: shards hold {len(source)} records, "
-                             f"{STORE_JSON} says {self.num_records}")
-        return source
+    def data_source(self) -> "StoreSource":
+        """A picklable source over all shards: `source[i]` is the raw bytes of record i and
+        `source.decoded(i)` the decoded record; a damaged shard or record raises a one-line StoreError
+        naming the store, the shard and the record."""
+        return StoreSource(str(self.path), self.shard_paths, list(self.meta["shard_num_records"]),
+                           self.num_records)
 
     def __getitem__(self, record_id: int) -> dict:
         record_id = int(record_id)
@@ -419,7 +507,20 @@ class Store:
             raise IndexError(f"store {self.path}: record id {record_id} out of range 0..{self.num_records - 1}")
         if self._source is None:
             self._source = self.data_source()
-        return decode_record(self._source[record_id])
+        return self._source.decoded(record_id)
+
+    def verify(self, *, progress=None) -> list[dict]:
+        """Reads and decodes every record; returns [{record, shard, reason}] for each one that fails."""
+        source = self.data_source()
+        bad = []
+        for record_id in range(self.num_records):
+            try:
+                source.decoded(record_id)
+            except StoreError as error:
+                bad.append({"record": record_id, "shard": source.locate(record_id)[0], "reason": str(error)})
+            if progress is not None:
+                progress(record_id + 1, len(bad))
+        return bad
 
     def ids(self, split: str | None) -> np.ndarray:
         """Record ids of a split (all records for None), increasing."""
