@@ -395,3 +395,11 @@ def test_loading_refuses_pickled_code_and_reports_cli_errors(tmp_path, capsys):
     assert convert_cli.main(["--format=dinov2", f"--input={tmp_path / 'evil.pth'}",
                              f"--output={tmp_path / 'out'}"]) == 2
     assert "already holds an export" in capsys.readouterr().err
+
+
+def test_a_pth_given_as_timm_npz_is_one_line(tmp_path, capsys):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "model.pth")
+    assert convert_cli.main(["--format=timm-npz", f"--input={tmp_path / 'model.pth'}",
+                             f"--output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not a .npz of arrays" in err and "PyTorch checkpoint" in err

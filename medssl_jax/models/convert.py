@@ -109,10 +109,16 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         raise ConvertError(f"{path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: np.asarray(data[k], np.float32) if np.issubdtype(data[k].dtype, np.floating)
-                    else np.asarray(data[k]) for k in data.files}
-    except (ValueError, OSError) as error:
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as error:
         raise ConvertError(f"{path}: not a readable .npz archive ({error})") from None
+    not_arrays = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    if not_arrays:
+        # np.load opens any zip file; a PyTorch .pth is one whose members are not .npy arrays.
+        hint = " (a PyTorch checkpoint? use --format=dinov2 or torchvision-resnet)" if path.endswith((".pth", ".pt")) else ""
+        raise ConvertError(f"{path}: not a .npz of arrays: member {not_arrays[0]!r} is not a .npy array{hint}")
+    return {k: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else np.asarray(v)
+            for k, v in arrays.items()}
 
 
 def read_hf_directory(path: str) -> tuple[dict[str, np.ndarray], dict]:
