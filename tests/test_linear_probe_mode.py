@@ -260,3 +260,15 @@ def test_c_at_the_edge_of_the_grid_is_warned():
     assert "widen the grid" in linear_probe.check_c_choice(10.0, (0.1, 1.0, 10.0))
     assert "smallest" in linear_probe.check_c_choice(0.1, (0.1, 1.0, 10.0))
     assert linear_probe.check_c_choice(1.0, (0.1, 1.0, 10.0)) is None
+
+
+def test_unlabelled_store_is_refused_up_front(phantom_cache, tmp_path):
+    from medssl_jax.data.store import StoreWriter
+
+    with StoreWriter(tmp_path / "dicomlike", name="dicomlike", label_names=()) as writer:
+        for i in range(8):
+            writer.add(image=np.full((32, 32), i, np.uint16), patient=f"p{i}", bits_stored=12)
+    config = probe_config(phantom_cache, "random", **{"data.store": str(tmp_path / "dicomlike")})
+    with pytest.raises(ValueError, match="cannot evaluate: store .* has no labels") as error:
+        main.run(config, str(tmp_path / "w"))
+    assert "\n" not in str(error.value) and not os.path.exists(tmp_path / "w" / "cache")
