@@ -36,6 +36,15 @@ def reference_config(config):
     method = methods.get(config.method)
     if hasattr(method, "extend_config"):
         method.extend_config(reference)
+    model = config.get("model")
+    name = model.get("name") if model else None
+    if name and name != reference.model.get("name"):
+        # Another encoder than the method's default (e.g. DINO with a ResNet): check against its own fields.
+        import ml_collections as mlc
+
+        from medssl_jax import models
+
+        reference.model = mlc.ConfigDict(models.encoder_fields(name))
     return reference
 
 

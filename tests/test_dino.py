@@ -343,3 +343,30 @@ def test_pretrain_checkpoints_teacher_and_center_and_resumes_bitwise(phantom_cac
     assert len(teacher_leaves) == len(exported_leaves)
     for x, y in zip(teacher_leaves, exported_leaves):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_dino_with_a_batchnorm_resnet_keeps_and_exports_the_teachers_own_statistics(phantom_cache, tmp_path):
+    # DINO's code trains ResNets too: the teacher runs in training mode (batch statistics) and keeps its own
+    # running statistics, which are exported with the teacher's weights; the run resumes bitwise.
+    config = load_config("runlocal,encoder=resnet")
+    config.data.update(cache_dir=phantom_cache, phantom_patients=64, phantom_size=32, image_size=16)
+    config.model.update(base_width=4)
+    config.dino.update(local_image_size=8, num_prototypes=16, hidden_dim=16, bottleneck_dim=8)
+    config.update(batch_size=16, total_steps=4, log_every=2, checkpoint_every=2)
+    config.optim.warmup_steps = 1
+    config.probe.enabled = False
+    result = train.pretrain(config, str(tmp_path / "straight"))
+    interrupted = str(tmp_path / "interrupted")
+    train.pretrain(config, interrupted, stop_after=2)
+    train.pretrain(config, interrupted)
+    (_, a), (_, b) = _final_state(str(tmp_path / "straight")), _final_state(interrupted)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    teacher_stats = a["method_state"]["teacher_batch_stats"]["encoder"]
+    student_stats = a["batch_stats"]["encoder"]
+    assert not np.array_equal(teacher_stats["stem"]["bn"]["mean"], student_stats["stem"]["bn"]["mean"])
+    exported, export_config = checkpoint.load_export(result.export_dir)
+    assert export_config["model"]["name"] == "resnet"
+    np.testing.assert_array_equal(exported["batch_stats"]["stem"]["bn"]["mean"], teacher_stats["stem"]["bn"]["mean"])
+    np.testing.assert_array_equal(exported["params"]["stem"]["conv"]["kernel"],
+                                  a["method_state"]["teacher"]["encoder"]["stem"]["conv"]["kernel"])

@@ -134,7 +134,10 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
     '' = embedded phantoms), `variant` (ViT 'S/16' or 'B/16'), `steps_per_epoch` (images in the train
     split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100).
     """
-    args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100)
+    args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100,
+                                encoder="vit")
+    if args.encoder not in ("vit", "resnet"):
+        raise ValueError(f"config argument encoder={args.encoder!r} is not one of ['resnet', 'vit']")
     c = config_lib.pretrain_config()
     c.method = "dino"
     extend_config(c)
@@ -180,6 +183,19 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
         c.dino.health_check_after_steps = 100
         c.optim.base_lr = 5e-4
         c.optim.end_lr_factor = 0.01
+        if args.encoder == "resnet":
+            # The encoder of the other :runlocal configs (ResNet-18, base width 16, 48 px crops), with DINO's
+            # ResNet recipe (facebookresearch/dino README: LARS, weight decay 1e-6, no schedule on it).
+            config_lib.apply_runlocal(c, image_size=48, probe_size=64)
+            c.model = mlc.ConfigDict(models.encoder_fields("resnet"))
+            c.model.update(depth=18, width=1, base_width=16)
+            c.data.crop_scale = (0.25, 1.0)
+            c.dino.local_image_size = 24
+            c.dino.local_crop_scale = (0.08, 0.25)
+            c.dino.num_local_crops = 2
+            c.optim.update(name="lars", base_lr=1.2, lr_scaling="linear", weight_decay=1e-6, weight_decay_end=-1.0,
+                           warmup_steps=30, end_lr_factor=0.0)
+            c.augment = augment.preset("azizi_cxr")
     return c
 
 
@@ -278,21 +294,23 @@ def data_spec(config) -> dict:
 
 
 def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, Any]:
-    """Student variables and {'teacher': a copy of the student's params, 'center': zeros [K]}."""
+    """Student variables and {'teacher': a copy of the student's params, 'center': zeros [K]} (+ the
+    teacher's own BatchNorm statistics, 'teacher_batch_stats', for an encoder with BatchNorm)."""
     _check_config(config)
-    crops = tuple(jnp.zeros((1, 1, *batch[c["name"]].shape[2:]), jnp.float32) for c in data_spec(config)["crops"])
+    crops = tuple(jnp.zeros((2, 1, *batch[c["name"]].shape[2:]), jnp.float32) for c in data_spec(config)["crops"])
     params_rng, dropout_rng = jax.random.split(rng)
     variables = dict(model.init({"params": params_rng, "dropout": dropout_rng}, crops, train=True))
-    if jax.tree.leaves(variables.get("batch_stats", {})):
-        raise ValueError(f"config.model.name={config.model.name!r} has BatchNorm statistics; DINO here supports "
-                         "encoders without them (use config.model.name='vit')")
     params = variables["params"]
     method_state = {
         # A copy, not an alias: the train step donates its state, and the two trees must not share buffers.
         "teacher": jax.tree.map(jnp.copy, params),
         "center": jnp.zeros((config.dino.num_prototypes,), jnp.float32),
     }
-    return {"params": params}, method_state
+    out = {"params": params}
+    if jax.tree.leaves(variables.get("batch_stats", {})):
+        out["batch_stats"] = variables["batch_stats"]
+        method_state["teacher_batch_stats"] = jax.tree.map(jnp.copy, variables["batch_stats"])
+    return out, method_state
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -393,25 +411,34 @@ def _sync_teacher(params, teacher, step):
 
 
 def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config):
-    del batch_stats  # the ViT has none (init refuses encoders with BatchNorm)
     d = config.dino
     augment_rng, dropout_rng = jax.random.split(rng)
     crops = augmented_crops(batch, rng=augment_rng, config=config)
     teacher = jax.lax.stop_gradient(_sync_teacher(params, method_state["teacher"], step))
-    teacher_logits, _ = model.apply({"params": teacher}, crops[:1], train=False)  # globals only, no drop path
+    new_state = {}
+    if "teacher_batch_stats" in method_state:
+        # An encoder with BatchNorm (ResNet): as in DINO's own code the teacher runs in training mode, so its
+        # BatchNorm normalises with the batch's statistics; its running statistics are its own (exported).
+        teacher_stats = _sync_teacher(batch_stats, method_state["teacher_batch_stats"], step)
+        (teacher_logits, _), teacher_updates = model.apply({"params": teacher, "batch_stats": teacher_stats},
+                                                           crops[:1], train=True, mutable=["batch_stats"])
+        new_state["teacher_batch_stats"] = jax.lax.stop_gradient(teacher_updates["batch_stats"])
+        (student_logits, _), student_updates = model.apply({"params": params, "batch_stats": batch_stats}, crops,
+                                                           train=True, mutable=["batch_stats"],
+                                                           rngs={"dropout": dropout_rng})
+        batch_stats = student_updates["batch_stats"]
+    else:  # ViT: no BatchNorm; the teacher sees the globals only, without drop path
+        teacher_logits, _ = model.apply({"params": teacher}, crops[:1], train=False)
+        student_logits, _ = model.apply({"params": params}, crops, train=True, rngs={"dropout": dropout_rng})
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    student_logits, _ = model.apply({"params": params}, crops, train=True, rngs={"dropout": dropout_rng})
     temp = teacher_temperature(step, config)
     loss, stats = dino_loss(student_logits=student_logits, teacher_logits=teacher_logits,
                             center=method_state["center"], student_temp=d.student_temp, teacher_temp=temp)
-    new_state = {
-        "teacher": teacher,
-        "center": updated_center(method_state["center"], teacher_logits, d.center_momentum),
-    }
+    new_state.update(teacher=teacher, center=updated_center(method_state["center"], teacher_logits, d.center_momentum))
     metrics = {"loss": loss, "dino/teacher_temp": temp, "dino/momentum": teacher_momentum(step, config),
                "dino/health_check": (step + 1 >= d.health_check_after_steps).astype(jnp.float32)}
     metrics.update(_collapse_stats(stats))
-    return loss, ({}, new_state, metrics)
+    return loss, (batch_stats, new_state, metrics)
 
 
 def _entropy(p: jax.Array) -> jax.Array:
@@ -474,9 +501,13 @@ def encoder_variables(variables: dict) -> dict:
 
 
 def export_variables(variables: dict, method_state: dict) -> dict:
-    """What DINO exports: the teacher's backbone (DINO evaluates the teacher)."""
+    """What DINO exports: the teacher's backbone (DINO evaluates the teacher), with its own BatchNorm
+    statistics for an encoder that has them."""
     del variables
-    return {"params": method_state["teacher"]["encoder"]}
+    out = {"params": method_state["teacher"]["encoder"]}
+    if "teacher_batch_stats" in method_state:
+        out["batch_stats"] = method_state["teacher_batch_stats"]["encoder"]
+    return out
 
 
 def with_encoder_variables(variables: dict, encoder: dict) -> dict:

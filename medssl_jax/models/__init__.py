@@ -47,4 +47,17 @@ def build_encoder(cfg) -> nn.Module:
         raise ValueError(f"encoder config for {name!r} has a field {class_name} does not take: {error}") from None
 
 
-__all__ = ["ENCODERS", "LinearClassifier", "ProjectionHead", "ResNet", "build_encoder"]
+def encoder_fields(name: str) -> dict:
+    """{'name': name, field: default, ...}: every config field the encoder `name` takes (dtype comes from
+    config.compute_dtype), so a model section can be checked for typos against the encoder it names."""
+    import dataclasses
+
+    if name not in ENCODERS:
+        raise ValueError(f"encoder name={name!r} is not one of {sorted(ENCODERS)}")
+    module_path, class_name = ENCODERS[name]
+    encoder_cls = getattr(importlib.import_module(module_path), class_name)
+    return {"name": name, **{f.name: f.default for f in dataclasses.fields(encoder_cls)
+                             if f.name not in ("parent", "name", "dtype")}}
+
+
+__all__ = ["ENCODERS", "LinearClassifier", "ProjectionHead", "ResNet", "build_encoder", "encoder_fields"]

@@ -1,0 +1,62 @@
+"""Methods learn: a short, seeded CPU pretraining beats the fair random-init baseline on held-out patients.
+
+Each test runs the user's command (`python -m medssl_jax.main --config=configs/<method>.py:runlocal`) in a
+subprocess on one CPU device with XLA's optimisations on (what a user gets), shrunk to fit in under two
+minutes on 2 cores: 800 phantom patients at 48 px, 32 px crops, 300 steps. The end-of-pretraining probe
+compares the export with a random-init encoder of the same architecture (every residual branch active,
+BatchNorm statistics from the train images) on the test patients, by the paired bootstrap `compare` uses.
+
+Breaking the method must fail these tests (checked by hand once, 2026-12-01): see the notes in
+BENCHMARKS.md ("learning tests").
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Shared by the learning tests: the phantom store and the small-run settings.
+SMALL_RUN = ["--config.data.phantom_patients=800", "--config.data.phantom_size=48", "--config.data.image_size=32",
+             "--config.probe.image_size=48", "--config.total_steps=300", "--config.seed=0"]
+# Required: the 95% CI of the mean-AUC difference above 0, and at least this difference.
+MARGIN = 0.05
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One CPU device, XLA optimisations on, a fresh compilation cache and phantom cache for the module."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS", "JAX_COMPILATION_CACHE_DIR")}
+    environment["MEDSSL_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    environment["JAX_PLATFORMS"] = "cpu"
+    return environment
+
+
+def pretrain_and_probe(env, workdir, config, *overrides):
+    result = subprocess.run([sys.executable, "-m", "medssl_jax.main", f"--config={config}", f"--workdir={workdir}",
+                             *SMALL_RUN, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "summary.json")) as f:
+        summary = json.load(f)
+    return summary, result.stdout.strip().splitlines()[-1]
+
+
+def check_learned(summary, last_line):
+    vs = summary["vs_random_init"]
+    assert last_line.startswith("linear probe test mean AUC") and "vs random-init" in last_line
+    assert summary["random_init"]["baseline"]["architecture"]["zero_init_last_bn"] is False
+    assert vs["ci95"][0] > 0 and vs["mean_auc_diff"] >= MARGIN, last_line
+
+
+def test_simclr_learns(env, tmp_path):
+    summary, last_line = pretrain_and_probe(env, tmp_path / "simclr", "configs/simclr.py:runlocal")
+    check_learned(summary, last_line)
+
+
+def test_swav_learns(env, tmp_path):
+    summary, last_line = pretrain_and_probe(env, tmp_path / "swav", "configs/swav.py:runlocal",
+                                            "--config.swav.local_image_size=16")
+    check_learned(summary, last_line)
