@@ -29,8 +29,8 @@ The last batch is padded (mask False) and every host yields the same number of b
 multi-host gathers line up.
 
 Transforms run inside Grain worker processes, which are started with spawn: they are top-level
-classes and use numpy/PIL only. Grain 0.2.18 itself imports jax in every worker; on a GPU host keep
-workers off the accelerator (JAX_PLATFORMS=cpu in the worker environment, see google/grain#820).
+classes and use numpy/PIL only. Grain 0.2.18 itself imports jax in every worker (google/grain#820); each
+worker pins jax to the CPU at start, so that on a GPU host no worker takes device memory.
 The iterator state of an mp_prefetch iterator restores only into one with the same num_workers.
 """
 
@@ -302,6 +302,18 @@ def make_pretrain_dataset(store: Store, *, spec: dict, batch_size_per_host: int,
             .batch(batch_size_per_host, drop_remainder=True))
 
 
+def _keep_worker_off_the_accelerator(worker_index: int, worker_count: int) -> None:
+    """Grain workers import jax (google/grain#820); on a GPU host each would otherwise be able to start a
+    CUDA backend and take device memory. Host transforms need no device: pin them to the CPU."""
+    del worker_index, worker_count
+    import os
+    import sys
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def _to_iterator(dataset: grain.MapDataset, *, num_workers: int, num_threads: int, prefetch_batches: int):
     # Buffers count batches here (the dataset is batched before to_iter_dataset), so keep them small:
     # Grain's default of 500 would hold hundreds of full batches in memory.
@@ -309,7 +321,8 @@ def _to_iterator(dataset: grain.MapDataset, *, num_workers: int, num_threads: in
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         iter_dataset = iter_dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+            worker_init_fn=_keep_worker_off_the_accelerator)
     return iter(iter_dataset)
 
 
