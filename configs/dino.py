@@ -8,8 +8,8 @@ student 0.1); multi-crop 2 x 224 px (scale 0.4-1) + 8 x 96 px (scale 0.05-0.4); 
 at 3.0, last layer frozen for the first epoch, drop path 0.1. Device augmentation: DINO's colour jitter
 (brightness/contrast 0.4 act on 1-channel radiographs; saturation, hue and grayscale need RGB), blur p
 1.0 / 0.1 / 0.5 (global 1 / global 2 / locals), solarisation p 0.2 on global 2; flips on the host. The
-exported encoder is the teacher's backbone (`dino.export_variables`; a train loop that does not call
-that hook yet exports the student's); a linear probe on its CLS features follows.
+exported encoder is the teacher's backbone (`dino.export_variables`, which the train loop calls); a linear
+probe on its CLS features follows.
 
 Offline smoke run on the embedded phantom dataset (tiny ViT: width 64, 4 blocks, patch 8, 2 x 32 px +
 4 x 16 px crops, K = 256, 300 steps of 64 images, EMA momentum 0.9 because the run is short). Measured on
@@ -41,7 +41,7 @@ fields; the student gets the weights and the teacher copies the student at step 
 Hardware and runtime (an ESTIMATE, not a measurement of this config): per image a step is 2 global
 crops through student and teacher plus 8 local crops of (96/224)^2 = 0.18 the tokens each, about 3.5
 global-crop forward/backward passes for the student and 2 forwards for the teacher. ViT-B/16 trains at
-~3,400 views/s on one H100 (DESIGN.md, cuDNN attention, bf16) and ViT-S/16 about 3x faster, so ViT-S/16
+~3,400 views/s on one H100 (the design target, not yet measured here; cuDNN attention, bf16) and ViT-S/16 about 3x faster, so ViT-S/16
 runs ~2,500 images/s: 100 epochs of CheXpert (22M images) take ~2.5 hours on one H100 (~8 hours for
 ViT-B/16). Memory: batch 256 fits one 80 GB card for ViT-S/16; use `--config.model.remat=True` for B/16.
 Expected result: no published number for this recipe on chest X-rays. For scale, DINO's ViT-S/16

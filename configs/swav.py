@@ -23,7 +23,7 @@ Full run on an ingested store (chest X-rays, or a mixed CT/MR/X-ray store with
 
 Hardware and runtime: 200k steps x 256 images x (2 x 224 + 6 x 96) crops. The 6 local crops cost
 6 x (96/224)^2 = 1.1 global crops of FLOPs, so a step is ~3.1 global-crop forward/backward passes per
-image; at the ~6,000 views/s (224 px) of a plain Flax ResNet-50 on one H100 (DESIGN.md; not a
+image; at the ~6,000 views/s (224 px) of a plain Flax ResNet-50 on one H100 (the design figure; not a
 measurement of this config, see BENCHMARKS.md) that is ~1,900 images/s, about 7.5 hours on one H100.
 Expected result: no published numbers for this exact recipe on medical data; Ghesu et al. report
 +3 to +7 % AUC over ImageNet initialisation after fine-tuning (CXR abnormality, brain-CT hemorrhage)

@@ -370,3 +370,18 @@ def test_dino_with_a_batchnorm_resnet_keeps_and_exports_the_teachers_own_statist
     np.testing.assert_array_equal(exported["batch_stats"]["stem"]["bn"]["mean"], teacher_stats["stem"]["bn"]["mean"])
     np.testing.assert_array_equal(exported["params"]["stem"]["conv"]["kernel"],
                                   a["method_state"]["teacher"]["encoder"]["stem"]["conv"]["kernel"])
+
+
+def test_use_bn_in_head_gives_the_head_batchnorm_and_the_teacher_its_own_statistics():
+    config = tiny_config(**{"dino.use_bn_in_head": True})
+    model = dino.build(config)
+    batch = {"global": np.zeros((4, 2, 8, 8, 1), np.uint16), "local": np.zeros((4, 2, 4, 4, 1), np.uint16)}
+    variables, state = dino.init(model, jax.random.PRNGKey(0), batch, config)
+    assert set(variables["batch_stats"]["head"]) == {"bn_0", "bn_1"}
+    assert set(state["teacher_batch_stats"]) == {"head"}  # the ViT itself has no BatchNorm
+    exported = dino.export_variables(variables, state)
+    assert set(exported) == {"params"}
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        dino.init(dino.build(tiny_config(**{"dino.use_bn_in_head": True, "model.drop_path_rate": 0.1})),
+                  jax.random.PRNGKey(0), batch, tiny_config(**{"dino.use_bn_in_head": True,
+                                                               "model.drop_path_rate": 0.1}))

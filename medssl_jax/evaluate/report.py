@@ -1,4 +1,4 @@
-"""Evaluation workdirs (write/read, the contract in notes/CONTRACT.md) and the paired-comparison report.
+"""Evaluation workdirs (write/read, the layout below) and the paired-comparison report.
 
 An evaluation run (linear probe, fine-tune, zero-shot on another store) writes `E/eval/` with
 `write_eval`; `compare_runs` reads several of them, refuses unless they hold the same test records and

@@ -87,6 +87,7 @@ def extend_config(config: mlc.ConfigDict) -> None:
     d.bottleneck_dim = 256
     d.num_head_layers = 3  # Linear layers before the last (weight-normalised) one
     d.norm_last_layer = True  # g fixed to 1
+    d.use_bn_in_head = False  # DINO's --use_bn_in_head: BatchNorm after each hidden Linear of the head
     d.student_temp = 0.1
     d.teacher_temp = 0.04  # after the warm-up (DINO uses up to 0.07)
     d.warmup_teacher_temp = 0.04
@@ -200,6 +201,9 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
 
 
 def _check_config(config) -> None:
+    if config.dino.use_bn_in_head and config.model.get("drop_path_rate", 0.0):
+        raise ValueError("config.dino.use_bn_in_head with config.model.drop_path_rate > 0: the teacher runs in "
+                         "training mode with BatchNorm, which would also apply drop path to it")
     if config.total_steps is None or config.total_steps < 1:
         raise ValueError(f"config.total_steps={config.total_steps}: DINO needs the run length in steps "
                          "(its EMA momentum schedule runs over config.total_steps)")
@@ -242,17 +246,21 @@ class DINOHead(nn.Module):
     bottleneck_dim: int = 256
     num_layers: int = 3
     norm_last_layer: bool = True
+    use_bn: bool = False  # DINO's use_bn_in_head: Linear -> BatchNorm -> GELU in the hidden layers
     dtype: Any = jnp.bfloat16
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        del train  # no BatchNorm or dropout in the ViT version of the head
         if self.num_layers < 1:
             raise ValueError(f"DINOHead num_layers={self.num_layers} must be at least 1")
         dense = dict(kernel_init=TRUNC_NORMAL_02, bias_init=nn.initializers.zeros, dtype=self.dtype,
                      param_dtype=jnp.float32)
         for i in range(self.num_layers - 1):
-            x = nn.gelu(nn.Dense(self.hidden_dim, name=f"mlp_{i}", **dense)(x), approximate=False)
+            x = nn.Dense(self.hidden_dim, name=f"mlp_{i}", **dense)(x)
+            if self.use_bn:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                                 param_dtype=jnp.float32, name=f"bn_{i}")(x)
+            x = nn.gelu(x, approximate=False)
         x = nn.Dense(self.bottleneck_dim, name=f"mlp_{self.num_layers - 1}", **dense)(x)
         z = l2_normalize(x.astype(jnp.float32))
         logits = WeightNormDense(self.num_prototypes, fixed_scale=self.norm_last_layer, name="last_layer")(z)
@@ -280,7 +288,7 @@ def build(config) -> nn.Module:
     d = config.dino
     encoder = models.build_encoder({**config.model.to_dict(), "dtype": config.compute_dtype})
     head = DINOHead(num_prototypes=d.num_prototypes, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
-                    num_layers=d.num_head_layers, norm_last_layer=d.norm_last_layer,
+                    num_layers=d.num_head_layers, norm_last_layer=d.norm_last_layer, use_bn=d.use_bn_in_head,
                     dtype=jnp.dtype(config.compute_dtype))
     return DINOModel(encoder=encoder, head=head)
 
@@ -417,8 +425,9 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     teacher = jax.lax.stop_gradient(_sync_teacher(params, method_state["teacher"], step))
     new_state = {}
     if "teacher_batch_stats" in method_state:
-        # An encoder with BatchNorm (ResNet): as in DINO's own code the teacher runs in training mode, so its
-        # BatchNorm normalises with the batch's statistics; its running statistics are its own (exported).
+        # BatchNorm in the encoder (ResNet) or the head: as in DINO's own code the teacher runs in training
+        # mode, so its BatchNorm normalises with the batch's statistics; its running statistics are its own
+        # (the encoder's are exported).
         teacher_stats = _sync_teacher(batch_stats, method_state["teacher_batch_stats"], step)
         (teacher_logits, _), teacher_updates = model.apply({"params": teacher, "batch_stats": teacher_stats},
                                                            crops[:1], train=True, mutable=["batch_stats"])
@@ -505,7 +514,7 @@ def export_variables(variables: dict, method_state: dict) -> dict:
     statistics for an encoder that has them."""
     del variables
     out = {"params": method_state["teacher"]["encoder"]}
-    if "teacher_batch_stats" in method_state:
+    if "encoder" in method_state.get("teacher_batch_stats", {}):
         out["batch_stats"] = method_state["teacher_batch_stats"]["encoder"]
     return out
 
