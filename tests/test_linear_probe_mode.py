@@ -272,3 +272,14 @@ def test_unlabelled_store_is_refused_up_front(phantom_cache, tmp_path):
     with pytest.raises(ValueError, match="cannot evaluate: store .* has no labels") as error:
         main.run(config, str(tmp_path / "w"))
     assert "\n" not in str(error.value) and not os.path.exists(tmp_path / "w" / "cache")
+
+
+def test_a_labelled_store_without_a_test_split_is_named_as_such(tmp_path):
+    from medssl_jax.data.store import StoreWriter
+    from medssl_jax.evaluate import probe
+
+    with StoreWriter(tmp_path / "s", name="s", label_names=("a",)) as writer:
+        for i in range(6):
+            writer.add(image=np.full((8, 8), i, np.uint16), patient=f"p{i}", labels=[i % 2], split="train")
+    reason = probe.unlabelled_reason(Store(tmp_path / "s"), train="train", test="test")
+    assert reason.endswith("has no 'test' split (the test split)")
