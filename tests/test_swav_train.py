@@ -124,3 +124,20 @@ def test_hybrid_with_supervision_and_modality_fields_trains(phantom_cache, tmp_p
     with open(os.path.join(str(tmp_path / "w"), "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     assert all(np.isfinite(line["loss"]) for line in lines)
+
+
+def test_hybrid_with_a_separate_contrastive_head_trains_it_from_the_global_crops(phantom_cache, tmp_path):
+    # contrastive_head='separate': NT-Xent on a SimCLR projection head of its own (the two objectives share
+    # only the backbone); the head exists, gets gradient, and the run logs both loss terms.
+    config = tiny_config(phantom_cache)
+    config.hybrid.contrastive_head = "separate"
+    config.hybrid.contrastive_out_dim = 8
+    config.total_steps = 2
+    train.pretrain(config, str(tmp_path / "w"))
+    _, state = saved_state(str(tmp_path / "w"))
+    assert "contrastive_head" in state["params"] and "contrastive_head" in state["batch_stats"]
+    rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    assert all(np.isfinite(r["contrastive_loss"]) and np.isfinite(r["swav_loss"]) for r in rows)
+    config.hybrid.contrastive_head = "both"
+    with pytest.raises(ValueError, match="contrastive_head='both'"):
+        swav.build(config)

@@ -101,6 +101,11 @@ def extend_config(config: mlc.ConfigDict) -> None:
     h = mlc.ConfigDict()  # read only when config.method == 'hybrid'
     h.contrastive_weight = 1.0  # lambda_c: paper value not public
     h.contrastive_temperature = 0.1  # SimCLR default
+    # Where NT-Xent reads its embeddings (the paper does not say): 'shared' = SwAV's normalised z, the input
+    # of the prototypes; 'separate' = a SimCLR v1 projection head of its own on the encoder features of the
+    # global crops (hybrid.contrastive_out_dim wide), so the two objectives meet only in the backbone.
+    h.contrastive_head = "shared"
+    h.contrastive_out_dim = 128
     h.supervised_weight = 0.0  # alpha: paper value not public; > 0 needs labels in the batch
     h.num_labels = 0  # the store's label count (needed when supervised_weight > 0)
     h.pos_weight = ()  # BCE pos_weight per label ((N - P) / P on the train split); () = 1
@@ -251,6 +256,7 @@ class SwAVModel(nn.Module):
     head: nn.Module
     num_prototypes: int
     num_labels: int = 0
+    contrastive_head: nn.Module | None = None  # hybrid 'separate': a projection head for NT-Xent
 
     @nn.compact
     def __call__(self, crops, *, train: bool):
@@ -260,6 +266,10 @@ class SwAVModel(nn.Module):
         scores = nn.Dense(self.num_prototypes, use_bias=False, kernel_init=TORCH_LINEAR_INIT,
                           dtype=jnp.float32, param_dtype=jnp.float32, name="prototypes")(z)
         out = {"encoder": encoder_out, "features": features, "head": head_out, "z": z, "scores": scores}
+        if self.contrastive_head is not None:
+            glob = features[:, :2]  # the two global crops
+            zc, _ = self.contrastive_head(glob.reshape(-1, glob.shape[-1]), train=train)
+            out["contrastive_z"] = zc.reshape(glob.shape[0], 2, -1)
         if self.num_labels:
             out["logits"], _ = heads.LinearClassifier(self.num_labels, name="classifier")(features)
         return scores, out
@@ -274,8 +284,17 @@ def build(config) -> nn.Module:
     if _supervised(config) and num_labels <= 0:
         raise ValueError("config.hybrid.num_labels must be the store's label count when "
                          f"hybrid.supervised_weight={config.hybrid.supervised_weight} > 0")
+    contrastive_head = None
+    if _is_hybrid(config) and config.hybrid.contrastive_weight:
+        if config.hybrid.contrastive_head not in ("shared", "separate"):
+            raise ValueError(f"config.hybrid.contrastive_head={config.hybrid.contrastive_head!r} is not one of "
+                             "['separate', 'shared']")
+        if config.hybrid.contrastive_head == "separate":
+            contrastive_head = heads.ProjectionHead(version="v1", hidden_dim=hidden if hidden > 0 else None,
+                                                    out_dim=config.hybrid.contrastive_out_dim,
+                                                    dtype=jnp.dtype(config.compute_dtype))
     return SwAVModel(encoder=encoder, head=head, num_prototypes=config.swav.num_prototypes,
-                     num_labels=num_labels)
+                     num_labels=num_labels, contrastive_head=contrastive_head)
 
 
 def queue_length(config) -> int:
@@ -463,7 +482,8 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     if _is_hybrid(config):
         h = config.hybrid
         if h.contrastive_weight:
-            contrastive = losses.ntxent(z1=out["z"][:, 0], z2=out["z"][:, 1], temperature=h.contrastive_temperature)
+            zc = out.get("contrastive_z", out["z"])
+            contrastive = losses.ntxent(z1=zc[:, 0], z2=zc[:, 1], temperature=h.contrastive_temperature)
             loss = loss + h.contrastive_weight * contrastive
             metrics["contrastive_loss"] = contrastive
         if h.supervised_weight > 0:
