@@ -503,7 +503,7 @@ def run_ingest(args) -> dict:
 
 def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int, args,
          mode: str) -> dict:
-    from medssl_jax.data.store import StoreWriter
+    from medssl_jax.data.store import StoreWriter, commit_store
 
     if partial.exists():  # leftovers of an interrupted run: never a valid store, safe to drop
         shutil.rmtree(partial)
@@ -602,14 +602,7 @@ def _run(tasks, opts, *, output: Path, partial: Path, label_names, workers: int,
             raise IngestError(f"--workers={workers}: a worker process died or could not start "
                               f"({e}); retry with --workers=1 to see the cause") from None
         raise
-    # Commit: the new store replaces the old one only now that it is complete.
-    if output.exists():
-        old = output.with_name(output.name + f".old-{os.getpid()}")
-        output.rename(old)
-        partial.rename(output)
-        shutil.rmtree(old)
-    else:
-        partial.rename(output)
+    commit_store(partial, output)  # the new store replaces the old one only now that it is complete
     sources_tmp.replace(sources_path)
     return report
 

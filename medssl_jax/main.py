@@ -52,7 +52,7 @@ def run(config, workdir: str) -> dict | None:
     """Runs the configured job; returns the evaluation summary (None when stopped early)."""
     import jax
 
-    from medssl_jax import config_lib, logging_lib, sharding, train
+    from medssl_jax import config_lib, logging_lib, train
     from medssl_jax.evaluate import probe
 
     if config.mode not in config_lib.MODES:

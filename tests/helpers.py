@@ -33,3 +33,18 @@ def tiny_pretrain_config(cache_dir, method="micle", **overrides):
     c.probe.batch_size = 32
     c.probe.c_grid = (0.1, 1.0)
     return set_fields(c, overrides)
+
+
+def final_state(workdir):
+    """(step, train state as host arrays) of the newest checkpoint in WORKDIR/checkpoints."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from medssl_jax import checkpoint
+
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    ckpt.close()
+    with ocp.StandardCheckpointer() as c:
+        return step, c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))

@@ -8,10 +8,9 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from helpers import tiny_pretrain_config
+from helpers import final_state, tiny_pretrain_config
 from medssl_jax import checkpoint, train
 from medssl_jax.data import phantoms
 
@@ -27,14 +26,6 @@ def runs(tmp_path_factory):
     train.pretrain(config, str(root / "straight"))
     train.pretrain(config, str(root / "stopped"), stop_after=4)
     return config, root
-
-
-def final_state(workdir):
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    ckpt.close()
-    with ocp.StandardCheckpointer() as c:
-        return step, c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
 def _largest_data_file(step_dir):

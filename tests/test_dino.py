@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from helpers import final_state, set_fields
 from medssl_jax import checkpoint, config_lib, main, optim, train
 from medssl_jax.data import phantoms
 from medssl_jax.methods import dino
@@ -43,13 +44,7 @@ def tiny_config(cache_dir="", **overrides):
     c.log_every = 2
     c.checkpoint_every = 2
     c.probe.enabled = False
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return c
+    return set_fields(c, overrides)
 
 
 # ------------------------------------------------------------------------------------------- the loss
@@ -303,18 +298,6 @@ def phantom_cache(tmp_path_factory):
     return str(cache)
 
 
-def _final_state(workdir):
-    import orbax.checkpoint as ocp
-
-    from medssl_jax import checkpoint
-
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    ckpt.close()
-    with ocp.StandardCheckpointer() as c:
-        return step, c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-
-
 def test_pretrain_checkpoints_teacher_and_center_and_resumes_bitwise(phantom_cache, tmp_path):
     config = tiny_config(phantom_cache, total_steps=3, checkpoint_every=1)
     straight = str(tmp_path / "straight")
@@ -323,8 +306,8 @@ def test_pretrain_checkpoints_teacher_and_center_and_resumes_bitwise(phantom_cac
     interrupted = str(tmp_path / "interrupted")
     assert train.pretrain(config, interrupted, stop_after=1).steps_done == 1
     assert train.pretrain(config, interrupted).steps_done == 3
-    step_a, a = _final_state(straight)
-    step_b, b = _final_state(interrupted)
+    step_a, a = final_state(straight)
+    step_b, b = final_state(interrupted)
     assert step_a == step_b == 3
     assert set(a["method_state"]) == {"teacher", "center"}
     assert np.any(np.asarray(a["method_state"]["center"]))
@@ -359,7 +342,7 @@ def test_dino_with_a_batchnorm_resnet_keeps_and_exports_the_teachers_own_statist
     interrupted = str(tmp_path / "interrupted")
     train.pretrain(config, interrupted, stop_after=2)
     train.pretrain(config, interrupted)
-    (_, a), (_, b) = _final_state(str(tmp_path / "straight")), _final_state(interrupted)
+    (_, a), (_, b) = final_state(str(tmp_path / "straight")), final_state(interrupted)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     teacher_stats = a["method_state"]["teacher_batch_stats"]["encoder"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import set_fields
 from medssl_jax import checkpoint, main, models
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
@@ -48,13 +49,7 @@ def probe_config(cache_dir, init, **overrides):
     c.image_size = 24
     c.batch_size = 32
     c.c_grid = (0.1, 1.0)
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return c
+    return set_fields(c, overrides)
 
 
 def test_probe_export_and_random_write_comparable_eval_dirs(phantom_cache, tiny_export, tmp_path):

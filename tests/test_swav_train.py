@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from medssl_jax import checkpoint, config_lib, main, train
+from helpers import final_state
+from medssl_jax import config_lib, main, train
 from medssl_jax.data import phantoms
 from medssl_jax.methods import swav
 
@@ -72,16 +73,6 @@ def tiny_config(cache_dir, method="hybrid"):
     return c
 
 
-def saved_state(workdir):
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    ckpt.close()
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as c:
-        return step, c.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-
-
 def test_hybrid_resume_with_queue_equals_uninterrupted(phantom_cache, tmp_path):
     config = tiny_config(phantom_cache)
     straight = str(tmp_path / "straight")
@@ -89,10 +80,10 @@ def test_hybrid_resume_with_queue_equals_uninterrupted(phantom_cache, tmp_path):
     assert result.steps_done == 6 and result.export_dir is not None
     interrupted = str(tmp_path / "interrupted")
     assert train.pretrain(config, interrupted, stop_after=3).steps_done == 3
-    step, state = saved_state(interrupted)
+    step, state = final_state(interrupted)
     assert step == 3 and np.any(np.asarray(state["method_state"]["queue"]))  # the queue is in the checkpoint
     train.pretrain(config, interrupted)
-    (step_a, a), (step_b, b) = saved_state(straight), saved_state(interrupted)
+    (step_a, a), (step_b, b) = final_state(straight), final_state(interrupted)
     assert step_a == step_b == 6
     assert np.asarray(a["method_state"]["queue"]).shape == (2, 32, 8)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -134,7 +125,7 @@ def test_hybrid_with_a_separate_contrastive_head_trains_it_from_the_global_crops
     config.hybrid.contrastive_out_dim = 8
     config.total_steps = 2
     train.pretrain(config, str(tmp_path / "w"))
-    _, state = saved_state(str(tmp_path / "w"))
+    _, state = final_state(str(tmp_path / "w"))
     assert "contrastive_head" in state["params"] and "contrastive_head" in state["batch_stats"]
     rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
     assert all(np.isfinite(r["contrastive_loss"]) and np.isfinite(r["swav_loss"]) for r in rows)

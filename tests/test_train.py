@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from medssl_jax import checkpoint, config_lib, main, models, train
+from helpers import final_state, tiny_pretrain_config
+from medssl_jax import checkpoint, main, models, train
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store, StoreError
 
@@ -27,42 +28,7 @@ def phantom_cache(tmp_path_factory):
     return str(cache)
 
 
-def tiny_config(cache_dir, method="micle", **overrides):
-    c = config_lib.azizi_cxr_config("runlocal", method=method)
-    c.data.cache_dir = cache_dir
-    c.data.phantom_patients = 64
-    c.data.phantom_size = 32
-    c.data.image_size = 24
-    c.model.depth, c.model.base_width = 18, 4
-    c.head.hidden_dim = 16
-    c.head.out_dim = 8
-    c.batch_size = 16
-    c.total_steps = 6
-    c.optim.warmup_steps = 2
-    c.log_every = 2
-    c.checkpoint_every = 3
-    c.probe.image_size = 24
-    c.probe.batch_size = 32
-    c.probe.c_grid = (0.1, 1.0)
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return c
-
-
-def final_params(workdir):
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    manager_dir = os.path.join(workdir, "checkpoints", str(step), "state")
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as c:
-        state = c.restore(manager_dir)
-    ckpt.close()
-    return step, state
+tiny_config = tiny_pretrain_config
 
 
 def test_micle_end_to_end_writes_export_and_summary(phantom_cache, tmp_path):
@@ -127,8 +93,8 @@ def test_resume_equals_uninterrupted(phantom_cache, tmp_path):
     assert first.steps_done == 3 and first.export_dir is None
     second = train.pretrain(config, interrupted)
     assert second.steps_done == 6
-    step_a, state_a = final_params(straight)
-    step_b, state_b = final_params(interrupted)
+    step_a, state_a = final_state(straight)
+    step_b, state_b = final_state(interrupted)
     assert step_a == step_b == 6
     leaves_a = jax.tree.leaves(state_a)
     leaves_b = jax.tree.leaves(state_b)
@@ -206,7 +172,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(phantom_cache, tmp_path):
     workdir = tmp_path / "w"
     overrides = [
         f"--config.data.cache_dir={phantom_cache}", "--config.data.phantom_patients=64",
-        "--config.data.phantom_size=32", "--config.data.image_size=24", "--config.model.base_width=4",
+        "--config.data.phantom_size=32", "--config.data.image_size=24", "--config.probe.image_size=24",
+        "--config.model.base_width=4",
         "--config.head.hidden_dim=16", "--config.head.out_dim=8", "--config.batch_size=16",
         "--config.total_steps=100000", "--config.log_every=1", "--config.checkpoint_every=100000",
     ]

@@ -173,7 +173,7 @@ def write_store(path: str | os.PathLike, output: str | os.PathLike, *, task: str
                 label_names: tuple[str, ...] | None = None, name: str | None = None, overwrite: bool = False) -> dict:
     """Writes the MedMNIST file at `path` as a store at `output` (into OUTPUT.partial, renamed when complete);
     returns the report also written to OUTPUT/ingest_report.json."""
-    from medssl_jax.data.store import StoreError, StoreWriter
+    from medssl_jax.data.store import StoreError, StoreWriter, commit_store
 
     output = Path(output).absolute()
     if (output / "store.json").exists() and not overwrite:
@@ -207,11 +207,5 @@ def write_store(path: str | os.PathLike, output: str | os.PathLike, *, task: str
               "files_seen": 1, "files_written": 1, "records_written": int(sum(counts.values())),
               "num_skipped": 0, "num_filtered": 0, "skipped": [], "filtered": [], "reason_counts": {}}
     (partial / "ingest_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    if output.exists():
-        old = output.with_name(output.name + f".old-{os.getpid()}")
-        output.rename(old)
-        partial.rename(output)
-        shutil.rmtree(old)
-    else:
-        partial.rename(output)
+    commit_store(partial, output)
     return report

@@ -331,6 +331,21 @@ class StoreWriter:
         self._closed = True
 
 
+def commit_store(partial: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Moves a complete store written at `partial` to `output`; an existing store there is replaced only
+    now (renamed aside, then removed), so a crash at any point leaves a complete store at `output`, or none."""
+    import shutil
+
+    partial, output = Path(partial), Path(output)
+    if output.exists():
+        old = output.with_name(output.name + f".old-{os.getpid()}")
+        output.rename(old)
+        partial.rename(output)
+        shutil.rmtree(old)
+    else:
+        partial.rename(output)
+
+
 class StoreSource:
     """The store's shards as one random-access source, with damage reported as one line.
 
