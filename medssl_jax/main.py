@@ -58,21 +58,18 @@ def run(config, workdir: str) -> dict | None:
     if config.mode not in config_lib.MODES:
         raise ValueError(f"config.mode={config.mode!r} is not one of {config_lib.MODES}")
     config_lib.check_known_keys(config, reference_config(config))
-    if config.mode == "pretrain":
-        config_lib.validate_pretrain(config)
-    else:
-        config_lib.validate_eval(config)
     if config.mode != "pretrain":
+        config_lib.validate_eval(config)
         module = __import__(f"medssl_jax.evaluate.{config.mode}", fromlist=["run"])
         return module.run(config, workdir)
 
+    config_lib.validate_pretrain(config)
+    skip = probe.skip_reason(train.open_store(config.data), config.probe) if config.probe.enabled else None
+    if skip:
+        logging_lib.log(f"note: the linear probe after pretraining will be skipped: {skip}")
     result = train.pretrain(config, workdir)
-    if result.export_dir is None:
+    if result.export_dir is None or not config.probe.enabled:
         return None
-    if not config.probe.enabled:
-        return None
-    store = train.open_store(config.data)
-    skip = probe.skip_reason(store, config.probe)
     if skip:
         logging_lib.log(f"linear probe skipped: {skip}. The encoder is in {result.export_dir}; probe it on a "
                         "labelled store with: python -m medssl_jax.main --config=configs/linear_probe.py "
