@@ -174,5 +174,34 @@ def flag_error_message(error: Exception, argv) -> str:
     return f"bad command-line flag: {detail}"
 
 
+def shipped_configs_dir() -> str:
+    """The configs that come with the code: medssl_jax/configs in an installed package, else the
+    checkout's configs/ folder beside the package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+    """`--config=NAME[:args]` with a NAME that is not a file (the package installed, the user outside a
+    checkout) becomes the shipped config of that name: micle, micle.py and configs/micle.py all work."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, colon, rest = arg[len("--config="):].partition(":")
+            if not os.path.exists(path):
+                name = os.path.basename(path)
+                candidate = os.path.join(shipped_configs_dir(), name if name.endswith(".py") else name + ".py")
+                if os.path.exists(candidate):
+                    arg = f"--config={candidate}{colon}{rest}"
+        out.append(arg)
+    return out
+
+
+def cli() -> None:
+    """The `medssl-train` command: `python -m medssl_jax.main` with shipped configs reachable by name."""
+    app.run(main, argv=resolve_config_flag(sys.argv), flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli()
