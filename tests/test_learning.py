@@ -11,6 +11,7 @@ BENCHMARKS.md ("learning tests").
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,7 +57,17 @@ def test_simclr_learns(env, tmp_path):
     check_learned(summary, last_line)
 
 
-def test_swav_learns(env, tmp_path):
-    summary, last_line = pretrain_and_probe(env, tmp_path / "swav", "configs/swav.py:runlocal",
+def test_hybrid_learns(env, tmp_path):
+    """The clustering method of the suite: Ghesu et al.'s SwAV + NT-Xent hybrid (SwAV alone learns too slowly
+    at this budget to be resolved reliably in two minutes: +0.03 to +0.075 validation AUC, see BENCHMARKS.md).
+    Its clustering term must be active too: predictions better than uniform over the prototypes (the SwAV
+    loss below ln K) and no collapse onto a few prototypes."""
+    workdir = tmp_path / "hybrid"
+    summary, last_line = pretrain_and_probe(env, workdir, "configs/hybrid.py:runlocal",
                                             "--config.swav.local_image_size=16")
     check_learned(summary, last_line)
+    with open(workdir / "metrics.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    num_prototypes = last["swav/num_prototypes"]
+    assert last["swav_loss"] < 0.98 * math.log(num_prototypes), last
+    assert last["swav/prototypes_used"] >= num_prototypes / 4, last

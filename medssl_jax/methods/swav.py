@@ -179,6 +179,11 @@ def ghesu_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
         # LARS lr chosen on the phantoms' validation split (600 steps, probe mean AUC; fair random init
         # 0.597): SwAV 0.6 -> 0.651, 1.2 -> 0.746, 2.4 -> 0.734.
         c.optim.base_lr = 1.2
+        if method == "hybrid":
+            # Same selection for the hybrid (shared z): lr 1.2 / tau 0.1 -> 0.720, 1.2 / 0.2 -> 0.708,
+            # 2.0 / 0.2 -> 0.736, 3.0 / 0.2 -> 0.720; tau 0.2 is also SimCLR's :runlocal value.
+            c.optim.base_lr = 2.0
+            c.hybrid.contrastive_temperature = 0.2
         c.optim.end_lr_factor = 0.0
         c.head.hidden_dim = 128
     return c
