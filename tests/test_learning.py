@@ -6,8 +6,10 @@ minutes on 2 cores: 800 phantom patients at 48 px, 32 px crops, 300 steps. The e
 compares the export with a random-init encoder of the same architecture (every residual branch active,
 BatchNorm statistics from the train images) on the test patients, by the paired bootstrap `compare` uses.
 
-Breaking the method must fail these tests (checked by hand once, 2026-12-01): see the notes in
-BENCHMARKS.md ("learning tests").
+Breaking the method fails these tests (checked by hand once, 2026-12-01, on 2 CPU cores): with the two
+views made identical after augmentation, SimCLR still gains +0.074 [0.037, 0.111] (NT-Xent then only
+spreads the images apart) against +0.151 [0.119, 0.182] intact, hence its margin of 0.10; the hybrid
+drops from +0.078 [0.042, 0.110] to +0.029 [-0.005, 0.066]. See BENCHMARKS.md ("Learning tests").
 """
 
 import json
@@ -22,8 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shared by the learning tests: the phantom store and the small-run settings.
 SMALL_RUN = ["--config.data.phantom_patients=800", "--config.data.phantom_size=48", "--config.data.image_size=32",
              "--config.probe.image_size=48", "--config.total_steps=300", "--config.seed=0"]
-# Required: the 95% CI of the mean-AUC difference above 0, and at least this difference.
-MARGIN = 0.05
+# Required: the 95% CI of the mean-AUC difference above 0, and at least this difference (per method: what a
+# broken augmentation still reaches must fail, see the module docstring).
+MARGIN = {"simclr": 0.10, "hybrid": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -45,27 +48,31 @@ def pretrain_and_probe(env, workdir, config, *overrides):
     return summary, result.stdout.strip().splitlines()[-1]
 
 
-def check_learned(summary, last_line):
+def check_learned(summary, last_line, *, margin):
     vs = summary["vs_random_init"]
     assert last_line.startswith("linear probe test mean AUC") and "vs random-init" in last_line
     assert summary["random_init"]["baseline"]["architecture"]["zero_init_last_bn"] is False
-    assert vs["ci95"][0] > 0 and vs["mean_auc_diff"] >= MARGIN, last_line
+    assert vs["ci95"][0] > 0 and vs["mean_auc_diff"] >= margin, last_line
 
 
 def test_simclr_learns(env, tmp_path):
     summary, last_line = pretrain_and_probe(env, tmp_path / "simclr", "configs/simclr.py:runlocal")
-    check_learned(summary, last_line)
+    check_learned(summary, last_line, margin=MARGIN["simclr"])
 
 
 def test_hybrid_learns(env, tmp_path):
-    """The clustering method of the suite: Ghesu et al.'s SwAV + NT-Xent hybrid (SwAV alone learns too slowly
-    at this budget to be resolved reliably in two minutes: +0.03 to +0.075 validation AUC, see BENCHMARKS.md).
-    Its clustering term must be active too: predictions better than uniform over the prototypes (the SwAV
-    loss below ln K) and no collapse onto a few prototypes."""
+    """The clustering method of the suite: Ghesu et al.'s SwAV + NT-Xent hybrid with its paper-scale objective
+    (NT-Xent on SwAV's own embedding, lambda 1), where both terms shape one embedding. SwAV alone learns too
+    slowly at this budget to be resolved in two minutes (+0.01 to +0.075 validation AUC), and the :runlocal
+    hybrid's separate-head, lambda-4 balance leaves its SwAV term at ln K in 300 steps (BENCHMARKS.md).
+    The clustering term must be active: predictions better than uniform over the prototypes (the SwAV loss
+    below ln K) and no collapse onto a few prototypes."""
     workdir = tmp_path / "hybrid"
     summary, last_line = pretrain_and_probe(env, workdir, "configs/hybrid.py:runlocal",
-                                            "--config.swav.local_image_size=16")
-    check_learned(summary, last_line)
+                                            "--config.swav.local_image_size=16", "--config.optim.base_lr=2.0",
+                                            "--config.hybrid.contrastive_head=shared",
+                                            "--config.hybrid.contrastive_weight=1.0")
+    check_learned(summary, last_line, margin=MARGIN["hybrid"])
     with open(workdir / "metrics.jsonl") as f:
         last = [json.loads(line) for line in f][-1]
     num_prototypes = last["swav/num_prototypes"]
