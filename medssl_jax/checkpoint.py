@@ -164,7 +164,10 @@ class TrainCheckpointer:
         """(step, state) of the newest checkpoint that verifies and restores; (None, None) if none does.
 
         Every damaged checkpoint met on the way is moved to WORKDIR/damaged_checkpoints/ with a one-line
-        warning, so that the run continues from the older one and never meets the damaged one again.
+        warning, so that the run continues from the older one and never meets the damaged one again. A
+        checkpoint whose files all match their checksums but which does not restore into `abstract_state`
+        was written by a different config (another model, method or optimiser): that is not damage, so
+        nothing is moved and CheckpointError says so in one line.
         """
         steps = sorted(self.all_steps(), reverse=True)
         for step in steps:
@@ -172,8 +175,12 @@ class TrainCheckpointer:
             if problem is None:
                 try:
                     return step, self.restore(step, abstract_state, data_iterator)
-                except Exception as error:  # noqa: BLE001 - any failure to read it makes it unusable
-                    problem = f"restore failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                except Exception as error:  # noqa: BLE001 - the bytes are intact, so the state does not fit
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {self.directory} is intact but does not fit this run's state "
+                        f"(written by a different config: model, method or optimiser changed; "
+                        f"{type(error).__name__}: {str(error).splitlines()[0][:120]}); resume with the config it "
+                        "was written with, or use a new --workdir") from None
             moved = self._quarantine(step)
             warn(f"warning: checkpoint step {step} ({self.step_dir(step)}) is damaged: {problem}; moved to {moved}, "
                  "falling back to the previous checkpoint")

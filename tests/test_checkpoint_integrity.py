@@ -125,3 +125,16 @@ def test_no_intact_checkpoint_starts_fresh_and_says_so(runs, tmp_path, capsys):
 def test_keep_checkpoints_zero_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="keep_checkpoints=0"):
         checkpoint.TrainCheckpointer(str(tmp_path / "c"), keep=0)
+
+
+def test_intact_checkpoint_of_another_config_is_refused_not_moved(runs, tmp_path):
+    """Rerunning a workdir with a changed model is a config mismatch, not damage: one line, nothing moved."""
+    config, root = runs
+    workdir = tmp_path / "changed"
+    shutil.copytree(root / "stopped", workdir)
+    changed = config.copy_and_resolve_references()
+    changed.model.base_width = config.model.base_width * 2
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 4 .* intact but does not fit .* new --workdir"):
+        train.pretrain(changed, str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert not (workdir / "damaged_checkpoints").exists()
