@@ -12,12 +12,21 @@ prototype freeze 5005 steps, queue 3840 from step 15,000, LARS lr 0.6). Argument
 global crops are two images of one patient, MICLe-style positives), `supervised=ALPHA` with
 `num_labels=L` (the store's label count; the batch must then carry labels), `store=PATH`, `runlocal`.
 
-Offline smoke run on the embedded phantom dataset (2 x 48 + 2 x 24 px crops, tiny ResNet-18, batch 64, 300
-steps, queue 1024 from step 20, epsilon 0.02; writes WORKDIR/eval/summary.json and prints the
-linear-probe mean AUC next to the random-init encoder's). It checks the plumbing, not the method:
-measured 2026-11-22 on phantoms v5 (4 min 51 s wall on 2 shared, busy CPU cores): linear-probe
-mean AUC 0.538 vs 0.537 for the random-init encoder (at this scale the NT-Xent term stays near its
-chance value ln 127 and the SwAV term near ln K: no useful features yet).
+Offline run on the embedded phantom dataset (phantoms v6, 2000 patients; SwAV's :runlocal settings: 2 x 48
++ 2 x 24 px crops, tiny ResNet-18, batch 64, 600 steps, K = 64, queue 1024 from step 20, epsilon 0.02;
+NT-Xent (tau 0.2) on a SimCLR projection head of its own, lambda 4, LARS lr 3.0; the probe sees whole
+64 px images). Those three were chosen on the validation split (probe mean AUC; SimCLR's :runlocal
+0.796, SwAV's 0.746): with NT-Xent on SwAV's 32-d embedding ('shared', the paper-scale default) every
+setting tried stayed at 0.71-0.75, below SimCLR (paired difference -0.060 [-0.091, -0.029] at lr 2.0,
+tau 0.2), whatever lambda (0.5, 1, 2, 4, 100), queue (none) or crops (no local crops); with its own head,
+lambda 1 -> 0.709, 4 -> 0.799 (vs SimCLR +0.004 [-0.023, +0.032]), 10 -> 0.784 (the values are in
+`medssl_jax.methods.swav.ghesu_config`). So the shared low-dimensional embedding, not the clustering
+term, held the hybrid back; but at lambda 4 the SwAV term stays near ln K (4.08 of 4.16 after 600
+steps): the clustering adds nothing measurable here, and Ghesu et al.'s claim that it adds to
+contrastive learning is not reproduced on the phantoms. Measured from a clean clone on 2 CPU cores
+(2026-12-01): 4 min 55 s (70 s of it sharing the cores with a test run); test split (1749 images) linear-probe mean AUC 0.769 vs 0.587 random init,
+difference +0.182 [95% CI +0.161, +0.203], p < 0.001; against SimCLR's :runlocal on the same store
+-0.010 [-0.025, +0.007], not significant (`python -m medssl_jax.compare`). It writes WORKDIR/eval/summary.json:
 
   python -m medssl_jax.main --config=configs/hybrid.py:runlocal --workdir=/tmp/hybrid_local
 
