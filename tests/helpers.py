@@ -14,9 +14,9 @@ def set_fields(config, overrides: dict):
     return config
 
 
-def tiny_pretrain_config(cache_dir, method="micle", **overrides):
-    """A MICLe/SimCLR run of a 4-wide ResNet-18 on 24 px crops of a 64-patient, 32 px phantom store."""
-    c = config_lib.azizi_cxr_config("runlocal", method=method)
+def shrink_to_tiny(c, cache_dir):
+    """A :runlocal pretraining config cut to test size: a 4-wide ResNet-18 on 24 px crops of a 64-patient,
+    32 px phantom store, 6 steps of 16, checkpoints at 3 and 6."""
     c.data.cache_dir = cache_dir
     c.data.phantom_patients = 64
     c.data.phantom_size = 32
@@ -27,8 +27,14 @@ def tiny_pretrain_config(cache_dir, method="micle", **overrides):
     c.batch_size = 16
     c.total_steps = 6
     c.optim.warmup_steps = 2
-    c.log_every = 2
     c.checkpoint_every = 3
+    return c
+
+
+def tiny_pretrain_config(cache_dir, method="micle", **overrides):
+    """A MICLe/SimCLR run at test size (shrink_to_tiny) with a quick end-of-pretraining probe."""
+    c = shrink_to_tiny(config_lib.azizi_cxr_config("runlocal", method=method), cache_dir)
+    c.log_every = 2
     c.probe.image_size = 24
     c.probe.batch_size = 32
     c.probe.c_grid = (0.1, 1.0)

@@ -180,8 +180,8 @@ def test_teacher_gets_no_gradient(tiny_setup):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # same math, different fusion
     assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grad_step0))
     # Step 0 syncs the returned teacher to the student; later steps keep the EMA teacher.
-    _, (_, state0, _) = _loss(config_flat, model, params, state, batch, 0)
-    _, (_, state5, _) = _loss(config_flat, model, params, state, batch, 5)
+    _, (_, state0, _) = jax.jit(lambda p, s: _loss(config_flat, model, p, s, batch, 0))(params, state)
+    _, (_, state5, _) = jax.jit(lambda p, s: _loss(config_flat, model, p, s, batch, 5))(params, state)
     np.testing.assert_array_equal(state0["teacher"]["head"]["last_layer"]["kernel"], params["head"]["last_layer"]["kernel"])
     np.testing.assert_array_equal(state5["teacher"]["head"]["last_layer"]["kernel"], state["teacher"]["head"]["last_layer"]["kernel"])
 
