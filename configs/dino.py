@@ -12,8 +12,8 @@ exported encoder is the teacher's backbone (`dino.export_variables`, which the t
 probe on its CLS features follows.
 
 Offline smoke run on the embedded phantom dataset (tiny ViT: width 64, 4 blocks, patch 8, 2 x 32 px +
-4 x 16 px crops, K = 256, 300 steps of 64 images, EMA momentum 0.9 because the run is short). It writes WORKDIR/eval/summary.json and prints the linear-probe mean AUC next to
-the random-init encoder's:
+4 x 16 px crops, K = 256, 300 steps of 64 images, EMA momentum 0.9 because the run is short). It
+writes WORKDIR/eval/summary.json and prints the linear-probe mean AUC next to the random-init encoder's:
 
   python -m medssl_jax.main --config=configs/dino.py:runlocal --workdir=/tmp/dino_local
 

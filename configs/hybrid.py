@@ -24,9 +24,10 @@ lambda 1 -> 0.709, 4 -> 0.799 (vs SimCLR +0.004 [-0.023, +0.032]), 10 -> 0.784 (
 term, held the hybrid back; but at lambda 4 the SwAV term stays near ln K (4.08 of 4.16 after 600
 steps): the clustering adds nothing measurable here, and Ghesu et al.'s claim that it adds to
 contrastive learning is not reproduced on the phantoms. Measured from a clean clone on 2 CPU cores
-(2026-12-01): 4 min 55 s (70 s of it sharing the cores with a test run); test split (1749 images) linear-probe mean AUC 0.769 vs 0.587 random init,
-difference +0.182 [95% CI +0.161, +0.203], p < 0.001; against SimCLR's :runlocal on the same store
--0.010 [-0.025, +0.007], not significant (`python -m medssl_jax.compare`). It writes WORKDIR/eval/summary.json:
+(2026-12-01): 4 min 55 s (70 s of it sharing the cores with a test run); test split (1749 images)
+linear-probe mean AUC 0.769 vs 0.587 random init, difference +0.182 [95% CI +0.161, +0.203], p < 0.001;
+against SimCLR's :runlocal on the same store -0.010 [-0.025, +0.007], not significant (`python -m
+medssl_jax.compare`). It writes WORKDIR/eval/summary.json:
 
   python -m medssl_jax.main --config=configs/hybrid.py:runlocal --workdir=/tmp/hybrid_local
 

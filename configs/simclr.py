@@ -17,8 +17,9 @@ difference +0.192 [95% CI +0.170, +0.212], p < 0.001; it writes the same WORKDIR
 On phantoms v6 MICLe (0.752) does not beat SimCLR (one seed each; between seeds the validation AUC moved by
 0.025 for SimCLR and 0.07 for MICLe, so do not read a ranking of the two into one run).
 
-Expected result: on CheXpert, Azizi et al. report mean AUC 0.7729 over the 5 competition labels for ImageNet->CheXpert SimCLR with R152 2x after fine-tuning; MICLe's reported gain
-is on dermatology. Compare the two with `python -m medssl_jax.compare`.
+Expected result: on CheXpert, Azizi et al. report mean AUC 0.7729 over the 5 competition labels for
+ImageNet->CheXpert SimCLR with R152 2x after fine-tuning; MICLe's reported gain is on dermatology.
+Compare the two with `python -m medssl_jax.compare`.
 """
 
 from medssl_jax import config_lib
