@@ -9,6 +9,14 @@ only then does momentum accumulate (v = m*v + lr*ratio*g; w -= v). BYOL's LARS a
 after momentum instead; the two differ whenever the learning rate changes (warm-up, decay).
 tests/test_optim.py checks one-to-one agreement with a NumPy port of the SimCLR update.
 
+LARC is SwAV's optimiser (`apex.parallel.LARC` around `torch.optim.SGD`, main_swav.py), and differs from
+SimCLR's LARS in four ways: it adapts EVERY parameter (BatchNorm and biases included, and weight decay
+applies to all of them too); its ratio eta*||w|| / (||g|| + wd*||w|| + 1e-8) puts the decay in the
+denominator instead of taking the norm of g + wd*w; with `larc_clip` the ratio is divided by the current
+learning rate and clipped at 1 (apex `clip=True`; SwAV runs `clip=False`); and PyTorch's SGD applies the
+learning rate after momentum (v = m*v + ratio*(g + wd*w); w -= lr*v). A parameter or gradient of norm 0
+passes unchanged, without decay, as in apex.
+
 Which parameters get weight decay and LARS adaptation (`param_labels`, a rule on the parameter path,
 the equivalent of SimCLR's exclusion list ['batch_normalization', 'bias']): a parameter is 'no_decay'
 if its own name is 'bias', or if any module on its path is a normalisation layer, i.e. its name starts
@@ -24,7 +32,7 @@ schedule inside the optimiser (optax counts its own updates), so the optimiser s
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +44,7 @@ NO_DECAY = "no_decay"
 
 LR_SCALINGS = ("linear", "sqrt", "none")
 SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("lars", "adamw", "sgd")
+OPTIMIZERS = ("lars", "larc", "adamw", "sgd")
 
 
 def default_config(name: str = "lars") -> ml_collections.ConfigDict:
@@ -52,7 +60,8 @@ def default_config(name: str = "lars") -> ml_collections.ConfigDict:
         "weight_decay_end": -1.0,  # >= 0: cosine from weight_decay to this at total_steps (DINO); -1: constant
         "momentum": 0.9,  # lars and sgd
         "nesterov": False,  # sgd (SimCLR fine-tuning uses Nesterov momentum)
-        "eta": 1e-3,  # LARS trust coefficient
+        "eta": 1e-3,  # LARS/LARC trust coefficient
+        "larc_clip": False,  # larc: apex's clip=True (ratio / lr, at most 1); SwAV uses False
         "b1": 0.9,  # adamw
         "b2": 0.999,
         "eps": 1e-8,
@@ -141,8 +150,44 @@ def make_weight_decay(cfg, *, total_steps: int):
     return schedule
 
 
+class LarcState(NamedTuple):
+    count: jax.Array  # updates applied so far (the step at which the clip reads the learning rate)
+
+
+def scale_by_larc(*, trust_coefficient: float, weight_decay, clip: bool = False,
+                  learning_rate: Callable | None = None, eps: float = 1e-8) -> optax.GradientTransformation:
+    """apex's LARC step before SGD: g <- ratio * (g + wd*w) per parameter (see the module docstring).
+
+    `weight_decay` is a float or a schedule of the step; `learning_rate` (a schedule) is needed only by
+    `clip`. Followed by momentum and the learning rate, this is SwAV's update (`make_optimizer('larc')`).
+    """
+    if clip and learning_rate is None:
+        raise ValueError("scale_by_larc(clip=True) needs the learning_rate schedule")
+
+    def init(params):
+        del params
+        return LarcState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_larc needs the parameters (tx.update(grads, state, params))")
+        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+
+        def one(g, w):
+            w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+            ratio = trust_coefficient * w_norm / (g_norm + w_norm * wd + eps)
+            if clip:
+                ratio = jnp.minimum(ratio / learning_rate(state.count), 1.0)
+            adapted = ratio * (g + wd * w)
+            return jnp.where((w_norm > 0) & (g_norm > 0), adapted, g).astype(g.dtype)
+
+        return jax.tree.map(one, updates, params), LarcState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg, *, total_steps: int, batch_size: int) -> tuple[optax.GradientTransformation, Callable]:
-    """The optimiser named by `cfg.name` ('lars', 'adamw', 'sgd') driven by `make_schedule`.
+    """The optimiser named by `cfg.name` ('lars', 'larc', 'adamw', 'sgd') driven by `make_schedule`.
 
     Returns (tx, schedule): `schedule(step)` is the learning rate used at update number `step` (0-based),
     for logging.
@@ -159,6 +204,13 @@ def make_optimizer(cfg, *, total_steps: int, batch_size: int) -> tuple[optax.Gra
             eps=0.0,
             trust_ratio_mask=decay_mask,
             momentum=float(_field(cfg, "momentum")),
+        )
+    elif name == "larc":
+        tx = optax.chain(
+            scale_by_larc(trust_coefficient=float(_field(cfg, "eta")), weight_decay=weight_decay,
+                          clip=bool(cfg.get("larc_clip", False)), learning_rate=schedule),
+            optax.trace(decay=float(_field(cfg, "momentum"))),
+            optax.scale_by_learning_rate(schedule),
         )
     elif name == "adamw":
         tx = optax.adamw(

@@ -143,6 +143,55 @@ def test_weight_decay_is_masked_for_adamw_and_sgd(name):
     np.testing.assert_array_equal(updates["dense"]["bias"], 0.0)
 
 
+def swav_larc_reference(params, grads_per_step, lrs, *, weight_decay, eta, momentum, clip, eps=1e-8):
+    """NumPy port of apex.parallel.LARC.step around torch.optim.SGD(momentum, weight_decay moved into LARC)."""
+    params = {path: w.astype(np.float64) for path, w in params.items()}
+    buf = {path: None for path in params}
+    for grads, lr in zip(grads_per_step, lrs):
+        for path, w in params.items():
+            g = grads[path].astype(np.float64)
+            w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+            if w_norm != 0 and g_norm != 0:
+                ratio = eta * w_norm / (g_norm + w_norm * weight_decay + eps)
+                if clip:
+                    ratio = min(ratio / lr, 1.0) if lr > 0 else 1.0  # torch: tensor / 0 = inf
+                g = (g + weight_decay * w) * ratio
+            buf[path] = g if buf[path] is None else momentum * buf[path] + g  # torch SGD, dampening 0
+            params[path] = w - lr * buf[path]
+    return params
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_larc_matches_swav_apex_update(clip):
+    cfg = optim.default_config("larc")
+    cfg.update(base_lr=0.6, lr_scaling="none", warmup_steps=2, weight_decay=1e-2, larc_clip=clip)
+    tx, schedule = optim.make_optimizer(cfg, total_steps=6, batch_size=256)
+    params = _tiny_params()
+    params["zero"] = {"kernel": np.zeros((2, 2), np.float32)}  # norm 0: passes unchanged, as in apex
+    rng = np.random.default_rng(2)
+    grads_per_step = [jax.tree.map(lambda w: rng.normal(size=w.shape).astype(np.float32), params) for _ in range(5)]
+    state, jax_params = tx.init(params), params
+    for grads in grads_per_step:
+        updates, state = tx.update(grads, state, jax_params)
+        jax_params = optax.apply_updates(jax_params, updates)
+    lrs = [float(schedule(step)) for step in range(5)]
+    expected = swav_larc_reference(_flat(params), [_flat(g) for g in grads_per_step], lrs, weight_decay=1e-2,
+                                   eta=1e-3, momentum=0.9, clip=clip)
+    got = _flat(jax_params)
+    for path in expected:  # every parameter adapted and decayed, BatchNorm and biases included
+        np.testing.assert_allclose(got[path], expected[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    # The warm-up starts at lr 0, where the clipped ratio would divide by zero: min(inf, 1) = 1, as in apex.
+    assert np.all(np.isfinite(got["conv/kernel"]))
+    lars_cfg = optim.default_config("lars")
+    lars_cfg.update(base_lr=0.6, lr_scaling="none", warmup_steps=2, weight_decay=1e-2)
+    lars_tx, _ = optim.make_optimizer(lars_cfg, total_steps=6, batch_size=256)
+    lars_state, lars_params = lars_tx.init(params), params
+    for grads in grads_per_step:
+        updates, lars_state = lars_tx.update(grads, lars_state, lars_params)
+        lars_params = optax.apply_updates(lars_params, updates)
+    assert not np.allclose(_flat(lars_params)["bn/scale"], got["bn/scale"], rtol=1e-4)  # LARS skips BN
+
+
 def test_config_errors_are_one_clear_line():
     cfg = optim.default_config("lamb")
     with pytest.raises(ValueError, match="name='lamb' is not one of"):
