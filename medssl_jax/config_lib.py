@@ -103,6 +103,10 @@ def pretrain_config() -> mlc.ConfigDict:
 
     c.loss = mlc.ConfigDict()
     c.loss.temperature = 0.1
+    # NT-Xent of simclr/micle (losses.ntxent): SimCLR's --hidden_norm, and 'paper' (L) or 'official'
+    # (2 L = google-research/simclr's loss_a + loss_b, whose LARS steps on BN/bias are twice ours).
+    c.loss.hidden_norm = True
+    c.loss.scale = "paper"
 
     # LARS, lr 0.3 per 256 images (linear scaling), warm-up then cosine, wd 1e-6: see medssl_jax/optim.py.
     c.optim = optim.default_config("lars")
@@ -240,6 +244,7 @@ def validate_pretrain(config) -> None:
     _need(all(float(c) > 0 for c in config.probe.c_grid) and len(config.probe.c_grid) > 0, "probe.c_grid",
           tuple(config.probe.c_grid), "needs one or more values > 0")
     _need(0 < config.probe.val_fraction < 1, "probe.val_fraction", config.probe.val_fraction, "must be in (0, 1)")
+    _need(config.loss.scale in ("paper", "official"), "loss.scale", config.loss.scale, "is not 'paper' or 'official'")
 
 
 def validate_eval(config) -> None:
@@ -291,6 +296,32 @@ def to_steps(config: mlc.ConfigDict, prefix: str, *, epoch_size: int, batch_size
     if epochs is None or epochs < 0:
         raise ValueError(f"config needs {prefix}_steps or {prefix}_epochs")
     return int(math.ceil(epochs * epoch_size / batch_size))
+
+
+def resolve_durations(config: mlc.ConfigDict, *, epoch_size: int, batch_size: int) -> mlc.ConfigDict:
+    """A copy of `config` in which every `X_steps` of -1 is `X_epochs` converted to steps, at any depth.
+
+    Recipes count some durations in epochs (SwAV's queue from epoch 15, its prototypes frozen for one
+    epoch; a warm-up of 10 epochs), while the jitted step only knows steps: this runs once the train
+    split's size is known, so `X_steps` is what the methods read.
+    """
+    resolved = config.copy_and_resolve_references()
+
+    def visit(node: mlc.ConfigDict, prefix: str) -> None:
+        for key in list(node.keys()):
+            value = node[key]
+            if isinstance(value, mlc.ConfigDict):
+                visit(value, f"{prefix}{key}.")
+            elif key.endswith("_steps") and isinstance(value, int) and value < 0:
+                epochs_key = key[: -len("_steps")] + "_epochs"
+                epochs = node.get(epochs_key, None)
+                if value != -1 or epochs is None or not isinstance(epochs, (int, float)) or epochs < 0:
+                    raise ValueError(f"config.{prefix}{key}={value}: give a step count >= 0, or -1 with "
+                                     f"config.{prefix}{epochs_key} >= 0 (now {epochs!r})")
+                node[key] = int(math.ceil(epochs * epoch_size / batch_size))
+
+    visit(resolved, "")
+    return resolved
 
 
 def eval_config() -> mlc.ConfigDict:

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import os
 import signal
-import time
 from typing import Any
 
 import jax
@@ -160,11 +159,10 @@ def setup(config) -> Setup:
             f"config.batch_size={config.batch_size} is larger than the {elements} "
             f"{'patients' if spec['sampler'] == 'micle' else 'images'} of split {config.data.split!r} in {store.path}"
         )
-    total_steps = config_lib.to_steps(config, "total", epoch_size=elements, batch_size=config.batch_size)
-    optim_config = config.optim.copy_and_resolve_references()
-    optim_config.warmup_steps = config_lib.to_steps(
-        config.optim, "warmup", epoch_size=elements, batch_size=config.batch_size
-    )
+    # From here on every duration is in steps (total, warm-up, SwAV's queue start and freeze, ...).
+    config = config_lib.resolve_durations(config, epoch_size=elements, batch_size=config.batch_size)
+    total_steps = config.total_steps
+    optim_config = config.optim
     data_iter = pipeline.make_pretrain_iterator(
         store,
         spec=spec,

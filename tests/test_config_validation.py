@@ -30,6 +30,7 @@ def cache(tmp_path_factory):
     ("batch_size", 0, "config.batch_size=0: must be > 0"),
     ("data.image_size", 256, "config.data.image_size=256 is larger than the images of store"),
     ("probe.image_size", 100, "config.probe.image_size=100 is larger than the images of store"),
+    ("loss.scale", "sum", "config.loss.scale='sum': is not 'paper' or 'official'"),
 ])
 def test_nonsense_value_is_refused_before_training(cache, tmp_path, field, value, message):
     config = tiny_pretrain_config(cache, **{field: value})
@@ -51,3 +52,25 @@ def test_a_typo_is_blamed_on_the_flag_that_has_it_and_a_bad_config_argument_is_o
     out = cli("--config=configs/micle.py:runlocal,foo=1", f"--workdir={tmp_path}")
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "config argument 'foo' is not one of" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_durations_in_epochs_become_steps_and_nonsense_is_one_line():
+    from medssl_jax import config_lib
+    from medssl_jax.methods import swav
+
+    config = config_lib.pretrain_config()
+    config.method = "swav"
+    swav.extend_config(config)
+    config.update(total_steps=-1, total_epochs=2.0, batch_size=10)
+    config.swav.queue_start_epochs = 0.5
+    resolved = config_lib.resolve_durations(config, epoch_size=95, batch_size=10)
+    # ceil(epochs * 95 / 10): 2 epochs = 19 steps, warm-up 10 epochs = 95, queue 0.5 epoch = 5, freeze 1 = 10
+    assert (resolved.total_steps, resolved.optim.warmup_steps) == (19, 95)
+    assert (resolved.swav.queue_start_steps, resolved.swav.freeze_prototypes_steps) == (5, 10)
+    config.swav.queue_start_steps = 3  # a step count wins over the epochs
+    assert config_lib.resolve_durations(config, epoch_size=95, batch_size=10).swav.queue_start_steps == 3
+    for value, epochs in ((-2, 1.0), (-1, -1.0)):
+        config.swav.queue_start_steps, config.swav.queue_start_epochs = value, epochs
+        with pytest.raises(ValueError) as error:
+            config_lib.resolve_durations(config, epoch_size=95, batch_size=10)
+        assert str(error.value).startswith(f"config.swav.queue_start_steps={value}: give a step count >= 0")

@@ -23,10 +23,10 @@ def ntxent_reference(z1, z2, temperature):
     return total / (2 * n)
 
 
-def simclr_official_reference(z1, z2, temperature):
+def simclr_official_reference(z1, z2, temperature, hidden_norm=True):
     """NumPy port of google-research/simclr objective.add_contrastive_loss (one replica)."""
     def normalize(x):
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.linalg.norm(x, axis=1, keepdims=True) if hidden_norm else x
 
     def softmax_cross_entropy(onehot, logits):
         logits = logits - logits.max(axis=1, keepdims=True)
@@ -65,6 +65,16 @@ def test_ntxent_is_half_of_simclr_official_loss():
     z1, z2 = _projections(seed=1)
     np.testing.assert_allclose(
         2 * losses.ntxent(z1=z1, z2=z2, temperature=0.1), simclr_official_reference(z1, z2, 0.1), rtol=2e-6)
+
+
+@pytest.mark.parametrize("hidden_norm", [True, False])
+def test_ntxent_official_scale_and_hidden_norm_match_add_contrastive_loss(hidden_norm):
+    z1, z2 = _projections(seed=2)
+    z1, z2 = 0.3 * z1, 0.3 * z2  # unnormalised logits of a moderate size
+    got = losses.ntxent(z1=z1, z2=z2, temperature=0.5, hidden_norm=hidden_norm, scale="official")
+    np.testing.assert_allclose(got, simclr_official_reference(z1, z2, 0.5, hidden_norm=hidden_norm), rtol=2e-6)
+    with pytest.raises(ValueError, match="scale='sum' is not one of"):
+        losses.ntxent(z1=z1, z2=z2, temperature=0.5, scale="sum")
 
 
 def test_ntxent_is_scale_invariant_and_computed_in_float32():

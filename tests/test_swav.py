@@ -44,6 +44,7 @@ def make_config(method="swav", **swav_fields):
     c.head.out_dim = DIM
     c.augment = augment.preset("none")
     c.compute_dtype = "float32"
+    c.swav.freeze_prototypes_steps = c.swav.queue_start_steps = 0  # the loop would resolve the epochs
     for key, value in swav_fields.items():
         c.swav[key] = value
     return c

@@ -31,6 +31,12 @@ def test_config_files(name):
     spec = swav.data_spec(full)
     assert [(c["num"], c["size"], c["scale"]) for c in spec["crops"]] == [(2, 224, (0.14, 1.0)),
                                                                          (6, 96, (0.05, 0.14))]
+    # SwAV's durations are epochs (prototypes frozen 1 epoch, queue from epoch 15) and its optimiser LARC;
+    # on ImageNet's 1,281,167 images at batch 256 the epochs become SwAV's own step counts.
+    assert full.optim.name == "larc" and not full.optim.larc_clip
+    steps = config_lib.resolve_durations(full, epoch_size=1_281_167, batch_size=256)
+    assert steps.swav.freeze_prototypes_steps == 5005 and steps.swav.queue_start_steps == 75_069
+    assert full.swav.queue_start_steps == -1  # the recipe itself is left as written
     local = load_config(name, "runlocal")
     config_lib.check_known_keys(local, main.reference_config(local))
     assert local.compute_dtype == "float32" and local.total_steps <= 600  # minutes on 2 CPU cores

@@ -34,7 +34,11 @@ def _gathered(x: jax.Array) -> jax.Array:
     return x
 
 
-def ntxent(*, z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+SCALES = ("paper", "official")
+
+
+def ntxent(*, z1: jax.Array, z2: jax.Array, temperature: float, hidden_norm: bool = True,
+           scale: str = "paper") -> jax.Array:
     """The SimCLR loss L of Chen et al. (2020): mean over all 2N anchors of the NT-Xent term.
 
     For the 2N L2-normalised projections z (row i of z1 and row i of z2 are the positive pair),
@@ -51,20 +55,28 @@ def ntxent(*, z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
     ratio cancels the gradient's scale except that wd * w now weighs twice as much relative to it, and the
     excluded parameters (BatchNorm, biases) take plain lr * g steps, i.e. half the official step. A
     training recipe that must match google-research/simclr's optimisation dynamics (same lr, wd) should
-    minimise 2 * ntxent(...); loss curves compare with the official logs after the same factor.
+    minimise 2 * ntxent(...), which `scale='official'` returns; loss curves compare with the official
+    logs after the same factor.
 
     Args:
       z1: [N, D] projections of the first view (global batch, may be sharded over N). Any float dtype.
       z2: [N, D] projections of the second view, same order.
       temperature: softmax temperature t (SimCLR default 0.1).
+      hidden_norm: L2-normalise z first (SimCLR's `--hidden_norm`, default True); False uses raw dot
+        products, as the official flag does.
+      scale: 'paper' (L above, the mean over the 2N anchors) or 'official' (loss_a + loss_b = 2 L, the
+        value and gradients of `add_contrastive_loss`).
 
     Returns:
       Scalar float32 loss, computed in float32 whatever the input dtype.
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"ntxent: z1 and z2 must both be [N, D] with the same shape, got {z1.shape} and {z2.shape}")
-    a = _l2_normalize(z1.astype(jnp.float32))
-    b = _l2_normalize(z2.astype(jnp.float32))
+    if scale not in SCALES:
+        raise ValueError(f"ntxent: scale={scale!r} is not one of {list(SCALES)}")
+    a, b = z1.astype(jnp.float32), z2.astype(jnp.float32)
+    if hidden_norm:
+        a, b = _l2_normalize(a), _l2_normalize(b)
     a_all, b_all = _gathered(a), _gathered(b)
     self_mask = SELF_SIMILARITY_MASK * jnp.eye(a.shape[0], dtype=jnp.float32)
     logits_ab = a @ b_all.T / temperature
@@ -75,4 +87,4 @@ def ntxent(*, z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
     positive = jnp.sum(a * b, axis=1) / temperature
     loss_a = jnp.mean(jax.nn.logsumexp(jnp.concatenate([logits_ab, logits_aa], axis=1), axis=1) - positive)
     loss_b = jnp.mean(jax.nn.logsumexp(jnp.concatenate([logits_ba, logits_bb], axis=1), axis=1) - positive)
-    return (loss_a + loss_b) / 2
+    return loss_a + loss_b if scale == "official" else (loss_a + loss_b) / 2

@@ -74,5 +74,6 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
     z = z.reshape(batch_size, 2, -1)
-    loss = losses.ntxent(z1=z[:, 0], z2=z[:, 1], temperature=config.loss.temperature)
+    loss = losses.ntxent(z1=z[:, 0], z2=z[:, 1], temperature=config.loss.temperature,
+                         hidden_norm=config.loss.hidden_norm, scale=config.loss.scale)
     return loss, (updates["batch_stats"], method_state, {"loss": loss})

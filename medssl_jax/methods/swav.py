@@ -82,9 +82,13 @@ def extend_config(config: mlc.ConfigDict) -> None:
     s.epsilon = 0.05  # Sinkhorn entropic regularisation
     s.sinkhorn_iters = 3
     s.crops_for_assign = (0, 1)  # crops whose codes are predicted (the two global crops)
-    s.freeze_prototypes_steps = 313  # SwAV at batch 4096 (5005 at batch 256)
+    # SwAV's durations in epochs of the train split (-1 steps = use the epochs; a step count >= 0 wins):
+    # prototypes frozen for 1 epoch (its 313 iterations at batch 4096, 5005 at 256), queue from epoch 15.
+    s.freeze_prototypes_steps = -1
+    s.freeze_prototypes_epochs = 1.0
     s.queue_length = 0  # 0 = no queue; SwAV uses 3840 at batch 256; rounded down to a multiple of the batch
-    s.queue_start_steps = 0  # SwAV starts the queue at epoch 15
+    s.queue_start_steps = -1
+    s.queue_start_epochs = 15.0
     s.num_local_crops = 6  # multi-crop: 2 x data.image_size + num_local_crops x local_image_size
     s.local_image_size = 96
     s.local_crop_scale = (0.05, 0.14)
@@ -118,8 +122,9 @@ def ghesu_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
     SwAV's single-node recipe (`swav_200ep_bs256_pretrain.sh`, methods.md 1(c)) because Ghesu et al.'s
     values are not public: ResNet-50, batch 256, 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14)
     crops, K = 3000, epsilon 0.05, 3 Sinkhorn iterations, tau 0.1, LARS (momentum 0.9, trust 0.001,
-    wd 1e-6), lr 0.6 cosine to 0.0006 without warm-up, prototypes frozen for 5005 steps, a 3840 queue.
-    Durations are in steps because the queue start and the freeze are steps.
+    wd 1e-6), lr 0.6 cosine to 0.0006 without warm-up, prototypes frozen for 1 epoch, a 3840 queue from
+    epoch 15: epochs of the store's train split, turned into steps when training starts
+    (`config_lib.resolve_durations`); SwAV's LARC (not SimCLR's LARS, see medssl_jax/optim.py).
 
     Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested store;
     '' = embedded phantoms), `micle` (hybrid: patient positives for the two global crops),
@@ -145,12 +150,13 @@ def ghesu_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
     c.augment.blur_p = 0.5
     c.batch_size = 256
     c.total_steps = 200_000
+    c.optim.name = "larc"  # SwAV: apex LARC (trust 0.001, clip=False) around SGD momentum 0.9, every parameter
     c.optim.base_lr = 0.6
     c.optim.warmup_steps = 0
     c.optim.end_lr_factor = 0.001
-    c.swav.freeze_prototypes_steps = 5005
+    c.swav.freeze_prototypes_steps, c.swav.freeze_prototypes_epochs = -1, 1.0
     c.swav.queue_length = 3840
-    c.swav.queue_start_steps = 15_000
+    c.swav.queue_start_steps, c.swav.queue_start_epochs = -1, 15.0
     c.log_every = 100
     c.checkpoint_every = 2000
     if method == "hybrid":
@@ -176,6 +182,9 @@ def ghesu_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
         c.swav.queue_start_steps = 20
         c.augment.blur_p = 0.0
         c.total_steps = 600
+        # The :runlocal learning rates below were chosen with SimCLR's LARS (BN and biases not adapted);
+        # LARC was not re-tuned at this scale, so the CPU run keeps LARS.
+        c.optim.name = "lars"
         # LARS lr chosen on the phantoms' validation split (600 steps, probe mean AUC; fair random init
         # 0.597): SwAV 0.6 -> 0.651, 1.2 -> 0.746, 2.4 -> 0.734.
         c.optim.base_lr = 1.2
@@ -324,6 +333,10 @@ def normalize_prototypes(params: dict) -> dict:
 
 
 def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, Any]:
+    for field in ("freeze_prototypes_steps", "queue_start_steps"):
+        if config.swav[field] < 0:  # the train loop resolves epochs first; a direct caller must too
+            raise ValueError(f"config.swav.{field}={config.swav[field]}: epochs not yet turned into steps "
+                             "(config_lib.resolve_durations)")
     crops = tuple(jnp.zeros((1, 1, *batch[c["name"]].shape[2:]), jnp.float32) for c in data_spec(config)["crops"])
     variables = dict(model.init(rng, crops, train=True))
     variables["params"] = normalize_prototypes(variables["params"])
