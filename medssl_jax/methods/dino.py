@@ -16,7 +16,8 @@
   so the data-parallel sharding never moves data to form crops.
 - Loss (`dino_loss`): t = softmax((teacher - centre) / T_t(step)), s = log_softmax(student / T_s);
   the mean over the pairs (teacher crop i, student crop v != i) of the batch mean of -sum_k t s.
-  T_t warms up linearly from `warmup_teacher_temp` to `teacher_temp` over `teacher_temp_warmup_steps`.
+  T_t warms up from `warmup_teacher_temp` to `teacher_temp` as DINO's per-epoch `np.linspace`: one value
+  per `teacher_temp_epoch_steps` steps, `teacher_temp` already at the warm-up's last epoch.
 - Centre: centre = 0.9 centre + 0.1 mean over the global batch and both global crops of the raw teacher
   outputs (a plain jnp.mean under jit: XLA inserts the cross-device reduction, as DINO's all_reduce).
 - `process_grads`: each parameter tensor's gradient clipped to norm `clip_grad` (3.0) separately, then
@@ -92,6 +93,7 @@ def extend_config(config: mlc.ConfigDict) -> None:
     d.teacher_temp = 0.04  # after the warm-up (DINO uses up to 0.07)
     d.warmup_teacher_temp = 0.04
     d.teacher_temp_warmup_steps = 0  # DINO: 30 epochs
+    d.teacher_temp_epoch_steps = 1  # steps per value of the warm-up (DINO: one epoch; 1 = per step)
     d.center_momentum = 0.9
     d.momentum_teacher = 0.996  # cosine to 1 over config.total_steps
     d.freeze_last_layer_steps = 0  # DINO: 1 epoch
@@ -155,6 +157,7 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
     c.dino.teacher_temp = 0.07
     c.dino.warmup_teacher_temp = 0.04
     c.dino.teacher_temp_warmup_steps = 30 * epoch
+    c.dino.teacher_temp_epoch_steps = epoch
     c.dino.freeze_last_layer_steps = epoch
     c.dino.health_check_after_steps = 10 * epoch  # after the lr warm-up
     # AdamW (PyTorch defaults b = (0.9, 0.999), eps 1e-8), lr 5e-4 per 256 images (linear scaling).
@@ -177,6 +180,7 @@ def dino_config(arg: str | None) -> mlc.ConfigDict:
         c.dino.bottleneck_dim = 32
         c.dino.teacher_temp = 0.04
         c.dino.teacher_temp_warmup_steps = 0
+        c.dino.teacher_temp_epoch_steps = 1
         # 0.996 keeps the teacher at ~70 % of its random init for all 300 steps; a random tiny ViT barely
         # depends on its input, so such a teacher is uniform after centring and the student copies it.
         c.dino.momentum_teacher = 0.9
@@ -325,12 +329,25 @@ def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, A
 
 
 def teacher_temperature(step, config) -> jax.Array:
-    """Linear warm-up from warmup_teacher_temp to teacher_temp over teacher_temp_warmup_steps, then flat."""
+    """DINO's `np.linspace(warmup_teacher_temp, teacher_temp, n)` over the n warm-up epochs, then flat.
+
+    An "epoch" is `teacher_temp_epoch_steps` steps and n = teacher_temp_warmup_steps / that (rounded up):
+    epoch e < n gets the e-th of the n evenly spaced values, so the last warm-up epoch already has
+    `teacher_temp` (one epoch before a plain linear ramp would reach it), as in main_dino.py.
+    """
     d = config.dino
-    if d.teacher_temp_warmup_steps <= 0:
+    unit = int(d.teacher_temp_epoch_steps)
+    if unit < 1:
+        raise ValueError(f"config.dino.teacher_temp_epoch_steps={unit}: must be >= 1")
+    warmup_epochs = -(-int(d.teacher_temp_warmup_steps) // unit)
+    if warmup_epochs <= 0:
         return jnp.float32(d.teacher_temp)
-    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / d.teacher_temp_warmup_steps, 1.0)
-    return d.warmup_teacher_temp + (d.teacher_temp - d.warmup_teacher_temp) * progress
+    epoch = jnp.asarray(step, jnp.int32) // unit
+    progress = jnp.minimum(epoch.astype(jnp.float32) / max(warmup_epochs - 1, 1), 1.0)
+    value = d.warmup_teacher_temp + (d.teacher_temp - d.warmup_teacher_temp) * progress
+    # np.linspace(a, b, 1) is [a]: a one-epoch warm-up holds the start value for that epoch.
+    return jnp.where(epoch < warmup_epochs, value if warmup_epochs > 1 else jnp.float32(d.warmup_teacher_temp),
+                     jnp.float32(d.teacher_temp))
 
 
 def teacher_momentum(step, config) -> jax.Array:
