@@ -23,7 +23,6 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 # ITU-R 601 luma, as tf.image.rgb_to_grayscale.
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
@@ -48,7 +47,7 @@ def preset(name: str) -> ml_collections.ConfigDict:
     if name not in PRESETS:
         raise ValueError(f"augmentation preset {name!r} is not one of {list(PRESETS)}")
     cfg = ml_collections.ConfigDict({
-        "rotation_p": 0.0, "rotation_max_deg": 0.0,
+        "rotation_p": 0.0, "rotation_max_deg": 0.0, "rotation_interpolation": "bilinear",  # or "nearest"
         "color_p": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0,
         "brightness_mode": "multiplicative",  # SimCLR v2; v1 was additive (tf.image.random_brightness)
         "grayscale_p": 0.0,
@@ -77,8 +76,18 @@ def normalize(x: jax.Array, *, mean, std) -> jax.Array:
 
 # ---- single-image operations on [H, W, C] float32 in [0, 1] ----
 
-def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
-    """Rotates counter-clockwise (as displayed, rows pointing down) about the centre; bilinear, fill 0."""
+ROTATION_INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def rotate(image: jax.Array, degrees: jax.Array, *, interpolation: str = "bilinear") -> jax.Array:
+    """Rotates counter-clockwise (as displayed, rows pointing down) about the centre; fill 0.
+
+    'nearest' is PIL's `Image.rotate(angle, NEAREST, fillcolor=0)`, which torchvision's RandomRotation
+    calls on a PIL image (Tayebi Arasteh et al.'s augmentation): the output pixel takes the input pixel
+    whose cell contains its source point (floor(src + 0.5) in index coordinates).
+    """
+    if interpolation not in ROTATION_INTERPOLATIONS:
+        raise ValueError(f"rotation interpolation {interpolation!r} is not one of {list(ROTATION_INTERPOLATIONS)}")
     height, width, _ = image.shape
     theta = jnp.deg2rad(degrees)
     cos, sin = jnp.cos(theta), jnp.sin(theta)
@@ -89,6 +98,11 @@ def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
     dx, dy_up = cols - center_col, center_row - rows
     src_col = center_col + dx * cos + dy_up * sin
     src_row = center_row - (-dx * sin + dy_up * cos)
+    if interpolation == "nearest":
+        row, col = jnp.floor(src_row + 0.5).astype(jnp.int32), jnp.floor(src_col + 0.5).astype(jnp.int32)
+        inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
+        picked = image[jnp.clip(row, 0, height - 1), jnp.clip(col, 0, width - 1)]
+        return jnp.where(inside[..., None], picked, 0.0).astype(image.dtype)
     sample = lambda channel: jax.scipy.ndimage.map_coordinates(
         channel, [src_row, src_col], order=1, mode="constant", cval=0.0)
     return jax.vmap(sample, in_axes=2, out_axes=2)(image)
@@ -215,7 +229,8 @@ def augment_image(image: jax.Array, key: jax.Array, cfg) -> jax.Array:
     height, _, channels = image.shape
     if cfg.rotation_max_deg > 0:
         angle = jax.random.uniform(keys["rotation_angle"], minval=-cfg.rotation_max_deg, maxval=cfg.rotation_max_deg)
-        image = _random_apply(keys["rotation"], cfg.rotation_p, lambda x: rotate(x, angle), image)
+        image = _random_apply(keys["rotation"], cfg.rotation_p,
+                              lambda x: rotate(x, angle, interpolation=cfg.rotation_interpolation), image)
     image = _random_apply(keys["color"], cfg.color_p, lambda x: _color_jitter(x, keys["color_ops"], cfg), image)
     if channels == 3:
         image = _random_apply(keys["grayscale"], cfg.grayscale_p, to_grayscale, image)
@@ -261,5 +276,5 @@ def augment_views(x: jax.Array, *, rng: jax.Array, cfg) -> jax.Array:
     return augmented.reshape(x.shape)
 
 
-__all__ = ["PRESETS", "augment_image", "augment_views", "blur_kernel_size", "gaussian_blur", "hsv_to_rgb",
+__all__ = ["PRESETS", "ROTATION_INTERPOLATIONS", "augment_image", "augment_views", "blur_kernel_size", "gaussian_blur", "hsv_to_rgb",
            "normalize", "preset", "rgb_to_hsv", "rotate", "to_grayscale", "to_unit"]

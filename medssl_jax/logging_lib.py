@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from typing import NoReturn
 
 import jax
 
@@ -127,7 +128,7 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     """Stops the program with one clear line on stderr and exit code 1."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(1)
