@@ -8,7 +8,7 @@ arXiv 2201.01283 / JMI 9(6) 064503) does not publish the weights: contrastive_we
 the SimCLR temperature 0.1 are defaults, supervised_weight alpha = 0 (off) unless given; records
 without a label (NaN) contribute nothing to the BCE. Everything else is configs/swav.py (SwAV's
 single-node recipe: ResNet-50, batch 256, 2 x 224 + 6 x 96 crops, K = 3000, epsilon 0.05, tau 0.1,
-prototype freeze 5005 steps, queue 3840 from step 15,000, LARS lr 0.6). Arguments: `micle` (the two
+prototype freeze 1 epoch, queue 3840 from epoch 15, LARC lr 0.6). Arguments: `micle` (the two
 global crops are two images of one patient, MICLe-style positives), `supervised=ALPHA` with
 `num_labels=L` (the store's label count; the batch must then carry labels), `store=PATH`, `runlocal`.
 

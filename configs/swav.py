@@ -4,13 +4,16 @@ Swapped prediction between crops: codes from Sinkhorn equipartition of the two g
 prototype scores predict every other crop. SwAV's single-node recipe because Ghesu et al.'s values
 are not public (see methods.md section 1 and `medssl_jax.methods.swav.ghesu_config`): ResNet-50,
 batch 256, multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14), 3000 prototypes,
-epsilon 0.05, 3 Sinkhorn iterations, temperature 0.1, prototypes frozen for 5005 steps, a 3840-long
-queue from step 15,000, LARS lr 0.6 cosine to 0.0006, wd 1e-6, then a linear probe of the encoder.
+epsilon 0.05, 3 Sinkhorn iterations, temperature 0.1, prototypes frozen for 1 epoch, a 3840-long
+queue from epoch 15 (epochs of the store's train split, as main_swav.py counts them), LARC (apex's,
+trust 0.001, no clip, every parameter; medssl_jax/optim.py) lr 0.6 cosine to 0.0006, wd 1e-6, then a
+linear probe of the encoder.
 
 Offline run on the embedded phantom dataset (phantoms v6, 2000 patients; 2 x 48 + 2 x 24 px crops, tiny
 ResNet-18, batch 64, 600 steps, queue 1024 from step 20, epsilon 0.02 (with SwAV's 0.05 the codes drift
 to uniform at batch 64 and check_health stops the run), K = 64; the probe sees whole 64 px images).
-LARS lr chosen on the validation split (probe mean AUC; fair random init 0.597): 0.6 -> 0.651, 1.2 ->
+LARS (the optimiser these settings were tuned with; LARC not re-tuned at this scale) lr chosen on the
+validation split (probe mean AUC; fair random init 0.597): 0.6 -> 0.651, 1.2 ->
 0.746, 2.4 -> 0.734. Measured from a clean clone on 2 CPU cores (2026-12-01): 4 min 46 s; test split
 (1749 images) linear-probe mean AUC 0.696 vs 0.587 random init, difference +0.109 [95% CI +0.086,
 +0.131], p < 0.001. It writes WORKDIR/eval/summary.json (`vs_random_init`):
