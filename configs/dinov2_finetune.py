@@ -7,23 +7,29 @@ The recipe (methods.md 3(b)-(d), notes in medssl_jax/models/vit.py and convert.p
 - arm=in21k: timm's vit_base_patch16_224_in21k, i.e. the augreg ViT-B/16 ImageNet-21k .npz (224 px
   native, 14x14 grid);
 - arm=random: ViT-B/14, random init, 224 px;
+- arm=indomain (their MIMIC-SL): the model fine-tuned (any arm, usually in21k) on another, in-domain
+  store, `init=` that run's E/export; the whole model transfers, head rows included for the labels
+  both stores have (matched by name; `init_head`), the other rows start fresh;
 - head: Linear(768, L) on the final-LayerNorm CLS token; all parameters trained (full fine-tuning);
 - AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0, constant lr, no warm-up, batch 32, fp32;
 - BCE-with-logits with per-label pos_weight (N - P) / P from the train split, NaN labels masked;
-- augmentation: horizontal flip p 0.5 + rotation U(-7, 7) degrees, fill 0; no crop, no colour, images
-  in [0, 1] without mean/std normalisation (a grey image is replicated to 3 channels by the ViT).
+- augmentation: horizontal flip p 0.5 + rotation U(-7, 7) degrees, nearest-neighbour, fill 0 (PIL's
+  rotate, which their torchvision RandomRotation calls); no crop, no colour, images in [0, 1] without
+  mean/std normalisation (a grey image is replicated to 3 channels by the ViT).
 Where this differs from the paper's code, on purpose or not:
 - model selection: the paper's code validates on the test split and evaluates a hand-picked epoch; here
   the epoch is chosen on a patient-wise validation split carved from train (methods.md 3(h).2), with
   early stopping after 10 epochs without improvement (our choice; the paper trains up to 100 epochs);
-- rotation is bilinear (medssl_jax.augment.rotate), torchvision's RandomRotation is nearest-neighbour;
 - the head starts from N(0, 0.01) with zero bias (models.LinearClassifier), PyTorch's Linear from
   U(+-1/sqrt(768));
-- the offline preprocessing of the paper (spline resize, min-max, uint8, histogram equalisation, JPEG)
-  belongs to ingestion; this config reads whatever the store holds.
+- the paper's offline preprocessing (square spline resize, min-max to 8 bits, MONOCHROME1 inverted,
+  histogram equalisation) is done at ingestion with `--preprocess=tayebi --size=224` (below;
+  medssl_jax/data/preprocess.py, equal to their scipy/skimage/OpenCV calls); only their JPEG write is
+  left out. A store ingested without it is read as it is (centre square, resized to 224).
 
 Commands (the three arms on one store; the splits are identical by construction):
 
+  python -m medssl_jax.ingest --input=/dicom/vindr --output=/data/vindr --size=224 --preprocess=tayebi
   python -m medssl_jax.convert --format=dinov2 --input=dinov2_vitb14_pretrain.pth --output=/ckpt/dinov2_vitb14
   python -m medssl_jax.convert --format=timm-npz \
       --input=B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz --output=/ckpt/vit_b16_in21k
@@ -33,7 +39,12 @@ Commands (the three arms on one store; the splits are identical by construction)
       --config.init=/ckpt/vit_b16_in21k --workdir=/evals/vindr_in21k
   python -m medssl_jax.main --config=configs/dinov2_finetune.py:store=/data/vindr,arm=random \
       --workdir=/evals/vindr_random
-  python -m medssl_jax.compare /evals/vindr_dinov2 /evals/vindr_in21k /evals/vindr_random --out=/evals/vindr_report
+  python -m medssl_jax.main --config=configs/dinov2_finetune.py:store=/data/mimic,arm=in21k \
+      --config.init=/ckpt/vit_b16_in21k --workdir=/evals/mimic_in21k      # the in-domain model ...
+  python -m medssl_jax.main --config=configs/dinov2_finetune.py:store=/data/vindr,arm=indomain \
+      --config.init=/evals/mimic_in21k/export --workdir=/evals/vindr_indomain   # ... as the 4th arm
+  python -m medssl_jax.compare /evals/vindr_dinov2 /evals/vindr_in21k /evals/vindr_indomain /evals/vindr_random \
+      --out=/evals/vindr_report
 
 (`init=DIR` may also go into the config argument: `:store=/data/vindr,init=/ckpt/dinov2_vitb14`.)
 The report gives per-label AUCs with the paired bootstrap (1000 resamples, the same indices for every
@@ -64,7 +75,7 @@ import ml_collections as mlc
 from medssl_jax import augment, config_lib
 from medssl_jax.evaluate import finetune
 
-ARMS = ("dinov2", "in21k", "random")
+ARMS = ("dinov2", "in21k", "indomain", "random")
 
 
 def get_config(arg=None):
@@ -73,8 +84,10 @@ def get_config(arg=None):
         raise ValueError(f"config argument arm={args.arm!r} is not one of {ARMS}")
     c = finetune.reference_config()
     c.data.store = args.store
-    c.method = {"dinov2": "dinov2", "in21k": "supervised", "random": "none"}[args.arm]
-    c.init = "random" if args.arm == "random" else args.init  # dinov2/in21k: --config.init=DIR (converted)
+    c.method = {"dinov2": "dinov2", "in21k": "supervised", "indomain": "indomain_supervised", "random": "none"}[
+        args.arm]
+    c.init = "random" if args.arm == "random" else args.init  # --config.init=DIR (converted, or a fine-tune's export)
+    c.init_head = args.arm == "indomain"
     # Only used when init='random'; a converted checkpoint brings its own architecture.
     c.model = mlc.ConfigDict({"name": "vit", "variant": "B/14", "image_size": 224})
     c.compute_dtype = "float32"  # the paper trains in fp32
@@ -92,6 +105,7 @@ def get_config(arg=None):
     c.augment = augment.preset("none")
     c.augment.rotation_p = 1.0
     c.augment.rotation_max_deg = 7.0
+    c.augment.rotation_interpolation = "nearest"  # torchvision RandomRotation's default on PIL images
     c.optim.name = "adamw"
     c.optim.base_lr = 1e-5
     c.optim.lr_scaling = "none"
@@ -104,6 +118,7 @@ def get_config(arg=None):
         c.init = args.init or "random"
         if c.init == "random":
             c.method = "none"
+            c.init_head = False
         c.model = mlc.ConfigDict({"name": "vit", "variant": "Ti/8", "width": 32, "depth": 2, "num_heads": 2,
                                   "mlp_dim": 64, "image_size": 64, "pos_interp": "size"})
         c.data.update(config_lib.RUNLOCAL_PHANTOMS)  # the store the :runlocal pretraining configs use

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medssl_jax.data import dicom, images
+from medssl_jax.data import dicom, images, preprocess
 
 REPORT_FILE = "ingest_report.json"
 UNCERTAIN_POLICIES = ("zeros", "ones", "missing", "keep")
@@ -153,7 +153,7 @@ def _csv_image(task: Task, opts: dict) -> list[dict]:
     except dicom.SkipFile:
         pass
     if kind == "dicom":
-        frames = dicom.read_dicom(task.path, size=opts["size"], frames=opts["frames"],
+        frames = dicom.read_dicom(task.path, size=_read_size(opts), frames=opts["frames"],
                                   color=opts["color"], skip_burned_in=opts["skip_burned_in"])
         return [dict(image=f.image, modality=f.modality, bits_stored=f.bits_stored, frame=f.frame,
                      intensity_offset=f.intensity_offset, window_center=f.window_center,
@@ -164,10 +164,25 @@ def _csv_image(task: Task, opts: dict) -> list[dict]:
         img, bits = images.read_image(task.path, color=opts["color"])
     except images.ImageError as e:
         raise dicom.SkipFile(e.reason) from None  # the report already names the file
-    img = images.resize_longest(img, opts["size"])
+    img = images.resize_longest(img, _read_size(opts))
     return [dict(image=np.ascontiguousarray(img), modality=opts["default_modality"],
                  bits_stored=bits, frame=-1, intensity_offset=0.0, window_center=math.nan,
                  window_width=math.nan, view=task.view)]
+
+
+def _read_size(opts: dict) -> int | None:
+    """The reader's aspect-keeping resize; a --preprocess does its own (square) resize of the native image."""
+    return opts["size"] if opts.get("preprocess", "none") == "none" else None
+
+
+def _preprocessed(records: list[dict], opts: dict) -> list[dict]:
+    """Applies --preprocess to every record: 8-bit pixels, so no HU offset and no DICOM window survive."""
+    if opts.get("preprocess", "none") == "none":
+        return records
+    for r in records:
+        r.update(image=preprocess.tayebi(r["image"], opts["size"]), bits_stored=8, intensity_offset=0.0,
+                 window_center=math.nan, window_width=math.nan)
+    return records
 
 
 def not_regular_reason(path: str) -> str | None:
@@ -197,7 +212,7 @@ def process_task(task: Task, opts: dict | None = None) -> Result:
     try:
         if opts["mode"] == "dicom":
             frames = dicom.read_dicom(
-                task.path, size=opts["size"], frames=opts["frames"], color=opts["color"],
+                task.path, size=_read_size(opts), frames=opts["frames"], color=opts["color"],
                 skip_burned_in=opts["skip_burned_in"], modalities=opts["modalities"],
                 views=opts["views"])
             records = []
@@ -231,7 +246,7 @@ def process_task(task: Task, opts: dict | None = None) -> Result:
     except Exception as e:  # noqa: BLE001 — a bug on one odd file must not end a long run
         return Result(task.source_id, [], f"internal error ({type(e).__name__}: "
                       f"{' '.join(str(e).split())[:160]})")
-    return Result(task.source_id, records)
+    return Result(task.source_id, _preprocessed(records, opts))
 
 
 _ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/](?:[^\s'\"\\/:,;()]+[\\/])*[^\s'\"\\/:,;()]*")
@@ -471,6 +486,9 @@ def run_ingest(args) -> dict:
     if not 0 <= args.val_fraction < 1 or not 0 <= args.test_fraction < 1 or \
             args.val_fraction + args.test_fraction >= 1:
         raise IngestError("--val-fraction/--test-fraction: each in [0, 1) and their sum below 1")
+    if args.preprocess != "none" and (args.size < 1 or args.color != "gray"):
+        raise IngestError(f"--preprocess={args.preprocess}: needs the square target size (--size >= 1, "
+                          f"got {args.size}) and grey images (--color=gray, got {args.color})")
 
     if args.input:
         root = Path(args.input).absolute()
@@ -494,8 +512,8 @@ def run_ingest(args) -> dict:
         raise IngestError(f"--input {root}: no files found")
     salt = _load_or_make_salt(args, output)
     workers = args.workers or os.cpu_count() or 1
-    opts = dict(mode=mode, salt=salt, size=args.size or None, frames=args.frames, color=args.color,
-                skip_burned_in=not args.keep_burned_in, modalities=_csv_list(args.modality),
+    opts = dict(mode=mode, salt=salt, size=args.size or None, preprocess=args.preprocess, frames=args.frames,
+                color=args.color, skip_burned_in=not args.keep_burned_in, modalities=_csv_list(args.modality),
                 views=_csv_list(args.view), default_modality=args.default_modality.upper())
     return _run(tasks, opts, output=output, partial=partial, label_names=label_names,
                 workers=workers, args=args, mode=mode)
@@ -736,6 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", help="folder walked recursively for DICOM files (by content)")
     src.add_argument("--csv", help="CSV with one row per image (path, patient, labels ...)")
+    src.add_argument("--tfds", metavar="NAME/CONFIG", help="a prepared TFDS dataset of medssl_jax.data.tfds, e.g. "
+                     "medssl_chexpert/224 (with --tfds-data-dir); its splits and label list go into the store")
     src.add_argument("--medmnist", help="a MedMNIST v2 .npz file (official train/val/test splits kept; "
                      "see medssl_jax/data/medmnist.py)")
     src.add_argument("--verify", metavar="STORE", help="read and decode every record of STORE and list the "
@@ -743,12 +763,17 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--benchmark", action="store_true",
                      help="measure files/s on generated 512x512 16-bit DICOM and exit")
     p.add_argument("--output", help="store directory to create (STORE)")
+    p.add_argument("--tfds-data-dir", help="--tfds: the data_dir the builder was prepared into")
     p.add_argument("--image-root", help="CSV mode: folder the CSV paths are relative to "
                    "(default: the CSV's folder)")
     p.add_argument("--name", help="store name used in shard file names (default: from --output)")
     p.add_argument("--size", type=int, default=512,
                    help="longest side after an anti-aliased, aspect-keeping resize; 0 = native "
                    "(default 512; smaller images are never upscaled)")
+    p.add_argument("--preprocess", choices=preprocess.PREPROCESSINGS, default="none",
+                   help="a paper's offline preprocessing instead of the plain resize: 'tayebi' = Tayebi Arasteh "
+                   "et al. 2024 (square --size x --size spline resize, min-max to 8 bits, MONOCHROME1 "
+                   "inverted, global histogram equalisation; medssl_jax/data/preprocess.py)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--frames", choices=dicom.FRAME_MODES, default="all",
                    help="multi-frame objects: a record per frame, or only the first/middle one")
@@ -819,10 +844,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verify:
         return verify_store(args.verify, quiet=args.quiet)
-    if not (args.input or args.csv or args.medmnist):
-        parser.error("give --input=DIR (DICOM), --csv=FILE (with --image-root), --medmnist=FILE.npz, or --benchmark")
+    if not (args.input or args.csv or args.medmnist or args.tfds):
+        parser.error("give --input=DIR (DICOM), --csv=FILE (with --image-root), --medmnist=FILE.npz, "
+                     "--tfds=NAME/CONFIG, or --benchmark")
     if not args.output:
         parser.error("--output=STORE is required")
+    if args.medmnist and args.preprocess != "none":
+        parser.error(f"--preprocess={args.preprocess} applies to --input/--csv images, not to --medmnist "
+                     "(MedMNIST ships its own resized images)")
     if args.medmnist:
         from medssl_jax.data import medmnist
 
@@ -837,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{s} {n}" for s, n in report["records"].items())
               + f" images, labels {report['label_names']} -> {args.output}")
         return 0
+    if args.tfds:
+        return _tfds_main(args, parser)
     try:
         report = run_ingest(args)
     except IngestError as e:
@@ -850,6 +881,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {report['num_skipped']} files skipped (see {args.output}/{REPORT_FILE}); "
               "pass --allow-skips to accept", file=sys.stderr)
         return 1
+    return 0
+
+
+def _tfds_main(args, parser) -> int:
+    from medssl_jax.data.tfds import to_store
+
+    if not args.tfds_data_dir:
+        parser.error("--tfds needs --tfds-data-dir=DIR (where the builder was prepared)")
+    if args.preprocess != "none" and args.size < 1:
+        parser.error(f"--preprocess={args.preprocess}: needs the square target size (--size >= 1, got {args.size})")
+    output = Path(args.output).absolute()
+    try:
+        report = to_store.write_store(args.tfds, data_dir=args.tfds_data_dir, output=output,
+                                      salt=_load_or_make_salt(args, output), hash_key=hash_key,
+                                      overwrite=args.overwrite, store_name=args.name, preprocess=args.preprocess,
+                                      size=args.size)
+    except (to_store.TfdsIngestError, IngestError) as e:
+        print(f"ingest: error: {e}", file=sys.stderr)
+        return 2
+    print(f"ingest: {args.tfds} -> {args.output}: " + ", ".join(f"{s} {n}" for s, n in report["records"].items())
+          + f" images, labels {report['label_names']}")
     return 0
 
 

@@ -3,6 +3,7 @@ reported, reruns refused or replaced atomically, CSV mode with 8/16-bit PNGs and
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pydicom
@@ -105,6 +106,35 @@ def test_pydicom_data_real_files(tmp_path):
     assert mediastinum > lungs
     lossless = rec["RG1_J2KR.dcm"]["image"].astype(int)
     assert np.abs(lossless - chest["image"].astype(int)).max() <= 1
+
+
+@pytest.mark.skipif(_RG1 is None, reason="pydicom-data not installed")
+def test_tayebi_preprocessing_of_a_real_monochrome1_radiograph_is_their_pipeline(tmp_path, capsys):
+    import scipy.ndimage
+
+    from medssl_jax.data import preprocess
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(_RG1, src / "chest.dcm")  # CR, MONOCHROME1, 1955 x 1841, 15 bits
+    out = tmp_path / "store"
+    assert _run([f"--input={src}", f"--output={out}", "--size=32", "--workers=1", "--preprocess=tayebi"]) == 0
+    record = Store(out)[0]
+    assert record["image"].shape == (32, 32) and record["image"].dtype == np.uint8  # square, not 32 x 30
+    assert record["bits_stored"] == 8 and record["image"].min() == 0 and record["image"].max() == 255
+    # Their order on the raw pixel array (zoom, min-max, 8 bit, THEN invert MONOCHROME1, equalise) gives the
+    # same pixels as ours (inverted when read): every one of the 1024.
+    raw = pydicom.dcmread(_RG1).pixel_array
+    unit = scipy.ndimage.zoom(raw, np.divide((32, 32), raw.shape), order=2).astype(np.float64)
+    unit = (unit - unit.min()) / (unit.max() - unit.min())
+    theirs = preprocess.equalize_hist(np.invert(preprocess.to_ubyte(unit)))
+    np.testing.assert_array_equal(record["image"], theirs)
+    assert record["image"][10:20, 14:18].mean() > record["image"][10:20, [6, 26]].mean()  # mediastinum brighter
+    assert json.loads((out / "ingest_report.json").read_text())["options"]["preprocess"] == "tayebi"
+    capsys.readouterr()
+    assert _run([f"--input={src}", f"--output={tmp_path / 'rgb'}", "--size=32", "--color=rgb",
+                 "--preprocess=tayebi"]) == 2
+    assert "--preprocess=tayebi: needs the square target size" in capsys.readouterr().err
 
 
 def _phi_dataset(path, *, name, pid, birth, accession, study_uid):

@@ -9,7 +9,7 @@ Preprocessing follows methods.md 3(d) where it concerns content: the paper's lab
 policy (``label != 1 -> 0``) and view filters, and a resize to ``size x size`` (the paper squashes
 to a square). Intensities are stored as decoded (MONOCHROME1 inverted for DICOM), without the
 paper's min-max + histogram equalisation, so that augmentation and normalisation stay in the
-training pipeline. Patient ids of these public releases are already de-identified and are kept
+training pipeline (ingesting into a store with ``ingest --preprocess=tayebi`` applies them). Patient ids of these public releases are already de-identified and are kept
 verbatim for MICLe grouping and patient-wise splits.
 """
 
