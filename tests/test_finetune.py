@@ -179,3 +179,43 @@ def test_arms_train_until_validation_stops_improving_and_say_whether_they_conver
     assert (row["ssl_converged"], row["random_converged"]) == (True, False)
     with open(os.path.join(out, "report.md")) as f:
         assert "Not comparable" in f.read()
+
+
+def test_indomain_arm_transfers_the_whole_model_and_the_heads_of_shared_labels(ssl_run, phantom_cache, tmp_path):
+    import importlib.util
+
+    export = os.path.join(ssl_run["workdir"], "export")
+    with np.load(os.path.join(export, "head.npz")) as f:
+        saved = {k: f[k] for k in ("kernel", "bias", "label_names")}
+    names = [str(n) for n in saved["label_names"]]
+    # Columns follow the new store's label order (matched by name, any case); an unknown label stays fresh.
+    wanted = [names[1].upper(), "not_in_the_saved_head", names[0]]
+    kernel, bias, moved = finetune.aligned_head(np.zeros((saved["kernel"].shape[0], 3)), np.zeros(3), wanted, saved)
+    assert moved == [wanted[0], names[0]]
+    np.testing.assert_array_equal(kernel[:, 0], saved["kernel"][:, 1])
+    np.testing.assert_array_equal(kernel[:, 2], saved["kernel"][:, 0])
+    assert not kernel[:, 1].any() and bias[1] == 0 and bias[2] == saved["bias"][0]
+
+    # End to end through configs/dinov2_finetune.py's in-domain arm: with a vanishing learning rate, the
+    # weights after two steps are the init's, head included.
+    spec = importlib.util.spec_from_file_location("dinov2_ft", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dinov2_finetune.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(f"runlocal,arm=indomain,init={export}")
+    assert config.init_head and config.method == "indomain_supervised"
+    config.data.update(cache_dir=phantom_cache, phantom_patients=64, phantom_size=32)
+    config.update(image_size=24, batch_size=16, total_steps=2, eval_every=2, log_every=2)
+    config.optim.base_lr = 1e-12
+    workdir = str(tmp_path / "indomain")
+    summary = main.run(config, workdir)
+    assert summary["method"] == "indomain_supervised" and summary["init"] == export
+    with np.load(os.path.join(workdir, "export", "head.npz")) as f:
+        np.testing.assert_allclose(f["kernel"], saved["kernel"], atol=1e-6)
+    before, _ = checkpoint.load_export(export)
+    after, _ = checkpoint.load_export(os.path.join(workdir, "export"))
+    np.testing.assert_allclose(after["params"]["stem"]["conv"]["kernel"], before["params"]["stem"]["conv"]["kernel"],
+                               atol=1e-6)
+    config.init = "random"
+    with pytest.raises(ValueError, match="init_head=True needs config.init to be a fine-tune's export"):
+        main.run(config, str(tmp_path / "bad"))

@@ -75,11 +75,31 @@ def reference_config() -> mlc.ConfigDict:
     c.shift_split = "test"
     c.label_map = ()
     c.save_model = True  # write the selected encoder to E/export (+ head.npz)
+    # Whole-model transfer from a fine-tune on another store (Tayebi Arasteh et al.'s in-domain supervised
+    # arm): config.init is that run's E/export, and the head rows of the labels its head.npz also has
+    # (matched by name, case-insensitive) start from it; the other rows start fresh.
+    c.init_head = False
     return c
 
 
 class FinetuneError(ValueError):
     """Fine-tuning cannot go on (one line saying why)."""
+
+
+def aligned_head(kernel: np.ndarray, bias: np.ndarray, label_names, saved: dict) -> tuple[np.ndarray, np.ndarray, list]:
+    """`kernel` [D, L] / `bias` [L] with the columns of the labels `saved` (a head.npz: kernel, bias,
+    label_names) also has replaced by its columns; returns them and the names that were transferred."""
+    saved_names = [str(n).lower() for n in saved["label_names"]]
+    if saved["kernel"].shape[0] != kernel.shape[0]:
+        raise FinetuneError(f"config.init_head: the saved head takes {saved['kernel'].shape[0]} features, this "
+                            f"encoder gives {kernel.shape[0]}")
+    kernel, bias, moved = np.array(kernel), np.array(bias), []
+    for column, name in enumerate(label_names):
+        if name.lower() in saved_names:
+            source = saved_names.index(name.lower())
+            kernel[:, column], bias[column] = saved["kernel"][:, source], saved["bias"][source]
+            moved.append(name)
+    return kernel, bias, moved
 
 
 class Classifier(nn.Module):
@@ -190,6 +210,9 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
     variables = jax.device_get(jax.jit(lambda k: model.init(k, example, train=False))(head_key))
     variables = {collection: {**tree, "encoder": encoder.variables[collection]} if collection in encoder.variables
                  else tree for collection, tree in variables.items()}
+    if config.init_head:
+        variables["params"]["head"]["dense"] = _head_from_init(config, variables["params"]["head"]["dense"],
+                                                               label_names)
     tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps, batch_size=config.batch_size)
     state = jax.device_put({
         "step": np.zeros((), np.int32),
@@ -284,6 +307,20 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
             "pos_weight": [float(w) for w in pos_weight], "steps_run": step, "total_steps": total_steps,
             "converged": bool(stopped_early),
             "thresholds": metrics.youden_thresholds(best["val_probs"], best["val_labels"])}
+
+
+def _head_from_init(config, dense: dict, label_names) -> dict:
+    path = os.path.join(config.init, "head.npz")
+    if config.init == "random" or not os.path.isfile(path):
+        raise FinetuneError(f"config.init_head=True needs config.init to be a fine-tune's export with head.npz "
+                            f"(E/export); {config.init!r} has none")
+    with np.load(path) as saved:
+        kernel, bias, moved = aligned_head(np.asarray(dense["kernel"]), np.asarray(dense["bias"]), label_names,
+                                           {k: saved[k] for k in ("kernel", "bias", "label_names")})
+    fresh = [n for n in label_names if n not in moved]
+    logging_lib.log(f"head initialised from {path} for {moved or 'no label'}"
+                    + (f"; fresh for {fresh}" if fresh else ""))
+    return {"kernel": kernel, "bias": bias}
 
 
 # ------------------------------------------------------------------------------------------ run
