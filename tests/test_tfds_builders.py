@@ -77,6 +77,29 @@ def test_chexpert(tmp_path):
     # readable through the public data_source API as well
     src = tfds.data_source(f"medssl_chexpert/{SIZE}", data_dir=str(tmp_path / "out"), split="train")
     assert len(src) == 2
+    _check_ingested_store(tmp_path, f"medssl_chexpert/{SIZE}", names, {"train": 2, "val": 1}, train)
+
+
+def _check_ingested_store(tmp_path, name, label_names, counts, train_rows):
+    """`ingest --tfds` turns the prepared dataset into a store: label list, splits, views, hashed patients."""
+    from medssl_jax import ingest
+    from medssl_jax.data.store import Store
+
+    out = tmp_path / "store"
+    assert ingest.main([f"--tfds={name}", f"--tfds-data-dir={tmp_path / 'out'}", f"--output={out}", "--salt=s",
+                        "--quiet"]) == 0
+    store = Store(out)
+    assert list(store.label_names) == list(label_names)
+    assert {split: len(store.ids(split)) for split in ("train", "val", "test") if len(store.ids(split))} == counts
+    records = sorted((store[int(i)] for i in store.ids("train")), key=lambda r: r["patient"])
+    expected = sorted(train_rows, key=lambda e: ingest.hash_key("s", "patient", e["patient_id"].decode()))
+    for record, element in zip(records, expected, strict=True):
+        assert record["patient"] == ingest.hash_key("s", "patient", element["patient_id"].decode())
+        np.testing.assert_array_equal(record["image"], element["image"])
+        np.testing.assert_array_equal(record["labels"], element["labels"])
+        assert record["view"] == element["view"].decode().upper()
+    assert ingest.main([f"--tfds={name}", f"--tfds-data-dir={tmp_path / 'nothing'}", f"--output={tmp_path / 'x'}",
+                        "--salt=s", "--quiet"]) == 2
 
 
 def test_mimic_cxr_jpg(tmp_path):
