@@ -219,3 +219,39 @@ def test_indomain_arm_transfers_the_whole_model_and_the_heads_of_shared_labels(s
     config.init = "random"
     with pytest.raises(ValueError, match="init_head=True needs config.init to be a fine-tune's export"):
         main.run(config, str(tmp_path / "bad"))
+
+
+def test_multi_class_task_is_softmax_top1_and_macro_auc_and_compares_top1(phantom_cache, tmp_path):
+    from test_medmnist import make_npz
+
+    from medssl_jax.data import medmnist
+
+    store_path = str(tmp_path / "derm")
+    medmnist.write_store(make_npz(tmp_path / "dermamnist.npz", channels=3, classes=7), store_path)
+    config = ft_config(phantom_cache, "random", total_steps=4, task="multi_class")
+    config.data.store = store_path
+    runs = [str(tmp_path / "run")]
+    summary = main.run(config, runs[0])
+    assert summary["metrics"]["top1_accuracy"] == summary["top1_accuracy"] and 0 <= summary["top1_accuracy"] <= 1
+    run = report.read_eval(runs[0])
+    np.testing.assert_allclose(run.probs.sum(axis=1), 1.0, rtol=1e-5)  # softmax over the 7 classes
+    correct = np.argmax(run.probs, axis=1) == np.argmax(run.labels, axis=1)
+    assert run.summary["top1_accuracy"] == pytest.approx(correct.mean())
+    # compare's top-1 rows, against a second "model" whose scores are the first's with the classes rolled.
+    runs.append(str(tmp_path / "rolled"))
+    report.write_eval(runs[1], probs=np.roll(run.probs, 1, axis=1), labels=run.labels, record_ids=run.record_ids,
+                      label_names=run.label_names, mode="finetune", method="none", init="random", split=run.split,
+                      store_name=run.summary["store"]["name"], store_fingerprint=run.store_fingerprint)
+    out = str(tmp_path / "report")
+    report.compare_runs(runs, out, num_resamples=50)
+    with open(os.path.join(out, "comparison.json")) as f:
+        comparison = json.load(f)
+    top1 = comparison["bootstrap"]["models"]["run"]["top1_accuracy"]
+    assert top1["point"] == pytest.approx(correct.mean()) and top1["ci_low"] <= top1["point"] <= top1["ci_high"]
+    assert "top-1 accuracy" in open(os.path.join(out, "report.md")).read()
+    assert "top1_accuracy" in comparison["bootstrap"]["comparisons"][0]
+    # A multi-label store is refused in one line before any training.
+    config = ft_config(phantom_cache, "random", task="multi_class")
+    with pytest.raises(ValueError, match="config.task='multi_class' needs one-hot labels") as error:
+        main.run(config, str(tmp_path / "bad"))
+    assert "\n" not in str(error.value) and not os.path.exists(tmp_path / "bad" / "eval")

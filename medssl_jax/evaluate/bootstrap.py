@@ -245,6 +245,15 @@ def paired_bootstrap(*, probs: Mapping[str, np.ndarray], labels, label_names: Se
         notes.append(f"{int(partial.sum())} replicates lack some label's two classes; their mean AUC is "
                      "the mean over the labels defined in the replicate")
 
+    # Multi-class test sets (one-hot labels) also get top-1 accuracy, resampled on the same indices.
+    top1 = {}
+    for name, p in checked.items():
+        correct = metrics.top1_correct(p, labels)
+        if correct is None:  # the labels are shared: multi-label for one model means for all
+            break
+        top1[name] = correct[indices].mean(axis=1)
+        models[name]["top1_accuracy"] = summarize(top1[name], float(np.mean(correct)), confidence=confidence)
+
     names = list(checked)
     comparisons = []
     for ia in range(len(names)):
@@ -278,6 +287,13 @@ def paired_bootstrap(*, probs: Mapping[str, np.ndarray], labels, label_names: Se
                 },
                 "per_label": per_label,
             })
+            if top1:
+                ta, tb = models[a]["top1_accuracy"]["point"], models[b]["top1_accuracy"]["point"]
+                comparisons[-1]["top1_accuracy"] = {
+                    "diff": summarize(top1[a] - top1[b], ta - tb, confidence=confidence),
+                    "p_a_not_better": one_sided_p(top1[a], top1[b]),
+                    "p_b_not_better": one_sided_p(top1[b], top1[a]),
+                }
     return {"num_resamples": int(num_resamples), "seed": int(seed), "confidence": float(confidence),
             "youden_resampled": bool(youden),
             "num_examples": int(n), "label_names": list(label_names), "notes": notes,

@@ -9,7 +9,8 @@ One flow, top to bottom (`run`):
     -> labelled, shuffled Grain iterator over the fraction's train records (per-record random-resized
        crop + flip on the host, pipeline.SampleViews) -> jitted step under NamedSharding (device-side
        augmentation from medssl_jax.augment, BCE with per-label pos_weight from the fraction's train
-       labels, NaN = missing masked, optax optimiser from medssl_jax.optim)
+       labels, NaN = missing masked, or with `task='multi_class'` softmax cross-entropy over one-hot
+       label columns; optax optimiser from medssl_jax.optim)
     -> every `eval_every` steps: validation mean AUC (metrics.evaluate_predictions) -> curves.json;
        the best validation step is kept, training stops after `early_stop_patience` evaluations
        without improvement. The test split is only ever predicted with that best model.
@@ -79,6 +80,10 @@ def reference_config() -> mlc.ConfigDict:
     # arm): config.init is that run's E/export, and the head rows of the labels its head.npz also has
     # (matched by name, case-insensitive) start from it; the other rows start fresh.
     c.init_head = False
+    # 'multi_label': sigmoid + BCE with pos_weight (chest X-rays); 'multi_class': softmax cross-entropy over
+    # one-hot label columns (Azizi et al.'s dermatology task), scored by top-1 accuracy and the macro
+    # one-vs-rest AUC (the mean AUC of the one-hot columns).
+    c.task = "multi_label"
     return c
 
 
@@ -221,6 +226,7 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
     }, repl)
     state["opt_state"] = jax.jit(tx.init, out_shardings=repl)(state["params"])
     pos_weight = jnp.asarray(pos_weight)
+    multi_class = config.task == "multi_class"
 
     def train_step(state, batch):
         rng = jax.random.fold_in(step_key, state["step"])  # a rerun replays the same randomness
@@ -230,7 +236,10 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
         def loss_of(params):
             (logits, _), updates = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images,
                                                train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
-            loss = losses.bce_with_pos_weight(logits=logits, labels=batch["labels"], pos_weight=pos_weight)
+            if multi_class:
+                loss = jnp.mean(optax.softmax_cross_entropy(logits=logits, labels=batch["labels"]))
+            else:
+                loss = losses.bce_with_pos_weight(logits=logits, labels=batch["labels"], pos_weight=pos_weight)
             return loss, updates.get("batch_stats", state["batch_stats"])
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
@@ -241,7 +250,8 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
 
     train_step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(repl, data), out_shardings=(repl, repl))
     predict_fn = jax.jit(
-        lambda v, x: jax.nn.sigmoid(model.apply(v, augment.to_unit(x), train=False)[0]),
+        lambda v, x: (jax.nn.softmax if multi_class else jax.nn.sigmoid)(model.apply(v, augment.to_unit(x),
+                                                                                     train=False)[0]),
         in_shardings=(repl, data), out_shardings=data)
     evaluate = lambda v, ids, on=store: predict(predict_fn, v, on, ids, image_size=config.image_size,  # noqa: E731
                                                 batch_size=config.batch_size, mesh=mesh, channels=channels)
@@ -309,6 +319,22 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
             "thresholds": metrics.youden_thresholds(best["val_probs"], best["val_labels"])}
 
 
+TASKS = ("multi_label", "multi_class")
+
+
+def _check_task(config, store: Store) -> None:
+    if config.task not in TASKS:
+        raise FinetuneError(f"config.task={config.task!r} is not one of {list(TASKS)}")
+    if config.task == "multi_class":
+        labels = np.asarray(store.labels, np.float64)
+        bad = int(np.sum(np.isnan(labels).any(axis=1) | (np.nansum(labels == 1, axis=1) != 1)
+                         | ~np.isin(np.nan_to_num(labels, nan=0.0), (0.0, 1.0)).all(axis=1)))
+        if bad or labels.shape[1] < 2:
+            raise FinetuneError(f"config.task='multi_class' needs one-hot labels (at least 2 classes, exactly one 1 "
+                                f"per record); store {store.path} has {labels.shape[1]} label columns and {bad} of "
+                                f"its {len(labels)} records are not one-hot (a multi-label store: task='multi_label')")
+
+
 def _head_from_init(config, dense: dict, label_names) -> dict:
     path = os.path.join(config.init, "head.npz")
     if config.init == "random" or not os.path.isfile(path):
@@ -339,6 +365,7 @@ def run(config, workdir: str) -> dict:
     if problem:
         raise ValueError(f"cannot evaluate: {problem}; evaluation needs a labelled store with train and test "
                          "splits (python -m medssl_jax.ingest --csv=... --labels=... --test-fraction=...)")
+    _check_task(config, store)
     shift = _open_shift(config, store)  # fail on a bad shift store / label map before training
     fingerprint = report.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
@@ -377,6 +404,9 @@ def run(config, workdir: str) -> dict:
     summary = _write(workdir, main, config, splits, store, fingerprint, name=config.name or None,
                      label_fractions=entries or None, robustness_curves=curves)
     per_label = ", ".join(f"{n} {linear_probe._fmt(a)}" for n, a in summary["per_label_auc"].items())
+    if summary["top1_accuracy"] is not None:
+        logging_lib.log(f"fine-tune test top-1 accuracy {summary['top1_accuracy']:.4f} (multi-class; the mean AUC "
+                        "below is the macro one-vs-rest AUC)")
     logging_lib.log(f"fine-tune test mean AUC {linear_probe._fmt(summary['mean_auc'])} (model of step "
                     f"{main['best_step']}, chosen on validation); per label: {per_label}")
 

@@ -317,6 +317,23 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
+def single_label_targets(labels) -> np.ndarray | None:
+    """The class index of every row when `labels` [N, L] are one-hot (a multi-class task: no NaN, exactly
+    one 1 per row); None for multi-label data."""
+    labels = np.asarray(labels, np.float64)
+    if labels.ndim != 2 or labels.shape[1] < 2 or np.isnan(labels).any() or not np.isin(labels, (0.0, 1.0)).all():
+        return None
+    if not np.all(labels.sum(axis=1) == 1):
+        return None
+    return np.argmax(labels, axis=1)
+
+
+def top1_correct(probs, labels) -> np.ndarray | None:
+    """[N] bool, argmax of the scores == the true class, for one-hot `labels`; None for multi-label data."""
+    targets = single_label_targets(labels)
+    return None if targets is None else np.argmax(np.asarray(probs), axis=1) == targets
+
+
 def evaluate_predictions(*, probs, labels, label_names, thresholds: Sequence[float | None] | None = None) -> dict:
     """Per-label and mean metrics of multi-label predictions; the result is JSON-serialisable.
 
@@ -324,7 +341,9 @@ def evaluate_predictions(*, probs, labels, label_names, thresholds: Sequence[flo
     thresholds: per-label decision thresholds chosen elsewhere (the validation split's Youden points, see
     `youden_thresholds`); the operating-point metrics are then measured at them. Without thresholds they
     are measured at this split's own Youden point, which is optimistic (`threshold_source` says which).
-    Returns {"num_examples", "label_names", "mean_auc", "num_defined_labels", "undefined_labels",
+    For one-hot labels (a multi-class task) "top1_accuracy" is the fraction of rows whose highest score is
+    the true class and "mean_auc" is the macro one-vs-rest AUC; otherwise "top1_accuracy" is None.
+    Returns {"num_examples", "label_names", "mean_auc", "top1_accuracy", "num_defined_labels", "undefined_labels",
     "threshold_source" ('validation' | 'oracle'), "mean_youden": {accuracy, sensitivity, specificity, f1}
     (macro over defined labels), "mean_youden_oracle" (the same at this split's own Youden points),
     "per_label": {name: {auc, n, n_pos, n_neg, n_missing, threshold, accuracy, sensitivity, specificity,
@@ -367,6 +386,7 @@ def evaluate_predictions(*, probs, labels, label_names, thresholds: Sequence[flo
                 if math.isfinite(point[k]):
                     youdens[k].append(point[k])
                 oracles[k].append(oracle[k])
+    correct = top1_correct(probs, labels)
     if thresholds is not None:
         missing = [n for n, t in zip(label_names, thresholds) if t is None and per_label[n]["auc"] is not None]
         if missing:
@@ -375,6 +395,7 @@ def evaluate_predictions(*, probs, labels, label_names, thresholds: Sequence[flo
         "num_examples": int(probs.shape[0]),
         "label_names": list(label_names),
         "mean_auc": _num(np.mean(aucs)) if aucs else None,
+        "top1_accuracy": None if correct is None else _num(np.mean(correct)),
         "num_defined_labels": len(aucs),
         "undefined_labels": [n for n in label_names if per_label[n]["auc"] is None],
         "threshold_source": "oracle" if thresholds is None else "validation",

@@ -119,6 +119,7 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
         "label_fraction": float(label_fraction),
         "store": {"name": str(store_name), "fingerprint": str(store_fingerprint)},
         "mean_auc": res["mean_auc"],
+        "top1_accuracy": res["top1_accuracy"],  # multi-class (one-hot) labels only, else None
         "per_label_auc": {n: v["auc"] for n, v in res["per_label"].items()},
         "metrics": res,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -422,6 +423,10 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
         m = boot["models"][n]
         lines.append(f"| {n} | {m.get('threshold_source', 'oracle')} | {_ci(m['mean_auc'])} | " +
                      " | ".join(_ci(m["mean_youden"][k]) for k in metrics.YOUDEN_KEYS) + " |")
+    if all("top1_accuracy" in boot["models"][n] for n in names):
+        lines += ["", "## Top-1 accuracy (multi-class: one-hot labels; mean AUC above is the macro one-vs-rest "
+                  "AUC)", "", "| model | top-1 accuracy [95% CI] |", "|---|---|"]
+        lines += [f"| {n} | {_ci(boot['models'][n]['top1_accuracy'])} |" for n in names]
     lines += ["", "## Per-label AUC (95% CI)", "",
               "| label | positives / labelled | " + " | ".join(names) + " |",
               "|---|---|" + "---|" * len(names)]
@@ -451,6 +456,11 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
         lines.append(f"| **mean AUC** | {_ci(m['diff'])} | {bootstrap.format_p(m['p_a_not_better'], B)} | – | "
                      f"{bootstrap.format_p(m['p_b_not_better'], B)} | – | "
                      f"{_verdict(m['p_a_not_better'], m['p_b_not_better'], a, b)} |")
+        if "top1_accuracy" in c:
+            t = c["top1_accuracy"]
+            lines.append(f"| **top-1 accuracy** (Δ) | {_ci(t['diff'])} | {bootstrap.format_p(t['p_a_not_better'], B)}"
+                         f" | – | {bootstrap.format_p(t['p_b_not_better'], B)} | – | "
+                         f"{_verdict(t['p_a_not_better'], t['p_b_not_better'], a, b)} |")
     for n in names:
         m = boot["models"][n]
         if m.get("threshold_source") == "validation":
