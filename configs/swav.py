@@ -20,8 +20,8 @@ validation split (probe mean AUC; fair random init 0.597): 0.6 -> 0.651, 1.2 ->
 
   python -m medssl_jax.main --config=configs/swav.py:runlocal --workdir=/tmp/swav_local
 
-Full run on an ingested store (chest X-rays, or a mixed CT/MR/X-ray store with
---config.intensity.modality_aware=True once the pipeline delivers the modality fields):
+Full run on an ingested store (chest X-rays; for a mixed CT/MR/US/X-ray store add
+--config.intensity.modality_aware=True, see the README's "Several modalities in one store"):
 
   python -m medssl_jax.main --config=configs/swav.py:store=/data/store --workdir=/runs/swav_r50
 

@@ -90,26 +90,82 @@ def test_hybrid_resume_with_queue_equals_uninterrupted(phantom_cache, tmp_path):
     assert used[:3] == [0.0, 0.0, 0.0] and used[3:] == [1.0, 1.0, 1.0]
 
 
-def test_hybrid_with_supervision_and_modality_fields_trains(phantom_cache, tmp_path):
-    """The pipeline delivers the per-image fields the hybrid asks for: labels for the supervised term
-    and the modality fields for intensity handling, [B, 2, ...] per source image."""
+def _mixed_modality_store(tmp_path):
+    """CT, MR, ultrasound and CR: pydicom's and pydicom-data's real files, each copied for 4 patients x 2
+    images (new PatientID and UID; the uncompressed ones with shifted pixels), listed in a CSV with a label
+    and ingested as a user would (DICOM by content, patients from the CSV)."""
+    import csv
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from medssl_jax import ingest
+
+    names = {"CT": "CT_small.dcm", "MR": "MR_small.dcm", "US": "US1_J2KR.dcm", "CR": "RG1_UNCR.dcm"}
+    paths = {m: get_testdata_file(n, download=False) for m, n in names.items()}
+    if None in paths.values():
+        pytest.skip("pydicom-data not installed")
+    src, rows, rng = tmp_path / "dicom", [], np.random.default_rng(0)
+    src.mkdir()
+    for modality, template in paths.items():
+        for patient in range(4):
+            for image in range(2):
+                ds = pydicom.dcmread(template)
+                ds.PatientID, ds.SOPInstanceUID = f"{modality}{patient}", generate_uid()
+                if not ds.file_meta.TransferSyntaxUID.is_compressed:
+                    ds.PixelData = np.roll(ds.pixel_array, 3 * patient + image, axis=1).tobytes()
+                name = f"{modality}_{patient}_{image}.dcm"
+                ds.save_as(src / name)
+                rows.append([name, f"{modality}{patient}", int(rng.integers(0, 2))])
+    with open(src / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "patient", "finding"], *rows])
+    store = tmp_path / "mixed"
+    assert ingest.main([f"--csv={src / 'cases.csv'}", f"--output={store}", "--size=32", "--workers=1", "--quiet"]) == 0
+    return str(store)
+
+
+def test_hybrid_pretrains_on_a_mixed_ct_mr_us_xray_dicom_store_with_each_modality_windowed_its_own_way(
+        phantom_cache, tmp_path):
+    """Ghesu's setting end to end: a store of four modalities, the hybrid with MICLe pairs, the supervised
+    term and `intensity.modality_aware`: the pipeline delivers each image's modality fields, and each crop
+    reaches the encoder through its own mapping (CT: a HU window, MR: percentiles, US/CR: as stored)."""
     config = tiny_config(phantom_cache)
+    config.data.store = _mixed_modality_store(tmp_path)
     config.data.sampler = "micle"
     config.hybrid.supervised_weight = 0.5
-    config.hybrid.num_labels = len(phantoms.LABEL_NAMES)
+    config.hybrid.num_labels = 1
     config.intensity.modality_aware = True
+    config.intensity.ct_windows = ("soft_tissue",)
     config.total_steps = 2
     config.checkpoint_every = 2
     run = train.setup(config)
     batch = next(run.data_iter)
-    assert batch["labels"].shape == (16, 2, len(phantoms.LABEL_NAMES))
+    assert batch["labels"].shape == (16, 2, 1)
     assert batch["modality_id"].shape == batch["bits_stored"].shape == batch["intensity_offset"].shape == (16, 2)
-    assert set(np.unique(batch["labels"][~np.isnan(batch["labels"])])) <= {0.0, 1.0}
+    ids = batch["modality_id"]
+    assert set(np.unique(ids)) == {swav.MODALITY_OTHER, swav.MODALITY_CT, swav.MODALITY_MR}  # all 16 patients
+    assert np.all(batch["intensity_offset"][ids == swav.MODALITY_CT] == 1024)  # HU + 1024 as stored
+    views = batch["global"]
+    unit = np.asarray(swav._to_unit(views, batch, rng=jax.random.PRNGKey(0), config=config))
+    center, width = swav.CT_WINDOWS["soft_tissue"]
+    for b in range(views.shape[0]):
+        for k in range(2):
+            x = views[b, k].astype(np.float64) / 65535  # the pipeline's full-range uint16
+            if ids[b, k] == swav.MODALITY_CT:
+                hu = x * (2.0 ** batch["bits_stored"][b, k] - 1) - batch["intensity_offset"][b, k]
+                expected = np.clip((hu - (center - width / 2)) / width, 0, 1)
+            elif ids[b, k] == swav.MODALITY_MR:
+                lo, hi = np.percentile(x, [1, 99])
+                expected = np.clip((x - lo) / (hi - lo), 0, 1)
+            else:
+                expected = x
+            np.testing.assert_allclose(unit[b, k], expected, atol=2e-5, err_msg=f"{b} {k} modality {ids[b, k]}")
     result = train.pretrain(config, str(tmp_path / "w"))
     assert result.steps_done == 2
     with open(os.path.join(str(tmp_path / "w"), "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    assert all(np.isfinite(line["loss"]) for line in lines)
+    assert all(np.isfinite(line["loss"]) and np.isfinite(line["supervised_loss"]) for line in lines)
 
 
 def test_hybrid_with_a_separate_contrastive_head_trains_it_from_the_global_crops(phantom_cache, tmp_path):

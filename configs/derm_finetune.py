@@ -1,0 +1,81 @@
+r"""Azizi et al. 2021, dermatology: multi-class fine-tuning, scored by top-1 accuracy and macro AUC.
+
+The protocol (methods.md 2(e)): end-to-end fine-tuning of the pretrained encoder with a new linear head,
+softmax cross-entropy over the skin conditions (SimCLR's `head_supervised`), SGD with Nesterov momentum
+(SimCLR's transfer recipe), 448 px, augmentation as in pretraining plus rotation (their fine-tuning:
+colour, crop-resize, blur, rotation, flips; parameters [NF]): random-resized crop (area 0.08-1) + flip on
+the host, SimCLR colour distortion s 1.0 p 0.8, grayscale 0.2, blur p 0.5 and rotation up to 45 degrees
+on the device. Model selection and early stopping on a patient-wise validation split (their lr/steps
+were grid-searched on validation; base_lr 0.1 per 256 images, cosine, 30 epochs are our defaults).
+Every record needs one-hot label columns (one per class; `ingest --medmnist` writes DermaMNIST so);
+E/eval/summary.json has `top1_accuracy` and `mean_auc` (= macro one-vs-rest AUC), and `compare` adds
+top-1 with its paired-bootstrap CI and p-values to the AUC tables.
+
+  python -m medssl_jax.main --config=configs/derm_finetune.py:store=/data/stores/derm \
+      --config.init=/runs/derm_micle_r50/export --workdir=/evals/derm_micle
+  python -m medssl_jax.main --config=configs/derm_finetune.py:store=/data/stores/derm,init=random \
+      --workdir=/evals/derm_random
+  python -m medssl_jax.compare /evals/derm_micle /evals/derm_random --out=/evals/derm_report
+
+Label efficiency (Azizi: 10-90 % of the labels) as in configs/finetune.py:
+`--config.label_fractions="(0.1, 0.2, 0.5, 1.0)"`.
+
+Offline run (`:runlocal`, 2 CPU cores) on a multi-class store, e.g. MedMNIST's DermaMNIST (7 classes,
+28 px RGB; not downloadable from here, so not measured):
+
+  python -m medssl_jax.ingest --medmnist=dermamnist.npz --output=/tmp/dermamnist
+  python -m medssl_jax.main --config=configs/derm_finetune.py:runlocal,store=/tmp/dermamnist \
+      --workdir=/tmp/derm_ft
+
+Hardware and runtime (an estimate, not a measurement): a ResNet-50 step at 448 px costs about 4x one at
+224 px, ~1,500-2,300 images/s on one H100. Expected result (methods.md 2(f)): +6.7 % top-1 over a
+supervised ImageNet initialisation on their private 26-class data.
+"""
+
+import ml_collections as mlc
+
+from medssl_jax import augment, config_lib
+from medssl_jax.evaluate import finetune
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, runlocal=False, store="", init="")
+    c = finetune.reference_config()
+    c.task = "multi_class"
+    c.data.store = args.store
+    c.init = args.init
+    c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64, "zero_init_last_bn": True,
+                              "stem_pool": "same"})
+    c.image_size = 448
+    c.batch_size = 256
+    c.total_epochs = 30.0
+    c.optim.name = "sgd"
+    c.optim.nesterov = True
+    c.optim.momentum = 0.9
+    c.optim.base_lr = 0.1
+    c.optim.lr_scaling = "linear"
+    c.optim.schedule = "cosine"
+    c.optim.weight_decay = 0.0
+    c.crop_scale = (0.08, 1.0)
+    c.augment = augment.preset("simclr")
+    c.augment.rotation_p = 1.0
+    c.augment.rotation_max_deg = 45.0
+    c.data.num_workers = 8
+    if args.runlocal:
+        if not args.store:
+            raise ValueError("configs/derm_finetune.py:runlocal needs store=DIR, a multi-class store (e.g. "
+                             "python -m medssl_jax.ingest --medmnist=dermamnist.npz --output=DIR); the embedded "
+                             "phantoms are multi-label")
+        c.init = args.init or "random"
+        c.data.num_workers = 0
+        c.image_size = 28  # MedMNIST's native size
+        c.batch_size = 64
+        c.crop_scale = (0.5, 1.0)
+        c.model.depth, c.model.base_width = 18, 16
+        c.total_steps = 1000
+        c.eval_every = 50
+        c.log_every = 50
+        c.early_stop_patience = 5
+        c.optim.schedule = "constant"
+        c.optim.base_lr = 0.4
+    return c
