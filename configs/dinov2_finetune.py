@@ -15,7 +15,8 @@ The recipe (methods.md 3(b)-(d), notes in medssl_jax/models/vit.py and convert.p
 - BCE-with-logits with per-label pos_weight (N - P) / P from the train split, NaN labels masked;
 - augmentation: horizontal flip p 0.5 + rotation U(-7, 7) degrees, nearest-neighbour, fill 0 (PIL's
   rotate, which their torchvision RandomRotation calls); no crop, no colour, images in [0, 1] without
-  mean/std normalisation (a grey image is replicated to 3 channels by the ViT).
+  mean/std normalisation for every arm (`input_normalization='none'` overrides the ImageNet mean/std the
+  converted checkpoints record); a grey image is replicated to 3 channels by the ViT.
 Where this differs from the paper's code, on purpose or not:
 - model selection: the paper's code validates on the test split and evaluates a hand-picked epoch; here
   the epoch is chosen on a patient-wise validation split carved from train (methods.md 3(h).2), with
@@ -91,6 +92,7 @@ def get_config(arg=None):
     # Only used when init='random'; a converted checkpoint brings its own architecture.
     c.model = mlc.ConfigDict({"name": "vit", "variant": "B/14", "image_size": 224})
     c.compute_dtype = "float32"  # the paper trains in fp32
+    c.input_normalization = "none"  # no mean/std for any arm in their code (the converters record ImageNet's)
     c.image_size = 224
     c.batch_size = 32
     c.total_epochs = 100.0

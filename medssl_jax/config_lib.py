@@ -343,6 +343,9 @@ def eval_config() -> mlc.ConfigDict:
     c.mesh = [("data", -1)]
     c.batch_size = 256
     c.image_size = 224
+    # 'auto': the input normalisation the encoder records (converted checkpoints: their training's mean/std,
+    # see models/input_norm.py; our own exports: none); 'none': pixels in [0, 1] whatever it recorded.
+    c.input_normalization = "auto"
     # Encoder config for init='random', e.g. {'name': 'resnet', 'depth': 50, 'width': 1}; None here so a
     # config file may use any encoder's fields (models.build_encoder rejects unknown ones).
     c.model = None

@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     model = config["model"]
     desc = ", ".join(f"{k}={model[k]}" for k in ("name", "variant", "depth", "image_size", "num_registers",
                                                   "pos_interp") if k in model)
+    norm = config["input"]["normalization"]
     print(f"wrote {args.output}: {desc}; {convert_lib.num_parameters(variables):,} parameters "
-          f"from {config['source']['file']}")
+          f"from {config['source']['file']}; input normalisation mean {norm['mean']} std {norm['std']} "
+          f"({norm['from']}; probe and fine-tune apply it unless --config.input_normalization=none)")
     return 0
 
 

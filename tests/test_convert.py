@@ -149,8 +149,10 @@ class RefViT(nn.Module):
 
 
 def _flax_features(export_dir, images_nhwc):
+    """The converted encoder on exactly these pixels: its recorded input normalisation (tested below) is
+    switched off, so the references see the same inputs."""
     variables, config = checkpoint.load_export(export_dir)
-    model = models.build_encoder({**config["model"], "dtype": "float32"})
+    model = models.build_encoder({**config["model"], "dtype": "float32", "input_mean": (), "input_std": ()})
     _, out = jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(images_nhwc))
     return out, config
 
@@ -224,6 +226,35 @@ def test_hf_dinov2_directory(tmp_path, registers):
     out, config = _flax_features(tmp_path / "out", x)
     _compare_tokens(out, want, registers)
     assert config["model"]["pos_interp"] == ("size_aa" if registers else "size")
+
+
+def test_converted_encoders_record_their_input_normalization_and_evaluation_applies_it(tmp_path):
+    from medssl_jax.evaluate import linear_probe
+    from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD
+
+    # A transformers directory with RAD-DINO's kind of preprocessor (its own mean/std, 518 px crops).
+    ref = _hf_model(tmp_path, 0)
+    mean, std = [0.5307, 0.5307, 0.5307], [0.2583, 0.2583, 0.2583]
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": mean, "image_std": std, "crop_size": {"height": 518, "width": 518}}))
+    _run_cli(["--format=hf-dinov2", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'out'}"])
+    _, config = checkpoint.load_export(str(tmp_path / "out"))
+    assert config["input"]["normalization"]["mean"] == mean and config["input"]["image_size"] == 518
+    assert config["model"]["input_mean"] == mean and config["model"]["input_std"] == std
+    x = np.random.default_rng(4).uniform(size=(2, 56, 56, 3)).astype(np.float32)  # pixels in [0, 1]
+    cfg = linear_probe.reference_config()
+    cfg.update(init=str(tmp_path / "out"), image_size=56)
+    for choice, pixels in (("auto", (x - np.float32(mean)) / np.float32(std)), ("none", x)):
+        cfg.input_normalization = choice
+        encoder = linear_probe.load_encoder(cfg, channels=3)
+        _, out = jax.jit(lambda v, im: encoder.model.apply(v, im))(encoder.variables, jnp.asarray(x))
+        with torch.no_grad():
+            want = ref(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+        _compare_tokens(out, want, 0)
+    # The other formats record their training transforms.
+    assert convert.input_normalization("dinov2", "x.pth")[:2] == (IMAGENET_MEAN, IMAGENET_STD)
+    assert convert.input_normalization("torchvision-resnet", "x.pth")[:2] == (IMAGENET_MEAN, IMAGENET_STD)
+    assert convert.input_normalization("timm-npz", "x.npz")[:2] == ((0.5,) * 3, (0.5,) * 3)
 
 
 def _augreg_npz(ref: RefViT, path, *, stacked=False):
@@ -331,9 +362,24 @@ def test_torchvision_resnet50(tmp_path):
     assert set(variables) == {"params", "batch_stats"}
     assert {k: config["model"][k] for k in ("name", "depth", "width", "base_width", "stem_pool")} == {
         "name": "resnet", "depth": 50, "width": 1, "base_width": 8, "stem_pool": "torch"}
-    model = models.build_encoder({**config["model"], "dtype": "float32"})
+    model = models.build_encoder({**config["model"], "dtype": "float32", "input_mean": (), "input_std": ()})
     features, _ = model.apply(variables, jnp.asarray(x), train=False)
     print("max relative error", _rel_err(features, want))  # shown with pytest -s
+    assert _rel_err(features, want) < 1e-4
+    # As the probe loads it for a grey store: the grey image is replicated to RGB and normalised with
+    # ImageNet's mean/std inside the encoder, so the RGB stem is used as it is (no summing) and exactly.
+    from medssl_jax.evaluate import linear_probe
+    from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = linear_probe.reference_config()
+    cfg.update(init=str(tmp_path / "out"), image_size=32)
+    encoder = linear_probe.load_encoder(cfg, channels=1)
+    grey = np.random.default_rng(6).uniform(size=(2, 32, 32, 1)).astype(np.float32)
+    features, _ = encoder.model.apply(encoder.variables, jnp.asarray(grey), train=False)
+    rgb = (np.repeat(grey, 3, -1) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(rgb.transpose(0, 3, 1, 2))).numpy()
+    assert encoder.variables["params"]["stem"]["conv"]["kernel"].shape[2] == 3
     assert _rel_err(features, want) < 1e-4
 
 
@@ -346,7 +392,8 @@ def test_in_chans_1_sums_the_patch_kernel(tmp_path):
     rgb, _ = convert.convert("dinov2", str(tmp_path / "d.pth"), num_heads=HEADS)
     grey, config = convert.convert("dinov2", str(tmp_path / "d.pth"), num_heads=HEADS, in_chans=1)
     assert grey["params"]["patch_embed"]["kernel"].shape == (14, 14, 1, WIDTH)
-    model = models.build_encoder({**config["model"], "dtype": "float32"})
+    assert len(config["model"]["input_mean"]) == 1 and "approximate" in config["input"]["normalization"]["from"]
+    model = models.build_encoder({**config["model"], "dtype": "float32", "input_mean": (), "input_std": ()})
     x = _images(1, 28, 28)[..., :1]
     f_grey = model.apply(grey, jnp.asarray(x))[0]
     f_rgb = model.clone(in_chans=3).apply(rgb, jnp.asarray(np.repeat(x, 3, -1)))[0]

@@ -149,6 +149,7 @@ def load_encoder(config, *, channels: int) -> Encoder:
         export = checkpoint.load_export_config(init)
         model_config, source = dict(export["model"]), dict(export.get("source", {}))
         method = source.get("method") or CONVERTED_METHODS.get(source.get("format", ""), "")
+    model_config = _with_input_normalization(model_config, config, source)
     model = models.build_encoder({**model_config, "dtype": config.compute_dtype})
     example = jnp.zeros((1, config.image_size, config.image_size, channels), jnp.float32)
     init_fn = lambda key: model.init(key, example, train=False)  # noqa: E731
@@ -157,6 +158,28 @@ def load_encoder(config, *, channels: int) -> Encoder:
     else:
         variables = checkpoint.load_encoder_init(init, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
     return Encoder(model, variables, model_config, config.method or method or "", source)
+
+
+NORMALIZATIONS = ("auto", "none")
+
+
+def _with_input_normalization(model_config: dict, config, source: dict) -> dict:
+    """The encoder config with the input normalisation `config.input_normalization` asks for, logged."""
+    choice = config.get("input_normalization", "auto")
+    if choice not in NORMALIZATIONS:
+        raise ValueError(f"config.input_normalization={choice!r} is not one of {list(NORMALIZATIONS)}")
+    mean, std = model_config.get("input_mean") or (), model_config.get("input_std") or ()
+    if choice == "none" or not mean:
+        if mean:
+            logging_lib.log(f"input normalisation: none (config.input_normalization='none'; the encoder records "
+                            f"mean {list(mean)} std {list(std)})")
+        model_config = {k: v for k, v in model_config.items() if k not in ("input_mean", "input_std")}
+        if not mean:
+            logging_lib.log("input normalisation: none (pixels in [0, 1], as the encoder was trained)")
+        return model_config
+    logging_lib.log(f"input normalisation: mean {list(mean)} std {list(std)}, the encoder's own "
+                    f"({source.get('format') or 'export'}; --config.input_normalization=none to feed [0, 1])")
+    return model_config
 
 
 def feature_cache_key(config, encoder: Encoder, store_fingerprint: str) -> str:
@@ -168,6 +191,9 @@ def feature_cache_key(config, encoder: Encoder, store_fingerprint: str) -> str:
         weights = {"init": os.path.abspath(config.init), "mtime_ns": stat.st_mtime_ns}
     key = {**weights, "feature": config.feature, "image_size": int(config.image_size),
            "dtype": config.compute_dtype, "store": store_fingerprint}
+    normalization = [list(encoder.model_config.get(k) or ()) for k in ("input_mean", "input_std")]
+    if any(normalization):  # keys of runs without one stay as they were
+        key["input_normalization"] = normalization
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

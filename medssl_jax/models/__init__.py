@@ -39,6 +39,9 @@ def build_encoder(cfg) -> nn.Module:
         if fields["dtype"] not in _DTYPES:
             raise ValueError(f"encoder dtype={fields['dtype']!r} is not one of {sorted(_DTYPES)}")
         fields["dtype"] = _DTYPES[fields["dtype"]]
+    for key in ("input_mean", "input_std"):  # JSON gives lists; module attributes stay hashable
+        if key in fields:
+            fields[key] = tuple(float(v) for v in fields[key])
     module_path, class_name = ENCODERS[name]
     encoder_cls = getattr(importlib.import_module(module_path), class_name)
     try:

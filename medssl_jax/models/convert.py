@@ -608,7 +608,44 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
                                                       what=what)
         weights_file = path
     source = {"format": fmt, "file": os.path.basename(weights_file), "sha256": file_sha256(weights_file)}
-    return variables, {"model": model, "source": source}
+    mean, std, size, origin = input_normalization(fmt, path)
+    if in_chans == 1 and len(mean) == 3:
+        # The first layer was summed over RGB, so per-channel values cannot be applied any more.
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+        origin += "; averaged over RGB for the summed 1-channel first layer (approximate; the default 3-channel " \
+                  "conversion applies them exactly to a grey image replicated to RGB)"
+    model = {**model, "input_mean": list(mean), "input_std": list(std)}
+    return variables, {"model": model, "source": source,
+                       "input": {"image_size": size, "normalization": {"mean": list(mean), "std": list(std),
+                                                                       "from": origin}}}
+
+
+def input_normalization(fmt: str, path: str) -> tuple[tuple, tuple, int, str]:
+    """(mean, std, training resolution, where they come from) of a converted encoder's input."""
+    from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD
+
+    if fmt == "timm-npz":  # the augreg ViTs see pixels in [-1, 1]
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, "timm augreg (inputs in [-1, 1])"
+    if fmt == "hf-dinov2":
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        pre = os.path.join(directory, "preprocessor_config.json")
+        if os.path.isfile(pre):
+            with open(pre) as f:
+                p = json.load(f)
+            if not p.get("do_normalize", True):
+                return (), (), _hf_size(p), "preprocessor_config.json (do_normalize false)"
+            if "image_mean" in p and "image_std" in p:
+                return tuple(p["image_mean"]), tuple(p["image_std"]), _hf_size(p), "preprocessor_config.json"
+        return IMAGENET_MEAN, IMAGENET_STD, 224, "ImageNet (no preprocessor_config.json: transformers' default)"
+    return IMAGENET_MEAN, IMAGENET_STD, 224, "ImageNet (the training transform of the " + (
+        "DINOv2 hub models)" if fmt == "dinov2" else "torchvision weights)")
+
+
+def _hf_size(preprocessor: Mapping) -> int:
+    crop = preprocessor.get("crop_size") or preprocessor.get("size") or {}
+    if isinstance(crop, int):
+        return crop
+    return int(crop.get("height") or crop.get("shortest_edge") or 224)
 
 
 def num_parameters(variables: Any) -> int:

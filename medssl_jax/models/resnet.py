@@ -28,6 +28,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medssl_jax.models.input_norm import normalize_input
+
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
@@ -155,6 +157,8 @@ class ResNet(nn.Module):
     dtype: Any = jnp.bfloat16
     zero_init_last_bn: bool = True
     stem_pool: str = "same"
+    input_mean: tuple = ()  # the input normalisation the weights were trained with (models/input_norm.py)
+    input_std: tuple = ()
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -167,6 +171,7 @@ class ResNet(nn.Module):
         filters = self.base_width * self.width
         out = {}
 
+        x = normalize_input(x, self.input_mean, self.input_std)
         x = _ConvBN(filters, 7, 2, dtype=self.dtype, name="stem")(x, train=train)
         if self.stem_pool not in STEM_POOL_PADDING:
             raise ValueError(f"ResNet stem_pool={self.stem_pool!r} is not one of {sorted(STEM_POOL_PADDING)}")

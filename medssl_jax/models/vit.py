@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medssl_jax.models import interpolate
+from medssl_jax.models.input_norm import normalize_input
 
 # name -> (width, depth, heads, mlp_dim, ffn). 'g' is DINOv2's ViT-g (1536 wide, SwiGLU), not big_vision's.
 VARIANTS = {
@@ -213,6 +214,8 @@ class ViT(nn.Module):
     attention: str | None = None
     pad_to_multiple: int = 0
     remat: bool = False
+    input_mean: tuple = ()  # the input normalisation the weights were trained with (models/input_norm.py)
+    input_std: tuple = ()
     dtype: Any = jnp.bfloat16
 
     def arch(self) -> dict:
@@ -253,6 +256,7 @@ class ViT(nn.Module):
                 x = jnp.broadcast_to(x, (b, h, w, self.in_chans))
             else:
                 raise ValueError(f"ViT input has {c} channels, the model takes {self.in_chans} (or 1)")
+        x = normalize_input(x, self.input_mean, self.input_std)
 
         x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.lecun_normal(), name="patch_embed")(x.astype(self.dtype))
