@@ -56,6 +56,8 @@ def test_robustness_curves_on_a_toy_predictor():
     assert curves["rotation"][0]["mean_auc"] == pytest.approx(1.0)
     assert curves["rotation"][1]["mean_auc"] < 0.8          # squares swap places
     assert curves["intensity"][1]["per_label"]["tl"] == pytest.approx(1.0)
+    swapped = curves["rotation"][1]  # the 95% bootstrap CI of the mean AUC brackets it (plotted as a band)
+    assert swapped["ci_low"] < swapped["mean_auc"] < swapped["ci_high"] and swapped["ci_high"] - swapped["ci_low"] < 0.5
 
 
 def test_bad_perturbation_inputs():

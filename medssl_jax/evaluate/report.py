@@ -291,7 +291,7 @@ def _convergence(runs: Sequence[EvalRun]) -> list[dict]:
     return out
 
 
-def _plots(out_dir, runs, labels, probs, label_names, convergence) -> dict[str, list[str]]:
+def _plots(out_dir, runs, labels, probs, label_names, convergence, boot) -> dict[str, list[str]]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -307,19 +307,21 @@ def _plots(out_dir, runs, labels, probs, label_names, convergence) -> dict[str, 
             if not defined:
                 continue
             fpr, tpr, _ = skm.roc_curve(y[keep], p[keep, j])
-            ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({skm.roc_auc_score(y[keep], p[keep, j]):.3f})")
+            auc = boot["models"][name]["per_label"][lname]["auc"]
+            ci = (f" [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" if auc["ci_low"] is not None else "")
+            ax.plot(fpr, tpr, lw=1.2, label=f"{name}: AUC {skm.roc_auc_score(y[keep], p[keep, j]):.3f}{ci}")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         ax.set_title(lname if defined else f"{lname} (undefined)", fontsize=9)
         ax.set_xlim(-0.01, 1.01)          # a perfect curve runs along the axes: keep it visible
         ax.set_ylim(-0.01, 1.01)
+        ax.set_xlabel("false positive rate (1 - specificity)", fontsize=8)
+        ax.set_ylabel("true positive rate (sensitivity)", fontsize=8)
         if defined:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="lower right", title="AUC [95% CI]", title_fontsize=7)
 
     for j, lname in enumerate(label_names):
         fig, ax = plt.subplots(figsize=(4.2, 4.2))
         roc_axes(ax, j, lname)
-        ax.set_xlabel("1 - specificity")
-        ax.set_ylabel("sensitivity")
         fname = f"roc_{j:02d}_{_safe(lname)}.png"
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, fname), dpi=110)
@@ -368,12 +370,15 @@ def _plots(out_dir, runs, labels, probs, label_names, convergence) -> dict[str, 
             for r in runs:
                 if r.robustness and kind in r.robustness:
                     e = r.robustness[kind]
-                    ax.plot([x["strength"] for x in e],
-                            [np.nan if x["mean_auc"] is None else x["mean_auc"] for x in e], marker="o",
-                            label=r.name)
+                    x_values = [x["strength"] for x in e]
+                    line, = ax.plot(x_values, [np.nan if x["mean_auc"] is None else x["mean_auc"] for x in e],
+                                    marker="o", label=r.name)
+                    lo = [np.nan if x.get("ci_low") is None else x["ci_low"] for x in e]
+                    hi = [np.nan if x.get("ci_high") is None else x["ci_high"] for x in e]
+                    ax.fill_between(x_values, lo, hi, alpha=0.15, color=line.get_color())
             ax.set_title(kind)
             ax.set_xlabel({"rotation": "degrees"}.get(kind, "factor"))
-            ax.set_ylabel("test mean AUC")
+            ax.set_ylabel("test mean AUC (95% CI)")
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "robustness.png"), dpi=110)
@@ -554,7 +559,7 @@ def compare_runs(workdirs: Sequence[str], out_dir: str, *, num_resamples: int = 
                                       thresholds=thresholds)
     convergence = _convergence(runs)
     os.makedirs(out_dir, exist_ok=True)
-    files = _plots(out_dir, runs, labels, probs, runs[0].label_names, convergence)
+    files = _plots(out_dir, runs, labels, probs, runs[0].label_names, convergence, boot)
     comparison = {
         "format": "medssl_jax.comparison", "version": 1,
         "runs": [{"name": r.name, "workdir": r.workdir,

@@ -147,14 +147,17 @@ def check_grid(grid: Mapping[str, Sequence[float]] | None) -> dict[str, list[flo
 
 def robustness_curves(predict_fn: Callable[[np.ndarray], np.ndarray], images, labels,
                       grid: Mapping[str, Sequence[float]] | None = None, *,
-                      label_names: Sequence[str] | None = None, batch_size: int = 256) -> dict:
+                      label_names: Sequence[str] | None = None, batch_size: int = 256,
+                      num_resamples: int = 1000) -> dict:
     """AUC of `predict_fn` on perturbed test images, per perturbation and strength.
 
     predict_fn: float32 images [b, H, W, C] in [0, 1] (a jax.Array, already perturbed on the default
     device) -> probabilities [b, L] (numpy or jax array).
     images: [N, H, W, C] or [N, H, W] (uint8, uint16 or float in [0, 1]); converted and perturbed batch
     by batch, so a uint16 test set never has to exist as float32 all at once. labels: [N, L], NaN missing.
-    Returns {kind: [{"strength", "mean_auc", "per_label": {name: auc or None}}, ...]} (JSON-serialisable).
+    Returns {kind: [{"strength", "mean_auc", "ci_low", "ci_high", "per_label": {name: auc or None}}, ...]}
+    (JSON-serialisable): the mean AUC's 95% bootstrap CI over `num_resamples` resamples of the test
+    images (the same resamples at every strength; 0 = no CI).
     """
     grid = check_grid(grid)
     images = np.asarray(images)
@@ -179,10 +182,15 @@ def robustness_curves(predict_fn: Callable[[np.ndarray], np.ndarray], images, la
                     raise RobustnessError(f"predict_fn: returned shape {out.shape}, expected "
                                           f"{(len(batch), labels.shape[1])}")
                 probs.append(out)
-            res = metrics.evaluate_predictions(probs=np.concatenate(probs), labels=labels,
-                                               label_names=label_names or
-                                               [f"label_{j}" for j in range(labels.shape[1])])
-            entries.append({"strength": strength, "mean_auc": res["mean_auc"],
+            names = list(label_names or [f"label_{j}" for j in range(labels.shape[1])])
+            probs = np.concatenate(probs)
+            res = metrics.evaluate_predictions(probs=probs, labels=labels, label_names=names)
+            ci = {"ci_low": None, "ci_high": None}
+            if num_resamples:
+                boot = bootstrap.paired_bootstrap(probs={"model": probs}, labels=labels, label_names=names,
+                                                  num_resamples=num_resamples, youden=False)
+                ci = {k: boot["models"]["model"]["mean_auc"][k] for k in ci}
+            entries.append({"strength": strength, "mean_auc": res["mean_auc"], **ci,
                             "per_label": {n: v["auc"] for n, v in res["per_label"].items()}})
         curves[kind] = entries
     return curves
