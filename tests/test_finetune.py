@@ -77,6 +77,30 @@ def test_selects_the_validation_best_step_and_writes_eval(ssl_run):
     assert report.read_eval(os.path.join(workdir, "fractions", "f0.5")).summary["label_fraction"] == 0.5
     with open(os.path.join(workdir, "eval", "robustness.json")) as f:
         assert set(json.load(f)) == {"intensity", "gamma", "rotation", "zoom"}
+    # The test scalars are in TensorBoard too, at the selected step.
+    scalars = _tensorboard_scalars(os.path.join(workdir, "eval", "tensorboard"))
+    assert scalars["test/mean_auc"] == (summary["extra"]["best_step"], pytest.approx(summary["mean_auc"]))
+    assert {f"test/auc/{n}" for n in summary["per_label_auc"] if summary["per_label_auc"][n] is not None} <= set(scalars)
+
+
+def _tensorboard_scalars(directory):
+    """{tag: (step, value)} read back from the event files (TFRecord framing of tensorboardX's Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                found[value.tag] = (event.step, value.simple_value)
+    return found
 
 
 def test_test_predictions_come_from_the_saved_selected_model(ssl_run, phantom_cache):

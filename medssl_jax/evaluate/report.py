@@ -126,7 +126,23 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
         "extra": dict(extra or {}),
     }
     _write_json(os.path.join(out, "summary.json"), summary)
+    _tensorboard_scalars(out, summary)
     return summary
+
+
+def _tensorboard_scalars(out: str, summary: dict) -> None:
+    """The summary's test scalars also go to TensorBoard (E/eval/tensorboard, beside the training curves of
+    a fine-tune in E/tensorboard), at the selected step where there is one."""
+    from tensorboardX import SummaryWriter
+
+    step = int(summary["extra"].get("best_step") or 0)
+    prefix = f"{summary['split']}/"
+    scalars = {"mean_auc": summary["mean_auc"], "top1_accuracy": summary["top1_accuracy"],
+               **{f"auc/{name}": value for name, value in summary["per_label_auc"].items()}}
+    with SummaryWriter(os.path.join(out, "tensorboard")) as writer:
+        for name, value in scalars.items():
+            if value is not None:
+                writer.add_scalar(prefix + name, float(value), step)
 
 
 @dataclasses.dataclass
