@@ -23,6 +23,7 @@ import optax
 from medssl_jax import checkpoint, config_lib, logging_lib, methods, optim, sharding
 from medssl_jax.data import phantoms, pipeline
 from medssl_jax.data.store import Store
+from medssl_jax.models import input_norm
 
 
 class TrainingError(RuntimeError):
@@ -324,7 +325,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
         encoder,
         {
             "model": config.model.to_dict(),
-            "input": {"image_size": config.data.image_size, "channels": int(run.example[spec["crops"][0]["name"]].shape[-1])},
+            "input": {"image_size": config.data.image_size, "channels": int(run.example[spec["crops"][0]["name"]].shape[-1]),
+                      "normalization": input_norm.recorded(config.model)},
             "source": {"method": config.method, "steps": step, "store": store.name, "init": config.init},
         },
     )

@@ -257,6 +257,36 @@ def test_converted_encoders_record_their_input_normalization_and_evaluation_appl
     assert convert.input_normalization("timm-npz", "x.npz")[:2] == ((0.5,) * 3, (0.5,) * 3)
 
 
+def test_rad_dino_config_converts_with_its_preprocessor(tmp_path):
+    # microsoft/rad-dino is a transformers Dinov2Model: ViT-B/14 (768 wide, 12 blocks, 12 heads), 518 px,
+    # LayerScale, plain MLP; random weights at exactly those shapes, its kind of preprocessor beside them.
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+                                          patch_size=14, image_size=518, layerscale_value=1.0, use_swiglu_ffn=False,
+                                          qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu")
+    ref = transformers.Dinov2Model(hf_config).eval()
+    ref.save_pretrained(tmp_path / "rad-dino", safe_serialization=True)
+    mean, std = [0.5307] * 3, [0.2583] * 3
+    (tmp_path / "rad-dino" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "BitImageProcessor", "do_normalize": True, "image_mean": mean, "image_std": std,
+         "crop_size": {"height": 518, "width": 518}, "size": {"shortest_edge": 518}}))
+    _run_cli(["--format=hf-dinov2", f"--input={tmp_path / 'rad-dino'}", f"--output={tmp_path / 'out'}"])
+    _, config = checkpoint.load_export(str(tmp_path / "out"))
+    model = config["model"]
+    assert (model["width"], model["depth"], model["num_heads"], model["patch_size"], model["image_size"]) == (
+        768, 12, 12, 14, 518)
+    assert model["input_mean"] == mean and config["input"]["image_size"] == 518
+    x = np.random.default_rng(8).uniform(size=(1, 56, 56, 3)).astype(np.float32)  # 37x37 grid -> 4x4
+    with torch.no_grad():
+        want = ref(pixel_values=torch.from_numpy(((x - np.float32(mean)) / np.float32(std)).transpose(0, 3, 1, 2)))
+    variables, _ = checkpoint.load_export(str(tmp_path / "out"))
+    encoder = models.build_encoder({**model, "dtype": "float32"})  # normalises [0, 1] pixels itself
+    _, out = jax.jit(lambda v, im: encoder.apply(v, im))(variables, jnp.asarray(x))
+    _compare_tokens(out, want.last_hidden_state.numpy(), 0)
+
+
 def _augreg_npz(ref: RefViT, path, *, stacked=False):
     """The original JAX ViT layout (what timm's _load_weights reads), written from the torch weights."""
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}

@@ -59,6 +59,7 @@ def test_micle_end_to_end_writes_export_and_summary(phantom_cache, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
     # The export reloads with orbax + the model module alone and gives features.
     variables, config = checkpoint.load_export(os.path.join(workdir, "export"))
+    assert config["input"]["normalization"] is None  # our pretraining feeds [0, 1] pixels, and says so
     encoder = models.build_encoder({**config["model"], "dtype": "float32"})
     features, out = encoder.apply(variables, np.zeros((2, 24, 24, 1), np.float32), train=False)
     assert features.shape == (2, out["pre_logits"].shape[-1])

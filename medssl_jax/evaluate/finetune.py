@@ -45,7 +45,7 @@ from medssl_jax.data.store import Store
 from medssl_jax.evaluate import linear_probe, metrics, report, robustness
 from medssl_jax.evaluate import probe
 from medssl_jax.evaluate import splits as splits_lib
-from medssl_jax.models import heads
+from medssl_jax.models import heads, input_norm
 
 
 def reference_config() -> mlc.ConfigDict:
@@ -415,7 +415,8 @@ def run(config, workdir: str) -> dict:
         encoder = main["encoder"]
         checkpoint.save_export(
             export_dir, {c: tree["encoder"] for c, tree in main["variables"].items() if "encoder" in tree},
-            {"model": encoder.model_config, "input": {"image_size": config.image_size, "channels": channels},
+            {"model": encoder.model_config, "input": {"image_size": config.image_size, "channels": channels,
+                                                      "normalization": input_norm.recorded(encoder.model_config)},
              "source": {"method": "finetune", "init": config.init, "init_method": encoder.method,
                         "store": store.name, "steps": main["best_step"], "label_names": label_names}})
         head = main["variables"]["params"]["head"]["dense"]

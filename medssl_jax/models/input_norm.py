@@ -32,3 +32,10 @@ def normalize_input(x, mean, std):
             raise ValueError(f"encoder input has {channels} channels, its input_mean has {mean.shape[0]} values")
         x = jnp.broadcast_to(x, (*x.shape[:-1], mean.shape[0]))
     return ((x.astype(jnp.float32) - mean) / std).astype(x.dtype)
+
+
+def recorded(model_config) -> dict | None:
+    """What an export's `input.normalization` says for an encoder built from `model_config`: its mean/std,
+    or None (pixels in [0, 1]: our own pretraining)."""
+    mean, std = model_config.get("input_mean") or (), model_config.get("input_std") or ()
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]} if mean else None
