@@ -318,7 +318,7 @@ def resolve_durations(config: mlc.ConfigDict, *, epoch_size: int, batch_size: in
                 if value != -1 or epochs is None or not isinstance(epochs, (int, float)) or epochs < 0:
                     raise ValueError(f"config.{prefix}{key}={value}: give a step count >= 0, or -1 with "
                                      f"config.{prefix}{epochs_key} >= 0 (now {epochs!r})")
-                node[key] = int(math.ceil(epochs * epoch_size / batch_size))
+                node[key] = to_steps(node, key[: -len("_steps")], epoch_size=epoch_size, batch_size=batch_size)
 
     visit(resolved, "")
     return resolved

@@ -327,8 +327,7 @@ def _check_task(config, store: Store) -> None:
         raise FinetuneError(f"config.task={config.task!r} is not one of {list(TASKS)}")
     if config.task == "multi_class":
         labels = np.asarray(store.labels, np.float64)
-        bad = int(np.sum(np.isnan(labels).any(axis=1) | (np.nansum(labels == 1, axis=1) != 1)
-                         | ~np.isin(np.nan_to_num(labels, nan=0.0), (0.0, 1.0)).all(axis=1)))
+        bad = metrics.not_one_hot_rows(labels)
         if bad or labels.shape[1] < 2:
             raise FinetuneError(f"config.task='multi_class' needs one-hot labels (at least 2 classes, exactly one 1 "
                                 f"per record); store {store.path} has {labels.shape[1]} label columns and {bad} of "

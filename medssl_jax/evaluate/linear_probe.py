@@ -169,14 +169,13 @@ def _with_input_normalization(model_config: dict, config, source: dict) -> dict:
     if choice not in NORMALIZATIONS:
         raise ValueError(f"config.input_normalization={choice!r} is not one of {list(NORMALIZATIONS)}")
     mean, std = model_config.get("input_mean") or (), model_config.get("input_std") or ()
-    if choice == "none" or not mean:
-        if mean:
-            logging_lib.log(f"input normalisation: none (config.input_normalization='none'; the encoder records "
-                            f"mean {list(mean)} std {list(std)})")
-        model_config = {k: v for k, v in model_config.items() if k not in ("input_mean", "input_std")}
-        if not mean:
-            logging_lib.log("input normalisation: none (pixels in [0, 1], as the encoder was trained)")
-        return model_config
+    if not mean:
+        logging_lib.log("input normalisation: none (pixels in [0, 1], as the encoder was trained)")
+    elif choice == "none":
+        logging_lib.log(f"input normalisation: none (config.input_normalization='none'; the encoder records "
+                        f"mean {list(mean)} std {list(std)})")
+    if not mean or choice == "none":
+        return {k: v for k, v in model_config.items() if k not in ("input_mean", "input_std")}
     logging_lib.log(f"input normalisation: mean {list(mean)} std {list(std)}, the encoder's own "
                     f"({source.get('format') or 'export'}; --config.input_normalization=none to feed [0, 1])")
     return model_config

@@ -317,13 +317,18 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
+def not_one_hot_rows(labels) -> int:
+    """How many rows of `labels` [N, L] are not one-hot (a NaN, a value other than 0/1, or not exactly one 1)."""
+    labels = np.asarray(labels, np.float64)
+    ok = ~np.isnan(labels).any(axis=1) & np.isin(labels, (0.0, 1.0)).all(axis=1) & (np.sum(labels == 1, axis=1) == 1)
+    return int(np.sum(~ok))
+
+
 def single_label_targets(labels) -> np.ndarray | None:
     """The class index of every row when `labels` [N, L] are one-hot (a multi-class task: no NaN, exactly
     one 1 per row); None for multi-label data."""
     labels = np.asarray(labels, np.float64)
-    if labels.ndim != 2 or labels.shape[1] < 2 or np.isnan(labels).any() or not np.isin(labels, (0.0, 1.0)).all():
-        return None
-    if not np.all(labels.sum(axis=1) == 1):
+    if labels.ndim != 2 or labels.shape[1] < 2 or not_one_hot_rows(labels):
         return None
     return np.argmax(labels, axis=1)
 
