@@ -60,8 +60,84 @@ entropy and KL to the student are logged (dino/* in metrics.jsonl); after the lr
 with a message if the teacher collapses.
 """
 
+from medssl_jax import augment, config_lib, models
 from medssl_jax.methods import dino
 
 
 def get_config(arg=None):
-    return dino.dino_config(arg)
+    """DINO's ViT-S/16 recipe (main_dino.py's arguments), with its epoch-based values as steps at
+    `steps_per_epoch` since the method's schedules run in steps.
+
+    Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested store;
+    '' = embedded phantoms), `variant` (ViT 'S/16' or 'B/16'), `steps_per_epoch` (images in the train
+    split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100),
+    `encoder` ('vit', or 'resnet' for DINO's ResNet recipe at the :runlocal size).
+    """
+    args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100,
+                                encoder="vit")
+    if args.encoder not in ("vit", "resnet"):
+        raise ValueError(f"config argument encoder={args.encoder!r} is not one of ['resnet', 'vit']")
+    c = config_lib.pretrain_config()
+    c.method = "dino"
+    dino.extend_config(c)
+    c.data.store = args.store
+    c.data.sampler = "pairs"
+    c.data.image_size = 224
+    c.data.crop_scale = (0.4, 1.0)
+    c.data.num_workers = 8
+    c.model = models.model_config("vit", variant=args.variant, image_size=224, in_chans=1, pool="token",
+                                  drop_path_rate=0.1)
+    # DINO's colour augmentation: jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2 (on 1-channel
+    # radiographs only brightness and contrast act); blur and solarisation are per crop (config.dino).
+    c.augment = augment.preset("none")
+    c.augment.update(color_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2)
+    epoch = args.steps_per_epoch
+    c.batch_size = 256
+    c.total_steps = args.epochs * epoch
+    c.dino.teacher_temp = 0.07
+    c.dino.warmup_teacher_temp = 0.04
+    c.dino.teacher_temp_warmup_steps = 30 * epoch
+    c.dino.teacher_temp_epoch_steps = epoch
+    c.dino.freeze_last_layer_steps = epoch
+    c.dino.health_check_after_steps = 10 * epoch  # after the lr warm-up
+    # AdamW (PyTorch defaults b = (0.9, 0.999), eps 1e-8), lr 5e-4 per 256 images (linear scaling).
+    c.optim.update(name="adamw", base_lr=5e-4, lr_scaling="linear", schedule="cosine", warmup_steps=10 * epoch,
+                   end_lr_factor=1e-6 / (5e-4 * c.batch_size / 256),  # DINO's min_lr 1e-6
+                   weight_decay=0.04, weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8)
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    if args.runlocal:
+        # Minutes on 2 CPU cores: a 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops.
+        config_lib.apply_runlocal(c, image_size=32, probe_size=32)
+        c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
+                       drop_path_rate=0.0)
+        c.data.crop_scale = (0.3, 1.0)
+        c.dino.num_local_crops = 4
+        c.dino.local_image_size = 16
+        c.dino.local_crop_scale = (0.08, 0.3)
+        c.dino.num_prototypes = 256
+        c.dino.hidden_dim = 128
+        c.dino.bottleneck_dim = 32
+        c.dino.teacher_temp = 0.04
+        c.dino.teacher_temp_warmup_steps = 0
+        c.dino.teacher_temp_epoch_steps = 1
+        # 0.996 keeps the teacher at ~70 % of its random init for all 300 steps; a random tiny ViT barely
+        # depends on its input, so such a teacher is uniform after centring and the student copies it.
+        c.dino.momentum_teacher = 0.9
+        c.dino.freeze_last_layer_steps = 20
+        c.dino.health_check_after_steps = 100
+        c.optim.base_lr = 5e-4
+        c.optim.end_lr_factor = 0.01
+        if args.encoder == "resnet":
+            # The encoder of the other :runlocal configs (ResNet-18, base width 16, 48 px crops), with DINO's
+            # ResNet recipe (facebookresearch/dino README: LARS, weight decay 1e-6, no schedule on it).
+            config_lib.apply_runlocal(c, image_size=48, probe_size=64)
+            c.model = models.model_config("resnet", depth=18, width=1, base_width=16)
+            c.data.crop_scale = (0.25, 1.0)
+            c.dino.local_image_size = 24
+            c.dino.local_crop_scale = (0.08, 0.25)
+            c.dino.num_local_crops = 2
+            c.optim.update(name="lars", base_lr=1.2, lr_scaling="linear", weight_decay=1e-6, weight_decay_end=-1.0,
+                           warmup_steps=30, end_lr_factor=0.0)
+            c.augment = augment.preset("azizi_cxr")
+    return c

@@ -48,10 +48,9 @@ TEMPERATURE = 0.1
 # ------------------------------------------------------------------------------------------ JAX rows
 
 def _simclr_config(sizes: dict, store: str, *, smoke: bool, vit: bool = False):
-    from medssl_jax import config_lib
-    from medssl_jax.methods import dino
+    from medssl_jax import config_lib, models
 
-    c = config_lib.azizi_cxr_config("runlocal" if smoke else None, method="simclr")
+    c = config_lib.load_config("simclr", "runlocal" if smoke else None)
     if smoke:
         c.model.update(depth=18, base_width=4)  # the same code as ResNet-50, a fraction of its compile time
     c.data.update(store=store, image_size=sizes["size"], num_workers=1 if smoke else (os.cpu_count() or 1))
@@ -65,7 +64,7 @@ def _simclr_config(sizes: dict, store: str, *, smoke: bool, vit: bool = False):
                       attention="xla" if smoke else "cudnn")
         if smoke:
             fields.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
-        c.model = dino.vit_model_config(**fields)
+        c.model = models.model_config("vit", **fields)
         c.head.hidden_dim = -1
     if not smoke:
         c.compute_dtype = "bfloat16"
@@ -75,9 +74,9 @@ def _simclr_config(sizes: dict, store: str, *, smoke: bool, vit: bool = False):
 
 
 def _swav_config(sizes: dict, store: str, *, smoke: bool):
-    from medssl_jax.methods import swav
+    from medssl_jax import config_lib
 
-    c = swav.ghesu_config("runlocal" if smoke else None, method="swav")
+    c = config_lib.load_config("swav", "runlocal" if smoke else None)
     if smoke:
         c.model.update(depth=18, base_width=4)
         c.swav.num_local_crops = 6

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from medssl_jax.evaluate import bootstrap, report
+from medssl_jax.evaluate import bootstrap, records, report
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     try:
         comparison = report.compare_runs(args.workdirs, args.out, num_resamples=args.num_resamples,
                                          seed=args.seed, youden_bootstrap=not args.no_youden_bootstrap)
-    except (report.ReportError, bootstrap.BootstrapError) as e:
+    except (records.ReportError, bootstrap.BootstrapError) as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
     boot = comparison["bootstrap"]

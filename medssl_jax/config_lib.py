@@ -8,7 +8,9 @@ config file, which would otherwise silently add a new field.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Any
 
 import ml_collections as mlc
@@ -52,6 +54,27 @@ def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
         else:
             result[key] = value
     return result
+
+
+def shipped_configs_dir() -> str:
+    """The configs that come with the code: medssl_jax/configs in an installed package, else the
+    checkout's configs/ folder beside the package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
+
+
+def load_config(name: str, arg: str | None = None) -> mlc.ConfigDict:
+    """`get_config(arg)` of the shipped config `name` ('micle' or 'micle.py'): how one recipe builds on
+    another (configs/simclr.py on micle.py, hybrid.py on swav.py), and how tests and benchmarks start
+    from the recipes users run."""
+    path = os.path.join(shipped_configs_dir(), name if name.endswith(".py") else name + ".py")
+    if not os.path.isfile(path):
+        raise ValueError(f"no shipped config {name!r} in {shipped_configs_dir()}")
+    spec = importlib.util.spec_from_file_location(f"medssl_jax_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def pretrain_config() -> mlc.ConfigDict:
@@ -121,50 +144,8 @@ def pretrain_config() -> mlc.ConfigDict:
     return c
 
 
-# SimCLR width-multiplier ResNets used by Azizi et al.: variant -> (depth, width).
+# SimCLR width-multiplier ResNets used by Azizi et al. (configs/micle.py, derm.py): variant -> (depth, width).
 AZIZI_VARIANTS = {"r50x1": (50, 1), "r50x4": (50, 4), "r152x2": (152, 2)}
-
-
-def azizi_cxr_config(arg: str | None, *, method: str) -> mlc.ConfigDict:
-    """Azizi et al.'s chest X-ray SimCLR recipe (methods.md 2(c)/(d)); `method` 'simclr' or 'micle'.
-
-    Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `variant` (r50x1, r50x4,
-    r152x2), `store` (path of an ingested store; '' = embedded phantoms).
-    """
-    args = parse_arg(arg, runlocal=False, variant="r50x1", store="")
-    if args.variant not in AZIZI_VARIANTS:
-        raise ValueError(f"config argument variant={args.variant!r} is not one of {sorted(AZIZI_VARIANTS)}")
-    c = pretrain_config()
-    c.method = method
-    c.data.sampler = "micle" if method == "micle" else "pairs"
-    c.data.store = args.store
-    c.model.depth, c.model.width = AZIZI_VARIANTS[args.variant]
-    # CheXpert recipe: batch 1024 (grid {512, 1024}), LARS, lr 0.3 per 256 images (1.2 at 1024, inside the
-    # paper's {0.5, 1.0, 1.5} grid), temperature 0.1, 10 warm-up epochs + cosine, wd 1e-6, ~100k steps.
-    c.batch_size = 1024
-    c.total_steps = 100_000
-    c.optim.warmup_epochs = 10.0
-    c.optim.base_lr = 0.3
-    c.loss.temperature = 0.1
-    c.augment = augment.preset("azizi_cxr")  # crop + jitter 0.5 + rotation <= 45 deg + flip, no blur
-    c.data.image_size = 224
-    c.data.num_workers = 8
-    c.log_every = 100
-    c.checkpoint_every = 2000
-    if args.runlocal:
-        # Minutes on 2 CPU cores: a tiny ResNet on the embedded phantom dataset, 48 px crops of 64 px images.
-        apply_runlocal(c, image_size=48, probe_size=64)  # probe on whole phantoms, as a reader sees them
-        c.model.depth, c.model.width, c.model.base_width = 18, 1, 16
-        c.data.crop_scale = (0.25, 1.0)
-        c.total_steps = 600
-        # LARS lr (per 256 images) chosen on the phantoms' validation split, 600 steps (probe mean AUC;
-        # fair random init 0.597): SimCLR 1.0 -> 0.709, 2.0 -> 0.749, 3.0 -> 0.796, 5.0 -> 0.788;
-        # MICLe 2.0 -> 0.789, 3.0 -> 0.763, 5.0 -> 0.779 (one seed each; see BENCHMARKS.md for the spread).
-        c.optim.base_lr = 3.0 if method == "simclr" else 2.0
-        # tau 0.2 learned faster than 0.1 or 0.5 at batch 64 in 300 steps (probe AUC on the phantoms).
-        c.loss.temperature = 0.2
-        c.head.hidden_dim = 128
-    return c
 
 
 # The embedded phantom store every `:runlocal` config (pretraining and evaluation) uses: 2000 patients at

@@ -122,6 +122,29 @@ class Progress:
         return " | ".join(parts)
 
 
+class FileProgress:
+    """One self-overwriting line on stderr for file-by-file work (ingestion, store verification): files
+    done, files/s, ETA, skipped. Never a path (paths of a PACS export can name patients)."""
+
+    def __init__(self, total: int, enabled: bool = True, every_s: float = 0.5):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def update(self, done: int, skipped: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        sys.stderr.write(f"\r[ingest] {done}/{self.total} files  {rate:.1f} files/s  "
+                         f"ETA {format_duration(eta)}  skipped {skipped}   ")
+        if force:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
 def log(message: str) -> None:
     """One line to stdout on process 0, flushed (progress must show up in CI logs and pipes)."""
     if jax.process_index() == 0:

@@ -33,9 +33,7 @@ def reference_config(config):
         module = __import__(f"medssl_jax.evaluate.{config.mode}", fromlist=["reference_config"])
         return module.reference_config()
     reference = config_lib.pretrain_config()
-    method = methods.get(config.method)
-    if hasattr(method, "extend_config"):
-        method.extend_config(reference)
+    methods.get(config.method).extend_config(reference)
     model = config.get("model")
     name = model.get("name") if model else None
     if name and name != reference.model.get("name"):
@@ -53,6 +51,7 @@ def run(config, workdir: str) -> dict | None:
     import jax
 
     from medssl_jax import config_lib, logging_lib, train
+    from medssl_jax.data import sources
     from medssl_jax.evaluate import probe
 
     if config.mode not in config_lib.MODES:
@@ -64,7 +63,7 @@ def run(config, workdir: str) -> dict | None:
         return module.run(config, workdir)
 
     config_lib.validate_pretrain(config)
-    skip = probe.skip_reason(train.open_store(config.data), config.probe) if config.probe.enabled else None
+    skip = probe.skip_reason(sources.open_store(config.data), config.probe) if config.probe.enabled else None
     if skip:
         logging_lib.log(f"note: the linear probe after pretraining will be skipped: {skip}")
     result = train.pretrain(config, workdir)
@@ -174,24 +173,18 @@ def flag_error_message(error: Exception, argv) -> str:
     return f"bad command-line flag: {detail}"
 
 
-def shipped_configs_dir() -> str:
-    """The configs that come with the code: medssl_jax/configs in an installed package, else the
-    checkout's configs/ folder beside the package."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    installed = os.path.join(package, "configs")
-    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
-
-
 def resolve_config_flag(argv: list[str]) -> list[str]:
     """`--config=NAME[:args]` with a NAME that is not a file (the package installed, the user outside a
     checkout) becomes the shipped config of that name: micle, micle.py and configs/micle.py all work."""
+    from medssl_jax import config_lib
+
     out = []
     for arg in argv:
         if arg.startswith("--config="):
             path, colon, rest = arg[len("--config="):].partition(":")
             if not os.path.exists(path):
                 name = os.path.basename(path)
-                candidate = os.path.join(shipped_configs_dir(), name if name.endswith(".py") else name + ".py")
+                candidate = os.path.join(config_lib.shipped_configs_dir(), name if name.endswith(".py") else name + ".py")
                 if os.path.exists(candidate):
                     arg = f"--config={candidate}{colon}{rest}"
         out.append(arg)

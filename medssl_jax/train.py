@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 from medssl_jax import checkpoint, config_lib, logging_lib, methods, optim, sharding
-from medssl_jax.data import phantoms, pipeline
+from medssl_jax.data import pipeline
+from medssl_jax.data.sources import open_store
 from medssl_jax.data.store import Store
 from medssl_jax.models import input_norm
 
@@ -37,19 +38,6 @@ class PretrainResult:
     steps_done: int
     total_steps: int
     preempted: bool
-
-
-def open_store(data_config) -> Store:
-    """The store a config points at; the embedded phantom dataset when none is given."""
-    if data_config.store:
-        return Store(data_config.store)
-    path = phantoms.ensure_phantom_store(
-        data_config.cache_dir or None,  # None: $MEDSSL_JAX_CACHE or ~/.cache/medssl_jax
-        num_patients=data_config.phantom_patients,
-        image_size=data_config.phantom_size,
-        seed=data_config.phantom_seed,
-    )
-    return Store(path)
 
 
 def epoch_size(store: Store, spec: dict, split: str) -> int:
@@ -207,12 +195,10 @@ def setup(config) -> Setup:
         (loss, (batch_stats, method_state, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state["params"]
         )
-        if hasattr(method, "process_grads"):
-            grads = method.process_grads(grads, step=step, config=config)
+        grads = method.process_grads(grads, step=step, config=config)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        if hasattr(method, "after_update"):
-            params, method_state = method.after_update(params, method_state, step=step, config=config)
+        params, method_state = method.after_update(params, method_state, step=step, config=config)
         # The loop owns "loss": it is what was differentiated, whatever the method logs beside it.
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
         new_state = {
@@ -292,7 +278,7 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
                         f"non-finite {bad} at step {step}; stopped without saving it — last good checkpoint: "
                         f"{kept} in {os.path.join(workdir, 'checkpoints')}"
                     )
-                problem = method.check_health(host_metrics, step=step) if hasattr(method, "check_health") else None
+                problem = method.check_health(host_metrics, step=step)
                 if problem:
                     raise TrainingError(f"{problem}; last good checkpoint: {_last_good(checkpointer)} in "
                                         f"{os.path.join(workdir, 'checkpoints')}")
@@ -316,10 +302,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     # ---------------------------------------------------------------- export
     export_dir = os.path.join(workdir, "export")
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    if hasattr(method, "export_variables"):  # e.g. DINO exports its teacher, which lives in method_state
-        encoder = method.export_variables(jax.device_get(variables), jax.device_get(state["method_state"]))
-    else:
-        encoder = method.encoder_variables(jax.device_get(variables))
+    # The encoder's variables (DINO: its teacher's, which live in method_state).
+    encoder = method.export_variables(jax.device_get(variables), jax.device_get(state["method_state"]))
     checkpoint.save_export(
         export_dir,
         encoder,

@@ -33,7 +33,7 @@ def shrink_to_tiny(c, cache_dir):
 
 def tiny_pretrain_config(cache_dir, method="micle", **overrides):
     """A MICLe/SimCLR run at test size (shrink_to_tiny) with a quick end-of-pretraining probe."""
-    c = shrink_to_tiny(config_lib.azizi_cxr_config("runlocal", method=method), cache_dir)
+    c = shrink_to_tiny(config_lib.load_config(method, "runlocal"), cache_dir)
     c.log_every = 2
     c.probe.image_size = 24
     c.probe.batch_size = 32

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medssl_jax import compare
-from medssl_jax.evaluate import report
+from medssl_jax.evaluate import records
 
 NAMES = ["Atelectasis", "Cardiomegaly", "Edema/other"]
 
@@ -34,7 +34,7 @@ def _make(tmp_path, name, *, quality, init, seed, n=120, extras=True, shuffle=Fa
                                                 for s in (0, 10, 20)]}
         kw["label_fractions"] = [{"fraction": f, "mean_auc": 0.7 + 0.1 * f, "ci_low": 0.6, "ci_high": 0.9}
                                  for f in (1.0, 0.1, 0.5)]
-    report.write_eval(wd, probs=probs, labels=labels, record_ids=ids, label_names=NAMES, mode="finetune",
+    records.write_eval(wd, probs=probs, labels=labels, record_ids=ids, label_names=NAMES, mode="finetune",
                       method="simclr" if init != "random" else "none", init=init, store_name="phantoms",
                       store_fingerprint=fingerprint, **kw)
     return wd

@@ -2,9 +2,7 @@
 global batch on 8 fake devices, EMA and temperature schedules, no gradient into the teacher, the
 weight-normalised last layer, gradient clipping/freezing, the collapse check, the weight-decay schedule,
 and a tiny run through the real train loop that checkpoints teacher and centre and resumes bitwise."""
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +13,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from helpers import final_state, set_fields
 from medssl_jax import checkpoint, config_lib, main, optim, train
 from medssl_jax.data import phantoms
-from medssl_jax.methods import dino
+from medssl_jax.methods import dino, health
+from medssl_jax.models import heads
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg=None):
-    spec = importlib.util.spec_from_file_location("config_dino", os.path.join(REPO, "configs", "dino.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config("dino", arg)
 
 
 def tiny_config(cache_dir="", **overrides):
@@ -119,7 +114,7 @@ def test_init_teacher_is_a_copy_and_center_is_zero(tiny_setup):
 
 def test_weight_normalised_last_layer():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8))
-    layer = dino.WeightNormDense(5)
+    layer = heads.WeightNormDense(5)
     variables = layer.init(jax.random.PRNGKey(1), x)
     assert set(variables["params"]) == {"kernel"}  # g is fixed to 1, not a parameter
     v = np.asarray(variables["params"]["kernel"])
@@ -129,7 +124,7 @@ def test_weight_normalised_last_layer():
     np.testing.assert_allclose(layer.apply({"params": {"kernel": 7.0 * v}}, x), out, rtol=1e-5, atol=1e-6)
     unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     assert float(jnp.max(jnp.abs(layer.apply(variables, unit)))) <= 1.0 + 1e-6
-    free = dino.WeightNormDense(5, fixed_scale=False).init(jax.random.PRNGKey(1), x)
+    free = heads.WeightNormDense(5, fixed_scale=False).init(jax.random.PRNGKey(1), x)
     np.testing.assert_array_equal(free["params"]["scale"], 1.0)
 
 
@@ -235,7 +230,7 @@ def test_check_health_flags_a_collapsed_teacher():
     def metrics(teacher, center, student=student):
         loss, stats = dino.dino_loss(student_logits=student, teacher_logits=teacher, center=center,
                                      student_temp=0.1, teacher_temp=0.04)
-        m = {"loss": loss, "dino/health_check": jnp.float32(1.0), **dino._collapse_stats(stats)}
+        m = {"loss": loss, "dino/health_check": jnp.float32(1.0), **health.dino_stats(stats)}
         return jax.device_get(m)
 
     # Uniform: every teacher output equals the centre, and the student is uniform too.

@@ -11,7 +11,7 @@ import pytest
 from medssl_jax import checkpoint, main, models
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import finetune, linear_probe, report
+from medssl_jax.evaluate import finetune, linear_probe, records, report
 from medssl_jax.evaluate import splits as splits_lib
 
 TINY_RESNET = {"name": "resnet", "depth": 18, "width": 1, "base_width": 4}
@@ -69,12 +69,12 @@ def test_selects_the_validation_best_step_and_writes_eval(ssl_run):
     values = [-np.inf if v is None else v for v in curves["val_auc"]]
     assert summary["extra"]["best_step"] == curves["steps"][int(np.argmax(values))]
     assert summary["mode"] == "finetune" and summary["method"] == "micle" and summary["label_fraction"] == 1.0
-    run = report.read_eval(workdir)
+    run = records.read_eval(workdir)
     splits = splits_lib.load(os.path.join(workdir, "splits.json"))
     np.testing.assert_array_equal(np.sort(run.record_ids), splits.test)
     with open(os.path.join(workdir, "eval", "label_fractions.json")) as f:
         assert [e["fraction"] for e in json.load(f)["fractions"]] == [0.5, 1.0]
-    assert report.read_eval(os.path.join(workdir, "fractions", "f0.5")).summary["label_fraction"] == 0.5
+    assert records.read_eval(os.path.join(workdir, "fractions", "f0.5")).summary["label_fraction"] == 0.5
     with open(os.path.join(workdir, "eval", "robustness.json")) as f:
         assert set(json.load(f)) == {"intensity", "gamma", "rotation", "zoom"}
     # The test scalars are in TensorBoard too, at the selected step.
@@ -110,7 +110,7 @@ def test_test_predictions_come_from_the_saved_selected_model(ssl_run, phantom_ca
     encoder = models.build_encoder({**config["model"], "dtype": "float32"})
     assert config["source"]["steps"] == ssl_run["summary"]["extra"]["best_step"]
     store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
-    run = report.read_eval(workdir)
+    run = records.read_eval(workdir)
     images, _ = linear_probe.load_images(store, run.record_ids, image_size=24, batch_size=64)
     features, _ = encoder.apply(variables, images.astype(np.float32) / 65535.0, train=False)
     probs = 1 / (1 + np.exp(-(np.asarray(features) @ head["kernel"] + head["bias"])))
@@ -125,14 +125,14 @@ def test_pos_weight_comes_from_the_train_split_only(ssl_run, phantom_cache):
     np.testing.assert_allclose(ssl_run["summary"]["extra"]["pos_weight"], expected, rtol=1e-6)
     everything, _ = finetune.pos_weight_for(store.labels, store.label_names)
     assert not np.allclose(expected, everything)
-    half = report.read_eval(os.path.join(workdir, "fractions", "f0.5")).summary["extra"]["pos_weight"]
+    half = records.read_eval(os.path.join(workdir, "fractions", "f0.5")).summary["extra"]["pos_weight"]
     np.testing.assert_allclose(half, finetune.pos_weight_for(store.labels[splits.fraction_ids(0.5)],
                                                              store.label_names)[0], rtol=1e-6)
 
 
 def test_distribution_shift_eval_has_the_other_stores_fingerprint(ssl_run):
-    shift = report.read_eval(os.path.join(ssl_run["workdir"], "shift"))
-    assert shift.store_fingerprint == report.store_fingerprint(ssl_run["shift_store"])
+    shift = records.read_eval(os.path.join(ssl_run["workdir"], "shift"))
+    assert shift.store_fingerprint == records.store_fingerprint(ssl_run["shift_store"])
     assert shift.label_names == list(phantoms.LABEL_NAMES) and shift.summary["mode"] == "eval"
     assert len(shift.record_ids) == len(Store(ssl_run["shift_store"]).ids("test"))
 
@@ -206,7 +206,7 @@ def test_arms_train_until_validation_stops_improving_and_say_whether_they_conver
 
 
 def test_indomain_arm_transfers_the_whole_model_and_the_heads_of_shared_labels(ssl_run, phantom_cache, tmp_path):
-    import importlib.util
+    from medssl_jax import config_lib
 
     export = os.path.join(ssl_run["workdir"], "export")
     with np.load(os.path.join(export, "head.npz")) as f:
@@ -222,11 +222,7 @@ def test_indomain_arm_transfers_the_whole_model_and_the_heads_of_shared_labels(s
 
     # End to end through configs/dinov2_finetune.py's in-domain arm: with a vanishing learning rate, the
     # weights after two steps are the init's, head included.
-    spec = importlib.util.spec_from_file_location("dinov2_ft", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dinov2_finetune.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"runlocal,arm=indomain,init={export}")
+    config = config_lib.load_config("dinov2_finetune", f"runlocal,arm=indomain,init={export}")
     assert config.init_head and config.method == "indomain_supervised"
     config.data.update(cache_dir=phantom_cache, phantom_patients=64, phantom_size=32)
     config.update(image_size=24, batch_size=16, total_steps=2, eval_every=2, log_every=2)
@@ -257,13 +253,13 @@ def test_multi_class_task_is_softmax_top1_and_macro_auc_and_compares_top1(phanto
     runs = [str(tmp_path / "run")]
     summary = main.run(config, runs[0])
     assert summary["metrics"]["top1_accuracy"] == summary["top1_accuracy"] and 0 <= summary["top1_accuracy"] <= 1
-    run = report.read_eval(runs[0])
+    run = records.read_eval(runs[0])
     np.testing.assert_allclose(run.probs.sum(axis=1), 1.0, rtol=1e-5)  # softmax over the 7 classes
     correct = np.argmax(run.probs, axis=1) == np.argmax(run.labels, axis=1)
     assert run.summary["top1_accuracy"] == pytest.approx(correct.mean())
     # compare's top-1 rows, against a second "model" whose scores are the first's with the classes rolled.
     runs.append(str(tmp_path / "rolled"))
-    report.write_eval(runs[1], probs=np.roll(run.probs, 1, axis=1), labels=run.labels, record_ids=run.record_ids,
+    records.write_eval(runs[1], probs=np.roll(run.probs, 1, axis=1), labels=run.labels, record_ids=run.record_ids,
                       label_names=run.label_names, mode="finetune", method="none", init="random", split=run.split,
                       store_name=run.summary["store"]["name"], store_fingerprint=run.store_fingerprint)
     out = str(tmp_path / "report")

@@ -14,6 +14,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medssl_jax import ingest
+from medssl_jax.data.ingest import benchmark as ingest_benchmark, run as ingest_run, tasks as ingest_tasks
 from medssl_jax.data.store import Store, StoreError
 
 PYDICOM_DIR = os.path.dirname(get_testdata_file("CT_small.dcm"))
@@ -238,7 +239,7 @@ def test_rerun_refuses_overwrite_replaces_and_interrupt_leaves_no_store(tmp_path
     assert "already exists" in capsys.readouterr().err
 
     calls = {"n": 0}
-    real = ingest.process_task
+    real = ingest_run.process_task
 
     def flaky(task, opts=None):
         calls["n"] += 1
@@ -246,13 +247,13 @@ def test_rerun_refuses_overwrite_replaces_and_interrupt_leaves_no_store(tmp_path
             raise KeyboardInterrupt
         return real(task, opts)
 
-    monkeypatch.setattr(ingest, "process_task", flaky)
+    monkeypatch.setattr(ingest_run, "process_task", flaky)
     assert _run([f"--input={src}", f"--output={out}", "--workers=1", "--overwrite"]) == 130
     assert Store(out).num_records == 3  # the old complete store is untouched
     partial = tmp_path / "store.partial"
     with pytest.raises(StoreError):
         Store(partial)
-    monkeypatch.setattr(ingest, "process_task", real)
+    monkeypatch.setattr(ingest_run, "process_task", real)
     (src / "im3.dcm").write_bytes((src / "im0.dcm").read_bytes())
     assert _run([f"--input={src}", f"--output={out}", "--workers=1", "--overwrite"]) == 0
     assert Store(out).num_records == 4 and not partial.exists()
@@ -310,7 +311,7 @@ def test_csv_bad_column_is_one_line_error(tmp_path, capsys):
 
 
 def test_benchmark_smoke(tmp_path):
-    rows = ingest.benchmark(n_files=2, size=64, store_size=32, workers=(1,), workdir=str(tmp_path))
+    rows = ingest_benchmark.benchmark(n_files=2, size=64, store_size=32, workers=(1,), workdir=str(tmp_path))
     assert [(r["syntax"], r["workers"], r["files"]) for r in rows] == [
         ("uncompressed", 1, 2), ("jpeg2000", 1, 2)]
     assert all(r["files_per_s"] > 0 for r in rows)
@@ -335,7 +336,7 @@ def test_salt_file_and_salt_give_the_same_keys(tmp_path):
     assert _run([f"--input={src}", f"--output={tmp_path / 'b'}", "--workers=1", "--salt=s3cret"]) == 0
     assert not (tmp_path / "a.salt").exists() and not (tmp_path / "b.salt").exists()
     assert Store(tmp_path / "a").patients[0] == Store(tmp_path / "b").patients[0] == \
-        ingest.hash_key("s3cret", "patient", "P1")
+        ingest_tasks.hash_key("s3cret", "patient", "P1")
 
 
 def test_csv_chexpert_layout_with_path_regexes(tmp_path):

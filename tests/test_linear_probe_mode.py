@@ -12,7 +12,7 @@ from helpers import set_fields
 from medssl_jax import checkpoint, main, models
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import linear_probe, report
+from medssl_jax.evaluate import linear_probe, records, report
 from medssl_jax.evaluate import splits as splits_lib
 
 TINY_RESNET = {"name": "resnet", "depth": 18, "width": 1, "base_width": 4}
@@ -65,7 +65,7 @@ def test_probe_export_and_random_write_comparable_eval_dirs(phantom_cache, tiny_
         fractions = json.load(f)["fractions"]
     assert [e["fraction"] for e in fractions] == [0.5, 1.0]
     assert fractions[0]["num_train"] < fractions[1]["num_train"]
-    assert report.read_eval(os.path.join(ssl_dir, "fractions", "f0.5")).summary["label_fraction"] == 0.5
+    assert records.read_eval(os.path.join(ssl_dir, "fractions", "f0.5")).summary["label_fraction"] == 0.5
     with open(os.path.join(ssl_dir, "eval", "robustness.json")) as f:
         assert set(json.load(f)) == {"intensity", "gamma", "rotation", "zoom"}
     # The two runs share splits (made independently from the same store and seed) and test records.
@@ -73,7 +73,7 @@ def test_probe_export_and_random_write_comparable_eval_dirs(phantom_cache, tiny_
     splits_b = splits_lib.load(os.path.join(random_dir, "splits.json"))
     assert splits_a.fingerprint == splits_b.fingerprint
     np.testing.assert_array_equal(splits_a.test, splits_b.test)
-    assert report.read_eval(random_dir).summary["method"] == "none"
+    assert records.read_eval(random_dir).summary["method"] == "none"
     out = str(tmp_path / "report")
     report.compare_runs([ssl_dir, random_dir], out, num_resamples=50)
     assert os.path.exists(os.path.join(out, "report.md"))
@@ -81,7 +81,7 @@ def test_probe_export_and_random_write_comparable_eval_dirs(phantom_cache, tiny_
     cached = [d for d in os.listdir(os.path.join(random_dir, "cache"))]
     assert len(cached) == 1
     again = main.run(probe_config(phantom_cache, "random"), random_dir)
-    assert again["mean_auc"] == pytest.approx(report.read_eval(random_dir).summary["mean_auc"])
+    assert again["mean_auc"] == pytest.approx(records.read_eval(random_dir).summary["mean_auc"])
 
 
 def test_splits_patient_wise_nested_and_deterministic(phantom_cache):
@@ -185,16 +185,10 @@ def test_converted_rgb_vit_checkpoint_probes_a_grey_store(phantom_cache, tmp_pat
                                   "dinov2_finetune.py:arm=indomain,init=/e", "derm_finetune.py",
                                   "derm_finetune.py:runlocal,store=/s"])
 def test_config_files_have_only_known_fields(spec):
-    import importlib.util
-
     from medssl_jax import config_lib
 
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("cfg", os.path.join(os.path.dirname(__file__), "..",
-                                                                             "configs", path))
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    config = config_lib.load_config(path, arg or None)
     config_lib.check_known_keys(config, main.reference_config(config))
     models.build_encoder({**config.model.to_dict(), "dtype": "float32"})  # the random-init architecture builds
 
@@ -210,7 +204,7 @@ def test_random_baseline_is_fair_and_says_how_it_was_built(phantom_cache, tmp_pa
     assert baseline["batch_stats"].startswith("recomputed on ") and "train images" in baseline["batch_stats"]
     # The operating points are measured at thresholds chosen on validation (not on test).
     assert summary["metrics"]["threshold_source"] == "validation"
-    assert report.read_eval(str(tmp_path / "fair")).thresholds.shape == (len(phantoms.LABEL_NAMES),)
+    assert records.read_eval(str(tmp_path / "fair")).thresholds.shape == (len(phantoms.LABEL_NAMES),)
 
 
 def test_recomputed_batch_stats_are_the_train_images_statistics(phantom_cache):

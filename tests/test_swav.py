@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from medssl_jax import augment, config_lib, losses
+from medssl_jax import augment, config_lib, intensity, losses
+from medssl_jax.data import pipeline
 from medssl_jax.methods import swav
+from medssl_jax.models import heads
 from test_clustering import np_distributed_sinkhorn, np_swav_loss
 
 B, GLOBAL, LOCAL, K, DIM = 8, 16, 8, 6, 8
@@ -52,7 +54,7 @@ def make_config(method="swav", **swav_fields):
 
 def tiny_model(config):
     num_labels = config.hybrid.num_labels if config.method == "hybrid" and config.hybrid.supervised_weight > 0 else 0
-    head = swav.SwAVHead(hidden_dim=config.head.hidden_dim, out_dim=config.head.out_dim, dtype=jnp.float32)
+    head = heads.SwAVHead(hidden_dim=config.head.hidden_dim, out_dim=config.head.out_dim, dtype=jnp.float32)
     return swav.SwAVModel(encoder=TinyEncoder(), head=head, num_prototypes=config.swav.num_prototypes,
                           num_labels=num_labels)
 
@@ -266,16 +268,16 @@ def test_check_health_reports_collapse_and_nonfinite_loss():
 def test_modality_intensity():
     bits = jnp.array([12, 12, 16, 16])
     offset = jnp.array([1024.0, 1024.0, 0.0, 0.0])
-    modality = jnp.array([swav.MODALITY_CT, swav.MODALITY_CT, swav.MODALITY_MR, swav.MODALITY_OTHER])
-    assert [swav.modality_id(m) for m in ("CT", "mr", "DX", "US")] == [1, 2, 0, 0]
+    modality = jnp.array([intensity.MODALITY_CT, intensity.MODALITY_CT, intensity.MODALITY_MR, intensity.MODALITY_OTHER])
+    assert [pipeline.modality_id(m) for m in ("CT", "mr", "DX", "US")] == [1, 2, 0, 0]
     hu = np.linspace(-1024, 3000, 64).reshape(1, 8, 8, 1)
     stored = (hu + 1024) / 4095 * 65535  # the pipeline's full-range rescaling of 12-bit stored values
     rng = np.random.default_rng(0)
     mr = rng.uniform(100, 900, (1, 8, 8, 1)) / 65535 * 65535
     xray = rng.integers(0, 65536, (1, 8, 8, 1))
     x = jnp.asarray(np.concatenate([stored, stored, mr, xray]).round()[:, None], jnp.uint16)  # [4, 1, 8, 8, 1]
-    soft = swav.CT_WINDOWS["soft_tissue"]
-    y = swav.modality_intensity(x, modality_id=modality, bits_stored=bits, intensity_offset=offset,
+    soft = intensity.CT_WINDOWS["soft_tissue"]
+    y = intensity.modality_intensity(x, modality_id=modality, bits_stored=bits, intensity_offset=offset,
                                 rng=jax.random.PRNGKey(0), ct_windows=(soft,))
     assert y.shape == x.shape and y.dtype == jnp.float32
     hu_back = np.asarray(x[0, 0], np.float64) / 65535 * 4095 - 1024
@@ -286,19 +288,19 @@ def test_modality_intensity():
     np.testing.assert_allclose(y[3], np.asarray(x[3], np.float64) / 65535, atol=1e-6)
     # Window presets are sampled per crop: with many crops both presets of a CT sample occur.
     many = jnp.broadcast_to(x[:1], (1, 32, 8, 8, 1))
-    y = swav.modality_intensity(many, modality_id=modality[:1], bits_stored=bits[:1], intensity_offset=offset[:1],
-                                rng=jax.random.PRNGKey(1), ct_windows=(soft, swav.CT_WINDOWS["lung"]))
+    y = intensity.modality_intensity(many, modality_id=modality[:1], bits_stored=bits[:1], intensity_offset=offset[:1],
+                                rng=jax.random.PRNGKey(1), ct_windows=(soft, intensity.CT_WINDOWS["lung"]))
     distinct = {tuple(np.round(np.asarray(y[0, i]).ravel()[:20], 4)) for i in range(32)}
     assert len(distinct) == 2
     # Per-crop fields ([B, n]) select per crop: crop 0 as CT, crop 1 as X-ray.
     pair = jnp.concatenate([x[:1], x[:1]], axis=1)  # [1, 2, 8, 8, 1]
-    y = swav.modality_intensity(pair, modality_id=jnp.array([[swav.MODALITY_CT, swav.MODALITY_OTHER]]),
+    y = intensity.modality_intensity(pair, modality_id=jnp.array([[intensity.MODALITY_CT, intensity.MODALITY_OTHER]]),
                                 bits_stored=jnp.array([[12, 12]]), intensity_offset=jnp.array([[1024.0, 1024.0]]),
                                 rng=jax.random.PRNGKey(0), ct_windows=(soft,))
     np.testing.assert_allclose(y[0, 0], np.clip((hu_back - (40 - 200)) / 400, 0, 1), atol=1e-5)
     np.testing.assert_allclose(y[0, 1], np.asarray(x[0, 0], np.float64) / 65535, atol=1e-6)
     with pytest.raises(ValueError, match="bits_stored"):
-        swav.modality_intensity(x, modality_id=modality, bits_stored=bits[:2], intensity_offset=offset,
+        intensity.modality_intensity(x, modality_id=modality, bits_stored=bits[:2], intensity_offset=offset,
                                 rng=jax.random.PRNGKey(0))
 
 

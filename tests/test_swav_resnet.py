@@ -4,6 +4,7 @@ import math
 import jax
 import numpy as np
 
+from medssl_jax import methods
 from medssl_jax.methods import swav
 from test_swav import make_batch, make_config, run_loss
 
@@ -17,7 +18,7 @@ def test_build_with_resnet_runs_one_step():
     model = swav.build(config)
     batch = make_batch(0, num_labels=2)
     variables, state = jax.jit(lambda b: swav.init(model, jax.random.PRNGKey(0), b, config))(batch)
-    assert set(swav.encoder_variables(variables)["params"]) >= {"stem", "stage4_block1"}
+    assert set(methods.encoder_variables(variables)["params"]) >= {"stem", "stage4_block1"}
 
     loss, (batch_stats, _, metrics) = run_loss(model, config, variables, state, batch)
     assert math.isfinite(float(loss))

@@ -1,6 +1,5 @@
 """configs/swav.py and configs/hybrid.py, and the hybrid through the real train loop: multi-crop batches
 from the pipeline, 8 fake devices, the queue checkpointed and restored with the run."""
-import importlib.util
 import json
 import os
 
@@ -9,18 +8,13 @@ import numpy as np
 import pytest
 
 from helpers import final_state, shrink_to_tiny
-from medssl_jax import config_lib, main, train
+from medssl_jax import config_lib, intensity, main, train
 from medssl_jax.data import phantoms
 from medssl_jax.methods import swav
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+load_config = config_lib.load_config
 
 
 @pytest.mark.parametrize("name", ["swav", "hybrid"])
@@ -144,18 +138,18 @@ def test_hybrid_pretrains_on_a_mixed_ct_mr_us_xray_dicom_store_with_each_modalit
     assert batch["labels"].shape == (16, 2, 1)
     assert batch["modality_id"].shape == batch["bits_stored"].shape == batch["intensity_offset"].shape == (16, 2)
     ids = batch["modality_id"]
-    assert set(np.unique(ids)) == {swav.MODALITY_OTHER, swav.MODALITY_CT, swav.MODALITY_MR}  # all 16 patients
-    assert np.all(batch["intensity_offset"][ids == swav.MODALITY_CT] == 1024)  # HU + 1024 as stored
+    assert set(np.unique(ids)) == {intensity.MODALITY_OTHER, intensity.MODALITY_CT, intensity.MODALITY_MR}  # all 16 patients
+    assert np.all(batch["intensity_offset"][ids == intensity.MODALITY_CT] == 1024)  # HU + 1024 as stored
     views = batch["global"]
-    unit = np.asarray(swav._to_unit(views, batch, rng=jax.random.PRNGKey(0), config=config))
-    center, width = swav.CT_WINDOWS["soft_tissue"]
+    unit = np.asarray(intensity.crops_to_unit(views, batch, rng=jax.random.PRNGKey(0), cfg=config.intensity))
+    center, width = intensity.CT_WINDOWS["soft_tissue"]
     for b in range(views.shape[0]):
         for k in range(2):
             x = views[b, k].astype(np.float64) / 65535  # the pipeline's full-range uint16
-            if ids[b, k] == swav.MODALITY_CT:
+            if ids[b, k] == intensity.MODALITY_CT:
                 hu = x * (2.0 ** batch["bits_stored"][b, k] - 1) - batch["intensity_offset"][b, k]
                 expected = np.clip((hu - (center - width / 2)) / width, 0, 1)
-            elif ids[b, k] == swav.MODALITY_MR:
+            elif ids[b, k] == intensity.MODALITY_MR:
                 lo, hi = np.percentile(x, [1, 99])
                 expected = np.clip((x - lo) / (hi - lo), 0, 1)
             else:

@@ -83,6 +83,7 @@ def test_chexpert(tmp_path):
 def _check_ingested_store(tmp_path, name, label_names, counts, train_rows):
     """`ingest --tfds` turns the prepared dataset into a store: label list, splits, views, hashed patients."""
     from medssl_jax import ingest
+    from medssl_jax.data.ingest.tasks import hash_key
     from medssl_jax.data.store import Store
 
     out = tmp_path / "store"
@@ -92,9 +93,9 @@ def _check_ingested_store(tmp_path, name, label_names, counts, train_rows):
     assert list(store.label_names) == list(label_names)
     assert {split: len(store.ids(split)) for split in ("train", "val", "test") if len(store.ids(split))} == counts
     records = sorted((store[int(i)] for i in store.ids("train")), key=lambda r: r["patient"])
-    expected = sorted(train_rows, key=lambda e: ingest.hash_key("s", "patient", e["patient_id"].decode()))
+    expected = sorted(train_rows, key=lambda e: hash_key("s", "patient", e["patient_id"].decode()))
     for record, element in zip(records, expected, strict=True):
-        assert record["patient"] == ingest.hash_key("s", "patient", element["patient_id"].decode())
+        assert record["patient"] == hash_key("s", "patient", element["patient_id"].decode())
         np.testing.assert_array_equal(record["image"], element["image"])
         np.testing.assert_array_equal(record["labels"], element["labels"])
         assert record["view"] == element["view"].decode().upper()

@@ -136,15 +136,15 @@ def test_unknown_config_key_inside_a_config_file(phantom_cache, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(phantom_cache, tmp_path, monkeypatch):
+    import dataclasses
+
     from medssl_jax.methods import simclr
 
-    original = simclr.loss_fn
-
     def poisoned(*args, step, **kwargs):
-        loss, aux = original(*args, step=step, **kwargs)
+        loss, aux = simclr.loss_fn(*args, step=step, **kwargs)
         return jax.numpy.where(step >= 4, jax.numpy.nan, loss), aux
 
-    monkeypatch.setattr(simclr, "loss_fn", poisoned)
+    monkeypatch.setattr(simclr, "METHOD", dataclasses.replace(simclr.METHOD, loss_fn=poisoned))
     config = tiny_config(phantom_cache, total_steps=6, checkpoint_every=3, log_every=1)
     workdir = str(tmp_path / "w")
     with pytest.raises(train.TrainingError, match="non-finite loss=nan at step 5.*last good checkpoint: step 3"):

@@ -68,7 +68,7 @@ class DicomFrame:
     window_center: float
     window_width: float
     view: str
-    # Raw identifiers: only ever hashed (ingest.py), never written anywhere.
+    # Raw identifiers: only ever hashed (data/ingest/tasks.py), never written anywhere.
     patient_id: str
     study_uid: str
 

@@ -314,7 +314,7 @@ def _keep_worker_off_the_accelerator(worker_index: int, worker_count: int) -> No
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
-def _to_iterator(dataset: grain.MapDataset, *, num_workers: int, num_threads: int, prefetch_batches: int):
+def to_iterator(dataset: grain.MapDataset, *, num_workers: int, num_threads: int, prefetch_batches: int):
     # Buffers count batches here (the dataset is batched before to_iter_dataset), so keep them small:
     # Grain's default of 500 would hold hundreds of full batches in memory.
     iter_dataset = dataset.to_iter_dataset(
@@ -338,7 +338,7 @@ def make_pretrain_iterator(store: Store, *, spec: dict, batch_size_per_host: int
     dataset = make_pretrain_dataset(store, spec=spec, batch_size_per_host=batch_size_per_host, seed=seed,
                                     split=split, process_index=process_index, process_count=process_count,
                                     with_record_ids=with_record_ids)
-    return _to_iterator(dataset, num_workers=num_workers, num_threads=num_threads,
+    return to_iterator(dataset, num_workers=num_workers, num_threads=num_threads,
                         prefetch_batches=prefetch_batches)
 
 
@@ -375,5 +375,5 @@ def make_eval_iterator(store: Store, *, split: str | None, image_size: int, batc
     dataset = make_eval_dataset(store, split=split, image_size=image_size,
                                 batch_size_per_host=batch_size_per_host, process_index=process_index,
                                 process_count=process_count)
-    return _to_iterator(dataset, num_workers=num_workers, num_threads=num_threads,
+    return to_iterator(dataset, num_workers=num_workers, num_threads=num_threads,
                         prefetch_batches=prefetch_batches)

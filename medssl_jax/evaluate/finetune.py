@@ -14,7 +14,7 @@ One flow, top to bottom (`run`):
     -> every `eval_every` steps: validation mean AUC (metrics.evaluate_predictions) -> curves.json;
        the best validation step is kept, training stops after `early_stop_patience` evaluations
        without improvement. The test split is only ever predicted with that best model.
-  -> E/eval via report.write_eval(mode="finetune", curves=...) for the largest fraction, with
+  -> E/eval via records.write_eval(mode="finetune", curves=...) for the largest fraction, with
      label_fractions.json when there are several (each fraction also in E/fractions/f<F>/eval),
      robustness.json with `config.robustness`, and the selected model in E/export (encoder, usable as
      --config.init) + E/export/head.npz.
@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from medssl_jax import augment, checkpoint, config_lib, logging_lib, losses, optim, sharding
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import linear_probe, metrics, report, robustness
+from medssl_jax.evaluate import linear_probe, metrics, records, robustness
 from medssl_jax.evaluate import probe
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.models import heads, input_norm
@@ -153,7 +153,7 @@ def make_train_iterator(store: Store, ids: np.ndarray, *, image_size: int, crop_
     dataset = (grain.MapDataset.range(len(host_ids)).seed(host_seed).shuffle().repeat(None)
                .random_map(views).map(_WithLabels(store.labels.astype(np.float32)))
                .batch(batch_size_per_host, drop_remainder=True))
-    return pipeline._to_iterator(dataset, num_workers=num_workers, num_threads=2, prefetch_batches=4)
+    return pipeline.to_iterator(dataset, num_workers=num_workers, num_threads=2, prefetch_batches=4)
 
 
 def predict(predict_fn, variables, store: Store, ids: np.ndarray, *, image_size: int, batch_size: int, mesh,
@@ -170,7 +170,7 @@ def predict(predict_fn, variables, store: Store, ids: np.ndarray, *, image_size:
                                 num_labels=len(store.label_names))
     dataset = grain.MapDataset.source(padded).map(load).batch(per_host, drop_remainder=True)
     probs, labels, index = [], [], []
-    for local in pipeline._to_iterator(dataset, num_workers=0, num_threads=2, prefetch_batches=2):
+    for local in pipeline.to_iterator(dataset, num_workers=0, num_threads=2, prefetch_batches=2):
         out = predict_fn(variables, sharding.to_global({"image": local["image"]}, mesh)["image"])
         out = multihost_utils.process_allgather(out, tiled=True)
         rest = multihost_utils.process_allgather({k: local[k] for k in ("labels", "index", "mask")}, tiled=True)
@@ -290,7 +290,7 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
             curve_auc.append(val_auc)
             writer.write(step, {"val_mean_auc": np.nan if val_auc is None else val_auc})
             improved = val_auc is not None and val_auc > best["val_auc"]
-            logging_lib.log(f"step {step}: validation mean AUC {linear_probe._fmt(val_auc)}"
+            logging_lib.log(f"step {step}: validation mean AUC {metrics.fmt_auc(val_auc)}"
                             + (" (best so far)" if improved else ""))
             if improved or best["variables"] is None:
                 best = {"step": step, "val_auc": val_auc if val_auc is not None else -np.inf,
@@ -352,13 +352,13 @@ def _head_from_init(config, dense: dict, label_names) -> dict:
 
 def run(config, workdir: str) -> dict:
     """Runs the fine-tuning described in the module docstring; returns E/eval/summary.json's dict."""
-    from medssl_jax import train  # the store opener
+    from medssl_jax.data import sources
 
     linear_probe.check_init(config)
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
-    store = train.open_store(config.data)
+    store = sources.open_store(config.data)
     config_lib.check_image_size(store, config.splits.test, config.image_size, field="image_size")
     problem = probe.unlabelled_reason(store, train=config.splits.train, test=config.splits.test)
     if problem:
@@ -366,7 +366,7 @@ def run(config, workdir: str) -> dict:
                          "splits (python -m medssl_jax.ingest --csv=... --labels=... --test-fraction=...)")
     _check_task(config, store)
     shift = _open_shift(config, store)  # fail on a bad shift store / label map before training
-    fingerprint = report.store_fingerprint(store.path)
+    fingerprint = records.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
@@ -379,7 +379,7 @@ def run(config, workdir: str) -> dict:
         run_dir = workdir if fraction == max(fractions) else os.path.join(workdir, "fractions", f"f{fraction:g}")
         result = train_fraction(config, store, splits, fraction, mesh=mesh, run_dir=run_dir, channels=channels)
         logging_lib.log(f"label fraction {fraction:g}: best validation mean AUC "
-                        f"{linear_probe._fmt(result['best_val_auc'])} at step {result['best_step']}")
+                        f"{metrics.fmt_auc(result['best_val_auc'])} at step {result['best_step']}")
         if fraction != max(fractions):
             _write(run_dir, result, config, splits, store, fingerprint, name=f"{name}@{fraction:g}")
             result = {k: v for k, v in result.items() if k not in ("variables", "predict_fn", "evaluate")}
@@ -402,11 +402,11 @@ def run(config, workdir: str) -> dict:
             images, main["labels"], label_names=label_names, batch_size=config.batch_size)
     summary = _write(workdir, main, config, splits, store, fingerprint, name=config.name or None,
                      label_fractions=entries or None, robustness_curves=curves)
-    per_label = ", ".join(f"{n} {linear_probe._fmt(a)}" for n, a in summary["per_label_auc"].items())
+    per_label = ", ".join(f"{n} {metrics.fmt_auc(a)}" for n, a in summary["per_label_auc"].items())
     if summary["top1_accuracy"] is not None:
         logging_lib.log(f"fine-tune test top-1 accuracy {summary['top1_accuracy']:.4f} (multi-class; the mean AUC "
                         "below is the macro one-vs-rest AUC)")
-    logging_lib.log(f"fine-tune test mean AUC {linear_probe._fmt(summary['mean_auc'])} (model of step "
+    logging_lib.log(f"fine-tune test mean AUC {metrics.fmt_auc(summary['mean_auc'])} (model of step "
                     f"{main['best_step']}, chosen on validation); per label: {per_label}")
 
     if config.save_model and jax.process_index() == 0:
@@ -427,14 +427,14 @@ def run(config, workdir: str) -> dict:
         shift_store, model_cols, store_cols, names = shift
         ids = shift_store.ids(config.shift_split)
         probs, labels = main["evaluate"](best_variables, ids, shift_store)
-        shift_summary = report.write_eval(
+        shift_summary = records.write_eval(
             os.path.join(workdir, "shift"), probs=probs[:, model_cols], labels=labels[:, store_cols],
             record_ids=ids, label_names=names, mode="eval", method=main["encoder"].method, init=config.init,
             split=config.shift_split, store_name=shift_store.name,
-            store_fingerprint=report.store_fingerprint(shift_store.path), name=f"{name} on {shift_store.name}",
+            store_fingerprint=records.store_fingerprint(shift_store.path), name=f"{name} on {shift_store.name}",
             extra={"finetuned_on": {"store": store.name, "fingerprint": fingerprint}, "best_step": main["best_step"]})
         logging_lib.log(f"distribution shift ({shift_store.name}, {len(ids)} images, labels {names}): mean AUC "
-                        f"{linear_probe._fmt(shift_summary['mean_auc'])} -> {os.path.join(workdir, 'shift', 'eval')}")
+                        f"{metrics.fmt_auc(shift_summary['mean_auc'])} -> {os.path.join(workdir, 'shift', 'eval')}")
     logging_lib.log(f"wrote {os.path.join(workdir, 'eval')}")
     return summary
 
@@ -457,7 +457,7 @@ def _open_shift(config, store: Store):
 
 
 def _write(directory, result, config, splits, store, fingerprint, *, name, **optional) -> dict:
-    return report.write_eval(
+    return records.write_eval(
         directory, probs=result["probs"], labels=result["labels"], record_ids=splits.test,
         label_names=list(store.label_names), mode="finetune", method=result["encoder"].method, init=config.init,
         split=splits.params["test"], store_name=store.name, store_fingerprint=fingerprint,

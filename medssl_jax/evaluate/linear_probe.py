@@ -12,7 +12,7 @@ One flow, top to bottom (`run`):
   logistic regression per label for every C of `config.c_grid` on the fraction's train patients, keep the
   C with the best validation mean AUC (never test; a C at the grid's edge is warned about), take each
   label's decision threshold at its Youden point on validation, predict test -> E/eval via
-  report.write_eval (+ label_fractions.json with several fractions, + robustness.json with
+  records.write_eval (+ label_fractions.json with several fractions, + robustness.json with
   `config.robustness`).
 
 The validation patients are only used to choose C and the thresholds; the probe is never refit on them,
@@ -45,8 +45,8 @@ from medssl_jax import checkpoint, config_lib, logging_lib, models, sharding
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import features as features_lib
-from medssl_jax.evaluate import metrics, probe, report, robustness
-from medssl_jax.evaluate.probe import C_GRID, LinearProbe, fit_probe, select_and_fit  # noqa: F401 (used here and by tests)
+from medssl_jax.evaluate import metrics, probe, records, robustness
+from medssl_jax.evaluate.probe import C_GRID, select_and_fit
 from medssl_jax.evaluate import splits as splits_lib
 
 # Converted checkpoints record their file format; what their weights were trained with, for the report.
@@ -212,8 +212,6 @@ def features_of(encoder: Encoder, store: Store, splits: splits_lib.Splits, confi
     return np.concatenate([p["features"] for p in parts]), np.concatenate([p["labels"] for p in parts]), rows
 
 
-# ------------------------------------------------------------------------------------------ probe
-
 # ------------------------------------------------------------------------------------------ robustness
 
 def load_images(store: Store, ids: np.ndarray, *, image_size: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,19 +245,19 @@ def check_single_host(what: str) -> None:
 
 def run(config, workdir: str) -> dict:
     """Runs the linear probe described in the module docstring; returns E/eval/summary.json's dict."""
-    from medssl_jax import train  # the store opener; imported here to keep this module light for configs
+    from medssl_jax.data import sources  # imported here to keep this module light for configs
 
     check_init(config)
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
-    store = train.open_store(config.data)
+    store = sources.open_store(config.data)
     config_lib.check_image_size(store, config.splits.test, config.image_size, field="image_size")
     problem = probe.unlabelled_reason(store, train=config.splits.train, test=config.splits.test)
     if problem:
         raise ValueError(f"cannot evaluate: {problem}; evaluation needs a labelled store with train and test "
                          "splits (python -m medssl_jax.ingest --csv=... --labels=... --test-fraction=...)")
-    fingerprint = report.store_fingerprint(store.path)
+    fingerprint = records.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
@@ -291,7 +289,7 @@ def run(config, workdir: str) -> dict:
                                  thresholds=thresholds, c_at_edge=edge is not None)
         unfit = [label_names[j] for j in np.flatnonzero(~fitted.fitted)]
         logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): C={best_c:g}, val mean AUC "
-                        f"{_fmt(by_c[best_c])}" + (f"; not fit (one class in train): {unfit}" if unfit else ""))
+                        f"{metrics.fmt_auc(by_c[best_c])}" + (f"; not fit (one class in train): {unfit}" if unfit else ""))
         if edge:
             logging_lib.log(edge)
 
@@ -307,7 +305,7 @@ def run(config, workdir: str) -> dict:
     if len(fractions) > 1:
         entries = []
         for fraction, result in results.items():
-            report.write_eval(os.path.join(workdir, "fractions", f"f{fraction:g}"), probs=result["probs"],
+            records.write_eval(os.path.join(workdir, "fractions", f"f{fraction:g}"), probs=result["probs"],
                               labels=test_labels, record_ids=splits.test, label_fraction=fraction,
                               name=f"{config.name or os.path.basename(workdir)}@{fraction:g}", extra=extra(result),
                               thresholds=result["thresholds"], **common)
@@ -327,18 +325,14 @@ def run(config, workdir: str) -> dict:
             lambda x: main["probe"].predict(padded_apply(lambda b: forward(variables, b), x, mesh)),
             images, test_labels, label_names=label_names, batch_size=config.batch_size)
 
-    summary = report.write_eval(workdir, probs=main["probs"], labels=test_labels, record_ids=splits.test,
+    summary = records.write_eval(workdir, probs=main["probs"], labels=test_labels, record_ids=splits.test,
                                 label_fraction=main_fraction, name=config.name or None, extra=extra(main),
                                 label_fractions=entries, robustness_curves=curves, thresholds=main["thresholds"],
                                 **common)
-    per_label = ", ".join(f"{n} {_fmt(a)}" for n, a in summary["per_label_auc"].items())
-    logging_lib.log(f"linear probe test mean AUC {_fmt(summary['mean_auc'])}; per label: {per_label}")
+    per_label = ", ".join(f"{n} {metrics.fmt_auc(a)}" for n, a in summary["per_label_auc"].items())
+    logging_lib.log(f"linear probe test mean AUC {metrics.fmt_auc(summary['mean_auc'])}; per label: {per_label}")
     logging_lib.log(f"wrote {os.path.join(workdir, 'eval')}")
     return summary
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4f}"
 
 
 # ------------------------------------------------------------------------------------------ benchmark

@@ -309,7 +309,7 @@ def label_mapping(model_label_names: Sequence[str], store_label_names: Sequence[
     return np.asarray(model_cols), np.asarray(store_cols), names
 
 
-def _num(x):
+def json_number(x):
     """float for JSON: NaN/inf -> None."""
     if x is None:
         return None
@@ -371,15 +371,15 @@ def evaluate_predictions(*, probs, labels, label_names, thresholds: Sequence[flo
         oracle = youden_point(probs[:, j], y)
         point = oracle if thresholds is None else operating_point(probs[:, j], y, thresholds[j])
         entry = {
-            "auc": _num(auc),
+            "auc": json_number(auc),
             "n": int(keep.sum()),
             "n_pos": int(np.sum(y[keep] == 1)),
             "n_neg": int(np.sum(y[keep] == 0)),
             "n_missing": int((~keep).sum()),
-            "threshold": _num(point["threshold"]),
-            **{k: _num(point[k]) for k in YOUDEN_KEYS},
+            "threshold": json_number(point["threshold"]),
+            **{k: json_number(point[k]) for k in YOUDEN_KEYS},
             **{k: point[k] for k in ("tp", "fp", "tn", "fn")},
-            "oracle": {"threshold": _num(oracle["threshold"]), **{k: _num(oracle[k]) for k in YOUDEN_KEYS}},
+            "oracle": {"threshold": json_number(oracle["threshold"]), **{k: json_number(oracle[k]) for k in YOUDEN_KEYS}},
             "note": reason,
         }
         per_label[name] = entry
@@ -399,13 +399,18 @@ def evaluate_predictions(*, probs, labels, label_names, thresholds: Sequence[flo
     return {
         "num_examples": int(probs.shape[0]),
         "label_names": list(label_names),
-        "mean_auc": _num(np.mean(aucs)) if aucs else None,
-        "top1_accuracy": None if correct is None else _num(np.mean(correct)),
+        "mean_auc": json_number(np.mean(aucs)) if aucs else None,
+        "top1_accuracy": None if correct is None else json_number(np.mean(correct)),
         "num_defined_labels": len(aucs),
         "undefined_labels": [n for n in label_names if per_label[n]["auc"] is None],
         "threshold_source": "oracle" if thresholds is None else "validation",
-        "mean_youden": {k: (_num(np.mean(v)) if v else None) for k, v in youdens.items()},
-        "mean_youden_oracle": {k: (_num(np.mean(v)) if v else None) for k, v in oracles.items()},
+        "mean_youden": {k: (json_number(np.mean(v)) if v else None) for k, v in youdens.items()},
+        "mean_youden_oracle": {k: (json_number(np.mean(v)) if v else None) for k, v in oracles.items()},
         "per_label": per_label,
         "notes": notes,
     }
+
+
+def fmt_auc(value) -> str:
+    """An AUC for a log line: 4 decimals, 'n/a' when undefined (a label without both classes)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4f}"

@@ -160,11 +160,11 @@ def compare_with_baseline(workdir: str, baseline_workdir: str, *, num_resamples:
     """Paired bootstrap of the two evaluation workdirs' test predictions (the code `compare` runs):
     {"mean_auc_diff", "ci95": [lo, hi], "p_value" (one-sided: share of resamples in which the first is not
     better), "num_resamples", "num_test_images"}."""
-    from medssl_jax.evaluate import bootstrap, report
+    from medssl_jax.evaluate import bootstrap, records
 
-    runs = [report.read_eval(workdir), report.read_eval(baseline_workdir)]
+    runs = [records.read_eval(workdir), records.read_eval(baseline_workdir)]
     runs[0].name, runs[1].name = "pretrained", "random_init"
-    _, labels, probs = report.align_runs(runs)
+    _, labels, probs = records.align_runs(runs)
     boot = bootstrap.paired_bootstrap(probs=probs, labels=labels, label_names=runs[0].label_names,
                                       num_resamples=num_resamples, seed=seed, youden=False)
     diff = boot["comparisons"][0]["mean_auc"]

@@ -196,7 +196,7 @@ def robustness_curves(predict_fn: Callable[[np.ndarray], np.ndarray], images, la
     return curves
 
 
-def _curve(curve, name: str) -> tuple[np.ndarray, np.ndarray]:
+def read_curve(curve, name: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(curve, Mapping):
         if "steps" not in curve or "val_auc" not in curve:
             raise RobustnessError(f"{name}: expected keys 'steps' and 'val_auc', got {sorted(curve)}")
@@ -220,15 +220,15 @@ def _curve(curve, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def steps_to_reach(curve, target: float, *, name: str = "curve") -> float | None:
     """First logged step whose validation AUC is >= target, or None."""
-    steps, values = _curve(curve, name)
+    steps, values = read_curve(curve, name)
     hit = np.flatnonzero(np.nan_to_num(values, nan=-np.inf) >= target)
     return float(steps[hit[0]]) if hit.size else None
 
 
 def convergence_reduction(*, ssl_curve, random_curve) -> dict:
     """Ghesu-style convergence: % fewer steps for the SSL init to reach random init's best val AUC."""
-    r_steps, r_values = _curve(random_curve, "random_curve")
-    _curve(ssl_curve, "ssl_curve")
+    r_steps, r_values = read_curve(random_curve, "random_curve")
+    read_curve(ssl_curve, "ssl_curve")
     target = float(np.nanmax(r_values))
     random_steps = float(r_steps[np.nanargmax(r_values)])
     ssl_steps = steps_to_reach(ssl_curve, target, name="ssl_curve")

@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import probe, report
+from medssl_jax.evaluate import probe, records
 
 SPLITS_FORMAT = "medssl_jax.splits"
 SPLITS_VERSION = 1
@@ -155,7 +155,7 @@ def make_splits(store: Store, cfg, label_fractions) -> Splits:
     params = {"train": cfg.train, "val": val_split, "test": cfg.test, "val_fraction": float(cfg.val_fraction),
               "seed": int(cfg.seed), "label_fractions": fractions}
     return Splits(train=train, val=val, test=test, fractions=subsets,
-                  store_fingerprint=report.store_fingerprint(store.path), params=params)
+                  store_fingerprint=records.store_fingerprint(store.path), params=params)
 
 
 def save(path: str, splits: Splits, store: Store) -> None:
@@ -204,7 +204,7 @@ def resolve(workdir: str, store: Store, cfg, label_fractions) -> Splits:
     exists (a rerun), must equal it.
     """
     path = os.path.join(workdir, SPLITS_FILE)
-    fingerprint = report.store_fingerprint(store.path)
+    fingerprint = records.store_fingerprint(store.path)
     if cfg.file:
         splits = load(cfg.file)
         if splits.store_fingerprint != fingerprint:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medssl_jax.models.heads import l2_normalize
+
 # SimCLR's LARGE_NUM: subtracted from a view's similarity with itself, so exp() of it is exactly 0.
 SELF_SIMILARITY_MASK = 1e9
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    # tf.math.l2_normalize semantics: x / sqrt(max(sum(x^2), 1e-12)).
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+# tf.math.l2_normalize's epsilon (1e-12 on the squared norm), as google-research/simclr normalises.
+TF_L2_EPS = 1e-6
 
 
 def _gathered(x: jax.Array) -> jax.Array:
@@ -76,7 +77,7 @@ def ntxent(*, z1: jax.Array, z2: jax.Array, temperature: float, hidden_norm: boo
         raise ValueError(f"ntxent: scale={scale!r} is not one of {list(SCALES)}")
     a, b = z1.astype(jnp.float32), z2.astype(jnp.float32)
     if hidden_norm:
-        a, b = _l2_normalize(a), _l2_normalize(b)
+        a, b = l2_normalize(a, eps=TF_L2_EPS), l2_normalize(b, eps=TF_L2_EPS)
     a_all, b_all = _gathered(a), _gathered(b)
     self_mask = SELF_SIMILARITY_MASK * jnp.eye(a.shape[0], dtype=jnp.float32)
     logits_ab = a @ b_all.T / temperature

@@ -1,25 +1,16 @@
-"""SSL methods. Each is a module with the interface the train loop calls (see train.py):
+"""SSL methods: one `Method` per method, the whole interface the train loop (train.py) calls.
 
-    data_spec(config) -> {"sampler": ..., "crops": [...]}     what the host pipeline must produce
-    build(config) -> flax module                              encoder + heads
-    init(model, rng, batch, config) -> (variables, method_state)
-    loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config)
-        -> (loss, (batch_stats, method_state, metrics))
-    encoder_variables(variables) -> the encoder's variables (what is exported)
-    with_encoder_variables(variables, encoder) -> variables with the encoder part replaced (config.init)
-optional:
-    process_grads(grads, *, step, config) -> grads
-    after_update(params, method_state, *, step, config) -> (params, method_state)
-    check_health(metrics, *, step) -> None | str              a message when training has collapsed
-    export_variables(variables, method_state) -> encoder variables to export instead of
-        encoder_variables(variables) (DINO: the teacher)
-    extend_config(config) -> None                              add the method's own config fields
+A method lives in one module here (simclr.py for SimCLR and MICLe, swav.py for SwAV and the Ghesu et al.
+hybrid, dino.py for DINO) that ends with `METHOD = Method(...)`; its loss is in medssl_jax/losses, its
+heads in medssl_jax/models/heads.py, its recipe in configs/<name>.py and its collapse monitor, if any, in
+health.py. `get(config.method)` returns the Method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from types import ModuleType
+from typing import Any, Callable
 
 # method name -> module under medssl_jax.methods
 _REGISTRY = {
@@ -65,11 +56,74 @@ def multicrop_features(encoder, crops, *, train: bool):
     return jnp.concatenate(features, axis=1), encoder_out
 
 
+def _no_fields(config) -> None:
+    del config
+
+
+def _grads_as_they_are(grads, *, step, config):
+    del step, config
+    return grads
+
+
+def _params_as_they_are(params, method_state, *, step, config):
+    del step, config
+    return params, method_state
+
+
+def _always_healthy(metrics, *, step) -> None:
+    del metrics, step
+    return None
+
+
+def _export_encoder(variables: dict, method_state: Any) -> dict:
+    del method_state
+    return encoder_variables(variables)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Every hook the train loop calls, in the order it calls them; the optional ones have defaults.
+
+    Required:
+      data_spec(config) -> {"sampler": 'pairs' | 'micle', "crops": [{name, num, size, scale}, ...],
+          "fields": [extra per-sample fields, e.g. 'labels']}: what the host pipeline must produce.
+      build(config) -> flax module: encoder (submodule 'encoder') + heads.
+      init(model, rng, batch, config) -> (variables, method_state): method_state is checkpointed with the
+          run (a queue, a teacher, a centre).
+      loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config)
+          -> (loss, (batch_stats, method_state, metrics)): pure, jitted, over the global batch.
+    Optional:
+      extend_config(config): adds the method's own config fields (to the reference config too, so a
+          mistyped field of the method is rejected).
+      process_grads(grads, *, step, config) -> grads: before the optimiser (freezing, clipping).
+      after_update(params, method_state, *, step, config) -> (params, method_state): after the optimiser
+          (prototype normalisation, EMA teacher).
+      check_health(metrics, *, step) -> None | str: on host metrics at every log step; a message stops
+          the run (collapse).
+      encoder_variables(variables) -> the encoder's variables; with_encoder_variables(variables, encoder)
+          -> variables with the encoder replaced (config.init).
+      export_variables(variables, method_state) -> the encoder variables to export (DINO: the teacher's).
+    """
+
+    data_spec: Callable[..., dict]
+    build: Callable[..., Any]
+    init: Callable[..., tuple]
+    loss_fn: Callable[..., tuple]
+    extend_config: Callable[..., None] = _no_fields
+    process_grads: Callable[..., Any] = _grads_as_they_are
+    after_update: Callable[..., tuple] = _params_as_they_are
+    check_health: Callable[..., str | None] = _always_healthy
+    encoder_variables: Callable[[dict], dict] = encoder_variables
+    with_encoder_variables: Callable[[dict, dict], dict] = with_encoder_variables
+    export_variables: Callable[[dict, Any], dict] = _export_encoder
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> Method:
+    """The Method of `config.method`."""
     if name not in _REGISTRY:
         raise ValueError(f"config.method={name!r} is not one of {names()}")
-    return importlib.import_module(f"medssl_jax.methods.{_REGISTRY[name]}")
+    return importlib.import_module(f"medssl_jax.methods.{_REGISTRY[name]}").METHOD

@@ -37,8 +37,6 @@ functions of the step inside the jitted update, which does not know the epoch si
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -46,42 +44,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from medssl_jax import augment, config_lib, models
-from medssl_jax.methods import multicrop_features
-from medssl_jax.models import vit
-
-# DINO initialises the head's Linear layers with trunc_normal(std=0.02) and zero biases.
-TRUNC_NORMAL_02 = nn.initializers.truncated_normal(0.02)
-# PyTorch nn.Linear's default weight init, which the weight-normalised last layer keeps for v.
-TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-# Collapse detection (check_health), on entropies divided by ln K.
-COLLAPSE_UNIFORM_ENTROPY = 0.98  # per-sample teacher entropy this close to ln K: uniform teacher ...
-COLLAPSE_UNIFORM_KL = 0.01  # ... that the student already matches (KL < this x ln K): nothing left to learn
-COLLAPSE_ONE_PROTOTYPE_FRACTION = 0.95  # share of samples whose teacher argmax is the most common one
-COLLAPSE_MARGINAL_ENTROPY = 0.05  # entropy of the batch-mean teacher distribution: (near) one prototype
-COLLAPSE_MIN_SAMPLES = 8  # below this one prototype can win by chance
-
+from medssl_jax import augment, models
+from medssl_jax.methods import Method, health, multicrop_features
+from medssl_jax.models import heads
 
 # --------------------------------------------------------------------------------------------- config
-
-
-def vit_model_config(**overrides) -> mlc.ConfigDict:
-    """`config.model` for a ViT: name 'vit' and every ViT attribute with its default (dtype comes from
-    config.compute_dtype), so a mistyped model field is rejected like any other config typo."""
-    fields = {f.name: f.default for f in dataclasses.fields(vit.ViT) if f.name not in ("parent", "name", "dtype")}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"vit_model_config: {unknown} are not ViT attributes")
-    # attention 'xla' rather than the module's None: a None config field cannot be set from the command
-    # line (`--config.model.attention=cudnn` on a GPU).
-    return mlc.ConfigDict({"name": "vit", **fields, "attention": "xla", **overrides})
 
 
 def extend_config(config: mlc.ConfigDict) -> None:
     """Adds `config.dino` with DINO's defaults (`main_dino.py` arguments; durations in steps) and makes
     `config.model` a ViT's field set (DINO here trains encoders without BatchNorm)."""
-    config.model = vit_model_config()
+    config.model = models.model_config("vit")
     d = mlc.ConfigDict()
     d.num_prototypes = 65536  # K (DINO's out_dim)
     d.hidden_dim = 2048
@@ -112,98 +85,6 @@ def extend_config(config: mlc.ConfigDict) -> None:
     config.dino = d
 
 
-def dino_augment() -> mlc.ConfigDict:
-    """DINO's colour augmentation for the device: jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2.
-
-    On 1-channel radiographs only brightness and contrast act (augment skips saturation, hue and
-    grayscale for one channel); blur and solarisation are set per crop from `config.dino`.
-    """
-    cfg = augment.preset("none")
-    cfg.update(color_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2)
-    return cfg
-
-
-def dino_config(arg: str | None) -> mlc.ConfigDict:
-    """The config of configs/dino.py (see its docstring for commands, hardware and expected results).
-
-    DINO's ViT-S/16 recipe: 2 x 224 px global crops (scale 0.4-1) + 8 x 96 px local crops (0.05-0.4),
-    K = 65536, bottleneck 256, student temperature 0.1, teacher 0.04 -> 0.07 over 30 epochs, centre
-    momentum 0.9, EMA 0.996 -> 1, AdamW lr 5e-4 x B/256 with 10 warm-up epochs and cosine to 1e-6,
-    weight decay 0.04 -> 0.4 (cosine), per-tensor clipping at 3.0, last layer frozen for 1 epoch,
-    drop path 0.1. Epoch-based values are steps at `steps_per_epoch` (arg), since the method's
-    schedules run in steps.
-
-    Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested store;
-    '' = embedded phantoms), `variant` (ViT 'S/16' or 'B/16'), `steps_per_epoch` (images in the train
-    split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100).
-    """
-    args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100,
-                                encoder="vit")
-    if args.encoder not in ("vit", "resnet"):
-        raise ValueError(f"config argument encoder={args.encoder!r} is not one of ['resnet', 'vit']")
-    c = config_lib.pretrain_config()
-    c.method = "dino"
-    extend_config(c)
-    c.data.store = args.store
-    c.data.sampler = "pairs"
-    c.data.image_size = 224
-    c.data.crop_scale = (0.4, 1.0)
-    c.data.num_workers = 8
-    c.model = vit_model_config(variant=args.variant, image_size=224, in_chans=1, pool="token", drop_path_rate=0.1)
-    c.augment = dino_augment()
-    epoch = args.steps_per_epoch
-    c.batch_size = 256
-    c.total_steps = args.epochs * epoch
-    c.dino.teacher_temp = 0.07
-    c.dino.warmup_teacher_temp = 0.04
-    c.dino.teacher_temp_warmup_steps = 30 * epoch
-    c.dino.teacher_temp_epoch_steps = epoch
-    c.dino.freeze_last_layer_steps = epoch
-    c.dino.health_check_after_steps = 10 * epoch  # after the lr warm-up
-    # AdamW (PyTorch defaults b = (0.9, 0.999), eps 1e-8), lr 5e-4 per 256 images (linear scaling).
-    c.optim.update(name="adamw", base_lr=5e-4, lr_scaling="linear", schedule="cosine", warmup_steps=10 * epoch,
-                   end_lr_factor=1e-6 / (5e-4 * c.batch_size / 256),  # DINO's min_lr 1e-6
-                   weight_decay=0.04, weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8)
-    c.log_every = 100
-    c.checkpoint_every = 2000
-    if args.runlocal:
-        # Minutes on 2 CPU cores: a 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops.
-        config_lib.apply_runlocal(c, image_size=32, probe_size=32)
-        c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
-                       drop_path_rate=0.0)
-        c.data.crop_scale = (0.3, 1.0)
-        c.dino.num_local_crops = 4
-        c.dino.local_image_size = 16
-        c.dino.local_crop_scale = (0.08, 0.3)
-        c.dino.num_prototypes = 256
-        c.dino.hidden_dim = 128
-        c.dino.bottleneck_dim = 32
-        c.dino.teacher_temp = 0.04
-        c.dino.teacher_temp_warmup_steps = 0
-        c.dino.teacher_temp_epoch_steps = 1
-        # 0.996 keeps the teacher at ~70 % of its random init for all 300 steps; a random tiny ViT barely
-        # depends on its input, so such a teacher is uniform after centring and the student copies it.
-        c.dino.momentum_teacher = 0.9
-        c.dino.freeze_last_layer_steps = 20
-        c.dino.health_check_after_steps = 100
-        c.optim.base_lr = 5e-4
-        c.optim.end_lr_factor = 0.01
-        if args.encoder == "resnet":
-            # The encoder of the other :runlocal configs (ResNet-18, base width 16, 48 px crops), with DINO's
-            # ResNet recipe (facebookresearch/dino README: LARS, weight decay 1e-6, no schedule on it).
-            config_lib.apply_runlocal(c, image_size=48, probe_size=64)
-            c.model = mlc.ConfigDict(models.encoder_fields("resnet"))
-            c.model.update(depth=18, width=1, base_width=16)
-            c.data.crop_scale = (0.25, 1.0)
-            c.dino.local_image_size = 24
-            c.dino.local_crop_scale = (0.08, 0.25)
-            c.dino.num_local_crops = 2
-            c.optim.update(name="lars", base_lr=1.2, lr_scaling="linear", weight_decay=1e-6, weight_decay_end=-1.0,
-                           warmup_steps=30, end_lr_factor=0.0)
-            c.augment = augment.preset("azizi_cxr")
-    return c
-
-
 def _check_config(config) -> None:
     if config.dino.use_bn_in_head and config.model.get("drop_path_rate", 0.0):
         raise ValueError("config.dino.use_bn_in_head with config.model.drop_path_rate > 0: the teacher runs in "
@@ -214,61 +95,6 @@ def _check_config(config) -> None:
 
 
 # --------------------------------------------------------------------------------------------- model
-
-
-class WeightNormDense(nn.Module):
-    """Bias-free Linear with weight normalisation (torch.nn.utils.weight_norm, dim=0).
-
-    kernel v [in, K]; every output unit k uses w_k = g_k v_k / ||v_k|| (column norm). g is 1 and not a
-    parameter when `fixed_scale` (DINO's norm_last_layer=True), else a parameter 'scale' [K] starting
-    at 1. Computed in float32 so the loss sees exact unit-norm prototypes.
-    """
-
-    features: int
-    fixed_scale: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        v = self.param("kernel", TORCH_LINEAR_INIT, (x.shape[-1], self.features), jnp.float32)
-        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
-        if not self.fixed_scale:
-            w = w * self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
-        return x.astype(jnp.float32) @ w
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) over the last axis, like torch.nn.functional.normalize."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-class DINOHead(nn.Module):
-    """DINO's projection head: (num_layers - 1) x [Linear, GELU] -> Linear(bottleneck) -> L2 norm ->
-    weight-normalised Linear(K). Returns (logits [..., K] float32, out_dict with 'bottleneck')."""
-
-    num_prototypes: int
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    num_layers: int = 3
-    norm_last_layer: bool = True
-    use_bn: bool = False  # DINO's use_bn_in_head: Linear -> BatchNorm -> GELU in the hidden layers
-    dtype: Any = jnp.bfloat16
-
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        if self.num_layers < 1:
-            raise ValueError(f"DINOHead num_layers={self.num_layers} must be at least 1")
-        dense = dict(kernel_init=TRUNC_NORMAL_02, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                     param_dtype=jnp.float32)
-        for i in range(self.num_layers - 1):
-            x = nn.Dense(self.hidden_dim, name=f"mlp_{i}", **dense)(x)
-            if self.use_bn:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                                 param_dtype=jnp.float32, name=f"bn_{i}")(x)
-            x = nn.gelu(x, approximate=False)
-        x = nn.Dense(self.bottleneck_dim, name=f"mlp_{self.num_layers - 1}", **dense)(x)
-        z = l2_normalize(x.astype(jnp.float32))
-        logits = WeightNormDense(self.num_prototypes, fixed_scale=self.norm_last_layer, name="last_layer")(z)
-        return logits, {"bottleneck": z}
 
 
 class DINOModel(nn.Module):
@@ -291,7 +117,7 @@ class DINOModel(nn.Module):
 def build(config) -> nn.Module:
     d = config.dino
     encoder = models.build_encoder({**config.model.to_dict(), "dtype": config.compute_dtype})
-    head = DINOHead(num_prototypes=d.num_prototypes, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+    head = heads.DINOHead(num_prototypes=d.num_prototypes, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
                     num_layers=d.num_head_layers, norm_last_layer=d.norm_last_layer, use_bn=d.use_bn_in_head,
                     dtype=jnp.dtype(config.compute_dtype))
     return DINOModel(encoder=encoder, head=head)
@@ -463,31 +289,8 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     new_state.update(teacher=teacher, center=updated_center(method_state["center"], teacher_logits, d.center_momentum))
     metrics = {"loss": loss, "dino/teacher_temp": temp, "dino/momentum": teacher_momentum(step, config),
                "dino/health_check": (step + 1 >= d.health_check_after_steps).astype(jnp.float32)}
-    metrics.update(_collapse_stats(stats))
+    metrics.update(health.dino_stats(stats))
     return loss, (batch_stats, new_state, metrics)
-
-
-def _entropy(p: jax.Array) -> jax.Array:
-    return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
-
-
-def _collapse_stats(stats: dict) -> dict:
-    t = stats["teacher_probs"]  # [B, G, K]
-    k = t.shape[-1]
-    log_k = math.log(k)
-    flat = t.reshape(-1, k)
-    counts = jnp.bincount(jnp.argmax(flat, axis=-1), length=k)  # not a [N, K] one-hot: K is 65536 in DINO
-    pairs = stats["pairs"]
-    kl = stats["ce"] - _entropy(t)[:, :, None]  # KL(t || s) per pair: cross-entropy minus the teacher entropy
-    return {
-        "dino/teacher_entropy": jnp.mean(_entropy(t)) / log_k,
-        "dino/marginal_entropy": _entropy(jnp.mean(flat, axis=0)) / log_k,
-        "dino/kl": jnp.sum(jnp.mean(kl, axis=0) * pairs) / jnp.sum(pairs),
-        "dino/top_prototype_fraction": jnp.max(counts) / flat.shape[0],
-        "dino/prototypes_used": jnp.sum(counts > 0).astype(jnp.float32),
-        "dino/samples": jnp.float32(flat.shape[0]),
-        "dino/num_prototypes": jnp.float32(k),
-    }
 
 
 # --------------------------------------------------------------------------------------------- train-loop hooks
@@ -521,11 +324,6 @@ def after_update(params, method_state, *, step, config):
     return params, {**method_state, "teacher": teacher}
 
 
-def encoder_variables(variables: dict) -> dict:
-    """The student's backbone (shapes for config.init; what is exported if the loop ignores export_variables)."""
-    return {collection: tree["encoder"] for collection, tree in variables.items() if "encoder" in tree}
-
-
 def export_variables(variables: dict, method_state: dict) -> dict:
     """What DINO exports: the teacher's backbone (DINO evaluates the teacher), with its own BatchNorm
     statistics for an encoder that has them."""
@@ -536,39 +334,8 @@ def export_variables(variables: dict, method_state: dict) -> dict:
     return out
 
 
-def with_encoder_variables(variables: dict, encoder: dict) -> dict:
-    """Returns `variables` with the student's backbone replaced (config.init); the teacher copies the
-    student at step 0 (see `_sync_teacher`), so both start from the loaded weights."""
-    result = {collection: dict(tree) for collection, tree in variables.items()}
-    for collection, tree in encoder.items():
-        result[collection]["encoder"] = tree
-    return result
+check_health = health.dino_check
 
-
-def check_health(metrics, *, step) -> str | None:
-    """A message when the teacher has collapsed (one prototype for every sample, or uniform), else None.
-
-    Not checked before `dino.health_check_after_steps`: at initialisation every image can land on the
-    same prototype until the centre has caught up with the mean teacher output.
-    """
-    if float(metrics.get("dino/health_check", 1.0)) < 0.5:
-        return None
-    k = float(metrics["dino/num_prototypes"])
-    entropy = float(metrics["dino/teacher_entropy"])
-    marginal = float(metrics["dino/marginal_entropy"])
-    top = float(metrics["dino/top_prototype_fraction"])
-    samples = int(metrics["dino/samples"])
-    stats = (f"loss={float(metrics['loss']):.4g}, teacher entropy={entropy:.3f} ln K, batch-marginal entropy="
-             f"{marginal:.3f} ln K, KL(teacher||student)={float(metrics['dino/kl']):.3g}, top prototype "
-             f"fraction={top:.3f} of {samples} samples, prototypes used={float(metrics['dino/prototypes_used']):.0f}"
-             f" of K={k:.0f}")
-    if entropy > COLLAPSE_UNIFORM_ENTROPY and float(metrics["dino/kl"]) < COLLAPSE_UNIFORM_KL * math.log(k):
-        return (f"DINO collapse at step {step}: the teacher output is uniform over the prototypes and the "
-                f"student matches it (centring dominates sharpening: lower dino.teacher_temp, or the teacher "
-                f"barely depends on the input: lower dino.momentum_teacher for short runs) ({stats})")
-    # The argmax of a (near-)uniform teacher is arbitrary, so the top-prototype share alone proves nothing:
-    # one-prototype collapse needs the batch's mean teacher distribution itself concentrated.
-    if samples >= COLLAPSE_MIN_SAMPLES and top > COLLAPSE_ONE_PROTOTYPE_FRACTION and marginal < COLLAPSE_MARGINAL_ENTROPY:
-        return (f"DINO collapse at step {step}: the teacher puts every sample on one prototype (sharpening "
-                f"dominates centring: raise dino.teacher_temp or lower dino.center_momentum) ({stats})")
-    return None
+METHOD = Method(data_spec=data_spec, build=build, init=init, loss_fn=loss_fn, extend_config=extend_config,
+                process_grads=process_grads, after_update=after_update, check_health=check_health,
+                export_variables=export_variables)

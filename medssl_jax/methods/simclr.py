@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from medssl_jax import augment, losses, models
-from medssl_jax.methods import encoder_variables, with_encoder_variables  # noqa: F401 (method interface)
+from medssl_jax.methods import Method
 from medssl_jax.models import heads
 
 
@@ -77,3 +77,6 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     loss = losses.ntxent(z1=z[:, 0], z2=z[:, 1], temperature=config.loss.temperature,
                          hidden_norm=config.loss.hidden_norm, scale=config.loss.scale)
     return loss, (updates["batch_stats"], method_state, {"loss": loss})
+
+
+METHOD = Method(data_spec=data_spec, build=build, init=init, loss_fn=loss_fn)

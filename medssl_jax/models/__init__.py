@@ -63,4 +63,21 @@ def encoder_fields(name: str) -> dict:
                              if f.name not in ("parent", "name", "dtype")}}
 
 
-__all__ = ["ENCODERS", "LinearClassifier", "ProjectionHead", "ResNet", "build_encoder", "encoder_fields"]
+def model_config(name: str, **overrides):
+    """`config.model` for encoder `name`: every field with its default (encoder_fields), `overrides`
+    applied; a field the encoder does not have is rejected here, like any other config typo."""
+    import ml_collections as mlc
+
+    fields = encoder_fields(name)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"model_config({name!r}): {unknown} are not {name} fields")
+    if name == "vit":
+        # 'xla' rather than the module's None: a None config field cannot be set from the command line
+        # (`--config.model.attention=cudnn` on a GPU).
+        fields["attention"] = "xla"
+    return mlc.ConfigDict({**fields, **overrides})
+
+
+__all__ = ["ENCODERS", "LinearClassifier", "ProjectionHead", "ResNet", "build_encoder", "encoder_fields",
+           "model_config"]

@@ -1,4 +1,5 @@
-"""Heads that sit on an encoder's pooled features: SimCLR projection heads and a linear classifier.
+"""Heads that sit on an encoder's pooled features: SimCLR, SwAV and DINO projection heads, DINO's
+weight-normalised prototype layer, a linear classifier, and the one `l2_normalize` they all use.
 
 The projection head follows google-research/simclr `model_util.projection_head`: every Dense is bias-free
 because a BatchNorm follows it (`linear_layer` drops the bias when `use_bn`), kernels start from
@@ -12,11 +13,27 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from medssl_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
 
 HEAD_KERNEL_INIT = nn.initializers.normal(stddev=0.01)
+# PyTorch nn.Linear's default weight init (kaiming_uniform with a=sqrt(5)), which SwAV's head and DINO's
+# weight-normalised last layer keep.
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# DINO initialises its head's Linear layers with trunc_normal(std=0.02) and zero biases.
+TRUNC_NORMAL_02 = nn.initializers.truncated_normal(0.02)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize; tf.math.l2_normalize's
+    epsilon=1e-12 on the squared norm is eps=1e-6 here).
+
+    Written as x * rsqrt(max(||x||^2, eps^2)) so the gradient is finite at x = 0 (the norm's is NaN
+    there), which a collapsed batch reaches: the collapse checks must get to report it.
+    """
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 # Number of Dense layers of each SimCLR head version.
 PROJECTION_LAYERS = {"v1": 2, "v2": 3}
@@ -95,3 +112,77 @@ class LinearClassifier(nn.Module):
             name="dense",
         )(x.astype(jnp.float32))
         return logits, {"logits": logits}
+
+
+class SwAVHead(nn.Module):
+    """SwAV projection head: Linear(hidden) -> BN -> ReLU -> Linear(out), both Linear with bias."""
+
+    hidden_dim: int | None = 2048  # None: the input width; 0: a single Linear
+    out_dim: int = 128
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        out = {}
+        hidden_dim = x.shape[-1] if self.hidden_dim is None else self.hidden_dim
+        dense = dict(kernel_init=TORCH_LINEAR_INIT, dtype=self.dtype, param_dtype=jnp.float32)
+        if hidden_dim:
+            x = nn.Dense(hidden_dim, name="dense1", **dense)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                             dtype=self.dtype, param_dtype=jnp.float32, name="bn1")(x)
+            x = nn.relu(x)
+            out["hidden1"] = x
+        x = nn.Dense(self.out_dim, name="dense2", **dense)(x)
+        z = x.astype(jnp.float32)
+        out["projection"] = z
+        return z, out
+
+
+class WeightNormDense(nn.Module):
+    """Bias-free Linear with weight normalisation (torch.nn.utils.weight_norm, dim=0).
+
+    kernel v [in, K]; every output unit k uses w_k = g_k v_k / ||v_k|| (column norm). g is 1 and not a
+    parameter when `fixed_scale` (DINO's norm_last_layer=True), else a parameter 'scale' [K] starting
+    at 1. Computed in float32 so the loss sees exact unit-norm prototypes.
+    """
+
+    features: int
+    fixed_scale: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("kernel", TORCH_LINEAR_INIT, (x.shape[-1], self.features), jnp.float32)
+        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+        if not self.fixed_scale:
+            w = w * self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        return x.astype(jnp.float32) @ w
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: (num_layers - 1) x [Linear, GELU] -> Linear(bottleneck) -> L2 norm ->
+    weight-normalised Linear(K). Returns (logits [..., K] float32, out_dict with 'bottleneck')."""
+
+    num_prototypes: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    norm_last_layer: bool = True
+    use_bn: bool = False  # DINO's use_bn_in_head: Linear -> BatchNorm -> GELU in the hidden layers
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        if self.num_layers < 1:
+            raise ValueError(f"DINOHead num_layers={self.num_layers} must be at least 1")
+        dense = dict(kernel_init=TRUNC_NORMAL_02, bias_init=nn.initializers.zeros, dtype=self.dtype,
+                     param_dtype=jnp.float32)
+        for i in range(self.num_layers - 1):
+            x = nn.Dense(self.hidden_dim, name=f"mlp_{i}", **dense)(x)
+            if self.use_bn:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                                 param_dtype=jnp.float32, name=f"bn_{i}")(x)
+            x = nn.gelu(x, approximate=False)
+        x = nn.Dense(self.bottleneck_dim, name=f"mlp_{self.num_layers - 1}", **dense)(x)
+        z = l2_normalize(x.astype(jnp.float32))
+        logits = WeightNormDense(self.num_prototypes, fixed_scale=self.norm_last_layer, name="last_layer")(z)
+        return logits, {"bottleneck": z}
