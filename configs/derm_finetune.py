@@ -32,50 +32,24 @@ Hardware and runtime (an estimate, not a measurement): a ResNet-50 step at 448 p
 supervised ImageNet initialisation on their private 26-class data.
 """
 
-import ml_collections as mlc
-
 from medssl_jax import augment, config_lib
-from medssl_jax.evaluate import finetune
 
 
 def get_config(arg=None):
+    """configs/finetune.py's recipe (ResNet-50, SGD Nesterov lr 0.1 x B/256 cosine, 30 epochs, batch 256)
+    as a multi-class task at 448 px with the dermatology augmentation. Arguments: runlocal, store, init."""
     args = config_lib.parse_arg(arg, runlocal=False, store="", init="")
-    c = finetune.reference_config()
-    c.task = "multi_class"
-    c.data.store = args.store
-    c.init = args.init
-    c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64, "zero_init_last_bn": True,
-                              "stem_pool": "same"})
+    if args.runlocal and not args.store:
+        raise ValueError("configs/derm_finetune.py:runlocal needs store=DIR, a multi-class store (e.g. "
+                         "python -m medssl_jax.ingest --medmnist=dermamnist.npz --output=DIR); the embedded "
+                         "phantoms are multi-label")
+    c = config_lib.load_config("finetune", arg)
+    c.task = "multi_class"  # softmax cross-entropy over the classes, top-1 and macro AUC
     c.image_size = 448
-    c.batch_size = 256
-    c.total_epochs = 30.0
-    c.optim.name = "sgd"
-    c.optim.nesterov = True
-    c.optim.momentum = 0.9
-    c.optim.base_lr = 0.1
-    c.optim.lr_scaling = "linear"
-    c.optim.schedule = "cosine"
-    c.optim.weight_decay = 0.0
-    c.crop_scale = (0.08, 1.0)
     c.augment = augment.preset("simclr")
     c.augment.rotation_p = 1.0
     c.augment.rotation_max_deg = 45.0
-    c.data.num_workers = 8
     if args.runlocal:
-        if not args.store:
-            raise ValueError("configs/derm_finetune.py:runlocal needs store=DIR, a multi-class store (e.g. "
-                             "python -m medssl_jax.ingest --medmnist=dermamnist.npz --output=DIR); the embedded "
-                             "phantoms are multi-label")
-        c.init = args.init or "random"
-        c.data.num_workers = 0
         c.image_size = 28  # MedMNIST's native size
-        c.batch_size = 64
-        c.crop_scale = (0.5, 1.0)
-        c.model.depth, c.model.base_width = 18, 16
         c.total_steps = 1000
-        c.eval_every = 50
-        c.log_every = 50
-        c.early_stop_patience = 5
-        c.optim.schedule = "constant"
-        c.optim.base_lr = 0.4
     return c

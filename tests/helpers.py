@@ -41,6 +41,23 @@ def tiny_pretrain_config(cache_dir, method="micle", **overrides):
     return set_fields(c, overrides)
 
 
+# The random-init encoder of the evaluation tests (a 4-wide ResNet-18).
+TINY_RESNET = {"name": "resnet", "depth": 18, "width": 1, "base_width": 4}
+
+
+def tiny_eval_config(reference, cache_dir, init, **overrides):
+    """An evaluation config (`reference`: linear_probe or finetune's reference_config()) on the 64-patient,
+    32 px phantom store in cache_dir, 24 px images, TINY_RESNET for init='random'; dotted-path overrides."""
+    c = reference
+    c.init = init
+    c.model = dict(TINY_RESNET)
+    c.data.cache_dir = cache_dir
+    c.data.phantom_patients = 64
+    c.data.phantom_size = 32
+    c.image_size = 24
+    return set_fields(c, overrides)
+
+
 def final_state(workdir):
     """(step, train state as host arrays) of the newest checkpoint in WORKDIR/checkpoints."""
     import os

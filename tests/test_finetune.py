@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import TINY_RESNET, tiny_eval_config
 from medssl_jax import checkpoint, main, models
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import finetune, linear_probe, records, report
 from medssl_jax.evaluate import splits as splits_lib
 
-TINY_RESNET = {"name": "resnet", "depth": 18, "width": 1, "base_width": 4}
 TINY_VIT = {"name": "vit", "variant": "Ti/8", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
             "image_size": 24, "pos_interp": "size"}
 
@@ -27,22 +27,9 @@ def phantom_cache(tmp_path_factory):
 
 
 def ft_config(cache_dir, init, **overrides):
-    c = finetune.reference_config()
-    c.init = init
-    c.model = dict(TINY_RESNET)
-    c.data.cache_dir = cache_dir
-    c.data.phantom_patients = 64
-    c.data.phantom_size = 32
-    c.image_size = 24
-    c.batch_size = 16
-    c.crop_scale = (0.5, 1.0)
-    c.total_steps = 6
-    c.eval_every = 2
-    c.log_every = 2
-    c.early_stop_patience = 0
-    for key, value in overrides.items():
-        setattr(c, key, value)
-    return c
+    return tiny_eval_config(finetune.reference_config(), cache_dir, init, **{
+        "batch_size": 16, "crop_scale": (0.5, 1.0), "total_steps": 6, "eval_every": 2, "log_every": 2,
+        "early_stop_patience": 0, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import set_fields
+from helpers import TINY_RESNET, tiny_eval_config
 from medssl_jax import checkpoint, main, models
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import linear_probe, records, report
 from medssl_jax.evaluate import splits as splits_lib
 
-TINY_RESNET = {"name": "resnet", "depth": 18, "width": 1, "base_width": 4}
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +39,8 @@ def tiny_export(tmp_path_factory):
 
 
 def probe_config(cache_dir, init, **overrides):
-    c = linear_probe.reference_config()
-    c.init = init
-    c.model = dict(TINY_RESNET)
-    c.data.cache_dir = cache_dir
-    c.data.phantom_patients = 64
-    c.data.phantom_size = 32
-    c.image_size = 24
-    c.batch_size = 32
-    c.c_grid = (0.1, 1.0)
-    return set_fields(c, overrides)
+    return tiny_eval_config(linear_probe.reference_config(), cache_dir, init,
+                            **{"batch_size": 32, "c_grid": (0.1, 1.0), **overrides})
 
 
 def test_probe_export_and_random_write_comparable_eval_dirs(phantom_cache, tiny_export, tmp_path):

@@ -43,7 +43,6 @@ from medssl_jax import augment, checkpoint, config_lib, logging_lib, losses, opt
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import linear_probe, metrics, records, robustness
-from medssl_jax.evaluate import probe
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.models import heads, input_norm
 
@@ -352,18 +351,7 @@ def _head_from_init(config, dense: dict, label_names) -> dict:
 
 def run(config, workdir: str) -> dict:
     """Runs the fine-tuning described in the module docstring; returns E/eval/summary.json's dict."""
-    from medssl_jax.data import sources
-
-    linear_probe.check_init(config)
-    workdir = os.path.abspath(workdir)
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_size(config.batch_size, mesh)
-    store = sources.open_store(config.data)
-    config_lib.check_image_size(store, config.splits.test, config.image_size, field="image_size")
-    problem = probe.unlabelled_reason(store, train=config.splits.train, test=config.splits.test)
-    if problem:
-        raise ValueError(f"cannot evaluate: {problem}; evaluation needs a labelled store with train and test "
-                         "splits (python -m medssl_jax.ingest --csv=... --labels=... --test-fraction=...)")
+    workdir, mesh, store = linear_probe.open_eval(config, workdir)
     _check_task(config, store)
     shift = _open_shift(config, store)  # fail on a bad shift store / label map before training
     fingerprint = records.store_fingerprint(store.path)

@@ -243,8 +243,10 @@ def check_single_host(what: str) -> None:
 
 # ------------------------------------------------------------------------------------------ run
 
-def run(config, workdir: str) -> dict:
-    """Runs the linear probe described in the module docstring; returns E/eval/summary.json's dict."""
+def open_eval(config, workdir: str):
+    """(absolute workdir, mesh, store) of an evaluation run (probe or fine-tune), after the checks every
+    evaluation makes before any work: the init, the batch against the mesh, the image size, and a labelled
+    store with train and test splits."""
     from medssl_jax.data import sources  # imported here to keep this module light for configs
 
     check_init(config)
@@ -257,6 +259,12 @@ def run(config, workdir: str) -> dict:
     if problem:
         raise ValueError(f"cannot evaluate: {problem}; evaluation needs a labelled store with train and test "
                          "splits (python -m medssl_jax.ingest --csv=... --labels=... --test-fraction=...)")
+    return workdir, mesh, store
+
+
+def run(config, workdir: str) -> dict:
+    """Runs the linear probe described in the module docstring; returns E/eval/summary.json's dict."""
+    workdir, mesh, store = open_eval(config, workdir)
     fingerprint = records.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)

@@ -35,6 +35,24 @@ def with_encoder_variables(variables: dict, encoder: dict) -> dict:
     return result
 
 
+def multicrop_spec(config, *, num_local: int, local_size: int, local_scale) -> list[dict]:
+    """The crop groups of a multi-crop method: 2 global crops (data.image_size, data.crop_scale) and, if
+    num_local > 0, num_local local crops; the pipeline makes them, `multicrop_features` encodes them."""
+    crops = [{"name": "global", "num": 2, "size": config.data.image_size, "scale": tuple(config.data.crop_scale)}]
+    if num_local > 0:
+        crops.append({"name": "local", "num": num_local, "size": local_size, "scale": tuple(local_scale)})
+    return crops
+
+
+def check_crops(batch: dict, crops: list[dict]) -> None:
+    """Every crop group of `crops` is in `batch` with the shape [B, num, size, size, C]."""
+    for crop in crops:
+        views = batch[crop["name"]]
+        if views.shape[1] != crop["num"] or views.shape[2] != crop["size"]:
+            raise ValueError(f"batch[{crop['name']!r}] has shape {views.shape}, expected "
+                             f"[B, {crop['num']}, {crop['size']}, {crop['size']}, C] (config / pipeline mismatch)")
+
+
 def multicrop_features(encoder, crops, *, train: bool):
     """Runs each crop resolution through `encoder` as its own batch (fixed shapes, one compile each).
 

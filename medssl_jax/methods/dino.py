@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from medssl_jax import augment, models
-from medssl_jax.methods import Method, health, multicrop_features
+from medssl_jax.methods import Method, check_crops, health, multicrop_features, multicrop_spec
 from medssl_jax.models import heads
 
 # --------------------------------------------------------------------------------------------- config
@@ -124,10 +124,8 @@ def build(config) -> nn.Module:
 
 
 def data_spec(config) -> dict:
-    crops = [{"name": "global", "num": 2, "size": config.data.image_size, "scale": tuple(config.data.crop_scale)}]
-    if config.dino.num_local_crops > 0:
-        crops.append({"name": "local", "num": config.dino.num_local_crops, "size": config.dino.local_image_size,
-                      "scale": tuple(config.dino.local_crop_scale)})
+    crops = multicrop_spec(config, num_local=config.dino.num_local_crops, local_size=config.dino.local_image_size,
+                           local_scale=config.dino.local_crop_scale)
     return {"sampler": config.data.sampler, "crops": crops}
 
 
@@ -236,12 +234,7 @@ def augmented_crops(batch: dict, *, rng: jax.Array, config) -> tuple[jax.Array, 
     """(globals [B, 2, H, W, C], locals [B, n, h, w, C] if any) as float32 in [0, 1], with DINO's
     per-crop blur/solarisation probabilities on top of config.augment."""
     d = config.dino
-    spec = data_spec(config)["crops"]
-    for crop in spec:
-        views = batch[crop["name"]]
-        if views.shape[1] != crop["num"] or views.shape[2] != crop["size"]:
-            raise ValueError(f"batch[{crop['name']!r}] has shape {views.shape}, expected "
-                             f"[B, {crop['num']}, {crop['size']}, {crop['size']}, C] (config / pipeline mismatch)")
+    check_crops(batch, data_spec(config)["crops"])
     k1, k2, k3 = jax.random.split(rng, 3)
     views = batch["global"]
     # Solarisation only on the second global crop, as DINO; the first never solarises.

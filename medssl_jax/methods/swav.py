@@ -41,7 +41,7 @@ import ml_collections as mlc
 
 from medssl_jax import augment, intensity, losses, models
 from medssl_jax.losses.clustering import sinkhorn, swav_loss
-from medssl_jax.methods import Method, health, multicrop_features
+from medssl_jax.methods import Method, check_crops, health, multicrop_features, multicrop_spec
 from medssl_jax.models import heads
 
 # --------------------------------------------------------------------------------------------- config
@@ -98,14 +98,8 @@ def _supervised(config) -> bool:
 def data_spec(config) -> dict:
     """What the pipeline must produce: 2 global crops (+ local crops) per element, and the per-sample
     fields the loss reads (labels for the supervised term, modality fields for intensity handling)."""
-    crops = [{"name": "global", "num": 2, "size": config.data.image_size, "scale": tuple(config.data.crop_scale)}]
-    if config.swav.num_local_crops > 0:
-        crops.append({
-            "name": "local",
-            "num": config.swav.num_local_crops,
-            "size": config.swav.local_image_size,
-            "scale": tuple(config.swav.local_crop_scale),
-        })
+    crops = multicrop_spec(config, num_local=config.swav.num_local_crops, local_size=config.swav.local_image_size,
+                           local_scale=config.swav.local_crop_scale)
     fields = []
     if _supervised(config):
         fields.append("labels")
@@ -202,11 +196,10 @@ def augmented_crops(batch: dict, *, rng: jax.Array, config) -> tuple[jax.Array, 
     """Every crop group of the batch -> float32 [B, n, H, W, C] after intensity handling and the
     device-side photometric augmentation (independent randomness per group and per crop)."""
     groups = []
-    for index, crop in enumerate(data_spec(config)["crops"]):
+    crops = data_spec(config)["crops"]
+    check_crops(batch, crops)
+    for index, crop in enumerate(crops):
         views = batch[crop["name"]]
-        if views.shape[1] != crop["num"] or views.shape[2] != crop["size"]:
-            raise ValueError(f"batch[{crop['name']!r}] has shape {views.shape}, expected "
-                             f"[B, {crop['num']}, {crop['size']}, {crop['size']}, C] (config / pipeline mismatch)")
         k_intensity, k_augment = jax.random.split(jax.random.fold_in(rng, index))
         unit = intensity.crops_to_unit(views, batch, rng=k_intensity, cfg=config.intensity)
         groups.append(augment.augment_views(unit, rng=k_augment, cfg=config.augment))

@@ -67,7 +67,4 @@ class MedsslChexpert(common.CxrBuilder):
                 "patient_id": _PATIENT.search(rel).group(1) if _PATIENT.search(rel) else rel,
                 "study_id": "/".join(study.groups()) if study else "",
                 "view": row.get("AP/PA", "").strip().upper()}))
-        for key, path, meta in common.iter_existing(items):
-            ex = self.example(path, image_id=key, **meta)
-            if ex is not None:
-                yield key, ex
+        yield from self.examples(items)

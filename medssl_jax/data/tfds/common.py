@@ -98,6 +98,18 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder):
                 "labels": np.asarray(labels, np.float32), "patient_id": str(patient_id),
                 "study_id": str(study_id), "view": str(view), "image_id": str(image_id)}
 
+    def examples(self, items, meta=None):
+        """(key, example) for every item (key, path, x) whose file exists and reads: `meta(key, path, x)`
+        gives `example`'s labels, patient_id, study_id and view (None skips the item); without `meta`,
+        x is that dict already."""
+        for key, path, x in iter_existing(items):
+            fields = x if meta is None else meta(key, path, x)
+            if fields is None:
+                continue
+            ex = self.example(path, image_id=key, **fields)
+            if ex is not None:
+                yield key, ex
+
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     """A CSV (or .csv.gz, as PhysioNet ships them) -> list of row dicts."""

@@ -70,7 +70,4 @@ class MedsslMimicCxrJpg(common.CxrBuilder):
         return {name: self._generate_examples(items) for name, items in by_split.items() if items}
 
     def _generate_examples(self, items):
-        for key, path, meta in common.iter_existing(items):
-            ex = self.example(path, image_id=key, **meta)
-            if ex is not None:
-                yield key, ex
+        yield from self.examples(items)

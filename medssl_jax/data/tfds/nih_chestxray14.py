@@ -54,13 +54,11 @@ class MedsslNihChestxray14(common.CxrBuilder):
         return splits
 
     def _generate_examples(self, items):
-        for key, path, row in common.iter_existing(items):
+        def meta(key, path, row):
             findings = {f.strip() for f in row["Finding Labels"].split("|")}
             patient = str(int(row["Patient ID"]))
-            ex = self.example(
-                path, image_id=key,
-                labels=[1.0 if name in findings else 0.0 for name in LABEL_NAMES.values()],
-                patient_id=patient, study_id=f"{patient}_{int(row['Follow-up #']):03d}",
-                view=row.get("View Position", "").strip().upper())
-            if ex is not None:
-                yield key, ex
+            return {"labels": [1.0 if name in findings else 0.0 for name in LABEL_NAMES.values()],
+                    "patient_id": patient, "study_id": f"{patient}_{int(row['Follow-up #']):03d}",
+                    "view": row.get("View Position", "").strip().upper()}
+
+        yield from self.examples(items, meta)

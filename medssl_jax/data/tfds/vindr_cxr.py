@@ -93,18 +93,16 @@ class MedsslVindrCxr(common.CxrBuilder):
         return splits
 
     def _generate_examples(self, items):
-        for key, path, names in common.iter_existing(items):
+        def meta(key, path, names):
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
                     "PatientID", "StudyInstanceUID", "ViewPosition"])
             except (InvalidDicomError, OSError, EOFError, ValueError) as e:
                 logging.warning("skipping %s: unreadable DICOM header (%s)", path, e)
-                continue
-            ex = self.example(
-                path, image_id=key,
-                labels=[1.0 if name in names else 0.0 for name in LABEL_NAMES.values()],
-                patient_id=str(header.get("PatientID", "") or key),
-                study_id=str(header.get("StudyInstanceUID", "") or key),
-                view=str(header.get("ViewPosition", "") or "").upper())
-            if ex is not None:
-                yield key, ex
+                return None
+            return {"labels": [1.0 if name in names else 0.0 for name in LABEL_NAMES.values()],
+                    "patient_id": str(header.get("PatientID", "") or key),
+                    "study_id": str(header.get("StudyInstanceUID", "") or key),
+                    "view": str(header.get("ViewPosition", "") or "").upper()}
+
+        yield from self.examples(items, meta)
