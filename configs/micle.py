@@ -17,8 +17,10 @@ held-out patients) linear-probe mean AUC 0.752 vs 0.587 for a fair random-init e
   python -m medssl_jax.main --config=configs/micle.py:runlocal --workdir=/tmp/micle_local
 
 Paper-scale run (ResNet-50 1x, batch 1024, 100k steps, 224 px) on an ingested chest X-ray store
-(e.g. CheXpert or MIMIC-CXR via `python -m medssl_jax.ingest`), two-stage from ImageNet SimCLR weights:
+(e.g. CheXpert or MIMIC-CXR via `python -m medssl_jax.ingest`), two-stage from ImageNet SimCLR weights
+(google-research/simclr's TF1 checkpoint, converted without TensorFlow):
 
+  python -m medssl_jax.convert --format=simclr-tf --input=/downloads/r50_1x_sk0 --output=/ckpt/simclr_imagenet_r50
   python -m medssl_jax.main --config=configs/micle.py:store=/data/cxr_store \
       --config.init=/ckpt/simclr_imagenet_r50 --workdir=/mnt/shared/runs/micle_r50
 

@@ -5,11 +5,13 @@
     python -m medssl_jax.convert --format=timm-npz \
         --input=B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz --output=inits/in21k_b16
     python -m medssl_jax.convert --format=torchvision-resnet --input=resnet50-11ad3fa6.pth --output=inits/tv_r50
+    python -m medssl_jax.convert --format=simclr-tf --input=r50_1x_sk0 --output=inits/simclr_imagenet_r50
+        # a google-research/simclr TF1 checkpoint: its folder (with the `checkpoint` file), prefix or .index
 
 The output directory (config.json + variables/, medssl_jax.checkpoint's export layout) can be given to any
 pretraining or evaluation config as `--config.init=DIR`. Formats and what is checked:
 medssl_jax.models.convert. Loading never unpickles code (torch.load(weights_only=True), safetensors,
-np.load(allow_pickle=False)).
+np.load(allow_pickle=False), a TensorFlow checkpoint reader without TensorFlow).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from medssl_jax.models import interpolate
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m medssl_jax.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--format", required=True, choices=convert_lib.FORMATS)
-    parser.add_argument("--input", required=True, help="checkpoint file (hf-dinov2: the model directory)")
+    parser.add_argument("--input", required=True, help="checkpoint file (hf-dinov2: the model directory; simclr-tf: "
+                        "the checkpoint prefix, its .index file or its folder)")
     parser.add_argument("--output", required=True, help="export directory to write")
     parser.add_argument("--variant", help="check against this architecture, e.g. B/14 (default: inferred)")
     parser.add_argument("--num_heads", type=int, help="heads, for widths the released models do not use")

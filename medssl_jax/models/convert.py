@@ -9,7 +9,11 @@ Formats (FORMATS):
                       `vit_base_patch16_224_in21k` (`Transformer/encoderblock_N/...`), read with
                       np.load(allow_pickle=False);
   torchvision-resnet  a torchvision ResNet-50/101/152 `.pth` state_dict into medssl_jax.models.resnet.ResNet
-                      (params + batch_stats), read with torch.load(weights_only=True).
+                      (params + batch_stats), read with torch.load(weights_only=True);
+  simclr-tf           a google-research/simclr TensorFlow (TF1 estimator) checkpoint, SimCLR v1 or v2,
+                      ResNet-18..152 at width 1-4 without selective kernels (`r50_1x_sk0`, `r152_2x_sk0`,
+                      the v1 `ResNet50_4x` zips' model.ckpt-*), into the same ResNet, read with
+                      medssl_jax.models.tf_bundle (no TensorFlow needed; every tensor's CRC-32C checked).
 No loader unpickles arbitrary objects.
 
 The architecture is inferred from the checkpoint's tensors (width, depth, heads where the layout tells
@@ -39,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = ("dinov2", "hf-dinov2", "timm-npz", "torchvision-resnet")
+from medssl_jax.models.resnet import STAGE_SIZES
+
+FORMATS = ("dinov2", "hf-dinov2", "timm-npz", "torchvision-resnet", "simclr-tf")
 
 # DINOv2 / ViT widths whose head count is fixed by the released models.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
@@ -528,7 +534,6 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
     it is even (224 px), so the exported config selects `stem_pool='torch'`.
     """
     from medssl_jax import models
-    from medssl_jax.models.resnet import STAGE_SIZES, ResNet
 
     _require(state, ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"), what)
     blocks = tuple(_count_indices(state, rf"layer{s}\.(\d+)\.") for s in range(1, 5))
@@ -579,6 +584,123 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
     return variables, config
 
 
+# ------------------------------------------------------------------------------------------------ SimCLR (TF)
+
+# Convolutions of SimCLR's ResNet (stem + 1 projection per stage + 2 or 3 per block) -> depth.
+_SIMCLR_CONVS = {1 + 4 + sum(sizes) * (3 if bottleneck else 2): depth
+                 for depth, (sizes, bottleneck) in STAGE_SIZES.items()}
+
+
+class _TFCheckpointTensors(Mapping):
+    """The float tensors of a TensorFlow checkpoint by variable name, each read (and CRC-checked) only when
+    asked for: a SimCLR checkpoint also holds a Momentum slot per variable and heads nobody converts."""
+
+    def __init__(self, reader):
+        self._reader = reader
+        self._names = [n for n in reader.names()
+                       if reader.dtype(n) is not None and np.dtype(reader.dtype(n)).kind == "f"]
+        self._known = set(self._names)
+
+    def __getitem__(self, name):
+        from medssl_jax.models import tf_bundle
+
+        if name not in self._known:
+            raise KeyError(name)
+        try:
+            return self._reader.tensor(name)
+        except tf_bundle.BundleError as error:
+            raise ConvertError(str(error)) from None
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+    def __contains__(self, name):
+        return name in self._known
+
+
+def read_tf_checkpoint(path: str) -> Mapping[str, np.ndarray]:
+    """The float tensors of a TensorFlow checkpoint (prefix, .index file or folder), read on access."""
+    from medssl_jax.models import tf_bundle
+
+    try:
+        return _TFCheckpointTensors(tf_bundle.CheckpointReader(path))
+    except (tf_bundle.BundleError, OSError) as error:
+        raise ConvertError(str(error)) from None
+
+
+def simclr_tf_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_chans: int | None = None,
+                             what: str = "checkpoint"):
+    """google-research/simclr TF1 checkpoint tensors -> ({'params', 'batch_stats'}, config) for our ResNet.
+
+    SimCLR's resnet.py builds its layers with tf.layers under the 'base_model' scope, so TensorFlow names
+    them by creation order: the k-th convolution is conv2d_k (conv2d for k = 0) and its BatchNorm is
+    batch_normalization_k; per block the projection shortcut comes first, then the 1x1/3x3/1x1 (or two 3x3)
+    convolutions. Our ResNet has SimCLR's layout (fixed padding, SAME stem pool, a projection in the first
+    block of every stage), so the k-th convolution of ours in the same order is the k-th of theirs; kernels
+    are HWIO in both. The heads, optimiser slots (…/Momentum) and the global step are ignored.
+    """
+    from medssl_jax import models
+
+    prefix = "base_model/" if any(k.startswith("base_model/") for k in state) else ""
+    conv = re.compile(rf"^{re.escape(prefix)}conv2d(?:_(\d+))?/kernel$")
+    indices = sorted(int(m.group(1) or 0) for k in state if (m := conv.match(k)))
+    if not indices:
+        raise ConvertError(f"{what}: no {prefix}conv2d*/kernel tensors (not a google-research/simclr TF1 "
+                           "checkpoint; TF2 SavedModels of tf2/ are not read)")
+    if indices != list(range(len(indices))):
+        raise ConvertError(f"{what}: convolution indices {indices[:3]}... are not consecutive from 0")
+    if any("/sk_conv" in k or "/se_" in k for k in state) or len(indices) not in _SIMCLR_CONVS:
+        raise ConvertError(f"{what}: {len(indices)} convolutions match no SimCLR ResNet depth (selective-kernel "
+                           "'_sk1' and squeeze-excitation checkpoints are not supported; use an _sk0 one)")
+    depth = _SIMCLR_CONVS[len(indices)]
+    stem = state[f"{prefix}conv2d/kernel"]
+    config = {"name": "resnet", "depth": depth, "width": max(1, int(stem.shape[-1]) // 64), "base_width": 64,
+              "stem_pool": "same"}
+    if int(stem.shape[-1]) % 64:
+        config.update(width=1, base_width=int(stem.shape[-1]))
+    if arch:
+        unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype",
+                                       "stem_pool"})
+        if unknown:
+            raise ConvertError(f"architecture fields {unknown} are not ResNet attributes")
+        config.update(arch)
+    what = f"{what} does not fit {_describe(config, arch)}"
+    channels = int(in_chans or stem.shape[2])
+    try:
+        model = models.build_encoder({**config, "dtype": "float32"})
+        abstract = _abstract_variables(model, (64, 64), channels)
+    except ValueError as error:
+        raise ConvertError(f"{what}: {error}") from None
+
+    # Our convolution modules in SimCLR's creation order -> TF layer index.
+    sizes, bottleneck = STAGE_SIZES[config["depth"]]
+    order = ["stem"]
+    for stage, blocks in enumerate(sizes, start=1):
+        for block in range(blocks):
+            order += ([f"stage{stage}_block{block}/proj"] if block == 0 else [])
+            order += [f"stage{stage}_block{block}/conv_bn{i}" for i in range(1, (4 if bottleneck else 3))]
+    tf_index = {module: k for k, module in enumerate(order)}
+    bn_names = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
+
+    def source_of(names) -> Source:
+        names = names[1:]  # drop the collection ('params' / 'batch_stats')
+        k = tf_index["/".join(names[:-2]) if names[0] != "stem" else "stem"]
+        suffix = "" if k == 0 else f"_{k}"
+        if names[-1] == "kernel":
+            return (f"{prefix}conv2d{suffix}/kernel",), _same
+        return (f"{prefix}batch_normalization{suffix}/{bn_names[names[-1]]}",), _same
+
+    def ignore(key: str) -> bool:
+        return not key.startswith(prefix) or key.endswith("/Momentum") or "/Momentum" in key or key == "global_step"
+
+    variables = _fill(abstract, state, source_of, ignore=ignore, what=what,
+                      adapt=_adapt_in_chans(("params", "stem", "conv", "kernel"), in_chans))
+    return variables, config
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -603,6 +725,17 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
         variables, model = timm_npz_to_flax(read_npz(path), arch=arch, pos_interp=pos_interp, in_chans=in_chans,
                                             what=what)
         weights_file = path
+    elif fmt == "simclr-tf":
+        from medssl_jax.models import tf_bundle
+
+        try:
+            prefix = tf_bundle.resolve_prefix(path)
+        except tf_bundle.BundleError as error:
+            raise ConvertError(str(error)) from None
+        what = os.path.basename(prefix)
+        variables, model = simclr_tf_resnet_to_flax(read_tf_checkpoint(prefix), arch=arch, in_chans=in_chans,
+                                                    what=what)
+        weights_file = prefix + ".index"  # holds every tensor's CRC-32C: its hash fingerprints the data too
     else:
         variables, model = torchvision_resnet_to_flax(read_torch_state_dict(path), arch=arch, in_chans=in_chans,
                                                       what=what)
@@ -624,6 +757,8 @@ def input_normalization(fmt: str, path: str) -> tuple[tuple, tuple, int, str]:
     """(mean, std, training resolution, where they come from) of a converted encoder's input."""
     from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD
 
+    if fmt == "simclr-tf":  # SimCLR's input pipeline: RGB in [0, 1], no mean/std (data_util.preprocess_image)
+        return (), (), 224, "SimCLR (RGB in [0, 1], no normalisation)"
     if fmt == "timm-npz":  # the augreg ViTs see pixels in [-1, 1]
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, "timm augreg (inputs in [-1, 1])"
     if fmt == "hf-dinov2":
