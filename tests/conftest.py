@@ -26,3 +26,19 @@ def pytest_configure(config):
     del config
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def pytest_collection_finish(session):
+    """Starts test_learning.py's pretraining runs in the background when those tests are selected
+    (see tests/learning_runs.py)."""
+    if any(item.path.name == "test_learning.py" for item in session.items):
+        import learning_runs
+
+        learning_runs.start()
+
+
+def pytest_sessionfinish(session):
+    del session
+    import learning_runs
+
+    learning_runs.stop()

@@ -1,7 +1,7 @@
 """Methods learn: a short, seeded CPU pretraining beats the fair random-init baseline on held-out patients.
 
-Each test runs the user's command (`python -m medssl_jax.main --config=configs/<method>.py:runlocal`) in a
-subprocess on one CPU device with XLA's optimisations on (what a user gets), shrunk to fit in under two
+Each test checks a run of the user's command (`python -m medssl_jax.main --config=configs/<method>.py:runlocal`,
+started in the background when the session starts: tests/learning_runs.py) in a subprocess on one CPU device with XLA's optimisations on (what a user gets), shrunk to fit in under two
 minutes on 2 cores: 800 phantom patients at 48 px, 32 px crops, 300 steps. The end-of-pretraining probe
 compares the export with a random-init encoder of the same architecture (every residual branch active,
 BatchNorm statistics from the train images) on the test patients, by the paired bootstrap `compare` uses.
@@ -15,37 +15,20 @@ drops from +0.078 [0.042, 0.110] to +0.029 [-0.005, 0.066]. See BENCHMARKS.md ("
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Shared by the learning tests: the phantom store and the small-run settings.
-SMALL_RUN = ["--config.data.phantom_patients=800", "--config.data.phantom_size=48", "--config.data.image_size=32",
-             "--config.probe.image_size=48", "--config.total_steps=300", "--config.seed=0"]
+import learning_runs
+
 # Required: the 95% CI of the mean-AUC difference above 0, and at least this difference (per method: what a
 # broken augmentation still reaches must fail, see the module docstring).
 MARGIN = {"simclr": 0.10, "hybrid": 0.05}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One CPU device, XLA optimisations on, a fresh compilation cache and phantom cache for the module."""
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS", "JAX_COMPILATION_CACHE_DIR")}
-    environment["MEDSSL_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    environment["JAX_PLATFORMS"] = "cpu"
-    return environment
-
-
-def pretrain_and_probe(env, workdir, config, *overrides):
-    result = subprocess.run([sys.executable, "-m", "medssl_jax.main", f"--config={config}", f"--workdir={workdir}",
-                             *SMALL_RUN, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(workdir, "eval", "summary.json")) as f:
-        summary = json.load(f)
-    return summary, result.stdout.strip().splitlines()[-1]
+def runs():
+    """name -> (summary, last line of stdout, workdir) of that run (tests/learning_runs.py)."""
+    return learning_runs.result
 
 
 def check_learned(summary, last_line, *, margin):
@@ -55,25 +38,21 @@ def check_learned(summary, last_line, *, margin):
     assert vs["ci95"][0] > 0 and vs["mean_auc_diff"] >= margin, last_line
 
 
-def test_simclr_learns(env, tmp_path):
-    summary, last_line = pretrain_and_probe(env, tmp_path / "simclr", "configs/simclr.py:runlocal")
+def test_simclr_learns(runs):
+    summary, last_line, _ = runs("simclr")
     check_learned(summary, last_line, margin=MARGIN["simclr"])
 
 
-def test_hybrid_learns(env, tmp_path):
+def test_hybrid_learns(runs):
     """The clustering method of the suite: Ghesu et al.'s SwAV + NT-Xent hybrid with its paper-scale objective
     (NT-Xent on SwAV's own embedding, lambda 1), where both terms shape one embedding. SwAV alone learns too
     slowly at this budget to be resolved in two minutes (+0.01 to +0.075 validation AUC), and the :runlocal
     hybrid's separate-head, lambda-4 balance leaves its SwAV term at ln K in 300 steps (BENCHMARKS.md).
     The clustering term must be active: predictions better than uniform over the prototypes (the SwAV loss
     below ln K) and no collapse onto a few prototypes."""
-    workdir = tmp_path / "hybrid"
-    summary, last_line = pretrain_and_probe(env, workdir, "configs/hybrid.py:runlocal",
-                                            "--config.swav.local_image_size=16", "--config.optim.base_lr=2.0",
-                                            "--config.hybrid.contrastive_head=shared",
-                                            "--config.hybrid.contrastive_weight=1.0")
+    summary, last_line, workdir = runs("hybrid")
     check_learned(summary, last_line, margin=MARGIN["hybrid"])
-    with open(workdir / "metrics.jsonl") as f:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     num_prototypes = last["swav/num_prototypes"]
     assert last["swav_loss"] < 0.98 * math.log(num_prototypes), last
