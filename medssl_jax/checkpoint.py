@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable
@@ -172,7 +173,9 @@ class TrainCheckpointer:
         steps = sorted(self.all_steps(), reverse=True)
         for step in steps:
             problem = verify_checkpoint(self.step_dir(step))
+            _sync(f"verified {self.directory} {step}")  # every process has looked before one moves it
             if problem is None:
+                _check_process_count(self.step_dir(step), data_iterator)
                 try:
                     return step, self.restore(step, abstract_state, data_iterator)
                 except Exception as error:  # noqa: BLE001 - the bytes are intact, so the state does not fit
@@ -191,9 +194,11 @@ class TrainCheckpointer:
 
     def _quarantine(self, step: int) -> str:
         target_root = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
-        os.makedirs(target_root, exist_ok=True)
-        target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        shutil.move(self.step_dir(step), target)
+        target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:  # one process moves it (a multi-process job shares the workdir)
+            os.makedirs(target_root, exist_ok=True)
+            shutil.move(self.step_dir(step), target)
+        _sync(f"quarantined {self.directory} {step}")
         self._manager.reload()
         return target
 
@@ -215,6 +220,28 @@ class TrainCheckpointer:
         self._manager.close()
 
 
+def _sync(name: str) -> None:
+    """A barrier across the processes of a multi-process job (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"medssl_jax {name}")
+
+
+def _check_process_count(step_dir: str, data_iterator) -> None:
+    """The data iterator's state is saved per process (data/process_I-of-N.json): a checkpoint of an
+    N-process job resumes only in an N-process job."""
+    data_dir = os.path.join(step_dir, "data")
+    if data_iterator is None or not os.path.isdir(data_dir):
+        return
+    counts = {int(m.group(1)) for f in os.listdir(data_dir) if (m := re.match(r"process_\d+-of-(\d+)\.json$", f))}
+    if counts and counts != {jax.process_count()}:
+        written = sorted(counts)[0]
+        raise CheckpointError(f"checkpoint {step_dir} was written by a job of {written} process(es) and this job has "
+                              f"{jax.process_count()}: the data iterator's position is saved per process, so resume "
+                              f"with {written} process(es) (or use a new --workdir)")
+
+
 def save_export(directory: str, variables: Any, config: dict) -> str:
     """Writes an encoder export: `config.json` (with at least a "model" entry) and `variables/`."""
     if "model" not in config:
@@ -225,12 +252,15 @@ def save_export(directory: str, variables: Any, config: dict) -> str:
     variables = jax.device_get(variables)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(target, variables, force=True)
-    # config.json last: its presence marks a complete export.
-    payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **config}
-    tmp = os.path.join(directory, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    # config.json last: its presence marks a complete export. One process writes it (a multi-process job
+    # shares the workdir), and no process returns before it is there.
+    if jax.process_index() == 0:
+        payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **config}
+        tmp = os.path.join(directory, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+        os.replace(tmp, os.path.join(directory, "config.json"))
+    _sync(f"export {directory}")
     return directory
 
 

@@ -6,7 +6,9 @@ store, config typo, batch not divisible by the devices, non-finite loss) end wit
 exit code 1; set MEDSSL_DEBUG=1 to get the traceback instead.
 
 Multi-host (Cloud TPU slice, multi-node GPU): set MEDSSL_DISTRIBUTED=1 (the launch/ scripts do) and
-`jax.distributed.initialize()` runs before anything touches a device.
+`jax.distributed.initialize()` runs before anything touches a device. It finds the coordinator, process
+count and id itself on TPU VMs and under SLURM/Open MPI; elsewhere (several processes on one machine, a
+plain cluster) give JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def run(config, workdir: str) -> dict | None:
 
     config_lib.validate_pretrain(config)
     skip = probe.skip_reason(sources.open_store(config.data), config.probe) if config.probe.enabled else None
+    if config.probe.enabled and not skip and jax.process_count() > 1:
+        # The probe fits scikit-learn on one host's features; a multi-process job probes afterwards.
+        skip = f"the linear probe runs on one host, this job has {jax.process_count()} processes"
     if skip:
         logging_lib.log(f"note: the linear probe after pretraining will be skipped: {skip}")
     result = train.pretrain(config, workdir)
@@ -114,7 +119,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax/Grain INFO lines would drown the progress lines
 
     if os.environ.get("MEDSSL_DISTRIBUTED"):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**distributed_args(os.environ))
     if not jax.config.jax_compilation_cache_dir:
         # Reruns and resumes skip XLA compilation (minutes for a big model); JAX_COMPILATION_CACHE_DIR
         # overrides the location.
@@ -130,6 +135,19 @@ def main(argv):
         if os.environ.get("MEDSSL_DEBUG") or not _is_user_error(error):
             raise
         logging_lib.fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+def distributed_args(environ) -> dict:
+    """jax.distributed.initialize's process count and id from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set
+    (JAX reads JAX_COORDINATOR_ADDRESS itself; without these it detects TPU, SLURM and Open MPI jobs)."""
+    args = {}
+    for variable, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if environ.get(variable, "") != "":
+            try:
+                args[name] = int(environ[variable])
+            except ValueError:
+                raise SystemExit(f"error: {variable}={environ[variable]!r} is not an integer") from None
+    return args
 
 
 def _is_user_error(error: Exception) -> bool:

@@ -84,6 +84,15 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _any_process(flag: bool) -> bool:
+    """`flag` of this process, or of any process of a multi-process job (a host-level all-gather)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _abstract_with_sharding(tree: Any, target) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
 
@@ -266,7 +275,10 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
             state, metrics = train_step(state, batch)
             step += 1
             last = step == end_step
-            stop = sigterm.raised  # read once: a signal arriving later in this step is handled next step
+            # Read once: a signal arriving later in this step is handled next step. Every process of a job
+            # must stop at the same step (the step and the save are collectives), so one process's SIGTERM
+            # stops them all.
+            stop = _any_process(sigterm.raised)
             want_log = step % config.log_every == 0 or last or stop
             want_save = step % config.checkpoint_every == 0 or last or stop
             if want_log or want_save:

@@ -146,15 +146,22 @@ def test_eval_is_deterministic(store):
     assert all(_same(a, b) for a, b in zip(run(), run()))
 
 
-def test_hosts_get_disjoint_slices(store):
+def test_hosts_get_disjoint_slices_that_together_are_the_single_process_global_batch(store):
     spec = {"sampler": "pairs", "crops": [GLOBAL]}
-    per_host = []
+    per_host, hosts = [], []
     for host in range(2):
         ds = pipeline.make_pretrain_dataset(store, spec=spec, batch_size_per_host=2, seed=0,
                                             process_index=host, process_count=2, with_record_ids=True)
-        per_host.append({int(r) for i in range(4) for r in ds[i]["record_ids"][:, 0]})  # 8 of 8: one epoch
+        hosts.append(ds)
+        per_host.append({int(r) for i in range(4) for r in ds[i]["record_ids"][:, 0]})  # 2 x 8 of 16: one epoch
     assert not per_host[0] & per_host[1]
     assert per_host[0] | per_host[1] == set(store.ids("train").tolist())
+    # Host 0's batch t, then host 1's, is the global batch t of one process (same records, crops, order).
+    single = pipeline.make_pretrain_dataset(store, spec=spec, batch_size_per_host=4, seed=0, process_index=0,
+                                            process_count=1, with_record_ids=True)
+    for t in range(3):
+        dealt = {k: np.concatenate([hosts[0][t][k], hosts[1][t][k]]) for k in single[t]}
+        assert _same(dealt, single[t])
 
     eval_batches = [list(pipeline.make_eval_iterator(store, split=None, image_size=8, batch_size_per_host=4,
                                                      process_index=h, process_count=3)) for h in range(3)]

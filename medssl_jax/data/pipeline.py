@@ -2,13 +2,17 @@
 
 Pretraining (`make_pretrain_iterator`)::
 
-    element indices (one per image, or one per patient for MICLe) of this host's slice
-      [process_index::process_count] of the split
+    element indices (one per image, or one per patient for MICLe) of the split
       -> seed -> shuffle -> repeat forever (each epoch reshuffled)
       -> random_map(SampleViews): pick the image(s), decode, random-resized crop(s), flip, to uint16
-      -> batch(batch_size_per_host) -> to_iter_dataset -> mp_prefetch (num_workers > 0)
+      -> batch(batch_size_per_host) -> this host's batches [process_index::process_count]
+      -> to_iter_dataset -> mp_prefetch (num_workers > 0)
 
-Every random choice comes from the rng Grain derives from (seed, host, element position), never from
+The stream of per-host batches is one global stream dealt out to the hosts: global batch t is host 0's
+batch t, then host 1's, ..., which are consecutive blocks of one shuffled sequence, so a job of any
+number of processes sees exactly the global batches (elements, crops, order) of a single process with
+the same global batch. MapDatasets are lazy: a host decodes only its own blocks. Every random choice
+comes from the rng Grain derives from (seed, element position in that global sequence), never from
 global state, so the stream is identical for any number of worker processes and a restored iterator
 (`get_state`/`set_state`, or orbax via grain.checkpoint) continues with exactly the batches it would
 have produced.
@@ -261,8 +265,9 @@ def _host(process_index: int | None, process_count: int | None) -> tuple[int, in
 
 def pretrain_groups(store: Store, *, sampler: str, split: str | None, process_index: int = 0,
                     process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """This host's dataset elements in CSR form (offsets, record_ids): one group per patient of the
-    split for 'micle', one group per image for 'pairs'. Hosts take every process_count-th group."""
+    """The dataset elements in CSR form (offsets, record_ids): one group per patient of the split for
+    'micle', one group per image for 'pairs'; every process_count-th group from process_index (the
+    pretraining pipeline takes all of them and deals out batches instead, see the module docstring)."""
     if sampler == "micle":
         member_lists = list(store.groups(split).values())[process_index::process_count]
         lengths = np.array([len(m) for m in member_lists], np.int64)
@@ -283,23 +288,23 @@ def make_pretrain_dataset(store: Store, *, spec: dict, batch_size_per_host: int,
     """The infinite, batched pretraining MapDataset for this host (see the module docstring)."""
     process_index, process_count = _host(process_index, process_count)
     sampler = spec.get("sampler", "pairs")
-    offsets, record_ids = pretrain_groups(store, sampler=sampler, split=split,
-                                          process_index=process_index, process_count=process_count)
+    offsets, record_ids = pretrain_groups(store, sampler=sampler, split=split)
     num_groups = len(offsets) - 1
     unit = "patients" if sampler == "micle" else "images"
-    if num_groups < batch_size_per_host:
-        raise ValueError(f"store {store.path}: split {split!r} gives host {process_index} "
-                         f"{num_groups} {unit}, fewer than batch_size_per_host={batch_size_per_host}")
-    # Hosts get different seeds so their augmentation streams are independent, not copies.
-    host_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+    if num_groups < batch_size_per_host * process_count:
+        hosts = f"{process_count} hosts x " if process_count > 1 else ""
+        raise ValueError(f"store {store.path}: split {split!r} has {num_groups} {unit}, fewer than "
+                         f"{hosts}batch_size_per_host={batch_size_per_host}")
+    stream_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
     views = SampleViews(store.data_source(), (offsets, record_ids), spec["crops"],
                         fields=spec.get("fields", ()), with_record_ids=with_record_ids)
-    return (grain.MapDataset.range(num_groups)
-            .seed(host_seed)
-            .shuffle()
-            .repeat(None)
-            .random_map(views)
-            .batch(batch_size_per_host, drop_remainder=True))
+    batches = (grain.MapDataset.range(num_groups)
+               .seed(stream_seed)
+               .shuffle()
+               .repeat(None)
+               .random_map(views)
+               .batch(batch_size_per_host, drop_remainder=True))
+    return batches[process_index::process_count] if process_count > 1 else batches
 
 
 def _keep_worker_off_the_accelerator(worker_index: int, worker_count: int) -> None:
