@@ -523,6 +523,24 @@ def timm_npz_to_flax(npz: dict, *, arch: Mapping | None = None, pos_interp: str 
 # ------------------------------------------------------------------------------------- torchvision ResNet
 
 
+def _resnet_abstract(config: dict, arch: Mapping | None, channels: int, what: str):
+    """(config with the caller's `arch` fields, the abstract variables of that ResNet, the error prefix)."""
+    from medssl_jax import models
+
+    if arch:
+        unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype",
+                                       "stem_pool"})
+        if unknown:
+            raise ConvertError(f"architecture fields {unknown} are not ResNet attributes")
+        config = {**config, **arch}
+    what = f"{what} does not fit {_describe(config, arch)}"
+    try:
+        model = models.build_encoder({**config, "dtype": "float32"})
+        return config, _abstract_variables(model, (64, 64), channels), what
+    except ValueError as error:
+        raise ConvertError(f"{what}: {error}") from None
+
+
 def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_chans: int | None = None,
                                what: str = "checkpoint"):
     """torchvision ResNet state_dict -> ({'params', 'batch_stats'}, config) for models.resnet.ResNet.
@@ -533,8 +551,6 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
     ResNet's 'SAME' pool pads (1, 1) when the stem output is odd (e.g. 34 or 66 px inputs) but (0, 1) when
     it is even (224 px), so the exported config selects `stem_pool='torch'`.
     """
-    from medssl_jax import models
-
     _require(state, ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"), what)
     blocks = tuple(_count_indices(state, rf"layer{s}\.(\d+)\.") for s in range(1, 5))
     bottleneck = "layer1.0.conv3.weight" in state
@@ -545,19 +561,7 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
     config = {"name": "resnet", "depth": depth, "width": 1, "base_width": int(state["conv1.weight"].shape[0])}
     # torchvision's max-pool pads 1 on both sides; SimCLR's 'SAME' pads (0, 1) on even sizes (224 px).
     config["stem_pool"] = "torch"
-    if arch:
-        unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype",
-                                       "stem_pool"})
-        if unknown:
-            raise ConvertError(f"architecture fields {unknown} are not ResNet attributes")
-        config.update(arch)
-    what = f"{what} does not fit {_describe(config, arch)}"
-    channels = int(in_chans or state["conv1.weight"].shape[1])
-    try:
-        model = models.build_encoder({**config, "dtype": "float32"})
-        abstract = _abstract_variables(model, (64, 64), channels)
-    except ValueError as error:
-        raise ConvertError(f"{what}: {error}") from None
+    config, abstract, what = _resnet_abstract(config, arch, int(in_chans or state["conv1.weight"].shape[1]), what)
 
     bn_names = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
@@ -642,8 +646,6 @@ def simclr_tf_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_cha
     block of every stage), so the k-th convolution of ours in the same order is the k-th of theirs; kernels
     are HWIO in both. The heads, optimiser slots (…/Momentum) and the global step are ignored.
     """
-    from medssl_jax import models
-
     prefix = "base_model/" if any(k.startswith("base_model/") for k in state) else ""
     conv = re.compile(rf"^{re.escape(prefix)}conv2d(?:_(\d+))?/kernel$")
     indices = sorted(int(m.group(1) or 0) for k in state if (m := conv.match(k)))
@@ -661,19 +663,7 @@ def simclr_tf_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_cha
               "stem_pool": "same"}
     if int(stem.shape[-1]) % 64:
         config.update(width=1, base_width=int(stem.shape[-1]))
-    if arch:
-        unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype",
-                                       "stem_pool"})
-        if unknown:
-            raise ConvertError(f"architecture fields {unknown} are not ResNet attributes")
-        config.update(arch)
-    what = f"{what} does not fit {_describe(config, arch)}"
-    channels = int(in_chans or stem.shape[2])
-    try:
-        model = models.build_encoder({**config, "dtype": "float32"})
-        abstract = _abstract_variables(model, (64, 64), channels)
-    except ValueError as error:
-        raise ConvertError(f"{what}: {error}") from None
+    config, abstract, what = _resnet_abstract(config, arch, int(in_chans or stem.shape[2]), what)
 
     # Our convolution modules in SimCLR's creation order -> TF layer index.
     sizes, bottleneck = STAGE_SIZES[config["depth"]]
