@@ -29,16 +29,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    """Starts test_learning.py's pretraining runs in the background when those tests are selected
-    (see tests/learning_runs.py)."""
-    if any(item.path.name == "test_learning.py" for item in session.items):
-        import learning_runs
+    """Starts the background runs of the selected test modules (see tests/background_runs.py)."""
+    import background_runs
 
-        learning_runs.start()
+    background_runs.start({item.path.name for item in session.items})
 
 
 def pytest_sessionfinish(session):
     del session
-    import learning_runs
+    import sys
 
-    learning_runs.stop()
+    import background_runs
+
+    background_runs.stop()
+    if "learning_runs" in sys.modules:
+        sys.modules["learning_runs"].cleanup()

@@ -1,15 +1,18 @@
-"""The pretraining runs of test_learning.py, started in the background as soon as pytest has collected
-them (conftest.py, `pytest_collection_finish`), so that they share the 2 CPU cores with the rest of the
-suite, whose tests mostly keep one core busy compiling, instead of running after it; test_learning's
-tests then wait for their run. Each run is the user's command in its own process (XLA optimisations on,
-one CPU device, as a user gets), its output in files: a pipe nobody reads yet would block it once full.
+"""The pretraining runs of test_learning.py, a background group (tests/background_runs.py) that starts as
+soon as pytest has collected them, so that they share the 2 CPU cores with the compile-bound rest of the
+suite instead of running after it; test_learning's tests then wait for their run. Each run is the user's
+command in its own process (XLA optimisations on, one CPU device, as a user gets), its output in files:
+a pipe nobody reads yet would block it once full.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+
+import background_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The small-run settings: 800 phantom patients at 48 px, 32 px crops, 300 steps.
@@ -26,16 +29,14 @@ RUNS = {
                                               "--config.hybrid.contrastive_head=shared",
                                               "--config.hybrid.contrastive_weight=1.0")),
 }
-TIMEOUT_S = 600
 
 _started: dict = {}
 _root: list = []
 
 
-def start() -> None:
-    """Starts every run once (idempotent): one phantom store for both, generated here first."""
-    if _started:
-        return
+def _start() -> list:
+    """Starts both runs from one phantom store, generated here first (two processes making it at once
+    could race)."""
     from medssl_jax.data import phantoms
 
     root = tempfile.mkdtemp(prefix="medssl_jax_learning_")
@@ -51,17 +52,16 @@ def start() -> None:
             _started[name] = (workdir, subprocess.Popen(
                 [sys.executable, "-m", "medssl_jax.main", f"--config={config}", f"--workdir={workdir}",
                  *SMALL_RUN, *overrides], cwd=REPO, env=env, stdout=out, stderr=err))
+    return [process for _, process in _started.values()]
+
+
+background_runs.register("learning", "test_learning.py", _start)
 
 
 def result(name: str) -> tuple[dict, str, str]:
     """Waits for run `name`: (eval/summary.json, the last line it printed, its workdir)."""
-    start()
+    background_runs.wait("learning")
     workdir, process = _started[name]
-    try:
-        process.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
     with open(f"{workdir}.out") as f:
         stdout = f.read()
     with open(f"{workdir}.err") as f:
@@ -72,13 +72,7 @@ def result(name: str) -> tuple[dict, str, str]:
     return summary, stdout.strip().splitlines()[-1], workdir
 
 
-def stop() -> None:
-    """Kills what still runs and removes the runs' files (end of the session)."""
-    import shutil
-
-    for _, process in _started.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def cleanup() -> None:
+    """Removes the runs' files (end of the session)."""
     for root in _root:
         shutil.rmtree(root, ignore_errors=True)

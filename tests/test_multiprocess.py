@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+import background_runs
 from helpers import final_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,12 +75,6 @@ def _wait(jobs, workdir):
     return logs
 
 
-def _single(workdir, cache, *flags):
-    result = subprocess.run([sys.executable, "-m", "medssl_jax.main", f"--workdir={workdir}", *TINY, *flags],
-                            cwd=REPO, env=_env(cache, 8), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 def _assert_same_state(a, b):
     """The model (params, BatchNorm statistics) and the loss of every step agree.
 
@@ -118,23 +113,51 @@ def _leaves(tree):
 FLAGS = ("--config.total_steps=10", "--config.checkpoint_every=5")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+_background: dict = {}
+
+
+def _start_background() -> list:
+    """The uninterrupted 2-process job and the 1-process run it is compared with, started together in
+    the background (tests/background_runs.py) from one phantom store made here first."""
+    import tempfile
+
+    from medssl_jax.data import phantoms
+
+    root = tempfile.mkdtemp(prefix="medssl_jax_multiprocess_")
+    cache = os.path.join(root, "cache")
+    phantoms.ensure_phantom_store(cache, num_patients=64, image_size=32, seed=0)
+    _background.update(root=root, cache=cache, job=os.path.join(root, "job"), single=os.path.join(root, "single"))
+    jobs = _start_job(_background["job"], cache, *FLAGS)
+    _background["jobs"] = jobs
+    single_log = open(_background["single"] + ".log", "w")
+    single = subprocess.Popen([sys.executable, "-m", "medssl_jax.main", f"--workdir={_background['single']}", *TINY,
+                               *FLAGS, "--config.probe.enabled=False"], cwd=REPO, env=_env(cache, 8),
+                              stdout=single_log, stderr=subprocess.STDOUT)
+    _background["single_process"] = (single, single_log)
+    return [p for p, _ in jobs] + [single]
+
+
+background_runs.register("multiprocess", "test_multiprocess.py", _start_background)
 
 
 @pytest.fixture(scope="module")
-def straight(cache, tmp_path_factory):
-    """An uninterrupted 2-process job: (workdir, the processes' logs)."""
-    workdir = str(tmp_path_factory.mktemp("straight") / "job")
-    return workdir, _wait(_start_job(workdir, cache, *FLAGS), workdir)
+def straight():
+    """(workdir, the processes' logs, cache) of the uninterrupted 2-process job; its single-process twin in
+    _background['single']."""
+    import shutil
+
+    background_runs.wait("multiprocess")
+    logs = _wait(_background["jobs"], _background["job"])
+    single, log = _background["single_process"]
+    log.close()
+    assert single.returncode == 0, open(_background["single"] + ".log").read()[-2000:]
+    yield _background["job"], logs, _background["cache"]
+    shutil.rmtree(_background["root"], ignore_errors=True)
 
 
-def test_two_processes_train_like_one_with_the_same_devices(cache, straight, tmp_path):
-    job, logs = straight
-    single = str(tmp_path / "single")
-    _single(single, cache, *FLAGS, "--config.probe.enabled=False")
-    _assert_same_state(job, single)
+def test_two_processes_train_like_one_with_the_same_devices(straight):
+    job, logs, _ = straight
+    _assert_same_state(job, _background["single"])
     # Process 0 logs and exports; the others stay quiet; every process's iterator state is checkpointed.
     assert "exported encoder" in logs[0] and "linear probe skipped: the linear probe runs on one host" in logs[0]
     assert "step 10/10" not in logs[1]
@@ -143,14 +166,19 @@ def test_two_processes_train_like_one_with_the_same_devices(cache, straight, tmp
     with open(os.path.join(job, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 11))  # written once
     assert os.path.isfile(os.path.join(job, "export", "config.json"))
-    # Its checkpoint holds two processes' data positions: one process may not resume it.
-    result = subprocess.run([sys.executable, "-m", "medssl_jax.main", f"--workdir={job}", *TINY, *FLAGS], cwd=REPO,
-                            env=_env(cache, 8), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 1 and "written by a job of 2 process(es) and this job has 1" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # Its checkpoint holds two processes' data positions: one process (this one) may not resume it.
+    from medssl_jax import checkpoint
+
+    checkpointer = checkpoint.TrainCheckpointer(os.path.join(job, "checkpoints"))
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match="written by a job of 2 process.es. and this job has 1"):
+            checkpointer.restore_latest(None, data_iterator=object())
+    finally:
+        checkpointer.close()
 
 
-def test_sigterm_to_one_process_stops_all_at_one_step_and_the_rerun_resumes(cache, straight, tmp_path):
+def test_sigterm_to_one_process_stops_all_at_one_step_and_the_rerun_resumes(straight, tmp_path):
+    _, _, cache = straight
     job = str(tmp_path / "job")
     jobs = _start_job(job, cache, *FLAGS)
     deadline = time.time() + TIMEOUT_S

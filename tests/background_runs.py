@@ -1,0 +1,66 @@
+"""Long subprocess runs of some test modules, started in the background as soon as pytest has collected
+their tests (conftest.py, `pytest_collection_finish`), so that they use the CPU the compile-bound rest of
+the suite leaves idle (it mostly keeps one of 2 cores busy) instead of running after it.
+
+A test module registers named groups of processes (`register`); the groups start one after another in
+registration order on a background thread, each when the previous one has finished (so they do not
+compete with each other); a test waits for its group with `wait(name)`. Groups of modules whose tests
+are not selected never start.
+"""
+
+import subprocess
+import threading
+
+_groups: dict = {}  # name -> {"module": file name, "start": () -> [Popen], "done": Event, "processes": [...]}
+_thread: list = []
+TIMEOUT_S = 900
+
+
+def register(name: str, module: str, start) -> None:
+    """`start()` launches the group's processes and returns their Popen objects."""
+    _groups.setdefault(name, {"module": module, "start": start, "done": threading.Event(), "processes": None,
+                              "error": None})
+
+
+def _run(names) -> None:
+    for name in names:
+        group = _groups[name]
+        try:
+            group["processes"] = group["start"]()
+            for process in group["processes"]:
+                process.wait(timeout=TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - reported to the test that waits for it
+            group["error"] = error
+        finally:
+            group["done"].set()
+
+
+def start(selected_modules) -> None:
+    """Starts (once) the groups of the modules among `selected_modules` (file names)."""
+    if _thread:
+        return
+    names = [n for n, g in _groups.items() if g["module"] in set(selected_modules)]
+    thread = threading.Thread(target=_run, args=(names,), daemon=True)
+    _thread.append(thread)
+    thread.start()
+
+
+def wait(name: str) -> list:
+    """The finished processes of group `name`; started here if the session did not start it."""
+    group = _groups[name]
+    if not _thread:
+        start([group["module"]])
+    if not group["done"].wait(timeout=TIMEOUT_S * 2):
+        raise AssertionError(f"background group {name} did not finish")
+    if group["error"] is not None:
+        raise group["error"]
+    return group["processes"]
+
+
+def stop() -> None:
+    """Kills whatever still runs (end of the session)."""
+    for group in _groups.values():
+        for process in group["processes"] or []:
+            if isinstance(process, subprocess.Popen) and process.poll() is None:
+                process.kill()
+                process.wait()
