@@ -58,6 +58,22 @@ def tiny_eval_config(reference, cache_dir, init, **overrides):
     return set_fields(c, overrides)
 
 
+def digital_xray_dataset():
+    """An empty pydicom Dataset of a Digital X-Ray image (explicit VR little endian, new UIDs) to fill in."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def final_state(workdir):
     """(step, train state as host arrays) of the newest checkpoint in WORKDIR/checkpoints."""
     import os

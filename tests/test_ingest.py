@@ -10,9 +10,8 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from helpers import digital_xray_dataset
 from medssl_jax import ingest
 from medssl_jax.data.ingest import benchmark as ingest_benchmark, run as ingest_run, tasks as ingest_tasks
 from medssl_jax.data.store import Store, StoreError
@@ -139,13 +138,7 @@ def test_tayebi_preprocessing_of_a_real_monochrome1_radiograph_is_their_pipeline
 
 
 def _phi_dataset(path, *, name, pid, birth, accession, study_uid):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = digital_xray_dataset()
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, birth
     ds.AccessionNumber, ds.StudyInstanceUID = accession, study_uid
     ds.InstitutionName, ds.ReferringPhysicianName = "Zyxwvu Memorial Hospital", "Qwertz^Doctor"

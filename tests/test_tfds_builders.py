@@ -3,13 +3,11 @@ import csv
 import gzip
 
 import numpy as np
-import pydicom
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from helpers import digital_xray_dataset
 from medssl_jax.data import tfds as cxr_tfds
 
 SIZE = 16
@@ -176,13 +174,7 @@ def test_nih_chestxray14(tmp_path):
 
 
 def _vindr_dicom(path, seed, mono1):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = digital_xray_dataset()
     ds.Modality, ds.Rows, ds.Columns = "DX", 48, 40
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
