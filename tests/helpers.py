@@ -60,18 +60,9 @@ def tiny_eval_config(reference, cache_dir, init, **overrides):
 
 def digital_xray_dataset():
     """An empty pydicom Dataset of a Digital X-Ray image (explicit VR little endian, new UIDs) to fill in."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from medssl_jax.data.dicom import new_image_dataset
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    return ds
+    return new_image_dataset("1.2.840.10008.5.1.4.1.1.1.1")
 
 
 def final_state(workdir):

@@ -398,3 +398,20 @@ def read_dicom(path: str | os.PathLike, *, size: int | None = None, frames: str 
             raise SkipFile(f"truncated pixel data ({msg})") from None
         raise SkipFile(f"pixel data could not be decoded ({type(e).__name__}: {msg})") from None
     return out
+
+
+def new_image_dataset(sop_class_uid: str):
+    """An empty image Dataset of SOP class `sop_class_uid` with its file meta (explicit VR little endian,
+    new instance UID), for writing DICOM files (the ingestion benchmark, tests) to fill in."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    return ds

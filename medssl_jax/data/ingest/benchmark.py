@@ -19,13 +19,16 @@ from medssl_jax.data.ingest.run import run_ingest
 # Benchmark
 
 
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
 def make_benchmark_files(out_dir: str | os.PathLike, *, n: int, size: int = 512,
                          syntax: str = "uncompressed", seed: int = 0) -> list[str]:
     """Writes n synthetic 16-bit (12 bits stored) CR DICOM files, smooth anatomy-like structure
     plus noise; syntax 'uncompressed' or 'jpeg2000' (lossless, encoded by pylibjpeg-openjpeg)."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    from medssl_jax.data.dicom import new_image_dataset
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -36,13 +39,7 @@ def make_benchmark_files(out_dir: str | os.PathLike, *, n: int, size: int = 512,
         base = 1500 + 1200 * np.exp(-((xx - 0.3 - 0.05 * rng.random()) ** 2 + (yy - 0.5) ** 2) / 0.05)
         base += 1200 * np.exp(-((xx - 0.7) ** 2 + (yy - 0.5 - 0.05 * rng.random()) ** 2) / 0.05)
         img = np.clip(base + rng.normal(0, 40, (size, size)), 0, 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds = new_image_dataset(CR_IMAGE_STORAGE)
         ds.PatientID, ds.StudyInstanceUID = f"BENCH{i // 2:05d}", generate_uid()
         ds.Modality, ds.ViewPosition = "CR", "PA"
         ds.Rows = ds.Columns = size
