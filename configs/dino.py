@@ -27,7 +27,9 @@ BatchNorm in the head +0.006. With `encoder=resnet` (the ResNet-18 of the other 
 DINO's ResNet recipe) the teacher collapses (check_health stops the run) in every variant tried: the
 default, no blur, momentum 0.99, teacher temperature 0.07, BatchNorm head, teacher temperature 0.02 (with
 and without centre momentum 0.99), 0.03 with momentum 0.996; only LARS lr 0.3 + BatchNorm head ran to
-the end, at -0.023. A random tiny ViT barely depends on its input (its CLS features vary by ~4 %
+the end, at -0.023. DINOv2's teacher (`dino.centering=sinkhorn_knopp`) does not change that: ViT -0.006
+[-0.030, +0.018], and with KoLeo (`dino.koleo_weight=0.1`) -0.019 [-0.049, +0.012]; the ResNet still
+goes uniform (step 100; with KoLeo, teacher temperature 0.02 and K = 64 at step 200). A random tiny ViT barely depends on its input (its CLS features vary by ~4 %
 across images), so the teacher's outputs start out the same for every image; DINO's teacher becomes
 image-specific over thousands of steps, not hundreds. Judge the method on the full run. Measured from a
 clean clone on 2 CPU cores (2026-12-01): 1 min 07 s; test split (1749 images) linear-probe mean AUC 0.581

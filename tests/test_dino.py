@@ -78,17 +78,44 @@ def test_dino_loss_matches_numpy_reference():
     student = rng.normal(size=(3, 5, 7))
     teacher = rng.normal(size=(3, 2, 7))
     center = 0.3 * rng.normal(size=7)
-    loss, stats = dino.dino_loss(student_logits=jnp.asarray(student, jnp.float32),
-                                 teacher_logits=jnp.asarray(teacher, jnp.float32),
-                                 center=jnp.asarray(center, jnp.float32), student_temp=0.1, teacher_temp=0.04)
+    targets = dino.teacher_targets(teacher_logits=jnp.asarray(teacher, jnp.float32),
+                                   center=jnp.asarray(center, jnp.float32), teacher_temp=0.04)
+    loss, stats = dino.dino_loss(student_logits=jnp.asarray(student, jnp.float32), teacher_probs=targets,
+                                 student_temp=0.1)
     expected, expected_center = numpy_dino_loss(student, teacher, center, 0.1, 0.04)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(stats["teacher_probs"]).sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(dino.updated_center(jnp.asarray(center, jnp.float32), jnp.asarray(teacher, jnp.float32),
                                                    0.9), expected_center, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        dino.dino_loss(student_logits=jnp.zeros((3, 5, 7)), teacher_probs=jnp.zeros((3, 2, 6)), student_temp=0.1)
     with pytest.raises(ValueError, match="do not fit"):
-        dino.dino_loss(student_logits=jnp.zeros((3, 5, 7)), teacher_logits=jnp.zeros((3, 2, 6)),
-                       center=jnp.zeros(7), student_temp=0.1, teacher_temp=0.04)
+        dino.teacher_targets(teacher_logits=jnp.zeros((3, 2, 6)), center=jnp.zeros(7), teacher_temp=0.04)
+    with pytest.raises(ValueError, match="centering='mean'"):
+        dino.teacher_targets(teacher_logits=jnp.zeros((3, 2, 7)), center=jnp.zeros(7), teacher_temp=0.04,
+                             centering="mean")
+
+
+def numpy_sinkhorn_knopp_teacher(teacher, teacher_temp, n_iterations=3):
+    """facebookresearch/dinov2 SinkhornKnoppTeacher.sinkhorn_knopp_teacher on [B*G, K] rows, float64."""
+    q = np.exp(teacher / teacher_temp).T  # [K, B]
+    k, b = q.shape
+    q = q / q.sum()
+    for _ in range(n_iterations):
+        q = q / q.sum(axis=1, keepdims=True) / k
+        q = q / q.sum(axis=0, keepdims=True) / b
+    return (q * b).T
+
+
+def test_sinkhorn_knopp_teacher_matches_dinov2_reference():
+    rng = np.random.default_rng(1)
+    teacher = rng.normal(size=(6, 2, 9)) * 0.1
+    targets = dino.teacher_targets(teacher_logits=jnp.asarray(teacher, jnp.float32), center=jnp.full(9, 5.0),
+                                   teacher_temp=0.05, centering="sinkhorn_knopp")
+    # DINOv2 concatenates the global crops' outputs crop by crop; the equipartition is over all B*G rows.
+    expected = numpy_sinkhorn_knopp_teacher(teacher.reshape(12, 9), 0.05).reshape(6, 2, 9)
+    np.testing.assert_allclose(np.asarray(targets), expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- model pieces
@@ -195,6 +222,21 @@ def test_teacher_gets_no_gradient(tiny_setup):
     np.testing.assert_array_equal(state5["teacher"]["head"]["last_layer"]["kernel"], state["teacher"]["head"]["last_layer"]["kernel"])
 
 
+def test_dinov2_teacher_centring_and_koleo_in_the_loss(tiny_setup):
+    """centering=sinkhorn_knopp + koleo_weight (DINOv2's teacher and regulariser): the teacher's targets
+    spread the batch evenly over the prototypes, and the loss is DINO's plus the weighted KoLeo term of the
+    student's global-crop features."""
+    config, model, batch, variables, state = tiny_setup
+    dinov2 = tiny_config(**NO_BLUR)
+    dinov2.dino.update(centering="sinkhorn_knopp", koleo_weight=0.1)
+    loss, (_, _, metrics) = jax.jit(lambda p, s: _loss(dinov2, model, p, s, batch, 5))(variables["params"], state)
+    assert np.isfinite(float(loss)) and float(metrics["dino/koleo"]) != 0.0
+    assert float(metrics["dino/marginal_entropy"]) > 0.999  # equipartition over the B x 2 teacher outputs
+    with pytest.raises(ValueError, match="centering"):
+        dinov2.dino.centering = "sinkhorn"
+        dino.init(model, jax.random.PRNGKey(0), batch, dinov2)
+
+
 def test_center_uses_the_global_batch_on_8_devices(tiny_setup):
     config, model, batch, variables, state = tiny_setup
     state = {**state, "center": jnp.linspace(-0.1, 0.1, config.dino.num_prototypes)}
@@ -234,8 +276,8 @@ def test_check_health_flags_a_collapsed_teacher():
     student = jax.random.normal(jax.random.PRNGKey(0), (b, 4, k))
 
     def metrics(teacher, center, student=student):
-        loss, stats = dino.dino_loss(student_logits=student, teacher_logits=teacher, center=center,
-                                     student_temp=0.1, teacher_temp=0.04)
+        targets = dino.teacher_targets(teacher_logits=teacher, center=center, teacher_temp=0.04)
+        loss, stats = dino.dino_loss(student_logits=student, teacher_probs=targets, student_temp=0.1)
         m = {"loss": loss, "dino/health_check": jnp.float32(1.0), **health.dino_stats(stats)}
         return jax.device_get(m)
 

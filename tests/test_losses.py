@@ -164,3 +164,29 @@ def test_pos_weight_from_labels_ignores_missing():
     np.testing.assert_allclose(losses.pos_weight_from_labels(labels), [3.0, 3.0, 1 / 3], rtol=1e-6)
     with pytest.raises(ValueError, match=r"column\(s\) \[1\]"):
         losses.pos_weight_from_labels(np.array([[1, 0], [0, np.nan]]))
+
+
+def test_koleo_matches_dinov2_koleo_loss_value_and_gradient():
+    """The value and gradient of facebookresearch/dinov2 KoLeoLoss, written out in torch (F.normalize,
+    the -1-diagonal nearest-neighbour search, nn.PairwiseDistance)."""
+    torch = pytest.importorskip("torch")
+    features = np.random.default_rng(6).normal(size=(12, 5)).astype(np.float32)
+
+    def dinov2_koleo(x):
+        x = torch.nn.functional.normalize(x, eps=1e-8, p=2, dim=-1)
+        dots = torch.mm(x, x.t())
+        dots.view(-1)[:: x.shape[0] + 1].fill_(-1)
+        _, nearest = torch.max(dots, dim=1)
+        return -torch.log(torch.nn.PairwiseDistance(2, eps=1e-8)(x, x[nearest]) + 1e-8).mean()
+
+    x = torch.from_numpy(features.copy()).requires_grad_(True)
+    expected = dinov2_koleo(x)
+    expected.backward()
+    value, grad = jax.value_and_grad(lambda f: losses.koleo(features=f))(jnp.asarray(features))
+    np.testing.assert_allclose(float(value), expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), x.grad.numpy(), rtol=1e-4, atol=1e-6)
+    # Spread-out features score lower than clustered ones: the term pushes neighbours apart.
+    clustered = features + 20.0 * np.ones((1, 5), np.float32)
+    assert float(losses.koleo(features=clustered)) > float(value)
+    with pytest.raises(ValueError, match="batch >= 2"):
+        losses.koleo(features=jnp.ones((1, 5)))

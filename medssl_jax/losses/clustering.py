@@ -26,7 +26,8 @@ def sinkhorn(*, scores: jax.Array, epsilon: float = 0.05, num_iters: int = 3) ->
 
     Args:
         scores: [B, K] scores of B samples (global batch, may be sharded over B) against K prototypes.
-        epsilon: entropic regularisation (SwAV default 0.05).
+        epsilon: entropic regularisation (SwAV default 0.05); may be a traced scalar (DINOv2's teacher
+            temperature schedule).
         num_iters: Sinkhorn iterations (SwAV default 3).
 
     Returns:
@@ -34,7 +35,7 @@ def sinkhorn(*, scores: jax.Array, epsilon: float = 0.05, num_iters: int = 3) ->
     """
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn: scores must be [batch, prototypes], got shape {scores.shape}")
-    if not epsilon > 0:
+    if isinstance(epsilon, (int, float)) and not epsilon > 0:  # a traced schedule value is checked by its config
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
     if num_iters < 1:
         raise ValueError(f"sinkhorn: num_iters must be >= 1, got {num_iters}")

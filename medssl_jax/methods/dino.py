@@ -20,6 +20,9 @@
   per `teacher_temp_epoch_steps` steps, `teacher_temp` already at the warm-up's last epoch.
 - Centre: centre = 0.9 centre + 0.1 mean over the global batch and both global crops of the raw teacher
   outputs (a plain jnp.mean under jit: XLA inserts the cross-device reduction, as DINO's all_reduce).
+  `centering="sinkhorn_knopp"` replaces softmax-after-centring with DINOv2's Sinkhorn-Knopp teacher
+  (`teacher_targets`); `koleo_weight` > 0 adds DINOv2's KoLeo term on the student's global-crop backbone
+  features (`losses.koleo`). Both are off by default (DINO's recipe).
 - `process_grads`: each parameter tensor's gradient clipped to norm `clip_grad` (3.0) separately, then
   the last layer's gradient zeroed for the first `freeze_last_layer_steps` steps. Unlike PyTorch (which
   skips parameters without a gradient), optax still applies weight decay to the frozen last layer; with
@@ -44,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from medssl_jax import augment, models
+from medssl_jax import augment, losses, models
 from medssl_jax.methods import Method, check_crops, health, multicrop_features, multicrop_spec
 from medssl_jax.models import heads
 
@@ -68,6 +71,11 @@ def extend_config(config: mlc.ConfigDict) -> None:
     d.teacher_temp_warmup_steps = 0  # DINO: 30 epochs
     d.teacher_temp_epoch_steps = 1  # steps per value of the warm-up (DINO: one epoch; 1 = per step)
     d.center_momentum = 0.9
+    # "centering" (DINO: the momentum centre above) or "sinkhorn_knopp" (DINOv2's teacher: an equipartition
+    # of the batch over the prototypes, as SwAV's codes, with T_t as the entropic regulariser).
+    d.centering = "centering"
+    d.sinkhorn_iters = 3
+    d.koleo_weight = 0.0  # DINOv2's KoLeo regulariser on the student's global-crop features (DINOv2: 0.1)
     d.momentum_teacher = 0.996  # cosine to 1 over config.total_steps
     d.freeze_last_layer_steps = 0  # DINO: 1 epoch
     d.clip_grad = 3.0  # per-tensor gradient norm; 0 = no clipping
@@ -86,6 +94,11 @@ def extend_config(config: mlc.ConfigDict) -> None:
 
 
 def _check_config(config) -> None:
+    if config.dino.centering not in ("centering", "sinkhorn_knopp"):
+        raise ValueError(f"config.dino.centering={config.dino.centering!r} is not one of ['centering', "
+                         "'sinkhorn_knopp']")
+    if config.dino.koleo_weight < 0:
+        raise ValueError(f"config.dino.koleo_weight={config.dino.koleo_weight}: must be >= 0")
     if config.dino.use_bn_in_head and config.model.get("drop_path_rate", 0.0):
         raise ValueError("config.dino.use_bn_in_head with config.model.drop_path_rate > 0: the teacher runs in "
                          "training mode with BatchNorm, which would also apply drop path to it")
@@ -184,32 +197,53 @@ def teacher_momentum(step, config) -> jax.Array:
 # --------------------------------------------------------------------------------------------- loss
 
 
-def dino_loss(*, student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
-              student_temp: float, teacher_temp) -> tuple[jax.Array, dict]:
-    """DINO's cross-entropy between sharpened, centred teacher outputs and student outputs.
+def teacher_targets(*, teacher_logits: jax.Array, center: jax.Array, teacher_temp,
+                    centering: str = "centering", sinkhorn_iters: int = 3) -> jax.Array:
+    """The teacher's target distributions [B, G, K] from its raw outputs [B, G, K].
+
+    centering="centering" (DINO): softmax((teacher - centre) / T_t). centering="sinkhorn_knopp" (DINOv2's
+    `sinkhorn_knopp_teacher`): Sinkhorn-Knopp equipartition of exp(teacher / T_t) over the global batch and
+    both global crops together (the B*G rows), `sinkhorn_iters` iterations; the centre is not used. Under
+    stop_gradient either way.
+    """
+    if teacher_logits.ndim != 3 or center.shape != teacher_logits.shape[-1:]:
+        raise ValueError(f"teacher_targets: teacher {teacher_logits.shape} / centre {center.shape} do not fit "
+                         "(need [B, G, K] and [K])")
+    if centering == "sinkhorn_knopp":
+        b, g, k = teacher_logits.shape
+        t = losses.sinkhorn(scores=teacher_logits.reshape(b * g, k), epsilon=teacher_temp,
+                                num_iters=sinkhorn_iters).reshape(b, g, k)
+    elif centering == "centering":
+        t = jax.nn.softmax((teacher_logits.astype(jnp.float32) - center) / teacher_temp, axis=-1)
+    else:
+        raise ValueError(f"config.dino.centering={centering!r} is not one of ['centering', 'sinkhorn_knopp']")
+    return jax.lax.stop_gradient(t)
+
+
+def dino_loss(*, student_logits: jax.Array, teacher_probs: jax.Array, student_temp: float) -> tuple[jax.Array, dict]:
+    """DINO's cross-entropy between the teacher's targets and the student's sharpened outputs.
 
     Args:
       student_logits: [B, V, K], crops in the order global 1, global 2, locals...
-      teacher_logits: [B, G, K] for the G global crops (the first G student crops are the same images).
-      center: [K].
-      student_temp, teacher_temp: temperatures (teacher_temp may be a traced scalar).
+      teacher_probs: [B, G, K] targets for the G global crops (`teacher_targets`; the first G student crops
+        are the same images).
+      student_temp: the student's temperature.
 
     Returns:
       (loss, stats): loss = mean over pairs (i < G, v < V, v != i) of mean_b -sum_k t[b,i,k] log s[b,v,k];
       stats holds the teacher probabilities 'teacher_probs' [B, G, K], the per-pair cross-entropies 'ce'
       [B, G, V] and the pair mask 'pairs' [G, V].
     """
-    if student_logits.ndim != 3 or teacher_logits.ndim != 3:
+    if student_logits.ndim != 3 or teacher_probs.ndim != 3:
         raise ValueError(f"dino_loss: logits must be [B, V, K], got student {student_logits.shape} and teacher "
-                         f"{teacher_logits.shape}")
+                         f"{teacher_probs.shape}")
     b, v, k = student_logits.shape
-    g = teacher_logits.shape[1]
-    if teacher_logits.shape[0] != b or teacher_logits.shape[2] != k or g > v or center.shape != (k,):
-        raise ValueError(f"dino_loss: teacher {teacher_logits.shape} / centre {center.shape} do not fit student "
-                         f"{student_logits.shape} (need [B, G<=V, K] and [K])")
+    g = teacher_probs.shape[1]
+    if teacher_probs.shape[0] != b or teacher_probs.shape[2] != k or g > v:
+        raise ValueError(f"dino_loss: teacher {teacher_probs.shape} does not fit student {student_logits.shape} "
+                         "(need [B, G<=V, K])")
     log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-    t = jax.nn.softmax((teacher_logits.astype(jnp.float32) - center) / teacher_temp, axis=-1)
-    t = jax.lax.stop_gradient(t)
+    t = jax.lax.stop_gradient(teacher_probs.astype(jnp.float32))
     ce = -jnp.einsum("bik,bvk->biv", t, log_s)
     pairs = jnp.arange(g)[:, None] != jnp.arange(v)[None, :]
     loss = jnp.sum(jnp.mean(ce, axis=0) * pairs) / jnp.sum(pairs)
@@ -268,21 +302,29 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
         (teacher_logits, _), teacher_updates = model.apply({"params": teacher, "batch_stats": teacher_stats},
                                                            crops[:1], train=True, mutable=["batch_stats"])
         new_state["teacher_batch_stats"] = jax.lax.stop_gradient(teacher_updates["batch_stats"])
-        (student_logits, _), student_updates = model.apply({"params": params, "batch_stats": batch_stats}, crops,
+        (student_logits, student_out), student_updates = model.apply({"params": params, "batch_stats": batch_stats}, crops,
                                                            train=True, mutable=["batch_stats"],
                                                            rngs={"dropout": dropout_rng})
         batch_stats = student_updates["batch_stats"]
     else:  # ViT: no BatchNorm; the teacher sees the globals only, without drop path
         teacher_logits, _ = model.apply({"params": teacher}, crops[:1], train=False)
-        student_logits, _ = model.apply({"params": params}, crops, train=True, rngs={"dropout": dropout_rng})
+        student_logits, student_out = model.apply({"params": params}, crops, train=True, rngs={"dropout": dropout_rng})
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     temp = teacher_temperature(step, config)
-    loss, stats = dino_loss(student_logits=student_logits, teacher_logits=teacher_logits,
-                            center=method_state["center"], student_temp=d.student_temp, teacher_temp=temp)
+    targets = teacher_targets(teacher_logits=teacher_logits, center=method_state["center"], teacher_temp=temp,
+                              centering=d.centering, sinkhorn_iters=d.sinkhorn_iters)
+    loss, stats = dino_loss(student_logits=student_logits, teacher_probs=targets, student_temp=d.student_temp)
+    if d.koleo_weight > 0:
+        # DINOv2: KoLeo on the student's backbone features, one term per global crop.
+        koleo_loss = sum(losses.koleo(features=student_out["features"][:, i]) for i in range(2))
+        metrics_extra = {"dino/koleo": koleo_loss}
+        loss = loss + d.koleo_weight * koleo_loss
+    else:
+        metrics_extra = {}
     new_state.update(teacher=teacher, center=updated_center(method_state["center"], teacher_logits, d.center_momentum))
     metrics = {"loss": loss, "dino/teacher_temp": temp, "dino/momentum": teacher_momentum(step, config),
                "dino/health_check": (step + 1 >= d.health_check_after_steps).astype(jnp.float32)}
-    metrics.update(health.dino_stats(stats))
+    metrics.update(health.dino_stats(stats), **metrics_extra)
     return loss, (batch_stats, new_state, metrics)
 
 
