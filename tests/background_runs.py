@@ -5,14 +5,17 @@ the suite leaves idle (it mostly keeps one of 2 cores busy) instead of running a
 A test module registers named groups of processes (`register`); the groups start one after another in
 registration order on a background thread, each when the previous one has finished (so they do not
 compete with each other); a test waits for its group with `wait(name)`. Groups of modules whose tests
-are not selected never start.
+are not selected never start. Modules with groups run after every other module (conftest.py), so their
+runs have the whole suite to finish in; the summary line "background groups: ..." says when each ran.
 """
 
 import subprocess
 import threading
+import time
 
 _groups: dict = {}  # name -> {"module": file name, "start": () -> [Popen], "done": Event, "processes": [...]}
 _thread: list = []
+_t0: list = []
 TIMEOUT_S = 900
 
 
@@ -22,9 +25,15 @@ def register(name: str, module: str, start) -> None:
                               "error": None})
 
 
+def modules() -> set:
+    """The file names of the modules that registered groups."""
+    return {g["module"] for g in _groups.values()}
+
+
 def _run(names) -> None:
     for name in names:
         group = _groups[name]
+        group["began"] = time.monotonic()
         try:
             group["processes"] = group["start"]()
             for process in group["processes"]:
@@ -32,6 +41,7 @@ def _run(names) -> None:
         except Exception as error:  # noqa: BLE001 - reported to the test that waits for it
             group["error"] = error
         finally:
+            group["ended"] = time.monotonic()
             group["done"].set()
 
 
@@ -39,6 +49,7 @@ def start(selected_modules) -> None:
     """Starts (once) the groups of the modules among `selected_modules` (file names)."""
     if _thread:
         return
+    _t0.append(time.monotonic())
     names = [n for n, g in _groups.items() if g["module"] in set(selected_modules)]
     thread = threading.Thread(target=_run, args=(names,), daemon=True)
     _thread.append(thread)
@@ -55,6 +66,13 @@ def wait(name: str) -> list:
     if group["error"] is not None:
         raise group["error"]
     return group["processes"]
+
+
+def timeline() -> str:
+    """When each group ran, in seconds after the background start (for whoever balances the suite)."""
+    spans = [f"{name} {g['began'] - _t0[0]:.0f}-{g['ended'] - _t0[0]:.0f} s" for name, g in _groups.items()
+             if "ended" in g and _t0]
+    return ", ".join(spans)
 
 
 def stop() -> None:

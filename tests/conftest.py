@@ -28,11 +28,26 @@ def pytest_configure(config):
         flags.FLAGS.mark_as_parsed()
 
 
+def pytest_collection_modifyitems(items):
+    """The modules that wait for background runs go last, so their runs have the whole suite to finish in."""
+    import background_runs
+
+    waiting = background_runs.modules()
+    items.sort(key=lambda item: item.path.name in waiting)  # stable: the order within each part is kept
+
+
 def pytest_collection_finish(session):
     """Starts the background runs of the selected test modules (see tests/background_runs.py)."""
     import background_runs
 
     background_runs.start({item.path.name for item in session.items})
+
+
+def pytest_terminal_summary(terminalreporter):
+    import background_runs
+
+    if background_runs.timeline():
+        terminalreporter.write_line(f"background groups: {background_runs.timeline()}")
 
 
 def pytest_sessionfinish(session):

@@ -1,27 +1,54 @@
 """The prepared GPU benchmark runs end to end on a CPU at tiny sizes (so the device run cannot fail on a
-typo): every row in its own process, one table with the JAX/PyTorch ratio, suite.json with the versions."""
+typo): every row in its own process, one table with the JAX/PyTorch ratio, suite.json with the versions.
+The smoke run (about a minute of row processes) starts in the background when the session starts
+(tests/background_runs.py)."""
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+import background_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("torch")
 
+# jax-simclr-r50 runs jax-simclr-vitb16's code (_simclr_config, jax_pretrain_row) with the ResNet that
+# jax-swav-r50 and jax-features-r50 compile here, so it is left out (27 s of CPU compile); the PyTorch
+# ResNet-50's torch.compile alone takes minutes on a CPU, so the smoke test builds it without compiling
+# (below).
+ROWS = "jax-simclr-vitb16,jax-swav-r50,jax-features-r50,torch-simclr-vitb16,host-pipeline"
+_smoke: dict = {}
 
-def test_smoke_suite_writes_the_table_and_every_row(tmp_path):
-    # jax-simclr-r50 runs jax-simclr-vitb16's code (_simclr_config, jax_pretrain_row) with the ResNet that
-    # jax-swav-r50 and jax-features-r50 compile here, so it is left out (27 s of CPU compile); the PyTorch
-    # ResNet-50's torch.compile alone takes minutes on a CPU, so the smoke test builds it without
-    # compiling (below).
-    rows = "jax-simclr-vitb16,jax-swav-r50,jax-features-r50,torch-simclr-vitb16,host-pipeline"
-    out = subprocess.run([sys.executable, "-m", "medssl_jax.bench_suite", "--smoke", f"--out={tmp_path}",
-                          f"--rows={rows}"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+def _start_smoke() -> list:
+    _smoke["out"] = tempfile.mkdtemp(prefix="medssl_jax_bench_smoke_")
+    _smoke["log"] = open(os.path.join(_smoke["out"], "smoke.log"), "w")
+    return [subprocess.Popen([sys.executable, "-m", "medssl_jax.bench_suite", "--smoke", f"--out={_smoke['out']}",
+                              f"--rows={ROWS}"], cwd=REPO, stdout=_smoke["log"], stderr=subprocess.STDOUT)]
+
+
+background_runs.register("bench-smoke", "test_bench_suite.py", _start_smoke)
+
+
+@pytest.fixture
+def smoke_run():
+    (process,) = background_runs.wait("bench-smoke")
+    _smoke["log"].close()
+    yield process, pathlib.Path(_smoke["out"])
+    shutil.rmtree(_smoke["out"], ignore_errors=True)
+
+
+def test_smoke_suite_writes_the_table_and_every_row(smoke_run):
+    process, tmp_path = smoke_run
+    assert process.returncode == 0, (tmp_path / "smoke.log").read_text()[-4000:]
+    rows = ROWS
     with open(tmp_path / "suite.json") as f:
         suite = json.load(f)
     assert set(suite["rows"]) == set(rows.split(","))
