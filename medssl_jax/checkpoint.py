@@ -38,6 +38,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from medssl_jax import sharding
+
 CHECKSUM_FILE = "medssl_checksums.json"
 CHECKSUM_FORMAT = "medssl_jax.checkpoint_checksums"
 EXPORT_FORMAT = "medssl_jax.export"
@@ -249,7 +251,7 @@ def save_export(directory: str, variables: Any, config: dict) -> str:
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, "variables")
-    variables = jax.device_get(variables)
+    variables = sharding.to_host(variables)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(target, variables, force=True)
     # config.json last: its presence marks a complete export. One process writes it (a multi-process job
@@ -308,10 +310,10 @@ def load_encoder_init(directory: str, abstract_variables: Any) -> Any:
     Anything else that does not fit is an error listing the first mismatching keys.
     """
     variables, _ = load_export(directory)
-    expected = {_path_str(p): v for p, v in _flatten(abstract_variables)}
+    expected = {sharding.leaf_path(p): v for p, v in _flatten(abstract_variables)}
     adapted = {}
     for path, leaf in _flatten(variables):
-        key = _path_str(path)
+        key = sharding.leaf_path(path)
         want = expected.get(key)
         if (
             want is not None
@@ -325,14 +327,14 @@ def load_encoder_init(directory: str, abstract_variables: Any) -> Any:
         adapted[key] = leaf
     check_tree_matches(adapted, expected, what=directory)
     return jax.tree_util.tree_map_with_path(
-        lambda path, want: jax.numpy.asarray(adapted[_path_str(path)], dtype=want.dtype), abstract_variables
+        lambda path, want: jax.numpy.asarray(adapted[sharding.leaf_path(path)], dtype=want.dtype), abstract_variables
     )
 
 
 def check_tree_matches(loaded: Any, expected: Any, *, what: str, limit: int = 5) -> None:
     """Raises CheckpointError listing the first missing / unexpected / mis-shaped keys."""
-    loaded_shapes = {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in _flatten(loaded)}
-    expected_shapes = {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in _flatten(expected)}
+    loaded_shapes = {sharding.leaf_path(p): tuple(getattr(v, "shape", ())) for p, v in _flatten(loaded)}
+    expected_shapes = {sharding.leaf_path(p): tuple(getattr(v, "shape", ())) for p, v in _flatten(expected)}
     missing = sorted(set(expected_shapes) - set(loaded_shapes))
     unexpected = sorted(set(loaded_shapes) - set(expected_shapes))
     misshaped = sorted(
@@ -357,10 +359,6 @@ def check_tree_matches(loaded: Any, expected: Any, *, what: str, limit: int = 5)
 
 def _flatten(tree):
     return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _json_default(value):

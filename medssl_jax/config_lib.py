@@ -94,7 +94,10 @@ def pretrain_config() -> mlc.ConfigDict:
     c.total_epochs = 100.0
 
     c.compute_dtype = "bfloat16"
-    c.mesh = [("data", -1)]
+    c.mesh = (("data", -1),)
+    # How parameters, optimiser state and method state are laid out (sharding.state_shardings): () =
+    # replicated (data parallel); FSDP: mesh (("data", -1), ("fsdp", 8)) and ((".*", "fsdp"),).
+    c.sharding_rules = ()
 
     c.data = mlc.ConfigDict()
     # '' = the embedded phantom dataset, generated on first use and cached in data.cache_dir.
@@ -321,7 +324,9 @@ def eval_config() -> mlc.ConfigDict:
     c.method = ""  # pretraining method of the init, for the report; '' = the export's own record
     c.name = ""  # display name in `medssl_jax.compare`; '' = the workdir's name
     c.compute_dtype = "float32"
-    c.mesh = [("data", -1)]
+    c.mesh = (("data", -1),)
+    # Fine-tuning: how the model and optimiser state are laid out (see pretrain_config); () = replicated.
+    c.sharding_rules = ()
     c.batch_size = 256
     c.image_size = 224
     # 'auto': the input normalisation the encoder records (converted checkpoints: their training's mean/std,

@@ -93,10 +93,6 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _abstract_with_sharding(tree: Any, target) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
-
-
 def _last_good(checkpointer) -> str:
     """'step N' of the newest checkpoint that verifies (after the pending save is finalised), and closes
     the checkpointer: the run is about to stop."""
@@ -188,7 +184,9 @@ def setup(config) -> Setup:
         }
 
     abstract_state = jax.eval_shape(init_state, sharding.to_global(example, mesh))
-    abstract_state = _abstract_with_sharding(abstract_state, repl)
+    state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+                                  state_shardings)
 
     # ---------------------------------------------------------------- update step
     def train_step(state, batch):
@@ -222,11 +220,13 @@ def setup(config) -> Setup:
     return Setup(
         method=method, mesh=mesh, store=store, spec=spec, total_steps=total_steps, model=model, tx=tx,
         data_iter=data_iter, example=example,
-        init_state=jax.jit(init_state, out_shardings=repl),
+        init_state=jax.jit(init_state, out_shardings=state_shardings),
         abstract_state=abstract_state,
+        # One step for data parallel and FSDP: the state's layout comes from config.sharding_rules and XLA
+        # inserts the all-gathers / reduce-scatters a sharded parameter needs.
         train_step=jax.jit(
-            train_step, donate_argnums=(0,), in_shardings=(repl, sharding.data_sharding(mesh)),
-            out_shardings=(repl, repl),
+            train_step, donate_argnums=(0,), in_shardings=(state_shardings, sharding.data_sharding(mesh)),
+            out_shardings=(state_shardings, repl),
         ),
         batch_size=config.batch_size,
     )
@@ -251,8 +251,7 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     else:
         state = run.init_state(sharding.to_global(run.example, mesh))
         if config.init:
-            state = _init_encoder_from(state, config.init, method, run.abstract_state,
-                                       sharding.replicated(mesh), run.tx)
+            state = _init_encoder_from(state, config.init, method, run.abstract_state, run.tx)
             logging_lib.log(f"encoder initialised from {config.init}")
     start_step = int(jax.device_get(state["step"]))
 
@@ -315,7 +314,7 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     export_dir = os.path.join(workdir, "export")
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     # The encoder's variables (DINO: its teacher's, which live in method_state).
-    encoder = method.export_variables(jax.device_get(variables), jax.device_get(state["method_state"]))
+    encoder = method.export_variables(sharding.to_host(variables), sharding.to_host(state["method_state"]))
     checkpoint.save_export(
         export_dir,
         encoder,
@@ -330,18 +329,21 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     return PretrainResult(workdir, export_dir, step, total_steps, preempted=preempted)
 
 
-def _init_encoder_from(state, directory: str, method, abstract_state, repl, tx):
-    """Replaces the encoder weights by an export's (ImageNet/DINOv2 -> medical two-stage pretraining)."""
+def _init_encoder_from(state, directory: str, method, abstract_state, tx):
+    """Replaces the encoder weights by an export's (ImageNet/DINOv2 -> medical two-stage pretraining), laid
+    out as the run's state (replicated or sharded by config.sharding_rules) whatever the export's source."""
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     abstract_encoder = method.encoder_variables(
         {"params": abstract_state["params"], "batch_stats": abstract_state["batch_stats"]}
     )
     loaded = checkpoint.load_encoder_init(directory, abstract_encoder)
     variables = method.with_encoder_variables(variables, loaded)
-    variables = jax.device_put(variables, repl)
+    shardings = {k: jax.tree.map(lambda x: x.sharding, abstract_state[k]) for k in ("params", "batch_stats")}
+    variables = jax.device_put(variables, shardings)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_state["opt_state"])
     return {
         **state,
         "params": variables["params"],
         "batch_stats": variables["batch_stats"],
-        "opt_state": jax.jit(tx.init, out_shardings=repl)(variables["params"]),
+        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(variables["params"]),
     }
