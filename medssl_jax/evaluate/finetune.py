@@ -218,12 +218,15 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
         variables["params"]["head"]["dense"] = _head_from_init(config, variables["params"]["head"]["dense"],
                                                                label_names)
     tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps, batch_size=config.batch_size)
-    state = jax.device_put({
-        "step": np.zeros((), np.int32),
-        "params": variables["params"],
-        "batch_stats": variables.get("batch_stats", {}),
-    }, repl)
-    state["opt_state"] = jax.jit(tx.init, out_shardings=repl)(state["params"])
+    state = {"step": np.zeros((), np.int32), "params": variables["params"],
+             "batch_stats": variables.get("batch_stats", {})}
+    # Replicated, or sharded by config.sharding_rules (FSDP for ViT-L/g); the step, the predictions and the
+    # selected model all use this layout.
+    shardings = sharding.state_shardings({**state, "opt_state": jax.eval_shape(tx.init, state["params"])}, mesh,
+                                         config.sharding_rules)
+    var_shardings = {k: shardings[k] for k in ("params", "batch_stats")}
+    state = jax.device_put(state, {k: shardings[k] for k in state})
+    state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
     pos_weight = jnp.asarray(pos_weight)
     multi_class = config.task == "multi_class"
 
@@ -247,11 +250,12 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
                      "batch_stats": batch_stats, "opt_state": opt_state}
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
 
-    train_step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(repl, data), out_shardings=(repl, repl))
+    train_step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(shardings, data),
+                         out_shardings=(shardings, repl))
     predict_fn = jax.jit(
         lambda v, x: (jax.nn.softmax if multi_class else jax.nn.sigmoid)(model.apply(v, augment.to_unit(x),
                                                                                      train=False)[0]),
-        in_shardings=(repl, data), out_shardings=data)
+        in_shardings=(var_shardings, data), out_shardings=data)
     evaluate = lambda v, ids, on=store: predict(predict_fn, v, on, ids, image_size=config.image_size,  # noqa: E731
                                                 batch_size=config.batch_size, mesh=mesh, channels=channels)
 
@@ -293,7 +297,7 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
                             + (" (best so far)" if improved else ""))
             if improved or best["variables"] is None:
                 best = {"step": step, "val_auc": val_auc if val_auc is not None else -np.inf,
-                        "variables": jax.device_get(current), "val_probs": probs, "val_labels": labels}
+                        "variables": sharding.to_host(current), "val_probs": probs, "val_labels": labels}
                 evals_since_best = 0
             else:
                 evals_since_best += 1
@@ -307,12 +311,13 @@ def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: fl
         logging_lib.log(f"warning: label fraction {fraction:g} reached the maximum of {total_steps} steps while the "
                         f"validation AUC was still improving (best at step {best['step']}); it may not have "
                         "converged: raise config.total_steps")
-    best_variables = sharding.replicate(best["variables"], mesh)
+    best_variables = jax.device_put(best["variables"], var_shardings)
     test_probs, test_labels = evaluate(best_variables, splits.test)
     return {"fraction": fraction, "num_train": len(train_ids), "probs": test_probs, "labels": test_labels,
             "curves": {"steps": curve_steps, "val_auc": curve_auc}, "best_step": best["step"],
             "best_val_auc": None if not np.isfinite(best["val_auc"]) else float(best["val_auc"]),
-            "variables": best["variables"], "predict_fn": predict_fn, "evaluate": evaluate, "encoder": encoder,
+            "variables": best["variables"], "var_shardings": var_shardings, "predict_fn": predict_fn,
+            "evaluate": evaluate, "encoder": encoder,
             "pos_weight": [float(w) for w in pos_weight], "steps_run": step, "total_steps": total_steps,
             "converged": bool(stopped_early),
             "thresholds": metrics.youden_thresholds(best["val_probs"], best["val_labels"])}
@@ -370,7 +375,8 @@ def run(config, workdir: str) -> dict:
                         f"{metrics.fmt_auc(result['best_val_auc'])} at step {result['best_step']}")
         if fraction != max(fractions):
             _write(run_dir, result, config, splits, store, fingerprint, name=f"{name}@{fraction:g}")
-            result = {k: v for k, v in result.items() if k not in ("variables", "predict_fn", "evaluate")}
+            result = {k: v for k, v in result.items()
+                      if k not in ("variables", "var_shardings", "predict_fn", "evaluate")}
         results[fraction] = result
         if len(fractions) > 1:
             entries.append(robustness.label_efficiency_entry(
@@ -378,7 +384,7 @@ def run(config, workdir: str) -> dict:
                 num_train=result["num_train"], seed=config.seed))
 
     main = results[max(fractions)]
-    best_variables = sharding.replicate(main["variables"], mesh)
+    best_variables = jax.device_put(main["variables"], main["var_shardings"])
     curves = None
     if config.robustness:
         linear_probe.check_single_host("config.robustness")

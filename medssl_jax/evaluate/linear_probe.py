@@ -264,6 +264,9 @@ def open_eval(config, workdir: str):
 
 def run(config, workdir: str) -> dict:
     """Runs the linear probe described in the module docstring; returns E/eval/summary.json's dict."""
+    if config.sharding_rules:
+        raise ValueError(f"config.sharding_rules={config.sharding_rules!r}: the linear probe replicates the frozen "
+                         "encoder (it only runs forward passes); sharding rules apply to fine-tuning and pretraining")
     workdir, mesh, store = open_eval(config, workdir)
     fingerprint = records.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
