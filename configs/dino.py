@@ -29,8 +29,8 @@ default, no blur, momentum 0.99, teacher temperature 0.07, BatchNorm head, teach
 and without centre momentum 0.99), 0.03 with momentum 0.996; only LARS lr 0.3 + BatchNorm head ran to
 the end, at -0.023. DINOv2's teacher (`dino.centering=sinkhorn_knopp`) does not change that: ViT -0.006
 [-0.030, +0.018], and with KoLeo (`dino.koleo_weight=0.1`) -0.019 [-0.049, +0.012]; the ResNet still
-goes uniform (step 100; with KoLeo, teacher temperature 0.02 and K = 64 at step 200). A random tiny ViT barely depends on its input (its CLS features vary by ~4 %
-across images), so the teacher's outputs start out the same for every image; DINO's teacher becomes
+goes uniform (step 100; with KoLeo, teacher temperature 0.02 and K = 64 at step 200). A random tiny
+ViT barely depends on its input (its CLS features vary by ~4 % across images), so the teacher's outputs start out the same for every image; DINO's teacher becomes
 image-specific over thousands of steps, not hundreds. Judge the method on the full run. Measured from a
 clean clone on 2 CPU cores (2026-12-01): 1 min 07 s; test split (1749 images) linear-probe mean AUC 0.581
 vs 0.577 for the random-init ViT, difference +0.004 [95% CI -0.009, +0.019], p = 0.27: no evidence of
@@ -42,6 +42,13 @@ sets the epoch-based durations (100 epochs, 10 lr warm-up, 30 teacher-temperatur
 
   python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,steps_per_epoch=875 \
       --config.model.attention=cudnn --workdir=/runs/dino_vits16
+
+ViT-L/14 and ViT-g/14 (`variant=L/14`, `variant=g/14`) shard parameters, AdamW moments and the teacher
+over 8 devices (FSDP: config.mesh (("data", -1), ("fsdp", 8)), config.sharding_rules ((".*", "fsdp"),),
+`fsdp=N` for another group size) with rematerialised blocks; the device count must be a multiple of 8:
+
+  python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,variant=L/14,steps_per_epoch=875 \
+      --config.model.attention=cudnn --workdir=/runs/dino_vitl14
 
 Two-stage (natural images -> radiographs) from DINOv2 or timm weights converted with
 `python -m medssl_jax.convert` (the model fields must describe the converted ViT, e.g. B/14 at 518 px,
@@ -71,12 +78,14 @@ def get_config(arg=None):
     `steps_per_epoch` since the method's schedules run in steps.
 
     Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested store;
-    '' = embedded phantoms), `variant` (ViT 'S/16' or 'B/16'), `steps_per_epoch` (images in the train
+    '' = embedded phantoms), `variant` (ViT 'S/16', 'B/16', 'L/14' or 'g/14'; also 'vit_l14', 'vit_g14'),
+    `fsdp` (devices that shard the state: default 8 for L and g, 1 = data parallel for S and B), `steps_per_epoch` (images in the train
     split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100),
     `encoder` ('vit', or 'resnet' for DINO's ResNet recipe at the :runlocal size).
     """
     args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100,
-                                encoder="vit")
+                                encoder="vit", fsdp=0)
+    args.variant = {"vit_l14": "L/14", "vit_g14": "g/14"}.get(args.variant, args.variant)
     if args.encoder not in ("vit", "resnet"):
         raise ValueError(f"config argument encoder={args.encoder!r} is not one of ['resnet', 'vit']")
     c = config_lib.pretrain_config()
@@ -93,6 +102,16 @@ def get_config(arg=None):
     # radiographs only brightness and contrast act); blur and solarisation are per crop (config.dino).
     c.augment = augment.preset("none")
     c.augment.update(color_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2)
+    # ViT-L/14 and ViT-g/14 (300M / 1.1B parameters; with AdamW's two moments and the teacher, 4 copies)
+    # do not fit replicated at a useful batch: FSDP over `fsdp` devices (default 8) shards every parameter,
+    # optimiser moment and the teacher; the batch is still split over all devices.
+    fsdp = args.fsdp or (8 if args.variant.split("/")[0] in ("L", "g") else 1)
+    if fsdp < 1:
+        raise ValueError(f"config argument fsdp={args.fsdp}: must be >= 1 (1 = data parallel only)")
+    if fsdp > 1:
+        c.mesh = (("data", -1), ("fsdp", fsdp))
+        c.sharding_rules = ((".*", "fsdp"),)
+        c.model.remat = True
     epoch = args.steps_per_epoch
     c.batch_size = 256
     c.total_steps = args.epochs * epoch

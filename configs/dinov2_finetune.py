@@ -48,6 +48,9 @@ Commands (the three arms on one store; the splits are identical by construction)
       --out=/evals/vindr_report
 
 (`init=DIR` may also go into the config argument: `:store=/data/vindr,init=/ckpt/dinov2_vitb14`.)
+DINOv2's ViT-L/14 and ViT-g/14 (`convert --format=dinov2` of dinov2_vitl14 / vitg14) do not fit
+replicated with AdamW at this batch on one card: add `fsdp=8` (parameters and optimiser moments sharded
+over 8 devices, tests/test_fsdp.py), e.g. `:store=/data/vindr,fsdp=8 --config.init=/ckpt/dinov2_vitl14`.
 The report gives per-label AUCs with the paired bootstrap (1000 resamples, the same indices for every
 model), one-sided p-values and Benjamini-Hochberg across labels, as the paper's evaluation does.
 
@@ -80,9 +83,11 @@ ARMS = ("dinov2", "in21k", "indomain", "random")
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, runlocal=False, arm="dinov2", store="", init="")
+    args = config_lib.parse_arg(arg, runlocal=False, arm="dinov2", store="", init="", fsdp=1)
     if args.arm not in ARMS:
         raise ValueError(f"config argument arm={args.arm!r} is not one of {ARMS}")
+    if args.fsdp < 1:
+        raise ValueError(f"config argument fsdp={args.fsdp}: must be >= 1 (1 = data parallel only)")
     c = finetune.reference_config()
     c.data.store = args.store
     c.method = {"dinov2": "dinov2", "in21k": "supervised", "indomain": "indomain_supervised", "random": "none"}[
@@ -116,6 +121,11 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.0
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.data.num_workers = 8
+    if args.fsdp > 1:
+        # DINOv2's ViT-L/14 / ViT-g/14 (fsdp=8): parameters and AdamW moments sharded over groups of `fsdp`
+        # devices, the batch over all of them.
+        c.mesh = (("data", -1), ("fsdp", args.fsdp))
+        c.sharding_rules = ((".*", "fsdp"),)
     if args.runlocal:
         c.init = args.init or "random"
         if c.init == "random":
