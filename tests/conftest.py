@@ -28,19 +28,27 @@ def pytest_configure(config):
         flags.FLAGS.mark_as_parsed()
 
 
+def _xdist_worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
 def pytest_collection_modifyitems(items):
-    """The modules that wait for background runs go last, so their runs have the whole suite to finish in."""
+    """The modules that wait for background runs go last in one process, so their runs have the whole suite
+    to finish in. Under pytest-xdist (`-n 2`) they go first: there a group starts when its module's first
+    test waits for it (tests/background_runs.py), and the other worker keeps the second core busy."""
     import background_runs
 
     waiting = background_runs.modules()
-    items.sort(key=lambda item: item.path.name in waiting)  # stable: the order within each part is kept
+    items.sort(key=lambda item: (item.path.name in waiting) != _xdist_worker())  # stable within each part
 
 
 def pytest_collection_finish(session):
-    """Starts the background runs of the selected test modules (see tests/background_runs.py)."""
+    """Starts the background runs of the selected test modules (see tests/background_runs.py). Not under
+    pytest-xdist: every worker collects every test, so each would start every group."""
     import background_runs
 
-    background_runs.start({item.path.name for item in session.items})
+    if not _xdist_worker():
+        background_runs.start({item.path.name for item in session.items})
 
 
 def pytest_terminal_summary(terminalreporter):
