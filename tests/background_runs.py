@@ -15,6 +15,7 @@ import time
 
 _groups: dict = {}  # name -> {"module": file name, "start": () -> [Popen], "done": Event, "processes": [...]}
 _thread: list = []
+_claimed: set = set()  # names of the groups a thread has taken on
 _t0: list = []
 TIMEOUT_S = 900
 
@@ -46,20 +47,23 @@ def _run(names) -> None:
 
 
 def start(selected_modules) -> None:
-    """Starts (once) the groups of the modules among `selected_modules` (file names)."""
-    if _thread:
+    """Starts the not yet started groups of the modules among `selected_modules` (file names), one after
+    another on one background thread."""
+    names = [n for n, g in _groups.items() if g["module"] in set(selected_modules) and n not in _claimed]
+    if not names:
         return
-    _t0.append(time.monotonic())
-    names = [n for n, g in _groups.items() if g["module"] in set(selected_modules)]
+    if not _t0:
+        _t0.append(time.monotonic())
+    _claimed.update(names)
     thread = threading.Thread(target=_run, args=(names,), daemon=True)
     _thread.append(thread)
     thread.start()
 
 
 def wait(name: str) -> list:
-    """The finished processes of group `name`; started here if the session did not start it."""
+    """The finished processes of group `name`; started here (and waited for) if nothing started it."""
     group = _groups[name]
-    if not _thread:
+    if name not in _claimed:
         start([group["module"]])
     if not group["done"].wait(timeout=TIMEOUT_S * 2):
         raise AssertionError(f"background group {name} did not finish")

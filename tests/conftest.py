@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile  # noqa: E402
 
+import pytest  # noqa: E402
+
 from absl import flags  # noqa: E402
 
 # One persistent compilation cache for the session: the train tests build the same step several times
@@ -56,6 +58,17 @@ def pytest_terminal_summary(terminalreporter):
 
     if background_runs.timeline():
         terminalreporter.write_line(f"background groups: {background_runs.timeline()}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's in-memory compiled programs after each module: a worker that runs many modules would
+    otherwise keep every executable it ever built (gigabytes by the end); the persistent compilation
+    cache still serves a program another module compiles again."""
+    yield
+    import jax
+
+    jax.clear_caches()
 
 
 def pytest_sessionfinish(session):
