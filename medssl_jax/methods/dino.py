@@ -302,9 +302,9 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
         (teacher_logits, _), teacher_updates = model.apply({"params": teacher, "batch_stats": teacher_stats},
                                                            crops[:1], train=True, mutable=["batch_stats"])
         new_state["teacher_batch_stats"] = jax.lax.stop_gradient(teacher_updates["batch_stats"])
-        (student_logits, student_out), student_updates = model.apply({"params": params, "batch_stats": batch_stats}, crops,
-                                                           train=True, mutable=["batch_stats"],
-                                                           rngs={"dropout": dropout_rng})
+        (student_logits, student_out), student_updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, crops, train=True, mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng})
         batch_stats = student_updates["batch_stats"]
     else:  # ViT: no BatchNorm; the teacher sees the globals only, without drop path
         teacher_logits, _ = model.apply({"params": teacher}, crops[:1], train=False)
