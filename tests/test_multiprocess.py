@@ -1,6 +1,7 @@
-"""Multi-process training on one machine: 2 processes x 4 fake CPU devices, started with the user's command
-(`MEDSSL_DISTRIBUTED=1` + JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, collectives through
-gloo), against one process with the same 8 devices.
+"""Multi-process training on one machine, started with the user's command (`MEDSSL_DISTRIBUTED=1` +
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, collectives through gloo): an uninterrupted
+job of 4 processes x 2 fake CPU devices against one process with the same 8 devices, and a job of 2
+processes x 4 devices, stopped by SIGTERM and rerun, against the 4-process job.
 
 What a user relies on: the job trains on the global batch the single process would (each process reads
 its own blocks of one shuffled stream), so its parameters equal the single-process run's; checkpoints
@@ -117,7 +118,8 @@ _background: dict = {}
 
 
 def _start_background() -> list:
-    """The uninterrupted 2-process job and the 1-process run it is compared with, started together in
+    """The uninterrupted 4-process job (4 x 2 devices) and the 1-process run (8 devices) it is compared with,
+    started together in
     the background (tests/background_runs.py) from one phantom store made here first."""
     import tempfile
 
@@ -127,7 +129,7 @@ def _start_background() -> list:
     cache = os.path.join(root, "cache")
     phantoms.ensure_phantom_store(cache, num_patients=64, image_size=32, seed=0)
     _background.update(root=root, cache=cache, job=os.path.join(root, "job"), single=os.path.join(root, "single"))
-    jobs = _start_job(_background["job"], cache, *FLAGS)
+    jobs = _start_job(_background["job"], cache, *FLAGS, processes=4)
     _background["jobs"] = jobs
     single_log = open(_background["single"] + ".log", "w")
     single = subprocess.Popen([sys.executable, "-m", "medssl_jax.main", f"--workdir={_background['single']}", *TINY,
@@ -142,7 +144,7 @@ background_runs.register("multiprocess", "test_multiprocess.py", _start_backgrou
 
 @pytest.fixture(scope="module")
 def straight():
-    """(workdir, the processes' logs, cache) of the uninterrupted 2-process job; its single-process twin in
+    """(workdir, the processes' logs, cache) of the uninterrupted 4-process job; its single-process twin in
     _background['single']."""
     import shutil
 
@@ -155,23 +157,23 @@ def straight():
     shutil.rmtree(_background["root"], ignore_errors=True)
 
 
-def test_two_processes_train_like_one_with_the_same_devices(straight):
+def test_four_processes_train_like_one_with_the_same_devices(straight):
     job, logs, _ = straight
     _assert_same_state(job, _background["single"])
     # Process 0 logs and exports; the others stay quiet; every process's iterator state is checkpointed.
     assert "exported encoder" in logs[0] and "linear probe skipped: the linear probe runs on one host" in logs[0]
-    assert "step 10/10" not in logs[1]
+    assert all("step 10/10" not in log for log in logs[1:])
     assert sorted(os.listdir(os.path.join(job, "checkpoints", "10", "data"))) == [
-        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+        "commit_success.txt", *(f"process_{i}-of-4.json" for i in range(4))]
     with open(os.path.join(job, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 11))  # written once
     assert os.path.isfile(os.path.join(job, "export", "config.json"))
-    # Its checkpoint holds two processes' data positions: one process (this one) may not resume it.
+    # Its checkpoint holds four processes' data positions: one process (this one) may not resume it.
     from medssl_jax import checkpoint
 
     checkpointer = checkpoint.TrainCheckpointer(os.path.join(job, "checkpoints"))
     try:
-        with pytest.raises(checkpoint.CheckpointError, match="written by a job of 2 process.es. and this job has 1"):
+        with pytest.raises(checkpoint.CheckpointError, match="written by a job of 4 process.es. and this job has 1"):
             checkpointer.restore_latest(None, data_iterator=object())
     finally:
         checkpointer.close()
