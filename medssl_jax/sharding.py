@@ -15,9 +15,8 @@ TPU slice; only the mesh differs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import re
+from typing import Any, Sequence
 
 import jax
 import numpy as np

@@ -54,6 +54,9 @@ from medssl_jax.models import heads
 # --------------------------------------------------------------------------------------------- config
 
 
+CENTERINGS = ("centering", "sinkhorn_knopp")  # config.dino.centering: DINO's centre, DINOv2's Sinkhorn-Knopp
+
+
 def extend_config(config: mlc.ConfigDict) -> None:
     """Adds `config.dino` with DINO's defaults (`main_dino.py` arguments; durations in steps) and makes
     `config.model` a ViT's field set (DINO here trains encoders without BatchNorm)."""
@@ -94,9 +97,8 @@ def extend_config(config: mlc.ConfigDict) -> None:
 
 
 def _check_config(config) -> None:
-    if config.dino.centering not in ("centering", "sinkhorn_knopp"):
-        raise ValueError(f"config.dino.centering={config.dino.centering!r} is not one of ['centering', "
-                         "'sinkhorn_knopp']")
+    if config.dino.centering not in CENTERINGS:
+        raise ValueError(f"config.dino.centering={config.dino.centering!r} is not one of {list(CENTERINGS)}")
     if config.dino.koleo_weight < 0:
         raise ValueError(f"config.dino.koleo_weight={config.dino.koleo_weight}: must be >= 0")
     if config.dino.use_bn_in_head and config.model.get("drop_path_rate", 0.0):
@@ -212,11 +214,11 @@ def teacher_targets(*, teacher_logits: jax.Array, center: jax.Array, teacher_tem
     if centering == "sinkhorn_knopp":
         b, g, k = teacher_logits.shape
         t = losses.sinkhorn(scores=teacher_logits.reshape(b * g, k), epsilon=teacher_temp,
-                                num_iters=sinkhorn_iters).reshape(b, g, k)
+                            num_iters=sinkhorn_iters).reshape(b, g, k)
     elif centering == "centering":
         t = jax.nn.softmax((teacher_logits.astype(jnp.float32) - center) / teacher_temp, axis=-1)
     else:
-        raise ValueError(f"config.dino.centering={centering!r} is not one of ['centering', 'sinkhorn_knopp']")
+        raise ValueError(f"config.dino.centering={centering!r} is not one of {list(CENTERINGS)}")
     return jax.lax.stop_gradient(t)
 
 
@@ -314,17 +316,15 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     targets = teacher_targets(teacher_logits=teacher_logits, center=method_state["center"], teacher_temp=temp,
                               centering=d.centering, sinkhorn_iters=d.sinkhorn_iters)
     loss, stats = dino_loss(student_logits=student_logits, teacher_probs=targets, student_temp=d.student_temp)
+    extra = {}
     if d.koleo_weight > 0:
         # DINOv2: KoLeo on the student's backbone features, one term per global crop.
-        koleo_loss = sum(losses.koleo(features=student_out["features"][:, i]) for i in range(2))
-        metrics_extra = {"dino/koleo": koleo_loss}
-        loss = loss + d.koleo_weight * koleo_loss
-    else:
-        metrics_extra = {}
+        extra["dino/koleo"] = sum(losses.koleo(features=student_out["features"][:, i]) for i in range(2))
+        loss = loss + d.koleo_weight * extra["dino/koleo"]
     new_state.update(teacher=teacher, center=updated_center(method_state["center"], teacher_logits, d.center_momentum))
     metrics = {"loss": loss, "dino/teacher_temp": temp, "dino/momentum": teacher_momentum(step, config),
                "dino/health_check": (step + 1 >= d.health_check_after_steps).astype(jnp.float32)}
-    metrics.update(health.dino_stats(stats), **metrics_extra)
+    metrics.update(health.dino_stats(stats), **extra)
     return loss, (batch_stats, new_state, metrics)
 
 
