@@ -30,7 +30,7 @@ NO_BLUR = {"dino.global1_blur_p": 0.0, "dino.global2_blur_p": 0.0, "dino.local_b
 
 def tiny_config(cache_dir="", **overrides):
     """A ViT of one block (width 16, patch 4) on 8 px global / 4 px local crops, K = 16."""
-    c = load_config("runlocal")
+    c = load_config("runlocal,encoder=vit")
     c.data.cache_dir = cache_dir
     c.data.phantom_patients = 64
     c.data.phantom_size = 32
@@ -330,7 +330,12 @@ def test_config_file_and_reference_fields():
     assert full.optim.name == "adamw" and full.optim.weight_decay_end == 0.4
     local = load_config("runlocal")
     config_lib.check_known_keys(local, main.reference_config(local))
-    assert local.compute_dtype == "float32" and local.total_steps <= 500
+    assert local.compute_dtype == "float32" and local.total_steps <= 600
+    # The CPU run is the ResNet-18 with DINOv2's teacher (the tiny ViT does not learn at that size).
+    assert local.model.name == "resnet" and local.dino.centering == "sinkhorn_knopp"
+    assert load_config("runlocal,encoder=vit").model.name == "vit"
+    with pytest.raises(ValueError, match="encoder=resnet is the :runlocal"):
+        load_config("encoder=resnet")
     assert load_config("variant=B/16,steps_per_epoch=100").total_steps == 10_000
     with pytest.raises(ValueError, match="not one of"):
         load_config("runlocal,variant_typo=1")
