@@ -1,9 +1,9 @@
-"""DINO self-distillation (Caron et al. 2021, facebookresearch/dino `main_dino.py`) for ViTs.
+"""DINO self-distillation (Caron et al. 2021, facebookresearch/dino `main_dino.py`) for ViTs and ResNets.
 
-- Student: encoder (`config.model`, a ViT; its `pre_logits` is the normed CLS token) + `DINOHead`:
-  MLP in -> hidden -> hidden -> bottleneck (exact GELU, no BatchNorm), L2 normalisation, then a bias-free
-  weight-normalised last layer to K prototypes, w_k = g_k v_k / ||v_k|| with g fixed to 1
-  (`norm_last_layer`; False makes g trainable).
+- Student: encoder (`config.model`: a ViT, `pre_logits` = the normed CLS token, or a ResNet) + `DINOHead`:
+  MLP in -> hidden -> hidden -> bottleneck (exact GELU; BatchNorm after each hidden Linear with
+  `use_bn_in_head`), L2 normalisation, then a bias-free weight-normalised last layer to K prototypes,
+  w_k = g_k v_k / ||v_k|| with g fixed to 1 (`norm_last_layer`; False makes g trainable).
 - Teacher: an EMA copy of the whole student (backbone + head) in `method_state["teacher"]`, so it is
   checkpointed with the run. It is the student at step 0 (DINO loads the student's weights into the
   teacher before training), which also covers `config.init`: the student is initialised from the
@@ -59,7 +59,7 @@ CENTERINGS = ("centering", "sinkhorn_knopp")  # config.dino.centering: DINO's ce
 
 def extend_config(config: mlc.ConfigDict) -> None:
     """Adds `config.dino` with DINO's defaults (`main_dino.py` arguments; durations in steps) and makes
-    `config.model` a ViT's field set (DINO here trains encoders without BatchNorm)."""
+    `config.model` a ViT's field set (the recipe's encoder; a ResNet config replaces it)."""
     config.model = models.model_config("vit")
     d = mlc.ConfigDict()
     d.num_prototypes = 65536  # K (DINO's out_dim)
