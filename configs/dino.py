@@ -27,12 +27,14 @@ gradient's common-mode part goes into the biases, which LARS does not scale down
 still differ, cosine 0.70 between images) and the teacher is uniform by step ~100, in every variant
 of the earlier sessions (default, no blur, momentum 0.99 / 0.996, teacher temperature 0.02-0.07, BatchNorm
 head, KoLeo 0.1, K = 256). With the Sinkhorn-Knopp teacher, at 300 steps: K = 64, temperature 0.02,
-BatchNorm head, momentum 0.9: +0.055 [+0.017, +0.094] (2 head layers +0.057 [+0.017, +0.098]); the same
-with DINO's centring +0.024 [-0.019, +0.067]; momentum 0.99 +0.038 [+0.001, +0.078]; no BatchNorm in the
-head, or temperature 0.04: uniform collapse at step 100 / 150 (check_health stops the run); momentum 0
+BatchNorm in DINO's 3-layer head, momentum 0.9: +0.055 [+0.017, +0.094] (2 head layers +0.057 [+0.017,
++0.098]); the same with DINO's centring +0.024 [-0.019, +0.067]; momentum 0.99 +0.038 [+0.001, +0.078];
+no BatchNorm in the head, or temperature 0.04: uniform collapse at step 100 / 150 (check_health stops the run); momentum 0
 (teacher = student, i.e. SwAV without a queue) +0.068 [+0.029, +0.110]; 600 steps (2 head layers) +0.087
 [+0.048, +0.126] (this config), with DINO's 3 head layers +0.061 [+0.018, +0.100].
-Measured from a clean clone on 2 CPU cores (2026-12-01): FINAL_TEST.
+Measured from a clean clone on 2 CPU cores (2026-12-01), the test split read once: 4 min 52 s; test
+(1749 images of 800 held-out patients) linear-probe mean AUC 0.658 vs 0.587 for the random-init ResNet-18,
+difference +0.071 [95% CI +0.049, +0.094], p < 0.001 (BENCHMARKS.md, "Evidence").
 
 `encoder=vit` is the tiny ViT (width 64, 4 blocks, patch 8, 2 x 32 + 4 x 16 px crops, K = 256, DINO's
 centring, AdamW): it runs every ViT part but does not learn at this size. Validation split: +0.018
