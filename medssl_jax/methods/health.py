@@ -132,8 +132,9 @@ def dino_check(metrics, *, step) -> str | None:
              f" of K={k:.0f}")
     if teacher_entropy > DINO_COLLAPSE_UNIFORM_ENTROPY and float(metrics["dino/kl"]) < DINO_COLLAPSE_UNIFORM_KL * math.log(k):
         return (f"DINO collapse at step {step}: the teacher output is uniform over the prototypes and the "
-                f"student matches it (centring dominates sharpening: lower dino.teacher_temp, or the teacher "
-                f"barely depends on the input: lower dino.momentum_teacher for short runs) ({stats})")
+                f"student matches it (the targets are too soft: lower dino.teacher_temp; if the head's output "
+                f"barely depends on the input, as in short small-batch runs, try dino.centering=sinkhorn_knopp, "
+                f"dino.use_bn_in_head=True or a lower dino.momentum_teacher) ({stats})")
     # The argmax of a (near-)uniform teacher is arbitrary, so the top-prototype share alone proves nothing:
     # one-prototype collapse needs the batch's mean teacher distribution itself concentrated.
     if samples >= MIN_SAMPLES and top > DINO_COLLAPSE_ONE_PROTOTYPE_FRACTION and marginal < DINO_COLLAPSE_MARGINAL_ENTROPY:
