@@ -51,6 +51,12 @@ sets the epoch-based durations (100 epochs, 10 lr warm-up, 30 teacher-temperatur
   python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,steps_per_epoch=875 \
       --config.model.attention=cudnn --workdir=/runs/dino_vits16
 
+DINO's ResNet-50 recipe (`encoder=resnet`: the README's convnet command, SGD lr 0.03 x B/256, weight decay
+1e-4, crops 0.14-1 / 0.05-0.14, teacher temperature 0.04; not run here at this size):
+
+  python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,encoder=resnet,steps_per_epoch=875 \
+      --workdir=/runs/dino_rn50
+
 ViT-L/14 and ViT-g/14 (`variant=L/14`, `variant=g/14`) shard parameters, AdamW moments and the teacher
 over 8 devices (FSDP: config.mesh (("data", -1), ("fsdp", 8)), config.sharding_rules ((".*", "fsdp"),),
 `fsdp=N` for another group size) with rematerialised blocks; the device count must be a multiple of 8:
@@ -89,7 +95,8 @@ def get_config(arg=None):
     '' = embedded phantoms), `variant` (ViT 'S/16', 'B/16', 'L/14' or 'g/14'; also 'vit_l14', 'vit_g14'),
     `fsdp` (devices that shard the state: default 8 for L and g, 1 = data parallel for S and B), `steps_per_epoch` (images in the train
     split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100),
-    `encoder` ('vit'; 'resnet' = the :runlocal ResNet-18, which is :runlocal's default).
+    `encoder` ('vit', or 'resnet': DINO's ResNet-50 recipe, and at :runlocal, the default there, the
+    ResNet-18 of the other :runlocal configs).
     """
     args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100,
                                 encoder="", fsdp=0)
@@ -98,9 +105,6 @@ def get_config(arg=None):
     args.encoder = args.encoder or ("resnet" if args.runlocal else "vit")
     if args.encoder not in ("vit", "resnet"):
         raise ValueError(f"config argument encoder={args.encoder!r} is not one of ['resnet', 'vit']")
-    if args.encoder == "resnet" and not args.runlocal:
-        raise ValueError("config argument encoder=resnet is the :runlocal ResNet-18 only (add runlocal); the full "
-                         "recipe is DINO's ViT")
     c = config_lib.pretrain_config()
     c.method = "dino"
     dino.extend_config(c)
@@ -138,6 +142,19 @@ def get_config(arg=None):
     c.optim.update(name="adamw", base_lr=5e-4, lr_scaling="linear", schedule="cosine", warmup_steps=10 * epoch,
                    end_lr_factor=1e-6 / (5e-4 * c.batch_size / 256),  # DINO's min_lr 1e-6
                    weight_decay=0.04, weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8)
+    if args.encoder == "resnet":
+        # DINO's ResNet-50 command (facebookresearch/dino README, "ResNet-50 and other convnets trainings"):
+        # SGD (momentum 0.9) lr 0.03 x B/256 with the same 10-epoch warm-up and cosine to 1e-6, weight decay
+        # 1e-4 constant, crops 0.14-1 / 0.05-0.14; the rest are main_dino.py's defaults (teacher temperature
+        # 0.04 without warm-up, K = 65536, no BatchNorm in the head). torchvision's ResNet-50 init (no
+        # zero-init residual BN). Their run used batch 8 x 64 = 512; the linear lr scaling covers 256.
+        c.model = models.model_config("resnet", depth=50, width=1, zero_init_last_bn=False)
+        c.data.crop_scale = (0.14, 1.0)
+        c.dino.local_crop_scale = (0.05, 0.14)
+        c.dino.teacher_temp = 0.04
+        c.dino.teacher_temp_warmup_steps = 0
+        c.optim.update(name="sgd", base_lr=0.03, momentum=0.9, weight_decay=1e-4, weight_decay_end=-1.0,
+                       end_lr_factor=1e-6 / (0.03 * c.batch_size / 256))
     c.log_every = 100
     c.checkpoint_every = 2000
     if args.runlocal:

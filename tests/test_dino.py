@@ -334,8 +334,17 @@ def test_config_file_and_reference_fields():
     # The CPU run is the ResNet-18 with DINOv2's teacher (the tiny ViT does not learn at that size).
     assert local.model.name == "resnet" and local.dino.centering == "sinkhorn_knopp"
     assert load_config("runlocal,encoder=vit").model.name == "vit"
-    with pytest.raises(ValueError, match="encoder=resnet is the :runlocal"):
-        load_config("encoder=resnet")
+    # DINO's ResNet-50 command (facebookresearch/dino README) at full size; it builds (abstract shapes only).
+    rn50 = load_config("encoder=resnet")
+    config_lib.check_known_keys(rn50, main.reference_config(rn50))
+    assert (rn50.model.name, rn50.model.depth, rn50.model.zero_init_last_bn) == ("resnet", 50, False)
+    assert (rn50.optim.name, rn50.optim.base_lr, rn50.optim.weight_decay, rn50.optim.weight_decay_end) == (
+        "sgd", 0.03, 1e-4, -1.0)
+    assert tuple(rn50.data.crop_scale) == (0.14, 1.0) and tuple(rn50.dino.local_crop_scale) == (0.05, 0.14)
+    assert rn50.dino.teacher_temp == 0.04 and rn50.dino.teacher_temp_warmup_steps == 0
+    crops = {c["name"]: np.zeros((1, c["num"], c["size"], c["size"], 1), np.uint16) for c in dino.data_spec(rn50)["crops"]}
+    variables, _ = jax.eval_shape(lambda: dino.init(dino.build(rn50), jax.random.PRNGKey(0), crops, rn50))
+    assert "batch_stats" in variables and variables["params"]["head"]["last_layer"]["kernel"].shape == (256, 65536)
     assert load_config("variant=B/16,steps_per_epoch=100").total_steps == 10_000
     with pytest.raises(ValueError, match="not one of"):
         load_config("runlocal,variant_typo=1")
