@@ -36,7 +36,7 @@ from medssl_jax import augment, config_lib
 
 
 def get_config(arg=None):
-    """configs/finetune.py's recipe (ResNet-50, SGD Nesterov lr 0.1 x B/256 cosine, 30 epochs, batch 256)
+    """configs/finetune.py's recipe (ResNet-50, SGD Nesterov, lr grid x B/256, warm-up + cosine over 10 or 30 epochs, batch 256)
     as a multi-class task at 448 px with the dermatology augmentation. Arguments: runlocal, store, init."""
     args = config_lib.parse_arg(arg, runlocal=False, store="", init="")
     if args.runlocal and not args.store:
@@ -51,5 +51,5 @@ def get_config(arg=None):
     c.augment.rotation_max_deg = 45.0
     if args.runlocal:
         c.image_size = 28  # MedMNIST's native size
-        c.total_steps = 1000
+        c.budget_grid = (1000,)
     return c

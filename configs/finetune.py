@@ -62,14 +62,19 @@ def get_config(arg=None):
                               "stem_pool": "same"})
     c.image_size = 224
     c.batch_size = 256
-    c.total_epochs = 30.0
+    # Kornblith et al. / SimCLR transfer: Nesterov SGD, lr per 256 images from a log grid, warm-up + cosine over
+    # a budget chosen on validation (10 and 30 epochs of the whole train split), a 10x lower backbone lr tried for
+    # pretrained encoders; 3 seeds of the chosen setting.
     c.optim.name = "sgd"
     c.optim.nesterov = True
     c.optim.momentum = 0.9
-    c.optim.base_lr = 0.1
     c.optim.lr_scaling = "linear"
-    c.optim.schedule = "cosine"
     c.optim.weight_decay = 0.0
+    c.lr_grid = (0.01, 0.03, 0.1, 0.3)
+    c.budget_grid = (10.0, 30.0)
+    c.budget_unit = "epochs"
+    c.backbone_lr_mults = (1.0, 0.1)
+    c.seeds = 3
     c.crop_scale = (0.08, 1.0)
     c.data.num_workers = 8
     if args.runlocal:
@@ -80,13 +85,10 @@ def get_config(arg=None):
         c.batch_size = 64
         c.crop_scale = (0.5, 1.0)
         c.model.depth, c.model.base_width = 18, 16
-        # Every arm trains until its validation AUC has not improved for 5 evaluations (250 steps), at a
-        # constant lr so that stopping is the only schedule; 2000 steps is only a cap (a run that hits it is
-        # flagged as not converged in summary.json and by compare).
-        c.total_steps = 2000
+        c.lr_grid = (0.1, 0.3, 1.0)
+        c.budget_grid = (300,)
+        c.budget_unit = "steps"
         c.eval_every = 50
         c.log_every = 50
-        c.early_stop_patience = 5
-        c.optim.schedule = "constant"
-        c.optim.base_lr = 0.4
+        c.checkpoint_every = 100
     return c

@@ -223,3 +223,126 @@ def make_optimizer(cfg, *, total_steps: int, batch_size: int) -> tuple[optax.Gra
             optax.sgd(schedule, momentum=momentum or None, nesterov=bool(cfg.get("nesterov", False))),
         )
     return tx, schedule
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+# A transfer study trains one model many times (a learning-rate grid, budgets, seeds, label fractions). The
+# peak lr, warm-up, budget and per-parameter lr factors live in the optimiser STATE, not in the compiled
+# step, so every run of a study shares one compiled program (XLA's persistent cache serves it to each new
+# run) instead of compiling once per grid point.
+
+FINETUNE_OPTIMIZERS = ("sgd", "adamw")
+
+
+def warmup_cosine(step, *, peak, warmup, total, end_factor=0.0):
+    """optax.warmup_cosine_decay_schedule(0, peak, warmup, total, peak * end_factor) with array arguments:
+    linear warm-up from 0 over `warmup` steps, then cosine to peak * end_factor at `total`."""
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.asarray(warmup, jnp.float32)
+    total = jnp.asarray(total, jnp.float32)
+    ramp = peak * step / jnp.maximum(warmup, 1.0)
+    progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    decay = peak * (end_factor + (1.0 - end_factor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+    return jnp.where(step < warmup, ramp, decay)
+
+
+class RuntimeScheduleState(NamedTuple):
+    count: jax.Array
+    peak_lr: jax.Array
+    warmup_steps: jax.Array
+    total_steps: jax.Array
+    end_factor: jax.Array
+    multipliers: Any  # per-parameter lr factor (lower backbone lr, layer-wise decay); 1 = the peak lr
+
+
+def scale_by_runtime_schedule(*, peak_lr: float, warmup_steps: int, total_steps: int, end_factor: float = 0.0,
+                              multiplier_fn: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+    """updates * warmup_cosine(count) * multiplier of the parameter (`multiplier_fn(params)`, a tree of
+    factors, e.g. `lr_multipliers`), every value held in the state."""
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"fine-tuning schedule: total_steps={total_steps} must be >= 1 and warmup_steps="
+                         f"{warmup_steps} in [0, total_steps]")
+
+    def init(params):
+        factors = multiplier_fn(params) if multiplier_fn else jax.tree.map(lambda _: 1.0, params)
+        return RuntimeScheduleState(
+            count=jnp.zeros((), jnp.int32), peak_lr=jnp.asarray(peak_lr, jnp.float32),
+            warmup_steps=jnp.asarray(warmup_steps, jnp.float32), total_steps=jnp.asarray(total_steps, jnp.float32),
+            end_factor=jnp.asarray(end_factor, jnp.float32),
+            multipliers=jax.tree.map(lambda f: jnp.asarray(f, jnp.float32), factors))
+
+    def update(updates, state, params=None):
+        del params
+        lr = runtime_lr(state)
+        updates = jax.tree.map(lambda u, m: (u * (lr * m)).astype(u.dtype), updates, state.multipliers)
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def runtime_lr(state: RuntimeScheduleState):
+    """The peak-relative learning rate the next update uses (multiplier 1)."""
+    return warmup_cosine(state.count, peak=state.peak_lr, warmup=state.warmup_steps, total=state.total_steps,
+                         end_factor=state.end_factor)
+
+
+def find_runtime_schedule(opt_state) -> RuntimeScheduleState | None:
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, RuntimeScheduleState)):
+        if isinstance(node, RuntimeScheduleState):
+            return node
+    return None
+
+
+def make_finetune_optimizer(cfg, *, peak_lr: float, warmup_steps: int, total_steps: int,
+                            multiplier_fn: Callable[[Any], Any] | None = None):
+    """SGD (Nesterov) or AdamW at unit lr, then `scale_by_runtime_schedule`. Both apply the learning rate
+    last (after momentum / Adam and weight decay), so a per-parameter factor on the update is exactly a
+    per-parameter learning rate, as PyTorch parameter groups give it; `lr_of` reads the lr from the state."""
+    _choice(cfg, "name", FINETUNE_OPTIMIZERS)
+    if float(cfg.get("weight_decay_end", -1.0)) >= 0:
+        raise ValueError("fine-tuning: optim.weight_decay_end must be -1 (a constant weight decay)")
+    unit = ml_collections.ConfigDict(cfg.to_dict())
+    unit.update(base_lr=1.0, lr_scaling="none", schedule="constant", warmup_steps=0)
+    base, _ = make_optimizer(unit, total_steps=max(total_steps, 1), batch_size=256)
+    return optax.chain(base, scale_by_runtime_schedule(peak_lr=peak_lr, warmup_steps=warmup_steps,
+                                                       total_steps=total_steps, multiplier_fn=multiplier_fn,
+                                                       end_factor=float(cfg.get("end_lr_factor", 0.0))))
+
+
+def lr_of(opt_state, schedule: Callable | None, step):
+    """The learning rate of update `step` (for logging): from the state's runtime schedule if it has one."""
+    runtime = find_runtime_schedule(opt_state)
+    if runtime is not None:
+        return runtime_lr(runtime)
+    return schedule(step)
+
+
+def vit_layer_id(path, num_blocks: int) -> int:
+    """BEiT/MAE layer id of a ViT encoder parameter: embeddings (patch, cls, positions, registers) 0,
+    block_i i + 1, everything after the blocks (final norm) num_blocks + 1."""
+    for name in _path_names(path):
+        if name.startswith("block_") and name[len("block_"):].isdigit():
+            return int(name[len("block_"):]) + 1
+        if name in ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token"):
+            return 0
+    return num_blocks + 1
+
+
+def lr_multipliers(params, *, backbone_mult: float = 1.0, layer_decay: float = 1.0,
+                   encoder_key: str = "encoder") -> Any:
+    """Per-parameter lr factors (a tree like `params`) of an encoder + head model: the head (anything outside
+    `encoder_key`) 1; encoder parameters backbone_mult, times layer_decay ** (L + 1 - layer id) when the
+    encoder is a ViT of L blocks (MAE/BEiT layer-wise decay: the last block gets layer_decay, the patch
+    embedding layer_decay ** (L + 1)); layer_decay 1 (or a ResNet) leaves the encoder at backbone_mult."""
+    blocks = {name for path, _ in jax.tree_util.tree_leaves_with_path(params) for name in _path_names(path)
+              if name.startswith("block_") and name[len("block_"):].isdigit()}
+    num_blocks = len(blocks)
+
+    def factor(path, _):
+        if encoder_key not in _path_names(path):
+            return 1.0
+        if layer_decay == 1.0 or num_blocks == 0:
+            return float(backbone_mult)
+        return float(backbone_mult) * float(layer_decay) ** (num_blocks + 1 - vit_layer_id(path, num_blocks))
+
+    return jax.tree_util.tree_map_with_path(factor, params)

@@ -1,7 +1,8 @@
-"""The one pretraining loop, for every method. Methods differ only in their module under methods/.
+"""The one train loop, for every pretraining method and for fine-tuning (methods/supervised.py, driven by
+evaluate/finetune.py). Methods differ only in their module under methods/.
 
 Read it top to bottom: mesh -> data -> model & optimiser -> state (fresh, initialised from an export, or
-resumed) -> jitted step -> loop with logging, checkpoints and SIGTERM handling -> export of the encoder.
+resumed) -> jitted step -> loop with logging, evaluation hook, checkpoints and SIGTERM handling -> export.
 
 Resume order (first that applies): this workdir's own latest checkpoint; `config.init` (an export or a
 converted checkpoint, encoder weights only: two-stage pretraining); random initialisation.
@@ -13,7 +14,7 @@ import dataclasses
 import math
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,23 +39,38 @@ class PretrainResult:
     steps_done: int
     total_steps: int
     preempted: bool
+    variables: Any = None  # what method.export_variables gave (host arrays), when the run completed
 
 
-def epoch_size(store: Store, spec: dict, split: str) -> int:
-    """Elements per epoch: patients for the MICLe sampler, images otherwise."""
+@dataclasses.dataclass
+class Evaluator:
+    """An evaluation hook: `fn(state) -> {name: float}` every `every` steps and at the last step; the values
+    are logged and written to metrics.jsonl / TensorBoard at that step (fine-tuning: validation AUC)."""
+
+    every: int
+    fn: Callable[[Any], dict]
+
+
+def epoch_size(store: Store, spec: dict, split: str, ids: np.ndarray | None = None) -> int:
+    """Elements per epoch: patients for the MICLe sampler, images otherwise (`ids`, when given)."""
+    if ids is not None:
+        return len(ids)
     if spec["sampler"] == "micle":
         return len(store.groups(split))
     return len(store.ids(split))
 
 
-def example_batch(store: Store, spec: dict, *, split: str, batch_size: int) -> dict[str, np.ndarray]:
+def example_batch(store: Store, spec: dict, *, split: str, batch_size: int, ids=None) -> dict[str, np.ndarray]:
     """A zero batch with the pipeline's shapes, to build the model without consuming the iterator."""
-    first = store[int(store.ids(split)[0])]["image"]
+    first = store[int(store.ids(split)[0] if ids is None else ids[0])]["image"]
     channels = 1 if first.ndim == 2 else first.shape[-1]
-    return {
+    batch = {
         crop["name"]: np.zeros((batch_size, crop["num"], crop["size"], crop["size"], channels), np.uint16)
         for crop in spec["crops"]
     }
+    if "labels" in spec.get("fields", ()):
+        batch["labels"] = np.zeros((batch_size, 2, len(store.label_names)), np.float32)
+    return batch
 
 
 def views_per_element(spec: dict) -> int:
@@ -126,14 +142,16 @@ class Setup:
     train_step: Any  # jitted: (state, global batch) -> (state, metrics)
 
     batch_size: int
+    config: Any = None  # the config with every duration in steps
 
     @property
     def views_per_step(self) -> int:
         return views_per_element(self.spec) * self.batch_size
 
 
-def setup(config) -> Setup:
-    """Mesh, data, model, optimiser and the jitted init/step functions for `config`."""
+def setup(config, *, store: Store | None = None, ids: np.ndarray | None = None) -> Setup:
+    """Mesh, data, model, optimiser and the jitted init/step functions for `config`. `store` (already open)
+    replaces config.data's, `ids` the records of config.data.split (fine-tuning on a label fraction)."""
     method = methods.get(config.method)
 
     # ---------------------------------------------------------------- mesh
@@ -142,34 +160,36 @@ def setup(config) -> Setup:
     repl = sharding.replicated(mesh)
 
     # ---------------------------------------------------------------- data
-    store = open_store(config.data)
-    config_lib.check_image_size(store, config.data.split, config.data.image_size, field="data.image_size")
+    store = store or open_store(config.data)
+    if ids is None:
+        config_lib.check_image_size(store, config.data.split, config.data.image_size, field="data.image_size")
     if config.probe.enabled:
         config_lib.check_image_size(store, config.data.split, config.probe.image_size, field="probe.image_size")
     spec = method.data_spec(config)
-    elements = epoch_size(store, spec, config.data.split)
+    elements = epoch_size(store, spec, config.data.split, ids)
     if elements < config.batch_size:
+        where = "the given records" if ids is not None else f"split {config.data.split!r}"
         raise ValueError(
             f"config.batch_size={config.batch_size} is larger than the {elements} "
-            f"{'patients' if spec['sampler'] == 'micle' else 'images'} of split {config.data.split!r} in {store.path}"
+            f"{'patients' if spec['sampler'] == 'micle' else 'images'} of {where} in {store.path}"
         )
     # From here on every duration is in steps (total, warm-up, SwAV's queue start and freeze, ...).
     config = config_lib.resolve_durations(config, epoch_size=elements, batch_size=config.batch_size)
     total_steps = config.total_steps
-    optim_config = config.optim
     data_iter = pipeline.make_pretrain_iterator(
         store,
         spec=spec,
         batch_size_per_host=sharding.per_host(config.batch_size),
-        seed=config.seed,
+        seed=spec.get("seed", config.seed),
         split=config.data.split,
         num_workers=config.data.num_workers,
+        ids=ids,
     )
-    example = example_batch(store, spec, split=config.data.split, batch_size=mesh.devices.size)
+    example = example_batch(store, spec, split=config.data.split, batch_size=mesh.devices.size, ids=ids)
 
     # ---------------------------------------------------------------- model & optimiser
     model = method.build(config)
-    tx, schedule = optim.make_optimizer(optim_config, total_steps=total_steps, batch_size=config.batch_size)
+    tx, schedule = method.make_optimizer(config, total_steps=total_steps, batch_size=config.batch_size)
     init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
 
     def init_state(batch):
@@ -207,7 +227,8 @@ def setup(config) -> Setup:
         params = optax.apply_updates(state["params"], updates)
         params, method_state = method.after_update(params, method_state, step=step, config=config)
         # The loop owns "loss": it is what was differentiated, whatever the method logs beside it.
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "lr": optim.lr_of(state["opt_state"], schedule, step)}
         new_state = {
             "step": step + 1,
             "params": params,
@@ -229,15 +250,21 @@ def setup(config) -> Setup:
             out_shardings=(state_shardings, repl),
         ),
         batch_size=config.batch_size,
+        config=config,
     )
 
 
-def pretrain(config, workdir: str, *, stop_after: int | None = None) -> PretrainResult:
-    """Runs (or resumes) pretraining in `workdir`. `stop_after` ends this run early after that many
-    steps, exactly like a preemption (checkpoint, no export); tests use it to interrupt and resume."""
+def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Store | None = None,
+             ids: np.ndarray | None = None, evaluator: Evaluator | None = None,
+             export: bool = True) -> PretrainResult:
+    """Runs (or resumes) training in `workdir`: pretraining, or fine-tuning with the 'supervised' method.
+    `stop_after` ends this run early after that many steps, exactly like a preemption (checkpoint, no
+    export); tests use it to interrupt and resume. `store`/`ids`: see `setup`. `evaluator` runs every
+    `evaluator.every` steps and at the end; `export=False` returns the final variables without writing
+    WORKDIR/export (fine-tuning writes its own)."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    run = setup(config)
+    run = setup(config, store=store, ids=ids)
     method, mesh, store, spec, total_steps = run.method, run.mesh, run.store, run.spec, run.total_steps
     data_iter, train_step = run.data_iter, run.train_step
 
@@ -259,10 +286,13 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     writer = logging_lib.MetricWriter(workdir, resume_step=start_step)
     progress = logging_lib.Progress(total_steps, items_per_step=run.views_per_step, start_step=start_step)
     logging_lib.log(
-        f"pretraining {config.method}: {total_steps} steps of {config.batch_size} "
+        f"{'fine-tuning' if config.method == 'supervised' else 'pretraining ' + config.method}: {total_steps} "
+        f"steps of {config.batch_size} "
         f"{'patients' if spec['sampler'] == 'micle' else 'images'} x {views_per_element(spec)} views "
-        f"on {mesh.devices.size} {jax.devices()[0].platform} device(s); split {config.data.split!r} of store "
-        f"{store.path} ({len(store.ids(config.data.split))} of its {store.num_records} images)"
+        f"on {mesh.devices.size} {jax.devices()[0].platform} device(s); "
+        + (f"{len(ids)} given records" if ids is not None else
+           f"split {config.data.split!r} ({len(store.ids(config.data.split))} images)")
+        + f" of store {store.path} ({store.num_records} images)"
     )
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     preempted = False
@@ -280,6 +310,10 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
             stop = _any_process(sigterm.raised)
             want_log = step % config.log_every == 0 or last or stop
             want_save = step % config.checkpoint_every == 0 or last or stop
+            if evaluator is not None and (step % evaluator.every == 0 or last):
+                values = {k: float(v) for k, v in evaluator.fn(state).items()}
+                writer.write(step, values)
+                logging_lib.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
             if want_log or want_save:
                 host_metrics = jax.device_get(metrics)
                 bad = _first_nonfinite(host_metrics)
@@ -315,6 +349,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None) -> Pretrain
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     # The encoder's variables (DINO: its teacher's, which live in method_state).
     encoder = method.export_variables(sharding.to_host(variables), sharding.to_host(state["method_state"]))
+    if not export:
+        return PretrainResult(workdir, None, step, total_steps, preempted=preempted, variables=encoder)
     checkpoint.save_export(
         export_dir,
         encoder,

@@ -128,15 +128,16 @@ def test_vit_l14_and_g14_recipes_shard_their_state_over_8_devices():
 
 def test_fine_tuning_under_fsdp_matches_the_replicated_run(phantom_cache, tmp_path):
     """The dinov2 fine-tune arms' path (evaluate/finetune.py) with `fsdp=8`'s mesh and rules: the same
-    selected step and test predictions as replicated, to float rounding."""
+    selected setting and test predictions as replicated, to float rounding."""
     from medssl_jax import main
     from test_finetune import TINY_VIT, ft_config
 
     summaries = []
     for name, fields in (("replicated", {}), ("fsdp", FSDP)):
-        config = ft_config(phantom_cache, "random", total_steps=4, model=dict(TINY_VIT), **fields)
-        config.optim.name, config.optim.base_lr, config.optim.lr_scaling = "adamw", 1e-3, "none"
+        config = ft_config(phantom_cache, "random", budget_grid=(4,), model=dict(TINY_VIT), **fields)
+        config.optim.name, config.optim.lr_scaling = "adamw", "none"
+        config.lr_grid = (1e-3, 3e-3)
         summaries.append(main.run(config, str(tmp_path / name)))
     replicated, fsdp = summaries
-    assert fsdp["extra"]["best_step"] == replicated["extra"]["best_step"]
+    assert fsdp["extra"]["setting"]["name"] == replicated["extra"]["setting"]["name"]
     assert fsdp["mean_auc"] == pytest.approx(replicated["mean_auc"], abs=1e-3)

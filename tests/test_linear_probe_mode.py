@@ -174,7 +174,7 @@ def test_converted_rgb_vit_checkpoint_probes_a_grey_store(phantom_cache, tmp_pat
                                   "finetune.py:runlocal", "dinov2_finetune.py", "dinov2_finetune.py:arm=in21k",
                                   "dinov2_finetune.py:arm=random", "dinov2_finetune.py:runlocal",
                                   "dinov2_finetune.py:arm=indomain,init=/e", "derm_finetune.py",
-                                  "derm_finetune.py:runlocal,store=/s"])
+                                  "derm_finetune.py:runlocal,store=/s", "transfer.py", "transfer.py:runlocal,store=/s"])
 def test_config_files_have_only_known_fields(spec):
     from medssl_jax import config_lib
 

@@ -264,10 +264,16 @@ def _host(process_index: int | None, process_count: int | None) -> tuple[int, in
 
 
 def pretrain_groups(store: Store, *, sampler: str, split: str | None, process_index: int = 0,
-                    process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                    process_count: int = 1, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The dataset elements in CSR form (offsets, record_ids): one group per patient of the split for
-    'micle', one group per image for 'pairs'; every process_count-th group from process_index (the
-    pretraining pipeline takes all of them and deals out batches instead, see the module docstring)."""
+    'micle', one group per image for 'pairs' (of `ids` instead of the split when given: a label fraction);
+    every process_count-th group from process_index (the pretraining pipeline takes all of them and deals
+    out batches instead, see the module docstring)."""
+    if ids is not None:
+        if sampler != "pairs":
+            raise ValueError(f"explicit record ids need the 'pairs' sampler, not {sampler!r}")
+        record_ids = np.asarray(ids, np.int64)[process_index::process_count]
+        return np.arange(len(record_ids) + 1, dtype=np.int64), record_ids
     if sampler == "micle":
         member_lists = list(store.groups(split).values())[process_index::process_count]
         lengths = np.array([len(m) for m in member_lists], np.int64)
@@ -284,16 +290,19 @@ def pretrain_groups(store: Store, *, sampler: str, split: str | None, process_in
 
 def make_pretrain_dataset(store: Store, *, spec: dict, batch_size_per_host: int, seed: int,
                           split: str | None = "train", process_index: int | None = None,
-                          process_count: int | None = None, with_record_ids: bool = False) -> grain.MapDataset:
-    """The infinite, batched pretraining MapDataset for this host (see the module docstring)."""
+                          process_count: int | None = None, with_record_ids: bool = False,
+                          ids: np.ndarray | None = None) -> grain.MapDataset:
+    """The infinite, batched pretraining MapDataset for this host (see the module docstring); `ids`
+    replaces the split's records (fine-tuning on a label fraction)."""
     process_index, process_count = _host(process_index, process_count)
     sampler = spec.get("sampler", "pairs")
-    offsets, record_ids = pretrain_groups(store, sampler=sampler, split=split)
+    offsets, record_ids = pretrain_groups(store, sampler=sampler, split=split, ids=ids)
     num_groups = len(offsets) - 1
     unit = "patients" if sampler == "micle" else "images"
     if num_groups < batch_size_per_host * process_count:
         hosts = f"{process_count} hosts x " if process_count > 1 else ""
-        raise ValueError(f"store {store.path}: split {split!r} has {num_groups} {unit}, fewer than "
+        raise ValueError(f"store {store.path}: {'the given records' if ids is not None else f'split {split!r}'} "
+                         f"has {num_groups} {unit}, fewer than "
                          f"{hosts}batch_size_per_host={batch_size_per_host}")
     stream_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
     views = SampleViews(store.data_source(), (offsets, record_ids), spec["crops"],
@@ -334,7 +343,8 @@ def to_iterator(dataset: grain.MapDataset, *, num_workers: int, num_threads: int
 def make_pretrain_iterator(store: Store, *, spec: dict, batch_size_per_host: int, seed: int,
                            split: str | None = "train", num_workers: int = 0, num_threads: int = 2,
                            prefetch_batches: int = 4, process_index: int | None = None,
-                           process_count: int | None = None, with_record_ids: bool = False):
+                           process_count: int | None = None, with_record_ids: bool = False,
+                           ids: np.ndarray | None = None):
     """A checkpointable grain DatasetIterator of pretraining batches, endless (epochs reshuffled).
 
     spec: {"sampler": "pairs"|"micle", "crops": [{"name", "num", "size", "scale"[, "ratio", "flip"]}]}.
@@ -342,7 +352,7 @@ def make_pretrain_iterator(store: Store, *, spec: dict, batch_size_per_host: int
     """
     dataset = make_pretrain_dataset(store, spec=spec, batch_size_per_host=batch_size_per_host, seed=seed,
                                     split=split, process_index=process_index, process_count=process_count,
-                                    with_record_ids=with_record_ids)
+                                    with_record_ids=with_record_ids, ids=ids)
     return to_iterator(dataset, num_workers=num_workers, num_threads=num_threads,
                         prefetch_batches=prefetch_batches)
 

@@ -337,3 +337,71 @@ def bench_bootstrap(*, num_examples: int = 10_000, num_labels: int = 14, num_mod
 
 if __name__ == "__main__":
     print(bench_bootstrap())
+
+
+def seed_replicates(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray, seed_draws: np.ndarray) -> np.ndarray:
+    """[B] replicate mean AUCs of one arm with several seeds: for replicate b, the mean over the seeds drawn in
+    seed_draws[b] of that seed's mean-over-labels AUC on the images weighted by counts[b].
+
+    probs [S, N, L] (one matrix per seed), labels [N, L] (NaN missing), counts [B, N], seed_draws [B, k].
+    A label with one class in a replicate is left out of that replicate's mean (NaN if none is defined)."""
+    labels = np.asarray(labels, np.float64)
+    per_seed = np.full((len(probs), len(counts)), np.nan)
+    for s, p in enumerate(probs):
+        aucs = np.full((len(counts), labels.shape[1]), np.nan)
+        for j in range(labels.shape[1]):
+            keep = ~np.isnan(labels[:, j])
+            if keep.any():
+                aucs[:, j] = metrics.weighted_auc(np.asarray(p)[keep, j], labels[keep, j] == 1, counts[:, keep])
+        per_seed[s] = _row_nanmean(aucs)
+    return np.take_along_axis(per_seed.T, seed_draws, axis=1).mean(axis=1)
+
+
+def seed_draws(num_seeds: int, *, num_resamples: int, seed: int, stream: int) -> np.ndarray:
+    """[B, num_seeds] seed indices drawn with replacement, from np.random.default_rng([seed, stream])."""
+    return np.random.default_rng([seed, stream]).integers(0, num_seeds, size=(num_resamples, num_seeds))
+
+
+def seed_and_image_bootstrap(*, probs_a: np.ndarray, probs_b: np.ndarray | None = None, labels,
+                             num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Mean AUC of arm A (and its difference from arm B) with an interval that covers both the test sample
+    and the seed-to-seed variation of training.
+
+    probs_a [S_a, N, L], probs_b [S_b, N, L]: each seed's test predictions on the same N images. Replicate b
+    resamples the N test images with replacement (`bootstrap_indices(N, seed=seed)`, the same images for
+    both arms: paired) and each arm's seeds with replacement (`seed_draws`, streams 1 for A and 2 for B),
+    and takes each arm's mean over its drawn seeds of the per-seed mean AUC on those images. The point
+    estimate is the mean over seeds of the per-seed mean AUC on all images; CIs are percentiles of the
+    replicates; p_a_not_better is the share of replicates in which A's mean AUC <= B's (one-sided).
+    With one seed per arm this is the paired image bootstrap.
+    Returns {"a": summary, "b": summary, "diff": summary, "p_a_not_better", "p_b_not_better",
+    "num_resamples", "num_seeds": [S_a, S_b]} (the B entries only with probs_b)."""
+    probs_a = np.asarray(probs_a, np.float64)
+    labels = np.asarray(labels, np.float64)
+    if probs_a.ndim != 3 or probs_a.shape[1:] != labels.shape:
+        raise BootstrapError(f"probs_a: expected [seeds, {labels.shape[0]}, {labels.shape[1]}], got {probs_a.shape}")
+    n = labels.shape[0]
+    indices = bootstrap_indices(n, num_resamples=num_resamples, seed=seed)
+    counts = resample_counts(indices, n)
+    ones = np.ones((1, n), np.int32)
+
+    def point(probs):
+        values = [seed_replicates(p[None], labels, ones, np.zeros((1, 1), np.int64))[0] for p in probs]
+        return float(np.nanmean(values)) if not np.all(np.isnan(values)) else None
+
+    rep_a = seed_replicates(probs_a, labels, counts, seed_draws(len(probs_a), num_resamples=num_resamples,
+                                                                seed=seed, stream=1))
+    out = {"num_resamples": int(num_resamples), "num_seeds": [len(probs_a)],
+           "a": summarize(rep_a, point(probs_a), confidence=confidence)}
+    if probs_b is None:
+        return out
+    probs_b = np.asarray(probs_b, np.float64)
+    if probs_b.ndim != 3 or probs_b.shape[1:] != labels.shape:
+        raise BootstrapError(f"probs_b: expected [seeds, {labels.shape[0]}, {labels.shape[1]}], got {probs_b.shape}")
+    rep_b = seed_replicates(probs_b, labels, counts, seed_draws(len(probs_b), num_resamples=num_resamples,
+                                                                seed=seed, stream=2))
+    pa, pb = out["a"]["point"], point(probs_b)
+    out.update({"num_seeds": [len(probs_a), len(probs_b)], "b": summarize(rep_b, pb, confidence=confidence),
+                "diff": summarize(rep_a - rep_b, None if pa is None or pb is None else pa - pb, confidence=confidence),
+                "p_a_not_better": one_sided_p(rep_a, rep_b), "p_b_not_better": one_sided_p(rep_b, rep_a)})
+    return out

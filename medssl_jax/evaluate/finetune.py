@@ -1,50 +1,54 @@
-"""`config.mode = 'finetune'`: end-to-end fine-tuning of an encoder + linear head, selected on validation.
+"""`config.mode = 'finetune'`: fine-tuning with a protocol that does not decide the result.
 
     python -m medssl_jax.main --config=configs/finetune.py --config.init=RUN/export --workdir=E
 
-One flow, top to bottom (`run`):
-  store -> patient-wise splits (E/splits.json, evaluate/splits.py) -> per label fraction (`train_fraction`):
-    encoder from `config.init` (export / converted checkpoint / 'random', see linear_probe.load_encoder)
-    + models.LinearClassifier head on the encoder's pooled features
-    -> labelled, shuffled Grain iterator over the fraction's train records (per-record random-resized
-       crop + flip on the host, pipeline.SampleViews) -> jitted step under NamedSharding (device-side
-       augmentation from medssl_jax.augment, BCE with per-label pos_weight from the fraction's train
-       labels, NaN = missing masked, or with `task='multi_class'` softmax cross-entropy over one-hot
-       label columns; optax optimiser from medssl_jax.optim)
-    -> every `eval_every` steps: validation mean AUC (metrics.evaluate_predictions) -> curves.json;
-       the best validation step is kept, training stops after `early_stop_patience` evaluations
-       without improvement. The test split is only ever predicted with that best model.
-  -> E/eval via records.write_eval(mode="finetune", curves=...) for the largest fraction, with
-     label_fractions.json when there are several (each fraction also in E/fractions/f<F>/eval),
-     robustness.json with `config.robustness`, and the selected model in E/export (encoder, usable as
-     --config.init) + E/export/head.npz.
-  -> with `config.shift_store`: zero-shot evaluation of the selected model on that store's
-     `shift_split`, labels mapped by name and `config.label_map` (metrics.label_mapping), into
-     E/shift/eval with that store's fingerprint (Azizi's distribution-shift test).
+Every run trains through the one train loop (train.py, method 'supervised': encoder + linear head, BCE with
+pos_weight from the run's train records, or softmax cross-entropy with `task='multi_class'`), so every run
+checkpoints, resumes exactly after a kill and saves on SIGTERM; rerunning the same command continues an
+interrupted study where it stopped (finished runs are read back, the interrupted one resumes).
 
-Not done: resuming an interrupted fine-tune (a rerun starts again; the splits are checked to be equal).
+Per label fraction (nested patient subsets, identical for every init: evaluate/splits.py):
+  1. grid, seed `config.seed`: learning rates `lr_grid` (per 256 images, scaled to the batch) x budgets
+     `budget_grid` (warm-up `warmup_fraction`, then cosine to 0 over the budget) x, for a pretrained init,
+     a lower backbone lr (`backbone_lr_mults`, ResNets) or layer-wise lr decay (`layer_decays`, ViTs); a
+     random init trains its whole network at the grid's lr. Each run ends with its last model (no early
+     stopping); its score is the mean validation AUC of its last `selection_evals` evaluations, which is
+     less noisy than one reading on a small validation split.
+  2. the best-scoring setting (validation only) is trained with `seeds` seeds in all;
+  3. the test split is predicted by those models only. The largest fraction's seed-`config.seed` model is
+     E/eval (what `compare` reads) and E/export; every seed's test predictions are in
+     E/fractions/f<F>/seed_predictions.npz, and E/finetune.json holds the whole grid, the choice, per-seed
+     test AUCs, their mean and spread.
+
+A fraction with fewer train images than `batch_size` trains with the largest batch it fills (said in the
+log), its lr scaled down with it. With `shift_store`, the selected model is also evaluated zero-shot on
+that store (labels mapped by name / `label_map`, E/shift/eval); with `robustness`, on perturbed test images.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
-from medssl_jax import augment, checkpoint, config_lib, logging_lib, losses, optim, sharding
+from medssl_jax import augment, checkpoint, config_lib, logging_lib, losses, methods, optim, sharding, train
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import linear_probe, metrics, records, robustness
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.models import heads, input_norm
+
+TASKS = ("multi_label", "multi_class")
+BUDGET_UNITS = ("steps", "epochs")
+RESULT_FILE = "result.json"
 
 
 def reference_config() -> mlc.ConfigDict:
@@ -52,12 +56,8 @@ def reference_config() -> mlc.ConfigDict:
     c = config_lib.eval_config()
     c.mode = "finetune"
     c.batch_size = 64
-    # Duration: total_steps, or total_epochs over the train images of each label fraction.
-    c.total_steps = -1
-    c.total_epochs = 30.0
-    c.eval_every = -1  # steps between validation evaluations; -1 = once per epoch
-    c.early_stop_patience = 5  # evaluations without a better validation mean AUC; 0 = never stop early
     c.log_every = 50
+    c.checkpoint_every = 500
     # Host-side geometry: random-resized crop (scale, aspect ratio) of each image, then flip p 0.5.
     # crop_scale (1.0, 1.0) with crop_ratio (1.0, 1.0) is the centre square crop alone (no crop augmentation).
     c.crop_scale = (0.08, 1.0)
@@ -65,16 +65,27 @@ def reference_config() -> mlc.ConfigDict:
     c.flip = True
     # Device-side photometric augmentation + rotation (medssl_jax/augment.py fields).
     c.augment = augment.preset("azizi_cxr")
+    # SGD with Nesterov momentum (SimCLR's and Kornblith et al.'s transfer recipe) or AdamW (ViTs); the lr
+    # comes from lr_grid, the schedule is always warm-up + cosine over the budget.
     c.optim = optim.default_config("sgd")
     c.optim.nesterov = True
-    c.optim.base_lr = 0.1
     c.optim.weight_decay = 0.0
+    # The protocol (module docstring): every init gets its own setting, chosen on validation.
+    c.lr_grid = (0.01, 0.03, 0.1)  # base learning rates (per 256 images with optim.lr_scaling='linear')
+    c.budget_grid = (1000,)  # training lengths to choose from, in `budget_unit`
+    c.budget_unit = "steps"  # 'steps', or 'epochs' over the whole train split (the same steps at every fraction)
+    c.backbone_lr_mults = (1.0, 0.1)  # pretrained ResNet encoders: encoder lr = lr x this; random init: 1
+    c.layer_decays = (1.0, 0.75)  # pretrained ViT encoders: layer-wise lr decay (MAE/BEiT); random init: 1
+    c.warmup_fraction = 0.1
+    c.eval_every = -1  # steps between validation evaluations; -1 = a tenth of the budget
+    c.selection_evals = 3  # a setting's score: mean validation AUC of its last N evaluations
+    c.seeds = 3  # runs of the chosen setting (seeds config.seed, +1, ...)
     # Distribution shift: evaluate the selected model on another store (labels mapped by name, plus
     # `label_map` pairs (shift-store label, model label) for names that differ).
     c.shift_store = ""
     c.shift_split = "test"
     c.label_map = ()
-    c.save_model = True  # write the selected encoder to E/export (+ head.npz)
+    c.save_model = True  # write the selected model (seed config.seed) to E/export (+ head.npz)
     # Whole-model transfer from a fine-tune on another store (Tayebi Arasteh et al.'s in-domain supervised
     # arm): config.init is that run's E/export, and the head rows of the labels its head.npz also has
     # (matched by name, case-insensitive) start from it; the other rows start fresh.
@@ -84,6 +95,28 @@ def reference_config() -> mlc.ConfigDict:
     # one-vs-rest AUC (the mean AUC of the one-hot columns).
     c.task = "multi_label"
     return c
+
+
+def validate(config) -> None:
+    """The protocol's fields, checked before any work (one line naming the field)."""
+    def need(ok, field, rule):
+        if not ok:
+            raise ValueError(f"config.{field}={config[field]!r}: {rule}")
+
+    need(len(config.lr_grid) > 0 and all(float(v) > 0 for v in config.lr_grid), "lr_grid", "needs values > 0")
+    need(len(config.budget_grid) > 0 and all(float(v) > 0 for v in config.budget_grid), "budget_grid",
+         "needs values > 0")
+    need(config.budget_unit in BUDGET_UNITS, "budget_unit", f"is not one of {list(BUDGET_UNITS)}")
+    need(len(config.backbone_lr_mults) > 0 and all(float(v) > 0 for v in config.backbone_lr_mults),
+         "backbone_lr_mults", "needs values > 0")
+    need(len(config.layer_decays) > 0 and all(0 < float(v) <= 1 for v in config.layer_decays), "layer_decays",
+         "needs values in (0, 1]")
+    need(0 <= config.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
+    need(config.eval_every == -1 or config.eval_every >= 1, "eval_every", "must be >= 1 (or -1: a tenth of the budget)")
+    need(config.selection_evals >= 1, "selection_evals", "must be >= 1")
+    need(config.seeds >= 1, "seeds", "must be >= 1")
+    need(config.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+    need(config.optim.name in optim.FINETUNE_OPTIMIZERS, "optim", f"name must be one of {optim.FINETUNE_OPTIMIZERS}")
 
 
 class FinetuneError(ValueError):
@@ -106,53 +139,128 @@ def aligned_head(kernel: np.ndarray, bias: np.ndarray, label_names, saved: dict)
     return kernel, bias, moved
 
 
-class Classifier(nn.Module):
-    """Encoder + linear head on its pooled features; returns (logits, out_dict) like every model here."""
+# ------------------------------------------------------------------------------------------ the grid
 
-    encoder: nn.Module
-    num_labels: int
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One point of the grid."""
 
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        features, encoder_out = self.encoder(x, train=train)
-        logits, _ = heads.LinearClassifier(self.num_labels, name="head")(features)
-        return logits, {"encoder": encoder_out, "features": features, "logits": logits}
+    lr: float  # base lr (per 256 images with linear scaling)
+    budget: int  # steps
+    backbone_lr_mult: float = 1.0
+    layer_decay: float = 1.0
 
+    @property
+    def name(self) -> str:
+        return (f"lr{self.lr:g}_steps{self.budget}" + (f"_bb{self.backbone_lr_mult:g}" if self.backbone_lr_mult != 1
+                                                        else "") + (f"_ld{self.layer_decay:g}" if self.layer_decay != 1 else ""))
 
-# ------------------------------------------------------------------------------------------ data
-
-class _WithLabels(grain.transforms.Map):
-    """SampleViews output (one crop, record ids) -> {"image": uint16 [S, S, C], "labels": float32 [L]}."""
-
-    def __init__(self, labels: np.ndarray):
-        self.labels = labels
-
-    def map(self, element: dict) -> dict:
-        return {"image": element["image"][0], "labels": self.labels[int(element["record_ids"][0])]}
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def make_train_iterator(store: Store, ids: np.ndarray, *, image_size: int, crop_scale, crop_ratio, flip: bool,
-                        batch_size_per_host: int, seed: int, num_workers: int = 0):
-    """Endless shuffled labelled batches {"image": uint16 [B, S, S, C], "labels": float32 [B, L]} of `ids`.
+def grid(config, *, pretrained: bool, is_vit: bool, budgets: list[int]) -> list[Setting]:
+    """The settings an init is tuned over: lrs x budgets, and for a pretrained encoder x backbone lr
+    multipliers (ResNets) or layer-wise decays (ViTs)."""
+    extra = [1.0]
+    if pretrained:
+        extra = [float(v) for v in (config.layer_decays if is_vit else config.backbone_lr_mults)]
+    out = []
+    for lr in config.lr_grid:
+        for budget in budgets:
+            for value in extra:
+                out.append(Setting(float(lr), int(budget), **({"layer_decay": value} if is_vit
+                                                             else {"backbone_lr_mult": value})))
+    return out
 
-    Each element is one record: pipeline.SampleViews crops it (random-resized crop with `crop_scale` /
-    `crop_ratio`, resize, flip p 0.5 if `flip`) with randomness Grain derives from (seed, host, position).
-    Hosts take every process_count-th record.
-    """
-    process_index, process_count = jax.process_index(), jax.process_count()
-    host_ids = np.asarray(ids, np.int64)[process_index::process_count]
-    if len(host_ids) < batch_size_per_host:
-        raise ValueError(f"store {store.path}: {len(host_ids)} train images on this host, fewer than the "
-                         f"batch of {batch_size_per_host} (lower config.batch_size or use a larger label fraction)")
-    crops = [{"name": "image", "num": 1, "size": image_size, "scale": tuple(crop_scale), "ratio": tuple(crop_ratio),
-              "flip": flip}]
-    views = pipeline.SampleViews(store.data_source(), (np.arange(len(host_ids) + 1), host_ids), crops,
-                                 with_record_ids=True)
-    host_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-    dataset = (grain.MapDataset.range(len(host_ids)).seed(host_seed).shuffle().repeat(None)
-               .random_map(views).map(_WithLabels(store.labels.astype(np.float32)))
-               .batch(batch_size_per_host, drop_remainder=True))
-    return pipeline.to_iterator(dataset, num_workers=num_workers, num_threads=2, prefetch_batches=4)
+
+def selection_score(val_auc: list, window: int) -> float:
+    """Mean of the last `window` defined validation AUCs (-inf when none is defined)."""
+    values = [v for v in val_auc if v is not None and np.isfinite(v)][-window:]
+    return float(np.mean(values)) if values else -np.inf
+
+
+def choose(scores: dict[str, float], order: list[str]) -> str:
+    """The best-scoring setting name; ties go to the earlier one in grid order."""
+    return max(order, key=lambda name: (scores[name], -order.index(name)))
+
+
+def budgets_in_steps(config, *, num_train: int) -> list[int]:
+    if config.budget_unit == "steps":
+        return [int(b) for b in config.budget_grid]
+    return [max(1, int(np.ceil(float(b) * num_train / config.batch_size))) for b in config.budget_grid]
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+def pos_weight_for(labels: np.ndarray, label_names) -> tuple[np.ndarray, list[str]]:
+    """(N - P) / P per label from the train labels; a label without positives gets weight 1 (and is named)."""
+    present = np.nansum(labels, axis=0) > 0
+    weight = np.ones(labels.shape[1], np.float32)
+    if present.any():
+        weight[present] = losses.pos_weight_from_labels(labels[:, present])
+    return weight, [label_names[j] for j in np.flatnonzero(~present)]
+
+
+def fitted_batch(batch_size: int, num_train: int, num_devices: int) -> int:
+    """The batch a fraction trains with: config.batch_size, or the largest multiple of the device count
+    that the fraction's images fill."""
+    if num_train >= batch_size:
+        return batch_size
+    fitted = num_train - num_train % num_devices
+    if fitted < num_devices:
+        raise FinetuneError(f"{num_train} train images cannot fill a batch of one image per device "
+                            f"({num_devices} devices): use a larger label fraction")
+    return fitted
+
+
+@dataclasses.dataclass
+class Context:
+    """What every run of one evaluation shares: the store, splits, the init's model, the prediction step."""
+
+    config: Any
+    store: Store
+    splits: splits_lib.Splits
+    mesh: Any
+    encoder: linear_probe.Encoder
+    channels: int
+    model: Any  # heads.Classifier
+    predict_fn: Any
+    head_init: str  # '' or E/head_init.npz
+
+
+def run_config(ctx: Context, setting: Setting, *, seed: int, batch_size: int, pos_weight, warmup: int):
+    """The train-loop config (method 'supervised') of one run."""
+    config = ctx.config
+    c = config_lib.pretrain_config()
+    methods.get("supervised").extend_config(c)
+    c.method = "supervised"
+    c.seed = int(config.seed)  # the loop's key; the run's own seed is supervised.seed (runtime data)
+    c.init = "" if config.init == "random" else config.init
+    c.batch_size = batch_size
+    c.total_steps = setting.budget
+    c.compute_dtype = config.compute_dtype
+    c.mesh = config.mesh
+    c.sharding_rules = config.sharding_rules
+    c.data.update({k: config.data[k] for k in ("store", "cache_dir", "phantom_patients", "phantom_size",
+                                               "phantom_seed", "num_workers")})
+    c.data.image_size = config.image_size
+    c.data.crop_scale = tuple(config.crop_scale)
+    c.data.crop_ratio = tuple(config.crop_ratio)
+    c.data.flip = bool(config.flip)
+    c.augment = config.augment
+    c.model = mlc.ConfigDict(ctx.encoder.model_config)
+    c.optim = mlc.ConfigDict(config.optim.to_dict())
+    c.log_every = config.log_every
+    c.checkpoint_every = config.checkpoint_every
+    c.keep_checkpoints = 1
+    c.probe.enabled = False
+    c.supervised.update(task=config.task, num_labels=len(ctx.store.label_names), pos_weight=tuple(pos_weight),
+                        seed=int(seed), peak_lr=optim.scaled_lr(mlc.ConfigDict({**config.optim.to_dict(),
+                                                                                 "base_lr": setting.lr}), batch_size),
+                        warmup_steps=warmup, backbone_lr_mult=setting.backbone_lr_mult,
+                        layer_decay=setting.layer_decay, head_init=ctx.head_init)
+    return c
 
 
 def predict(predict_fn, variables, store: Store, ids: np.ndarray, *, image_size: int, batch_size: int, mesh,
@@ -183,148 +291,220 @@ def predict(predict_fn, variables, store: Store, ids: np.ndarray, *, image_size:
     return probs[rows], labels[rows]
 
 
-# ------------------------------------------------------------------------------------------ training
-
-def pos_weight_for(labels: np.ndarray, label_names) -> tuple[np.ndarray, list[str]]:
-    """(N - P) / P per label from the train labels; a label without positives gets weight 1 (and is named)."""
-    present = np.nansum(labels, axis=0) > 0
-    weight = np.ones(labels.shape[1], np.float32)
-    if present.any():
-        weight[present] = losses.pos_weight_from_labels(labels[:, present])
-    return weight, [label_names[j] for j in np.flatnonzero(~present)]
+def _predict(ctx: Context, variables, ids, store: Store | None = None):
+    config = ctx.config
+    if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(variables)):
+        variables = sharding.replicate(variables, ctx.mesh)  # host arrays (a saved model): placed once
+    batch = max(ctx.mesh.devices.size, min(config.batch_size, 256) // ctx.mesh.devices.size * ctx.mesh.devices.size)
+    return predict(ctx.predict_fn, variables, store or ctx.store, ids, image_size=config.image_size,
+                   batch_size=batch, mesh=ctx.mesh, channels=ctx.channels)
 
 
-def train_fraction(config, store: Store, splits: splits_lib.Splits, fraction: float, *, mesh, run_dir: str,
-                   channels: int) -> dict[str, Any]:
-    """Fine-tunes on one label fraction; returns the selected model, its test predictions and the curve."""
+def _val_auc(ctx: Context, variables) -> float | None:
+    probs, labels = _predict(ctx, variables, ctx.splits.val)
+    return metrics.evaluate_predictions(probs=probs, labels=labels, label_names=list(ctx.store.label_names))["mean_auc"]
+
+
+def _read_curve(run_dir: str) -> dict:
+    steps, values = [], []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "val_mean_auc" in row:
+                steps.append(int(row["step"]))
+                values.append(None if not np.isfinite(row["val_mean_auc"]) else float(row["val_mean_auc"]))
+    return {"steps": steps, "val_auc": values}
+
+
+def _save_model(directory: str, variables: dict, ctx: Context, *, steps: int) -> None:
+    """E/export layout: the encoder as an export (usable as --config.init) + head.npz."""
+    encoder = methods.encoder_variables(variables)
+    config = ctx.config
+    checkpoint.save_export(
+        directory, encoder,
+        {"model": ctx.encoder.model_config,
+         "input": {"image_size": config.image_size, "channels": ctx.channels,
+                   "normalization": input_norm.recorded(ctx.encoder.model_config)},
+         "source": {"method": "finetune", "init": config.init, "init_method": ctx.encoder.method,
+                    "store": ctx.store.name, "steps": steps, "label_names": list(ctx.store.label_names)}})
+    if jax.process_index() == 0:
+        head = variables["params"]["head"]["dense"]
+        tmp = os.path.join(directory, "head.tmp.npz")
+        np.savez(tmp, kernel=np.asarray(head["kernel"]), bias=np.asarray(head["bias"]),
+                 label_names=np.asarray(list(ctx.store.label_names)))
+        os.replace(tmp, os.path.join(directory, "head.npz"))
+
+
+def load_model(directory: str) -> dict:
+    """The variables of a model `_save_model` wrote (encoder export + head.npz), as the Classifier's."""
+    encoder, _ = checkpoint.load_export(directory)
+    with np.load(os.path.join(directory, "head.npz")) as head:
+        dense = {"kernel": head["kernel"], "bias": head["bias"]}
+    out = {collection: {"encoder": tree} for collection, tree in encoder.items()}
+    out.setdefault("params", {})["head"] = {"dense": dense}
+    out.setdefault("batch_stats", {})
+    return out
+
+
+def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarray, run_dir: str,
+              batch_size: int, pos_weight, stop_after: int | None = None) -> dict | None:
+    """Trains (or resumes, or reads back) one run through the train loop; returns its result record
+    ({"setting", "seed", "curve", "score", "val_auc", "steps"}) or None when it was stopped early."""
+    path = os.path.join(run_dir, RESULT_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    config = ctx.config
+    warmup = int(round(config.warmup_fraction * setting.budget))
+    cfg = run_config(ctx, setting, seed=seed, batch_size=batch_size, pos_weight=pos_weight, warmup=warmup)
+    every = config.eval_every if config.eval_every > 0 else max(1, setting.budget // 10)
+    evaluator = train.Evaluator(every=every, fn=lambda state: {"val_mean_auc": _nan_if_none(_val_auc(
+        ctx, {"params": state["params"], "batch_stats": state["batch_stats"]}))})
+    logging_lib.log(f"run {setting.name} seed {seed}: {setting.budget} steps of {batch_size}, peak lr "
+                    f"{cfg.supervised.peak_lr:.4g}, warm-up {warmup}, validation every {every} steps -> {run_dir}")
+    try:
+        result = train.pretrain(cfg, run_dir, store=ctx.store, ids=train_ids, evaluator=evaluator, export=False,
+                                stop_after=stop_after)
+    except train.TrainingError as error:  # a diverged grid point is a result (the lr is too high), not a crash
+        logging_lib.log(f"run {setting.name} seed {seed} failed: {error}")
+        record = {"setting": setting.to_dict(), "name": setting.name, "seed": int(seed), "curve": _read_curve(run_dir),
+                  "score": None, "val_auc": None, "steps": None, "failed": str(error).splitlines()[0]}
+        if jax.process_index() == 0:
+            records.write_json(path, record)
+        return record
+    if result.variables is None:
+        return None
+    _save_model(os.path.join(run_dir, "model"), result.variables, ctx, steps=result.steps_done)
+    curve = _read_curve(run_dir)
+    record = {"setting": setting.to_dict(), "name": setting.name, "seed": int(seed), "curve": curve,
+              "score": _finite_or_none(selection_score(curve["val_auc"], config.selection_evals)),
+              "val_auc": curve["val_auc"][-1] if curve["val_auc"] else None, "steps": result.steps_done,
+              "batch_size": batch_size, "peak_lr": float(cfg.supervised.peak_lr)}
+    if jax.process_index() == 0:
+        records.write_json(path, record)
+        # The finished run's model is in run_dir/model; its checkpoints only served resumption.
+        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    multihost_utils.sync_global_devices(f"finetune run {run_dir}")
+    return record
+
+
+def _nan_if_none(value):
+    return np.nan if value is None else value
+
+
+# ------------------------------------------------------------------------------------------ a fraction
+
+def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_after: int | None = None) -> dict | None:
+    """The protocol of the module docstring on one label fraction; None if interrupted (`stop_after`)."""
+    config, store = ctx.config, ctx.store
     label_names = list(store.label_names)
-    train_ids = splits.fraction_ids(fraction)
+    train_ids = ctx.splits.fraction_ids(fraction)
     pos_weight, no_positive = pos_weight_for(store.labels[train_ids], label_names)
     if no_positive:
         logging_lib.log(f"label fraction {fraction:g}: no positive train example for {no_positive} (pos_weight 1)")
-    steps_per_epoch = max(1, len(train_ids) // config.batch_size)
-    total_steps = config_lib.to_steps(config, "total", epoch_size=len(train_ids), batch_size=config.batch_size)
-    eval_every = config.eval_every if config.eval_every > 0 else steps_per_epoch
+    batch_size = fitted_batch(config.batch_size, len(train_ids), ctx.mesh.devices.size)
+    if batch_size != config.batch_size:
+        logging_lib.log(f"label fraction {fraction:g}: {len(train_ids)} train images, fewer than the batch of "
+                        f"{config.batch_size}: training with batches of {batch_size} (lr scaled with the batch)")
+    pretrained = config.init != "random"
+    is_vit = ctx.encoder.model_config.get("name") == "vit"
+    budgets = budgets_in_steps(config, num_train=len(ctx.splits.train))
+    settings = grid(config, pretrained=pretrained, is_vit=is_vit, budgets=budgets)
+    root = os.path.join(workdir, "runs", f"f{fraction:g}")
+    logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(settings)} settings on "
+                    f"validation, then {config.seeds} seeds of the best")
 
-    encoder = linear_probe.load_encoder(config, channels=channels)
-    model = Classifier(encoder.model, len(label_names))
-    repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-    example = jnp.zeros((1, config.image_size, config.image_size, channels), jnp.float32)
-    head_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = jax.device_get(jax.jit(lambda k: model.init(k, example, train=False))(head_key))
-    variables = {collection: {**tree, "encoder": encoder.variables[collection]} if collection in encoder.variables
-                 else tree for collection, tree in variables.items()}
-    if config.init_head:
-        variables["params"]["head"]["dense"] = _head_from_init(config, variables["params"]["head"]["dense"],
-                                                               label_names)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps, batch_size=config.batch_size)
-    state = {"step": np.zeros((), np.int32), "params": variables["params"],
-             "batch_stats": variables.get("batch_stats", {})}
-    # Replicated, or sharded by config.sharding_rules (FSDP for ViT-L/g); the step, the predictions and the
-    # selected model all use this layout.
-    shardings = sharding.state_shardings({**state, "opt_state": jax.eval_shape(tx.init, state["params"])}, mesh,
-                                         config.sharding_rules)
-    var_shardings = {k: shardings[k] for k in ("params", "batch_stats")}
-    state = jax.device_put(state, {k: shardings[k] for k in state})
-    state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
-    pos_weight = jnp.asarray(pos_weight)
-    multi_class = config.task == "multi_class"
+    def one(setting, seed):
+        return train_run(ctx, setting, seed=seed, train_ids=train_ids, batch_size=batch_size, pos_weight=pos_weight,
+                         run_dir=os.path.join(root, setting.name, f"seed{seed}"), stop_after=stop_after)
 
-    def train_step(state, batch):
-        rng = jax.random.fold_in(step_key, state["step"])  # a rerun replays the same randomness
-        aug_key, dropout_key = jax.random.split(rng)
-        images = augment.augment_views(batch["image"], rng=aug_key, cfg=config.augment)
+    grid_results = {}
+    for setting in settings:
+        result = one(setting, config.seed)
+        if result is None:
+            return None
+        grid_results[setting.name] = result
+    scores = {name: -np.inf if r["score"] is None else r["score"] for name, r in grid_results.items()}
+    if not any(np.isfinite(v) for v in scores.values()):
+        raise FinetuneError(f"label fraction {fraction:g}: no setting of the grid trained (every run failed or had no "
+                            f"defined validation AUC); see {root}")
+    chosen_name = choose(scores, [s.name for s in settings])
+    chosen = next(s for s in settings if s.name == chosen_name)
+    logging_lib.log(f"label fraction {fraction:g}: chose {chosen_name} (validation score {scores[chosen_name]:.4f}; "
+                    + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + ")")
+    lrs = sorted(float(v) for v in config.lr_grid)
+    at_edge = len(lrs) > 1 and chosen.lr in (lrs[0], lrs[-1])
+    if at_edge:
+        logging_lib.log(f"warning: label fraction {fraction:g}: the chosen lr {chosen.lr:g} is at an end of "
+                        f"config.lr_grid {tuple(lrs)}; the best lr may lie outside it (widen the grid)")
+    seed_results = [grid_results[chosen_name]]
+    for k in range(1, config.seeds):
+        result = one(chosen, config.seed + k)
+        if result is None:
+            return None
+        seed_results.append(result)
 
-        def loss_of(params):
-            (logits, _), updates = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images,
-                                               train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
-            if multi_class:
-                loss = jnp.mean(optax.softmax_cross_entropy(logits=logits, labels=batch["labels"]))
-            else:
-                loss = losses.bce_with_pos_weight(logits=logits, labels=batch["labels"], pos_weight=pos_weight)
-            return loss, updates.get("batch_stats", state["batch_stats"])
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                     "batch_stats": batch_stats, "opt_state": opt_state}
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
-
-    train_step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(shardings, data),
-                         out_shardings=(shardings, repl))
-    predict_fn = jax.jit(
-        lambda v, x: (jax.nn.softmax if multi_class else jax.nn.sigmoid)(model.apply(v, augment.to_unit(x),
-                                                                                     train=False)[0]),
-        in_shardings=(var_shardings, data), out_shardings=data)
-    evaluate = lambda v, ids, on=store: predict(predict_fn, v, on, ids, image_size=config.image_size,  # noqa: E731
-                                                batch_size=config.batch_size, mesh=mesh, channels=channels)
-
-    iterator = make_train_iterator(
-        store, train_ids, image_size=config.image_size, crop_scale=config.crop_scale, crop_ratio=config.crop_ratio,
-        flip=config.flip, batch_size_per_host=sharding.per_host(config.batch_size), seed=config.seed,
-        num_workers=config.data.num_workers)
-    writer = logging_lib.MetricWriter(run_dir)
-    progress = logging_lib.Progress(total_steps, items_per_step=config.batch_size, unit="images")
-    stop_rule = (f"until the validation AUC has not improved for {config.early_stop_patience} evaluations, at most "
-                 f"{total_steps} steps" if config.early_stop_patience > 0 else f"for {total_steps} steps")
-    logging_lib.log(f"fine-tuning on {fraction:.0%} of the train patients ({len(train_ids)} images) {stop_rule} of "
-                    f"{config.batch_size}, validation every {eval_every} steps on {len(splits.val)} images")
-    curve_steps, curve_auc = [], []
-    best = {"step": None, "val_auc": -np.inf, "variables": None, "val_probs": None, "val_labels": None}
-    stopped_early = False
-    evals_since_best = 0
-    step = 0
-    while step < total_steps:
-        state, step_metrics = train_step(state, sharding.to_global(next(iterator), mesh))
-        step += 1
-        if step % config.log_every == 0 or step == total_steps:
-            host = jax.device_get(step_metrics)
-            if not np.isfinite(host["loss"]):
-                raise FinetuneError(f"non-finite fine-tuning loss {float(host['loss'])} at step {step} "
-                                    "(lower config.optim.base_lr?)")
-            progress.update(step)
-            writer.write(step, {**host, "images_per_s": progress.rate})
-            logging_lib.log(progress.line(step, loss=float(host["loss"]), lr=float(host["lr"])))
-        if step % eval_every == 0 or step == total_steps:
-            current = {"params": state["params"], "batch_stats": state["batch_stats"]}
-            probs, labels = evaluate(current, splits.val)
-            val_auc = metrics.evaluate_predictions(probs=probs, labels=labels, label_names=label_names)["mean_auc"]
-            curve_steps.append(step)
-            curve_auc.append(val_auc)
-            writer.write(step, {"val_mean_auc": np.nan if val_auc is None else val_auc})
-            improved = val_auc is not None and val_auc > best["val_auc"]
-            logging_lib.log(f"step {step}: validation mean AUC {metrics.fmt_auc(val_auc)}"
-                            + (" (best so far)" if improved else ""))
-            if improved or best["variables"] is None:
-                best = {"step": step, "val_auc": val_auc if val_auc is not None else -np.inf,
-                        "variables": sharding.to_host(current), "val_probs": probs, "val_labels": labels}
-                evals_since_best = 0
-            else:
-                evals_since_best += 1
-                if config.early_stop_patience > 0 and evals_since_best >= config.early_stop_patience:
-                    logging_lib.log(f"early stop at step {step}: no better validation AUC in {evals_since_best} "
-                                    f"evaluations (best {best['val_auc']:.4f} at step {best['step']})")
-                    stopped_early = True
-                    break
-    writer.close()
-    if config.early_stop_patience > 0 and not stopped_early:
-        logging_lib.log(f"warning: label fraction {fraction:g} reached the maximum of {total_steps} steps while the "
-                        f"validation AUC was still improving (best at step {best['step']}); it may not have "
-                        "converged: raise config.total_steps")
-    best_variables = jax.device_put(best["variables"], var_shardings)
-    test_probs, test_labels = evaluate(best_variables, splits.test)
-    return {"fraction": fraction, "num_train": len(train_ids), "probs": test_probs, "labels": test_labels,
-            "curves": {"steps": curve_steps, "val_auc": curve_auc}, "best_step": best["step"],
-            "best_val_auc": None if not np.isfinite(best["val_auc"]) else float(best["val_auc"]),
-            "variables": best["variables"], "var_shardings": var_shardings, "predict_fn": predict_fn,
-            "evaluate": evaluate, "encoder": encoder,
-            "pos_weight": [float(w) for w in pos_weight], "steps_run": step, "total_steps": total_steps,
-            "converged": bool(stopped_early),
-            "thresholds": metrics.youden_thresholds(best["val_probs"], best["val_labels"])}
+    # The test split, for the chosen setting's models only.
+    test_probs, val_probs, models = [], None, []
+    for result in seed_results:
+        model_dir = os.path.join(root, chosen_name, f"seed{result['seed']}", "model")
+        variables = load_model(model_dir)
+        probs, test_labels = _predict(ctx, variables, ctx.splits.test)
+        test_probs.append(probs)
+        models.append(model_dir)
+        if val_probs is None:
+            val_probs, val_labels = _predict(ctx, variables, ctx.splits.val)
+    per_seed = [metrics.evaluate_predictions(probs=p, labels=test_labels, label_names=label_names)["mean_auc"]
+                for p in test_probs]
+    defined = [a for a in per_seed if a is not None]
+    curves = [r["curve"] for r in seed_results]
+    steps = curves[0]["steps"]
+    mean_curve = [_mean_or_none([c["val_auc"][i] for c in curves if i < len(c["val_auc"])]) for i in range(len(steps))]
+    summary = {
+        "fraction": fraction, "num_train": int(len(train_ids)), "batch_size": int(batch_size),
+        "pos_weight": [float(w) for w in pos_weight],
+        "grid": [{**grid_results[s.name]["setting"], "name": s.name, "score": _finite_or_none(scores[s.name]),
+                  "final_val_auc": grid_results[s.name]["val_auc"], "curve": grid_results[s.name]["curve"]}
+                 for s in settings],
+        "chosen": {**chosen.to_dict(), "name": chosen_name, "score": scores[chosen_name], "lr_at_grid_edge": at_edge},
+        "failed": {n: r["failed"] for n, r in grid_results.items() if r.get("failed")},
+        "seeds": [{"seed": r["seed"], "test_mean_auc": a, "final_val_auc": r["val_auc"]}
+                  for r, a in zip(seed_results, per_seed)],
+        "test_mean_auc": float(np.mean(defined)) if defined else None,
+        "test_mean_auc_spread": float(np.max(defined) - np.min(defined)) if defined else None,
+        "val_curve": {"steps": steps, "val_auc": mean_curve},
+    }
+    logging_lib.log(f"label fraction {fraction:g}: test mean AUC per seed "
+                    + ", ".join(metrics.fmt_auc(a) for a in per_seed)
+                    + f"; mean {metrics.fmt_auc(summary['test_mean_auc'])}, spread "
+                    + (f"{summary['test_mean_auc_spread']:.4f}" if defined else "n/a"))
+    out = os.path.join(workdir, "fractions", f"f{fraction:g}")
+    os.makedirs(out, exist_ok=True)
+    if jax.process_index() == 0:
+        tmp = os.path.join(out, "seed_predictions.tmp.npz")
+        np.savez(tmp, probs=np.stack(test_probs).astype(np.float32), labels=test_labels.astype(np.float32),
+                 record_ids=np.asarray(ctx.splits.test, np.int64), seeds=np.array([r["seed"] for r in seed_results]))
+        os.replace(tmp, os.path.join(out, "seed_predictions.npz"))
+    return {**summary, "test_probs": test_probs, "test_labels": test_labels, "model_dir": models[0],
+            "thresholds": metrics.youden_thresholds(val_probs, val_labels)}
 
 
-TASKS = ("multi_label", "multi_class")
+def _finite_or_none(value):
+    return float(value) if value is not None and np.isfinite(value) else None
 
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def read_seed_predictions(workdir: str, fraction: float) -> dict:
+    """{"probs": [S, N, L], "labels", "record_ids", "seeds"} of a finished fraction."""
+    with np.load(os.path.join(workdir, "fractions", f"f{fraction:g}", "seed_predictions.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+# ------------------------------------------------------------------------------------------ run
 
 def _check_task(config, store: Store) -> None:
     if config.task not in TASKS:
@@ -338,98 +518,125 @@ def _check_task(config, store: Store) -> None:
                                 f"its {len(labels)} records are not one-hot (a multi-label store: task='multi_label')")
 
 
-def _head_from_init(config, dense: dict, label_names) -> dict:
+def _head_init(config, workdir: str, encoder: linear_probe.Encoder, model, channels: int, label_names) -> str:
+    """config.init_head: the init's head.npz with its columns moved to this store's labels, as a file the
+    runs start from ('' without init_head)."""
+    if not config.init_head:
+        return ""
     path = os.path.join(config.init, "head.npz")
     if config.init == "random" or not os.path.isfile(path):
         raise FinetuneError(f"config.init_head=True needs config.init to be a fine-tune's export with head.npz "
                             f"(E/export); {config.init!r} has none")
+    example = np.zeros((1, config.image_size, config.image_size, channels), np.float32)
+    fresh = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example, train=False))["params"]["head"]["dense"]
     with np.load(path) as saved:
-        kernel, bias, moved = aligned_head(np.asarray(dense["kernel"]), np.asarray(dense["bias"]), label_names,
+        kernel, bias, moved = aligned_head(np.zeros(fresh["kernel"].shape, np.float32),
+                                           np.zeros(fresh["bias"].shape, np.float32), label_names,
                                            {k: saved[k] for k in ("kernel", "bias", "label_names")})
-    fresh = [n for n in label_names if n not in moved]
+    # Labels the saved head lacks start like a fresh head: N(0, 0.01) kernel, zero bias.
+    rng = np.random.default_rng(config.seed)
+    for column, name in enumerate(label_names):
+        if name not in moved:
+            kernel[:, column] = rng.normal(0, 0.01, kernel.shape[0])
     logging_lib.log(f"head initialised from {path} for {moved or 'no label'}"
-                    + (f"; fresh for {fresh}" if fresh else ""))
-    return {"kernel": kernel, "bias": bias}
+                    + (f"; fresh for {[n for n in label_names if n not in moved]}" if len(moved) < len(label_names) else ""))
+    out = os.path.join(workdir, "head_init.npz")
+    if jax.process_index() == 0:
+        np.savez(out + ".tmp.npz", kernel=kernel, bias=bias, label_names=np.asarray(label_names))
+        os.replace(out + ".tmp.npz", out)
+    return out
 
 
-# ------------------------------------------------------------------------------------------ run
-
-def run(config, workdir: str) -> dict:
-    """Runs the fine-tuning described in the module docstring; returns E/eval/summary.json's dict."""
+def open_context(config, workdir: str):
+    """(workdir, context, fractions, fingerprint) after every check that can fail before training."""
+    validate(config)
     workdir, mesh, store = linear_probe.open_eval(config, workdir)
     _check_task(config, store)
-    shift = _open_shift(config, store)  # fail on a bad shift store / label map before training
-    fingerprint = records.store_fingerprint(store.path)
     fractions = splits_lib.check_fractions(config.label_fractions)
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
     channels = linear_probe.store_channels(store, splits.test)
-    label_names = list(store.label_names)
+    encoder = linear_probe.load_encoder(config, channels=channels)
+    model = heads.Classifier(encoder.model, len(store.label_names))
+    multi_class = config.task == "multi_class"
+    activation = jax.nn.softmax if multi_class else jax.nn.sigmoid
+    predict_fn = jax.jit(lambda v, x: activation(model.apply(v, augment.to_unit(x), train=False)[0]))
+    head_init = _head_init(config, workdir, encoder, model, channels, list(store.label_names))
+    ctx = Context(config=config, store=store, splits=splits, mesh=mesh, encoder=encoder, channels=channels,
+                  model=model, predict_fn=predict_fn, head_init=head_init)
+    return workdir, ctx, fractions, records.store_fingerprint(store.path)
+
+
+def run(config, workdir: str, *, stop_after: int | None = None) -> dict | None:
+    """Runs the protocol of the module docstring; returns E/eval/summary.json's dict (None if `stop_after`,
+    a test hook that stops each run after that many steps like a preemption, interrupted it)."""
+    workdir, ctx, fractions, fingerprint = open_context(config, workdir)
+    shift = _open_shift(config, ctx.store)  # fail on a bad shift store / label map before training
+    store, label_names = ctx.store, list(ctx.store.label_names)
     name = config.name or os.path.basename(workdir)
 
     results, entries = {}, []
     for fraction in fractions:
-        run_dir = workdir if fraction == max(fractions) else os.path.join(workdir, "fractions", f"f{fraction:g}")
-        result = train_fraction(config, store, splits, fraction, mesh=mesh, run_dir=run_dir, channels=channels)
-        logging_lib.log(f"label fraction {fraction:g}: best validation mean AUC "
-                        f"{metrics.fmt_auc(result['best_val_auc'])} at step {result['best_step']}")
-        if fraction != max(fractions):
-            _write(run_dir, result, config, splits, store, fingerprint, name=f"{name}@{fraction:g}")
-            result = {k: v for k, v in result.items()
-                      if k not in ("variables", "var_shardings", "predict_fn", "evaluate")}
+        result = fine_tune_fraction(ctx, fraction, workdir=workdir, stop_after=stop_after)
+        if result is None:
+            logging_lib.log("stopped; rerun the same command to resume")
+            return None
         results[fraction] = result
+        if fraction != max(fractions):
+            _write(os.path.join(workdir, "fractions", f"f{fraction:g}"), result, ctx, fingerprint,
+                   name=f"{name}@{fraction:g}")
         if len(fractions) > 1:
             entries.append(robustness.label_efficiency_entry(
-                fraction=fraction, probs=result["probs"], labels=result["labels"], label_names=label_names,
-                num_train=result["num_train"], seed=config.seed))
+                fraction=fraction, probs=result["test_probs"][0], labels=result["test_labels"],
+                label_names=label_names, num_train=result["num_train"], seed=config.seed))
+    if jax.process_index() == 0:
+        records.write_json(os.path.join(workdir, "finetune.json"), {
+            "init": config.init, "method": ctx.encoder.method, "seeds": int(config.seeds),
+            "selection": f"mean validation AUC of the last {config.selection_evals} evaluations",
+            "fractions": [{k: v for k, v in results[f].items()
+                           if k not in ("test_probs", "test_labels", "thresholds")} for f in fractions]})
 
     main = results[max(fractions)]
-    best_variables = jax.device_put(main["variables"], main["var_shardings"])
+    variables = load_model(main["model_dir"])
     curves = None
     if config.robustness:
         linear_probe.check_single_host("config.robustness")
         logging_lib.log("robustness: evaluating the selected model on perturbed test images")
-        images, _ = linear_probe.load_images(store, splits.test, image_size=config.image_size,
+        images, _ = linear_probe.load_images(store, ctx.splits.test, image_size=config.image_size,
                                              batch_size=config.batch_size)
+        placed = sharding.replicate(variables, ctx.mesh)
         curves = robustness.robustness_curves(
-            lambda x: linear_probe.padded_apply(lambda b: main["predict_fn"](best_variables, b), x, mesh),
-            images, main["labels"], label_names=label_names, batch_size=config.batch_size)
-    summary = _write(workdir, main, config, splits, store, fingerprint, name=config.name or None,
-                     label_fractions=entries or None, robustness_curves=curves)
+            lambda x: linear_probe.padded_apply(lambda b: ctx.predict_fn(placed, b), x, ctx.mesh),
+            images, main["test_labels"], label_names=label_names, batch_size=config.batch_size)
+    summary = _write(workdir, main, ctx, fingerprint, name=config.name or None, label_fractions=entries or None,
+                     robustness_curves=curves)
     per_label = ", ".join(f"{n} {metrics.fmt_auc(a)}" for n, a in summary["per_label_auc"].items())
     if summary["top1_accuracy"] is not None:
         logging_lib.log(f"fine-tune test top-1 accuracy {summary['top1_accuracy']:.4f} (multi-class; the mean AUC "
                         "below is the macro one-vs-rest AUC)")
-    logging_lib.log(f"fine-tune test mean AUC {metrics.fmt_auc(summary['mean_auc'])} (model of step "
-                    f"{main['best_step']}, chosen on validation); per label: {per_label}")
+    logging_lib.log(f"fine-tune test mean AUC {metrics.fmt_auc(main['test_mean_auc'])} over {len(main['seeds'])} "
+                    f"seed(s) (spread {main['test_mean_auc_spread']}), setting {main['chosen']['name']} chosen on "
+                    f"validation; seed {config.seed}: {metrics.fmt_auc(summary['mean_auc'])} ({per_label})")
 
-    if config.save_model and jax.process_index() == 0:
-        export_dir = os.path.join(workdir, "export")
-        encoder = main["encoder"]
-        checkpoint.save_export(
-            export_dir, {c: tree["encoder"] for c, tree in main["variables"].items() if "encoder" in tree},
-            {"model": encoder.model_config, "input": {"image_size": config.image_size, "channels": channels,
-                                                      "normalization": input_norm.recorded(encoder.model_config)},
-             "source": {"method": "finetune", "init": config.init, "init_method": encoder.method,
-                        "store": store.name, "steps": main["best_step"], "label_names": label_names}})
-        head = main["variables"]["params"]["head"]["dense"]
-        np.savez(os.path.join(export_dir, "head.npz"), kernel=np.asarray(head["kernel"]),
-                 bias=np.asarray(head["bias"]), label_names=np.asarray(label_names))
-        logging_lib.log(f"saved the selected model to {export_dir} (encoder export + head.npz)")
+    if config.save_model:
+        if jax.process_index() == 0:
+            shutil.copytree(main["model_dir"], os.path.join(workdir, "export"), dirs_exist_ok=True)
+        logging_lib.log(f"saved the selected model to {os.path.join(workdir, 'export')} (encoder export + head.npz)")
 
     if shift is not None:
         shift_store, model_cols, store_cols, names = shift
         ids = shift_store.ids(config.shift_split)
-        probs, labels = main["evaluate"](best_variables, ids, shift_store)
+        probs, labels = _predict(ctx, variables, ids, shift_store)
         shift_summary = records.write_eval(
             os.path.join(workdir, "shift"), probs=probs[:, model_cols], labels=labels[:, store_cols],
-            record_ids=ids, label_names=names, mode="eval", method=main["encoder"].method, init=config.init,
+            record_ids=ids, label_names=names, mode="eval", method=ctx.encoder.method, init=config.init,
             split=config.shift_split, store_name=shift_store.name,
             store_fingerprint=records.store_fingerprint(shift_store.path), name=f"{name} on {shift_store.name}",
-            extra={"finetuned_on": {"store": store.name, "fingerprint": fingerprint}, "best_step": main["best_step"]})
+            extra={"finetuned_on": {"store": store.name, "fingerprint": fingerprint},
+                   "setting": main["chosen"]["name"]})
         logging_lib.log(f"distribution shift ({shift_store.name}, {len(ids)} images, labels {names}): mean AUC "
                         f"{metrics.fmt_auc(shift_summary['mean_auc'])} -> {os.path.join(workdir, 'shift', 'eval')}")
-    logging_lib.log(f"wrote {os.path.join(workdir, 'eval')}")
+    logging_lib.log(f"wrote {os.path.join(workdir, 'eval')} and {os.path.join(workdir, 'finetune.json')}")
     return summary
 
 
@@ -450,15 +657,15 @@ def _open_shift(config, store: Store):
     return shift_store, model_cols, store_cols, names
 
 
-def _write(directory, result, config, splits, store, fingerprint, *, name, **optional) -> dict:
+def _write(directory, result, ctx: Context, fingerprint, *, name, **optional) -> dict:
+    config = ctx.config
     return records.write_eval(
-        directory, probs=result["probs"], labels=result["labels"], record_ids=splits.test,
-        label_names=list(store.label_names), mode="finetune", method=result["encoder"].method, init=config.init,
-        split=splits.params["test"], store_name=store.name, store_fingerprint=fingerprint,
-        label_fraction=result["fraction"], name=name, curves=result["curves"],
-        extra={"best_step": result["best_step"], "best_val_auc": result["best_val_auc"],
-               "steps_run": result["steps_run"], "total_steps": result["total_steps"],
-               "num_train": result["num_train"], "pos_weight": result["pos_weight"], "splits": splits.fingerprint,
-               "source": result["encoder"].source, "converged": result["converged"],
-               "early_stop_patience": int(config.early_stop_patience)},
+        directory, probs=result["test_probs"][0], labels=result["test_labels"], record_ids=ctx.splits.test,
+        label_names=list(ctx.store.label_names), mode="finetune", method=ctx.encoder.method, init=config.init,
+        split=ctx.splits.params["test"], store_name=ctx.store.name, store_fingerprint=fingerprint,
+        label_fraction=result["fraction"], name=name, curves=result["val_curve"],
+        extra={"setting": result["chosen"], "seeds": result["seeds"], "test_mean_auc_over_seeds": result["test_mean_auc"],
+               "test_mean_auc_spread": result["test_mean_auc_spread"], "num_train": result["num_train"],
+               "batch_size": result["batch_size"], "pos_weight": result["pos_weight"], "splits": ctx.splits.fingerprint,
+               "source": ctx.encoder.source},
         thresholds=result["thresholds"], **optional)

@@ -12,6 +12,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
+from medssl_jax import optim
+
 # method name -> module under medssl_jax.methods
 _REGISTRY = {
     "simclr": "simclr",
@@ -19,6 +21,7 @@ _REGISTRY = {
     "swav": "swav",
     "hybrid": "swav",
     "dino": "dino",
+    "supervised": "supervised",  # fine-tuning (evaluate/finetune.py runs it)
 }
 
 
@@ -93,6 +96,10 @@ def _always_healthy(metrics, *, step) -> None:
     return None
 
 
+def _optimizer_of_config(config, *, total_steps: int, batch_size: int):
+    return optim.make_optimizer(config.optim, total_steps=total_steps, batch_size=batch_size)
+
+
 def _export_encoder(variables: dict, method_state: Any) -> dict:
     del method_state
     return encoder_variables(variables)
@@ -104,13 +111,16 @@ class Method:
 
     Required:
       data_spec(config) -> {"sampler": 'pairs' | 'micle', "crops": [{name, num, size, scale}, ...],
-          "fields": [extra per-sample fields, e.g. 'labels']}: what the host pipeline must produce.
+          "fields": [extra per-sample fields, e.g. 'labels'], optional "seed" (the data order's, default
+          config.seed)}: what the host pipeline must produce.
       build(config) -> flax module: encoder (submodule 'encoder') + heads.
       init(model, rng, batch, config) -> (variables, method_state): method_state is checkpointed with the
           run (a queue, a teacher, a centre).
       loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config)
           -> (loss, (batch_stats, method_state, metrics)): pure, jitted, over the global batch.
     Optional:
+      make_optimizer(config, *, total_steps, batch_size) -> (optax transformation, schedule of the step or
+          None when the lr lives in the optimiser state): default optim.make_optimizer(config.optim, ...).
       extend_config(config): adds the method's own config fields (to the reference config too, so a
           mistyped field of the method is rejected).
       process_grads(grads, *, step, config) -> grads: before the optimiser (freezing, clipping).
@@ -128,6 +138,7 @@ class Method:
     init: Callable[..., tuple]
     loss_fn: Callable[..., tuple]
     extend_config: Callable[..., None] = _no_fields
+    make_optimizer: Callable[..., tuple] = _optimizer_of_config
     process_grads: Callable[..., Any] = _grads_as_they_are
     after_update: Callable[..., tuple] = _params_as_they_are
     check_health: Callable[..., str | None] = _always_healthy

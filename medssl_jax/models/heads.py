@@ -186,3 +186,17 @@ class DINOHead(nn.Module):
         z = l2_normalize(x.astype(jnp.float32))
         logits = WeightNormDense(self.num_prototypes, fixed_scale=self.norm_last_layer, name="last_layer")(z)
         return logits, {"bottleneck": z}
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head on its pooled features (fine-tuning); returns (logits, out_dict) like every model
+    here. The encoder is the submodule 'encoder', so exports and `config.init` treat it like a method's."""
+
+    encoder: nn.Module
+    num_labels: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        features, encoder_out = self.encoder(x, train=train)
+        logits, _ = LinearClassifier(self.num_labels, name="head")(features)
+        return logits, {"encoder": encoder_out, "features": features, "logits": logits}

@@ -1,0 +1,43 @@
+r"""Transfer study: linear probe and fine-tuning of several initialisations at several label fractions.
+
+Each init (a pretraining export, a converted checkpoint, or 'random') is probed and fine-tuned on the same
+patient-wise splits; fine-tuning follows the protocol of evaluate/finetune.py (each init its own lr grid,
+lower backbone lr for pretrained encoders, warm-up + cosine over a budget chosen on validation, 3 seeds of
+the chosen setting). W/transfer.json, W/report.md, W/label_efficiency.png and W/convergence.png hold the
+results; rerunning the command resumes an interrupted study.
+
+  # Azizi et al.'s label-efficiency comparison on an ingested chest X-ray store (ResNet-50, 224 px)
+  python -m medssl_jax.main --config=configs/transfer.py:store=/data/stores/chexpert \
+      --config.inits="('/runs/micle_r50/export', '/runs/simclr_r50/export', 'random')" --workdir=/evals/transfer
+
+  # On 2 CPU cores: a MedMNIST set, SimCLR pretrained on its own train split (README, "Public data")
+  python -m medssl_jax.main --config=configs/transfer.py:runlocal,store=stores/breastmnist \
+      --config.inits="('runs/breast_simclr/export', 'random')" --workdir=evals/breast_transfer
+
+Hardware and runtime: see BENCHMARKS.md, "Transfer" (measured :runlocal studies with their results).
+At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): budget
+(4 lrs x 2 budgets x 2 backbone lrs + 2 seeds) runs per pretrained init and fraction.
+"""
+
+import ml_collections as mlc
+
+from medssl_jax import config_lib
+from medssl_jax.evaluate import transfer
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, runlocal=False, store="")
+    c = transfer.reference_config()
+    c.data.store = args.store
+    c.label_fractions = (0.01, 0.1, 0.25, 1.0)
+    c.linear_probe = config_lib.load_config("linear_probe", "runlocal" if args.runlocal else None)
+    c.finetune = config_lib.load_config("finetune", "runlocal" if args.runlocal else None)
+    c.model = mlc.ConfigDict(c.finetune.model.to_dict())
+    c.image_size = 224
+    for arm in (c.linear_probe, c.finetune):
+        arm.robustness = False
+    if args.runlocal:
+        c.data.update(config_lib.RUNLOCAL_PHANTOMS)
+        c.image_size = -1  # the stored images' size: 64 for the phantoms, 28 for MedMNIST
+        c.num_resamples = 1000
+    return c

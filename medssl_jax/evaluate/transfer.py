@@ -1,0 +1,349 @@
+"""`config.mode = 'transfer'`: the whole transfer study of several initialisations in one command.
+
+    python -m medssl_jax.main --config=configs/transfer.py:runlocal,store=S \
+        --config.inits="('RUN/export', 'random')" --workdir=W
+
+For every init (an export, a converted checkpoint or 'random') and every arm (`arms`: the linear probe and
+fine-tuning), at every label fraction, on the same patient-wise splits:
+  W/linear_probe/<name>/   configs/linear_probe.py's evaluation (C chosen on validation, one fit per fraction)
+  W/finetune/<name>/       evaluate/finetune.py's protocol (each init its own grid on validation, seeds)
+then the analysis:
+  W/transfer.json  per init, arm and fraction: the grid, the choice, per-seed test AUCs, their mean and
+                   spread and a CI over test images and seeds; for each pair of inits and each arm and
+                   fraction: the difference of mean AUC, its 95 % CI, one-sided p-values and their
+                   Benjamini-Hochberg adjustment over the fractions; the convergence figure.
+  W/report.md, W/label_efficiency.png, W/convergence.png
+The interval of a difference covers test-sample and seed noise: `bootstrap.seed_and_image_bootstrap`.
+Convergence (Ghesu et al.): on each fraction's chosen fine-tuning settings, the steps a pretrained init
+needs to reach the random init's best validation AUC (mean curve over seeds), as a share of the steps the
+random init needed. Every step is resumable: rerunning the command skips finished evaluations and resumes
+an interrupted fine-tune.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections as mlc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medssl_jax import config_lib, logging_lib  # noqa: E402
+from medssl_jax.evaluate import bootstrap, finetune, linear_probe, records, robustness  # noqa: E402
+from medssl_jax.evaluate import splits as splits_lib  # noqa: E402
+
+ARMS = ("linear_probe", "finetune")
+# Fields set once for the study and copied into both arms' configs (the same store, splits and fractions).
+SHARED = ("seed", "data", "splits", "label_fractions", "image_size", "mesh", "compute_dtype", "input_normalization")
+
+
+def reference_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.mode = "transfer"
+    c.seed = 0
+    c.inits = ()  # exports (RUN/export), converted checkpoints, or 'random'
+    c.names = ()  # display names, one per init ('' or () = derived from the path)
+    c.arms = ARMS
+    c.label_fractions = (0.01, 0.1, 0.25, 1.0)
+    c.num_resamples = 1000
+    base = config_lib.eval_config()
+    for field in SHARED:
+        if field not in ("seed", "label_fractions"):
+            c[field] = base[field]
+    c.model = None  # the architecture of the 'random' init (both arms)
+    c.linear_probe = linear_probe.reference_config()
+    c.finetune = finetune.reference_config()
+    return c
+
+
+def init_names(inits, names=()) -> list[str]:
+    """Display names: given ones, else 'random' or the export folder's name (its parent for RUN/export)."""
+    if names and len(names) != len(inits):
+        raise ValueError(f"config.names has {len(names)} entries for {len(inits)} inits")
+    out = []
+    for i, init in enumerate(inits):
+        name = (names[i] if names else "") or (
+            "random" if init == "random" else os.path.basename(os.path.normpath(init)))
+        if not names and name == "export":
+            name = os.path.basename(os.path.dirname(os.path.normpath(init)))
+        base, k = name, 2
+        while name in out:
+            name, k = f"{base}_{k}", k + 1
+        out.append(name)
+    return out
+
+
+def arm_config(config, arm: str, init: str) -> mlc.ConfigDict:
+    c = mlc.ConfigDict(config[arm].to_dict())
+    for field in SHARED:
+        value = config[field]
+        c[field] = mlc.ConfigDict(value.to_dict()) if isinstance(value, mlc.ConfigDict) else value
+    c.init = init
+    if init == "random":
+        c.model = mlc.ConfigDict(dict(config.model))
+        if arm == "linear_probe" and "zero_init_last_bn" in c.model:
+            # The probe's fair baseline keeps every residual branch active (evaluate/linear_probe.py); a
+            # fine-tune from scratch starts like pretraining, zero-init being a training aid there.
+            c.model.zero_init_last_bn = False
+    c.name = ""
+    return c
+
+
+def validate(config) -> None:
+    if len(config.inits) < 1:
+        raise ValueError("config.inits is empty: give one or more of RUN/export, a converted checkpoint, 'random'")
+    bad = [a for a in config.arms if a not in ARMS]
+    if bad or not config.arms:
+        raise ValueError(f"config.arms={tuple(config.arms)!r}: choose from {ARMS}")
+    if len(set(config.inits)) != len(config.inits):
+        raise ValueError(f"config.inits={tuple(config.inits)!r} has duplicates")
+    if "random" in config.inits and not config.model:
+        raise ValueError("config.inits has 'random': config.model must give its architecture")
+    if config.num_resamples < 1:
+        raise ValueError(f"config.num_resamples={config.num_resamples}: must be >= 1")
+    splits_lib.check_fractions(config.label_fractions)
+    for init in config.inits:
+        for arm in config.arms:
+            c = arm_config(config, arm, init)
+            config_lib.validate_eval(c)
+            linear_probe.check_init(c)
+            if arm == "finetune":
+                finetune.validate(c)
+
+
+def _with_store_image_size(config):
+    """image_size -1: the stored images' size (their longest side; MedMNIST 28, the runlocal phantoms 64)."""
+    from medssl_jax.data import sources
+
+    store = sources.open_store(config.data)
+    first = store[int(store.ids(config.splits.train)[0])]["image"]
+    config = mlc.ConfigDict(config.to_dict())
+    config.image_size = int(max(first.shape[:2]))
+    logging_lib.log(f"image_size: {config.image_size} (the stored images' size)")
+    return config
+
+
+def _done(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "eval", "summary.json"))
+
+
+def _seed_predictions(workdir: str, arm: str, fraction: float, num_fractions: int) -> dict:
+    """{"probs": [S, N, L], "labels", "record_ids"} of one arm's evaluation at one fraction."""
+    if arm == "finetune":
+        return finetune.read_seed_predictions(workdir, fraction)
+    run = records.read_eval(workdir if num_fractions == 1 else os.path.join(workdir, "fractions", f"f{fraction:g}"))
+    return {"probs": run.probs[None], "labels": run.labels, "record_ids": run.record_ids}
+
+
+def run(config, workdir: str) -> dict | None:
+    """Runs the study of the module docstring; returns transfer.json's dict (None when a SIGTERM stopped it)."""
+    if config.image_size == -1:
+        config = _with_store_image_size(config)
+    validate(config)
+    workdir = os.path.abspath(workdir)
+    names = init_names(list(config.inits), list(config.names))
+    fractions = splits_lib.check_fractions(config.label_fractions)
+    dirs = {}
+    for init, name in zip(config.inits, names):
+        for arm in config.arms:
+            out = os.path.join(workdir, arm, name)
+            dirs[arm, name] = out
+            if _done(out):
+                logging_lib.log(f"{arm} of {name}: done earlier ({out})")
+                continue
+            logging_lib.log(f"=== {arm} of {name} ({init}) -> {out}")
+            module = finetune if arm == "finetune" else linear_probe
+            if module.run(arm_config(config, arm, init), out) is None:  # SIGTERM: the run saved and stopped
+                logging_lib.log("transfer study stopped; rerun the same command to resume")
+                return None
+
+    result = analyse(config, names, dirs, fractions)
+    records.write_json(os.path.join(workdir, "transfer.json"), result)
+    files = plot(result, workdir)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(markdown(result, files))
+    logging_lib.log(summary_lines(result))
+    logging_lib.log(f"wrote {os.path.join(workdir, 'transfer.json')} and {os.path.join(workdir, 'report.md')}")
+    return result
+
+
+def analyse(config, names: list[str], dirs: dict, fractions: list[float]) -> dict:
+    """transfer.json's content from the finished evaluations (see the module docstring)."""
+    arms = list(config.arms)
+    out = {"inits": dict(zip(names, config.inits)), "arms": arms, "fractions": fractions,
+           "num_resamples": int(config.num_resamples), "results": [], "comparisons": [], "convergence": []}
+    preds = {}
+    for arm in arms:
+        for name in names:
+            for fraction in fractions:
+                preds[arm, name, fraction] = _seed_predictions(dirs[arm, name], arm, fraction, len(fractions))
+    reference = preds[arms[0], names[0], fractions[0]]
+    for key, value in preds.items():
+        if not np.array_equal(value["record_ids"], reference["record_ids"]):
+            raise ValueError(f"{key[0]} of {key[1]} at fraction {key[2]:g} was evaluated on other test records "
+                             f"than {arms[0]} of {names[0]}: different splits (rerun in a new workdir)")
+    labels = reference["labels"]
+    boot = dict(labels=labels, num_resamples=config.num_resamples, seed=config.seed)
+
+    for arm in arms:
+        for name in names:
+            fine = _finetune_record(dirs[arm, name]) if arm == "finetune" else None
+            for fraction in fractions:
+                probs = preds[arm, name, fraction]["probs"]
+                ci = bootstrap.seed_and_image_bootstrap(probs_a=probs, **boot)["a"]
+                entry = {"init": name, "arm": arm, "fraction": fraction, "mean_auc": ci["point"],
+                         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
+                if fine is not None:
+                    record = fine[fraction]
+                    entry.update({k: record[k] for k in ("grid", "chosen", "seeds", "test_mean_auc_spread",
+                                                         "num_train", "batch_size", "val_curve")})
+                else:
+                    summary = records.read_eval(dirs[arm, name] if len(fractions) == 1 else os.path.join(
+                        dirs[arm, name], "fractions", f"f{fraction:g}")).summary
+                    entry.update({"chosen": {"c": summary["extra"].get("c")},
+                                  "grid": summary["extra"].get("val_mean_auc_by_c"),
+                                  "num_train": summary["extra"].get("num_train")})
+                out["results"].append(entry)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                rows = []
+                for fraction in fractions:
+                    res = bootstrap.seed_and_image_bootstrap(probs_a=preds[arm, a, fraction]["probs"],
+                                                             probs_b=preds[arm, b, fraction]["probs"], **boot)
+                    rows.append({"a": a, "b": b, "arm": arm, "fraction": fraction, "diff": res["diff"]["point"],
+                                 "ci_low": res["diff"]["ci_low"], "ci_high": res["diff"]["ci_high"],
+                                 "p_a_not_better": res["p_a_not_better"], "p_b_not_better": res["p_b_not_better"],
+                                 "num_seeds": res["num_seeds"]})
+                for key in ("p_a_not_better", "p_b_not_better"):
+                    for row, q in zip(rows, bootstrap.benjamini_hochberg([r[key] for r in rows])):
+                        row[key + "_bh"] = q
+                out["comparisons"].extend(rows)
+    if "finetune" in arms and "random" in config.inits:
+        rand = names[list(config.inits).index("random")]
+        for name in names:
+            if name == rand:
+                continue
+            for fraction in fractions:
+                curves = {n: _result(out, n, "finetune", fraction)["val_curve"] for n in (name, rand)}
+                try:
+                    res = robustness.convergence_reduction(ssl_curve=curves[name], random_curve=curves[rand])
+                except robustness.RobustnessError as error:
+                    res = {"note": str(error), "reduction_pct": None, "ssl_steps": None, "random_steps": None}
+                share = (res["ssl_steps"] / res["random_steps"] if res.get("ssl_steps") is not None
+                         and res.get("random_steps") else None)
+                out["convergence"].append({"init": name, "random": rand, "fraction": fraction, **res,
+                                           "share_of_random_steps": share})
+    return out
+
+
+def _finetune_record(workdir: str) -> dict:
+    with open(os.path.join(workdir, "finetune.json")) as f:
+        return {float(r["fraction"]): r for r in json.load(f)["fractions"]}
+
+
+def _result(result: dict, init: str, arm: str, fraction: float) -> dict:
+    return next(r for r in result["results"] if (r["init"], r["arm"], r["fraction"]) == (init, arm, fraction))
+
+
+def _fmt(value, spec=".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _p(value) -> str:
+    return "n/a" if value is None else ("< 0.001" if value < 0.001 else f"{value:.3f}")
+
+
+def summary_lines(result: dict) -> str:
+    lines = []
+    for row in result["comparisons"]:
+        lines.append(f"{row['arm']} {row['fraction']:g}: {row['a']} - {row['b']} {_fmt(row['diff'], '+.3f')} "
+                     f"[95% CI {_fmt(row['ci_low'], '+.3f')}, {_fmt(row['ci_high'], '+.3f')}], "
+                     f"p(not better) {_p(row['p_a_not_better'])} / BH {_p(row['p_a_not_better_bh'])}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, workdir: str) -> list[str]:
+    """label_efficiency.png (mean AUC against label fraction, log x, CI bands) and convergence.png."""
+    files = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm in result["arms"]:
+        for name in result["inits"]:
+            rows = [_result(result, name, arm, f) for f in result["fractions"]]
+            x = [r["fraction"] * 100 for r in rows]
+            y = [np.nan if r["mean_auc"] is None else r["mean_auc"] for r in rows]
+            lo = [np.nan if r["ci_low"] is None else r["ci_low"] for r in rows]
+            hi = [np.nan if r["ci_high"] is None else r["ci_high"] for r in rows]
+            line, = ax.plot(x, y, marker="o", linestyle="-" if arm == "finetune" else "--", label=f"{name}, {arm}")
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+    files.append(_save(fig, ax, workdir, "label_efficiency.png", ylabel="test mean AUC (mean over seeds, 95% CI)",
+                       title="Label efficiency", fractions=result["fractions"]))
+    if result["convergence"]:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for name in dict.fromkeys(r["init"] for r in result["convergence"]):
+            rows = [r for r in result["convergence"] if r["init"] == name]
+            ax.plot([r["fraction"] * 100 for r in rows],
+                    [np.nan if r["share_of_random_steps"] is None else 100 * r["share_of_random_steps"] for r in rows],
+                    marker="o", label=name)
+        ax.axhline(100, color="grey", linewidth=1)
+        files.append(_save(fig, ax, workdir, "convergence.png", title="Convergence (fine-tuning)",
+                           ylabel="steps to random init's best val AUC (% of random's)",
+                           fractions=result["fractions"]))
+    return files
+
+
+def _save(fig, ax, workdir: str, name: str, *, ylabel: str, title: str, fractions) -> str:
+    ax.set_xscale("log")
+    # Explicit limits: a curve of undefined points (no convergence reached) leaves the log axis no data.
+    ax.set_xlim(min(fractions) * 100 / 1.3, max(fractions) * 100 * 1.3)
+    ax.set_xlabel("label fraction (% of train patients)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, name), dpi=120)
+    plt.close(fig)
+    return name
+
+
+def markdown(result: dict, files: list[str]) -> str:
+    lines = ["# Transfer study", "",
+             "Inits: " + ", ".join(f"`{n}` ({p})" for n, p in result["inits"].items()) + ".",
+             "Mean AUC over seeds on the test split; 95 % CIs resample test images and seeds "
+             f"({result['num_resamples']} replicates). Every setting was chosen on the validation split.", "",
+             "## Mean test AUC", "",
+             "| arm | init | " + " | ".join(f"{f:g}" for f in result["fractions"]) + " |",
+             "|---|---|" + "---|" * len(result["fractions"])]
+    for arm in result["arms"]:
+        for name in result["inits"]:
+            cells = []
+            for f in result["fractions"]:
+                r = _result(result, name, arm, f)
+                cell = f"{_fmt(r['mean_auc'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+                if arm == "finetune":
+                    cell += f" ({r['chosen']['name']}, spread {_fmt(r['test_mean_auc_spread'])})"
+                cells.append(cell)
+            lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
+    if result["comparisons"]:
+        lines += ["", "## Differences (a - b)", "",
+                  "| arm | a | b | fraction | difference [95% CI] | p(a not better) | BH over fractions |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["comparisons"]:
+            lines.append(f"| {r['arm']} | {r['a']} | {r['b']} | {r['fraction']:g} | {_fmt(r['diff'], '+.3f')} "
+                         f"[{_fmt(r['ci_low'], '+.3f')}, {_fmt(r['ci_high'], '+.3f')}] | {_p(r['p_a_not_better'])} "
+                         f"| {_p(r['p_a_not_better_bh'])} |")
+    if result["convergence"]:
+        lines += ["", "## Convergence (fine-tuning)", "",
+                  "Steps to reach the random init's best validation AUC, as a share of the random init's steps "
+                  "(mean validation curve over seeds of each chosen setting).", "",
+                  "| init | fraction | target val AUC | steps | random's steps | share |", "|---|---|---|---|---|---|"]
+        for r in result["convergence"]:
+            lines.append(f"| {r['init']} | {r['fraction']:g} | {_fmt(r.get('target_val_auc'))} | "
+                         f"{_fmt(r['ssl_steps'], '.0f')} | {_fmt(r['random_steps'], '.0f')} | "
+                         f"{_fmt(r['share_of_random_steps'], '.0%')} |" + (f" {r['note']}" if r.get("note") else ""))
+    lines += [""] + [f"![{f}]({f})" for f in files] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Supervised fine-tuning as a Method: the one train loop (train.py) fine-tunes like it pretrains.
+
+The model is an encoder + linear head (`models.heads.Classifier`); one random-resized crop (+ flip) per
+image on the host, the config's photometric augmentation on the device; the loss is per-label sigmoid BCE
+with pos_weight (NaN labels masked) or, with `supervised.task='multi_class'`, softmax cross-entropy over
+one-hot label columns. The encoder starts from `config.init` like any pretraining run (train.py), the head
+fresh (or from `supervised.head_init`, a head.npz already aligned to this store's labels).
+
+What differs between the runs of a transfer study is data, not code: pos_weight and the run's seed are in
+`method_state`, the learning-rate schedule in the optimiser state (optim.make_finetune_optimizer), so one
+compiled step serves every grid point, seed and label fraction of one architecture and batch size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+
+from medssl_jax import augment, losses, models, optim
+from medssl_jax.methods import Method
+from medssl_jax.models import heads
+
+TASKS = ("multi_label", "multi_class")
+
+
+def extend_config(config) -> None:
+    config.supervised = mlc.ConfigDict({
+        "task": "multi_label",
+        "num_labels": 1,
+        "pos_weight": (),  # per label, from the train records of the run; () = 1 for every label
+        "seed": 0,  # the run's seed: data order, augmentation, head init, dropout
+        "peak_lr": 0.1,
+        "warmup_steps": 0,
+        "backbone_lr_mult": 1.0,  # encoder lr = peak_lr * this (a pretrained encoder: < 1)
+        "layer_decay": 1.0,  # ViT encoders: layer-wise lr decay (BEiT/MAE); 1 = none
+        "head_init": "",  # a head.npz whose columns are this store's labels (Tayebi Arasteh's in-domain arm)
+    })
+    config.data.crop_ratio = (3 / 4, 4 / 3)
+    config.data.flip = True
+
+
+def data_spec(config) -> dict:
+    return {"sampler": "pairs", "fields": ["labels"], "seed": int(config.supervised.seed),
+            "crops": [{"name": "image", "num": 1, "size": config.data.image_size,
+                       "scale": tuple(config.data.crop_scale), "ratio": tuple(config.data.crop_ratio),
+                       "flip": bool(config.data.flip)}]}
+
+
+def build(config):
+    encoder = models.build_encoder({**config.model.to_dict(), "dtype": config.compute_dtype})
+    return heads.Classifier(encoder, int(config.supervised.num_labels))
+
+
+def init(model, rng, batch, config):
+    image = batch["image"]
+    rng = jax.random.fold_in(rng, config.supervised.seed)
+    variables = dict(model.init(rng, jnp.zeros((2, *image.shape[2:]), jnp.float32), train=False))
+    if config.supervised.head_init:
+        with np.load(config.supervised.head_init) as saved:
+            params = dict(variables["params"])
+            params["head"] = {"dense": {"kernel": jnp.asarray(saved["kernel"]), "bias": jnp.asarray(saved["bias"])}}
+            variables["params"] = params
+    num_labels = int(config.supervised.num_labels)
+    pos_weight = np.asarray(config.supervised.pos_weight or np.ones(num_labels), np.float32)
+    if pos_weight.shape != (num_labels,):
+        raise ValueError(f"config.supervised.pos_weight has {pos_weight.size} values for {num_labels} labels")
+    return variables, {"pos_weight": jnp.asarray(pos_weight), "seed": jnp.asarray(config.supervised.seed, jnp.int32)}
+
+
+def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config):
+    del step
+    rng = jax.random.fold_in(rng, method_state["seed"])
+    aug_key, dropout_key = jax.random.split(rng)
+    images = augment.augment_views(batch["image"], rng=aug_key, cfg=config.augment)[:, 0]
+    labels = batch["labels"][:, 0]
+    (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                       mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    if config.supervised.task == "multi_class":
+        loss = jnp.mean(optax.softmax_cross_entropy(logits=logits, labels=labels))
+    else:
+        loss = losses.bce_with_pos_weight(logits=logits, labels=labels, pos_weight=method_state["pos_weight"])
+    return loss, (updates.get("batch_stats", batch_stats), method_state, {})
+
+
+def make_optimizer(config, *, total_steps: int, batch_size: int):
+    del batch_size  # peak_lr is already the batch's learning rate
+    cfg = config.supervised
+    factors = functools.partial(optim.lr_multipliers, backbone_mult=float(cfg.backbone_lr_mult),
+                                layer_decay=float(cfg.layer_decay))
+    tx = optim.make_finetune_optimizer(config.optim, peak_lr=float(cfg.peak_lr), warmup_steps=int(cfg.warmup_steps),
+                                       total_steps=total_steps, multiplier_fn=factors)
+    return tx, None
+
+
+def export_variables(variables: dict, method_state) -> dict:
+    """The whole classifier (encoder and head): the fine-tuning code splits it into export + head.npz."""
+    del method_state
+    return variables
+
+
+METHOD = Method(data_spec=data_spec, build=build, init=init, loss_fn=loss_fn, extend_config=extend_config,
+                make_optimizer=make_optimizer, export_variables=export_variables)
