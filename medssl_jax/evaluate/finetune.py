@@ -664,7 +664,8 @@ def _write(directory, result, ctx: Context, fingerprint, *, name, **optional) ->
         label_names=list(ctx.store.label_names), mode="finetune", method=ctx.encoder.method, init=config.init,
         split=ctx.splits.params["test"], store_name=ctx.store.name, store_fingerprint=fingerprint,
         label_fraction=result["fraction"], name=name, curves=result["val_curve"],
-        extra={"setting": result["chosen"], "seeds": result["seeds"], "test_mean_auc_over_seeds": result["test_mean_auc"],
+        extra={"setting": result["chosen"], "grid": [{k: g[k] for k in ("name", "score", "final_val_auc")}
+                                                     for g in result["grid"]], "seeds": result["seeds"], "test_mean_auc_over_seeds": result["test_mean_auc"],
                "test_mean_auc_spread": result["test_mean_auc_spread"], "num_train": result["num_train"],
                "batch_size": result["batch_size"], "pos_weight": result["pos_weight"], "splits": ctx.splits.fingerprint,
                "source": ctx.encoder.source},
