@@ -142,7 +142,6 @@ class Setup:
     train_step: Any  # jitted: (state, global batch) -> (state, metrics)
 
     batch_size: int
-    config: Any = None  # the config with every duration in steps
 
     @property
     def views_per_step(self) -> int:
@@ -161,7 +160,7 @@ def setup(config, *, store: Store | None = None, ids: np.ndarray | None = None) 
 
     # ---------------------------------------------------------------- data
     store = store or open_store(config.data)
-    if ids is None:
+    if ids is None:  # explicit ids come from an evaluation, which checked the size on its own splits
         config_lib.check_image_size(store, config.data.split, config.data.image_size, field="data.image_size")
     if config.probe.enabled:
         config_lib.check_image_size(store, config.data.split, config.probe.image_size, field="probe.image_size")
@@ -250,7 +249,6 @@ def setup(config, *, store: Store | None = None, ids: np.ndarray | None = None) 
             out_shardings=(state_shardings, repl),
         ),
         batch_size=config.batch_size,
-        config=config,
     )
 
 
@@ -310,11 +308,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Stor
             stop = _any_process(sigterm.raised)
             want_log = step % config.log_every == 0 or last or stop
             want_save = step % config.checkpoint_every == 0 or last or stop
-            if evaluator is not None and (step % evaluator.every == 0 or last):
-                values = {k: float(v) for k, v in evaluator.fn(state).items()}
-                writer.write(step, values)
-                logging_lib.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-            if want_log or want_save:
+            want_eval = evaluator is not None and (step % evaluator.every == 0 or last)
+            if want_log or want_save or want_eval:
                 host_metrics = jax.device_get(metrics)
                 bad = _first_nonfinite(host_metrics)
                 if bad:
@@ -327,6 +322,14 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Stor
                 if problem:
                     raise TrainingError(f"{problem}; last good checkpoint: {_last_good(checkpointer)} in "
                                         f"{os.path.join(workdir, 'checkpoints')}")
+                if want_eval:  # after the checks: a diverged model is not evaluated
+                    try:
+                        values = {k: float(v) for k, v in evaluator.fn(state).items()}
+                    except TrainingError as error:  # e.g. non-finite predictions: the model diverged
+                        raise TrainingError(f"{error} at step {step}; last good checkpoint: "
+                                            f"{_last_good(checkpointer)}") from None
+                    writer.write(step, values)
+                    logging_lib.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
                 if want_log:
                     progress.update(step)
                     writer.write(step, {**host_metrics, f"{progress.unit}_per_s": progress.rate})

@@ -388,3 +388,12 @@ def test_multi_class_task_is_softmax_top1_and_macro_auc_and_compares_top1(phanto
     with pytest.raises(ValueError, match="config.task='multi_class' needs one-hot labels") as error:
         main.run(config, str(tmp_path / "bad"))
     assert "\n" not in str(error.value) and not os.path.exists(tmp_path / "bad" / "eval")
+
+
+def test_a_diverging_grid_point_is_recorded_and_not_chosen(phantom_cache, tmp_path):
+    config = ft_config(phantom_cache, "random", lr_grid=(0.1, 1e12))
+    summary = main.run(config, str(tmp_path / "e"))
+    with open(tmp_path / "e" / "finetune.json") as f:
+        fraction = json.load(f)["fractions"][0]
+    assert list(fraction["failed"]) == ["lr1e+12_steps6"] and "non-finite" in fraction["failed"]["lr1e+12_steps6"]
+    assert fraction["chosen"]["name"] == "lr0.1_steps6" and summary["mean_auc"] is not None

@@ -152,8 +152,12 @@ class Setting:
 
     @property
     def name(self) -> str:
-        return (f"lr{self.lr:g}_steps{self.budget}" + (f"_bb{self.backbone_lr_mult:g}" if self.backbone_lr_mult != 1
-                                                        else "") + (f"_ld{self.layer_decay:g}" if self.layer_decay != 1 else ""))
+        name = f"lr{self.lr:g}_steps{self.budget}"
+        if self.backbone_lr_mult != 1:
+            name += f"_bb{self.backbone_lr_mult:g}"
+        if self.layer_decay != 1:
+            name += f"_ld{self.layer_decay:g}"
+        return name
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -302,6 +306,8 @@ def _predict(ctx: Context, variables, ids, store: Store | None = None):
 
 def _val_auc(ctx: Context, variables) -> float | None:
     probs, labels = _predict(ctx, variables, ctx.splits.val)
+    if not np.all(np.isfinite(probs)):  # the loss can stay finite while BatchNorm's statistics overflow
+        raise train.TrainingError("non-finite predictions on the validation split (the model diverged)")
     return metrics.evaluate_predictions(probs=probs, labels=labels, label_names=list(ctx.store.label_names))["mean_auc"]
 
 
@@ -437,11 +443,16 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
     if at_edge:
         logging_lib.log(f"warning: label fraction {fraction:g}: the chosen lr {chosen.lr:g} is at an end of "
                         f"config.lr_grid {tuple(lrs)}; the best lr may lie outside it (widen the grid)")
-    seed_results = [grid_results[chosen_name]]
+    seed_results, failed_seeds = [grid_results[chosen_name]], {}
     for k in range(1, config.seeds):
         result = one(chosen, config.seed + k)
         if result is None:
             return None
+        if result.get("failed"):  # reported, and left out of the mean (never silently)
+            logging_lib.log(f"warning: label fraction {fraction:g}: seed {result['seed']} of {chosen_name} failed: "
+                            f"{result['failed']}")
+            failed_seeds[result["seed"]] = result["failed"]
+            continue
         seed_results.append(result)
 
     # The test split, for the chosen setting's models only.
@@ -468,6 +479,7 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
                  for s in settings],
         "chosen": {**chosen.to_dict(), "name": chosen_name, "score": scores[chosen_name], "lr_at_grid_edge": at_edge},
         "failed": {n: r["failed"] for n, r in grid_results.items() if r.get("failed")},
+        "failed_seeds": failed_seeds,
         "seeds": [{"seed": r["seed"], "test_mean_auc": a, "final_val_auc": r["val_auc"]}
                   for r, a in zip(seed_results, per_seed)],
         "test_mean_auc": float(np.mean(defined)) if defined else None,
@@ -538,8 +550,8 @@ def _head_init(config, workdir: str, encoder: linear_probe.Encoder, model, chann
     for column, name in enumerate(label_names):
         if name not in moved:
             kernel[:, column] = rng.normal(0, 0.01, kernel.shape[0])
-    logging_lib.log(f"head initialised from {path} for {moved or 'no label'}"
-                    + (f"; fresh for {[n for n in label_names if n not in moved]}" if len(moved) < len(label_names) else ""))
+    fresh = [n for n in label_names if n not in moved]
+    logging_lib.log(f"head initialised from {path} for {moved or 'no label'}" + (f"; fresh for {fresh}" if fresh else ""))
     out = os.path.join(workdir, "head_init.npz")
     if jax.process_index() == 0:
         np.savez(out + ".tmp.npz", kernel=kernel, bias=bias, label_names=np.asarray(label_names))
@@ -664,8 +676,9 @@ def _write(directory, result, ctx: Context, fingerprint, *, name, **optional) ->
         label_names=list(ctx.store.label_names), mode="finetune", method=ctx.encoder.method, init=config.init,
         split=ctx.splits.params["test"], store_name=ctx.store.name, store_fingerprint=fingerprint,
         label_fraction=result["fraction"], name=name, curves=result["val_curve"],
-        extra={"setting": result["chosen"], "grid": [{k: g[k] for k in ("name", "score", "final_val_auc")}
-                                                     for g in result["grid"]], "seeds": result["seeds"], "test_mean_auc_over_seeds": result["test_mean_auc"],
+        extra={"setting": result["chosen"], "seeds": result["seeds"],
+               "grid": [{k: g[k] for k in ("name", "score", "final_val_auc")} for g in result["grid"]],
+               "test_mean_auc_over_seeds": result["test_mean_auc"],
                "test_mean_auc_spread": result["test_mean_auc_spread"], "num_train": result["num_train"],
                "batch_size": result["batch_size"], "pos_weight": result["pos_weight"], "splits": ctx.splits.fingerprint,
                "source": ctx.encoder.source},
