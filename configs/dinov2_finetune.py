@@ -68,7 +68,8 @@ about 0.50; the run shows the recipe's machinery, not the paper's effect.)
 Hardware and runtime (an estimate, not a measurement; no GPU was available when this was written): a
 ViT-B/14 training step at 224 px (257 tokens) costs about 70 GFLOP per image; in fp32 (TF32 matmuls on
 an H100) that is of the order of 1,000-2,500 images/s on one H100, i.e. 1.5-3 minutes per epoch of
-CheXpert's ~190k frontal training images, a few hours for 100 epochs, less with early stopping.
+CheXpert's ~190k frontal training images, 15-90 minutes per run of the 10- or 30-epoch budgets (the grid:
+3 lrs x 2 budgets x 2 layer decays, + 2 seeds, for a pretrained arm).
 ViT-B/16 (197 tokens) is about 25 % cheaper.
 
 What the paper reports (methods.md 3(f)): DINOv2 initialisation beats supervised ImageNet initialisation
