@@ -127,8 +127,23 @@ def _with_store_image_size(config):
     return config
 
 
-def _done(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "eval", "summary.json"))
+def _done(workdir: str, arm: str, fractions: list[float]) -> bool:
+    """Whether `arm` finished in `workdir` at every fraction of this study (a study rerun with more
+    fractions evaluates again; fine-tuning then reads its finished runs back)."""
+    if not os.path.exists(os.path.join(workdir, "eval", "summary.json")):
+        return False
+    if arm == "finetune":
+        with open(os.path.join(workdir, "finetune.json")) as f:
+            done = [float(r["fraction"]) for r in json.load(f)["fractions"]]
+    else:
+        path = os.path.join(workdir, "eval", "label_fractions.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                done = [float(e["fraction"]) for e in json.load(f)["fractions"]]
+        else:
+            with open(os.path.join(workdir, "eval", "summary.json")) as f:
+                done = [float(json.load(f)["label_fraction"])]
+    return sorted(done) == sorted(fractions)
 
 
 def _seed_predictions(workdir: str, arm: str, fraction: float, num_fractions: int) -> dict:
@@ -152,7 +167,7 @@ def run(config, workdir: str) -> dict | None:
         for arm in config.arms:
             out = os.path.join(workdir, arm, name)
             dirs[arm, name] = out
-            if _done(out):
+            if _done(out, arm, fractions):
                 logging_lib.log(f"{arm} of {name}: done earlier ({out})")
                 continue
             logging_lib.log(f"=== {arm} of {name} ({init}) -> {out}")
