@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections as mlc
 
-from medssl_jax import augment, optim
+from medssl_jax import augment, monitor, optim
 from medssl_jax.evaluate import probe
 
 MODES = ("pretrain", "linear_probe", "finetune", "transfer")
@@ -144,6 +144,9 @@ def pretrain_config() -> mlc.ConfigDict:
     c.keep_checkpoints = 3
 
     c.probe = linear_probe_fields()
+    # Online monitor during pretraining (medssl_jax/monitor.py): kNN / ridge-probe AUC on validation images,
+    # RankMe, embedding std, alignment / uniformity; collapse warnings; the best step.
+    c.monitor = monitor.default_config()
     return c
 
 
@@ -229,6 +232,7 @@ def validate_pretrain(config) -> None:
           tuple(config.probe.c_grid), "needs one or more values > 0")
     _need(0 < config.probe.val_fraction < 1, "probe.val_fraction", config.probe.val_fraction, "must be in (0, 1)")
     _need(config.loss.scale in ("paper", "official"), "loss.scale", config.loss.scale, "is not 'paper' or 'official'")
+    monitor.validate(config)
 
 
 def validate_eval(config) -> None:

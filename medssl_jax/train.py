@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from medssl_jax import checkpoint, config_lib, logging_lib, methods, optim, sharding
+from medssl_jax import monitor as monitor_lib
 from medssl_jax.data import pipeline
 from medssl_jax.data.sources import open_store
 from medssl_jax.data.store import Store
@@ -293,6 +294,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Stor
         + f" of store {store.path} ({store.num_records} images)"
     )
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
+    loop_start = _now()
+    watch = _Watch.start(config, run, workdir, writer, state, start_step=start_step)
     preempted = False
     step = start_step
     metrics = None
@@ -336,6 +339,13 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Stor
                     logging_lib.log(
                         progress.line(step, loss=float(host_metrics["loss"]), lr=float(host_metrics["lr"]))
                     )
+            if watch and (step % watch.every == 0 or step == total_steps):
+                collapsed = watch.observe(step, state)
+                if collapsed and config.monitor.stop_on_collapse:
+                    checkpointer.save(step, state, data_iter)
+                    raise TrainingError(f"{collapsed}; stopped (monitor.stop_on_collapse) with a checkpoint at "
+                                        f"step {step}: {_last_good(checkpointer)} in "
+                                        f"{os.path.join(workdir, 'checkpoints')}")
             if want_save:
                 checkpointer.save(step, state, data_iter)
             if stop:
@@ -344,6 +354,8 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Stor
                 break
     checkpointer.close()
     writer.close()
+    if watch:
+        watch.finish(elapsed=_now() - loop_start)
     if step < total_steps:
         return PretrainResult(workdir, None, step, total_steps, preempted=True)
 
@@ -354,18 +366,111 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Stor
     encoder = method.export_variables(sharding.to_host(variables), sharding.to_host(state["method_state"]))
     if not export:
         return PretrainResult(workdir, None, step, total_steps, preempted=preempted, variables=encoder)
-    checkpoint.save_export(
-        export_dir,
-        encoder,
-        {
-            "model": config.model.to_dict(),
-            "input": {"image_size": config.data.image_size, "channels": int(run.example[spec["crops"][0]["name"]].shape[-1]),
-                      "normalization": input_norm.recorded(config.model)},
-            "source": {"method": config.method, "steps": step, "store": store.name, "init": config.init},
-        },
-    )
+    checkpoint.save_export(export_dir, encoder, _export_record(config, run, step))
     logging_lib.log(f"exported encoder to {export_dir}")
     return PretrainResult(workdir, export_dir, step, total_steps, preempted=preempted)
+
+
+class _Watch:
+    """The online monitor inside the loop (monitor.py): step 0 and every `every` steps, its values to
+    metrics.jsonl / TensorBoard, collapse warnings, the best step (and its export), the curves at the end."""
+
+    def __init__(self, config, run: Setup, workdir: str, writer):
+        self.config, self.run, self.workdir, self.writer = config, run, workdir, writer
+        self.every = monitor_lib.every(config, run.total_steps)
+        self.monitor = monitor_lib.Monitor(config, method=run.method, model=run.model, mesh=run.mesh,
+                                           store=run.store)
+        self.seconds = 0.0
+        self.evaluations = 0
+        earlier = monitor_lib.best(monitor_lib.read_curves(workdir))  # a resumed run continues the record
+        self.best = earlier[2] if earlier else -math.inf
+
+    @classmethod
+    def start(cls, config, run: Setup, workdir: str, writer, state, *, start_step: int):
+        if config.method == "supervised" or monitor_lib.every(config, run.total_steps) == 0:
+            return None
+        watch = cls(config, run, workdir, writer)
+        if start_step == 0:
+            if config.monitor.random_reference:
+                t = _now()
+                reference = watch.monitor.score_random_init(_reference_cache(config))
+                watch.seconds += _now() - t
+                if reference:
+                    writer.write(0, reference)
+                    logging_lib.log("monitor, fair random-init encoder: " + _fmt(reference))
+            watch.observe(0, state)
+        return watch
+
+    def observe(self, step: int, state) -> str | None:
+        """Scores the current encoder; returns the collapse message, if any (already logged)."""
+        jax.block_until_ready(state)  # the steps still queued on the device are training time, not the monitor's
+        t = _now()
+        values = self.monitor(state)
+        seconds = _now() - t
+        self.seconds += seconds
+        self.evaluations += 1
+        public = monitor_lib.public(values)
+        self.writer.write(step, public)
+        logging_lib.log(f"step {step}: " + _fmt(public) + f" ({seconds:.1f} s)")
+        key = monitor_lib.PREFIX + ("knn_auc" if self.monitor.labelled else "rankme")
+        if self.config.monitor.export_best and math.isfinite(values.get(key, math.nan)) and values[key] > self.best:
+            self.best = values[key]
+            self._export_best(step, state, key)
+        if monitor_lib.PREFIX + "nonfinite_embeddings" in values:
+            message = f"non-finite embeddings of the validation images at step {step}"
+        elif step > 0:  # at step 0 the BatchNorm running statistics are their initial values, not the data's
+            message = monitor_lib.collapse_message(values, step=step)
+        else:
+            message = None
+        if message:
+            logging_lib.log(f"warning: {message}")
+        return message
+
+    def _export_best(self, step: int, state, key: str) -> None:
+        method = self.run.method
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        encoder = method.export_variables(sharding.to_host(variables), sharding.to_host(state["method_state"]))
+        checkpoint.save_export(os.path.join(self.workdir, "export_best"), encoder,
+                               _export_record(self.config, self.run, step, best={"metric": key, "step": step}))
+
+    def finish(self, *, elapsed: float) -> None:
+        curves = monitor_lib.read_curves(self.workdir)
+        if jax.process_index() == 0:
+            path = monitor_lib.plot(curves, self.workdir)
+            if path:
+                logging_lib.log(f"monitor curves: {path}")
+        logging_lib.log(monitor_lib.summary(curves))
+        total = max(elapsed, 1e-9)
+        logging_lib.log(f"monitor: {self.evaluations} evaluations in this run took {self.seconds:.1f} s "
+                        f"({100 * self.seconds / total:.1f} % of its {total:.0f} s)")
+
+
+def _reference_cache(config) -> str:
+    """Where the monitor's random-init reference is cached (it depends on the architecture and data only)."""
+    from medssl_jax.data import phantoms
+
+    return os.path.join(str(config.data.cache_dir or phantoms.default_cache_dir()), "monitor")
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+def _fmt(values: dict) -> str:
+    return ", ".join(f"{k.replace(monitor_lib.PREFIX, '')} {v:.4g}" for k, v in values.items())
+
+
+def _export_record(config, run: Setup, step: int, **extra) -> dict:
+    """The export's config.json record (model, input, source)."""
+    return {
+        "model": config.model.to_dict(),
+        "input": {"image_size": config.data.image_size,
+                  "channels": int(run.example[run.spec["crops"][0]["name"]].shape[-1]),
+                  "normalization": input_norm.recorded(config.model)},
+        "source": {"method": config.method, "steps": step, "store": run.store.name, "init": config.init, **extra},
+    }
 
 
 def _init_encoder_from(state, directory: str, method, abstract_state, tx):

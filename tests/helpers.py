@@ -16,7 +16,7 @@ def set_fields(config, overrides: dict):
 
 def shrink_to_tiny(c, cache_dir):
     """A :runlocal pretraining config cut to test size: a 4-wide ResNet-18 on 24 px crops of a 64-patient,
-    32 px phantom store, 6 steps of 16, checkpoints at 3 and 6."""
+    32 px phantom store, 6 steps of 16, checkpoints at 3 and 6, no online monitor."""
     c.data.cache_dir = cache_dir
     c.data.phantom_patients = 64
     c.data.phantom_size = 32
@@ -28,6 +28,7 @@ def shrink_to_tiny(c, cache_dir):
     c.total_steps = 6
     c.optim.warmup_steps = 2
     c.checkpoint_every = 3
+    c.monitor.every = 0  # the online monitor has its own tests (test_monitor.py)
     return c
 
 

@@ -27,7 +27,8 @@ RUNS = {
     # lambda 1), where both terms shape one embedding (see test_hybrid_learns).
     "hybrid": ("configs/hybrid.py:runlocal", ("--config.swav.local_image_size=16", "--config.optim.base_lr=2.0",
                                               "--config.hybrid.contrastive_head=shared",
-                                              "--config.hybrid.contrastive_weight=1.0")),
+                                              "--config.hybrid.contrastive_weight=1.0",
+                                              "--config.monitor.every=150")),
 }
 
 _started: dict = {}

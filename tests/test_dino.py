@@ -45,6 +45,7 @@ def tiny_config(cache_dir="", **overrides):
     c.log_every = 2
     c.checkpoint_every = 2
     c.probe.enabled = False
+    c.monitor.every = 0  # tests/test_fsdp.py turns it on
     return set_fields(c, overrides)
 
 
@@ -406,6 +407,7 @@ def test_dino_with_a_batchnorm_resnet_keeps_and_exports_the_teachers_own_statist
     config.update(batch_size=16, total_steps=4, log_every=2, checkpoint_every=2)
     config.optim.warmup_steps = 1
     config.probe.enabled = False
+    config.monitor.every = 0
     result = train.pretrain(config, str(tmp_path / "run"))
     _, a = final_state(str(tmp_path / "run"))
     teacher_stats = a["method_state"]["teacher_batch_stats"]["encoder"]

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import final_state
 from medssl_jax import checkpoint, sharding, train
+from medssl_jax import monitor as monitor_lib
 from test_dino import NO_BLUR, phantom_cache, tiny_config  # noqa: F401 (phantom_cache: the fixture)
 
 FSDP = {"mesh": (("data", -1), ("fsdp", 8)), "sharding_rules": ((".*", "fsdp"),)}
@@ -16,6 +17,8 @@ FSDP = {"mesh": (("data", -1), ("fsdp", 8)), "sharding_rules": ((".*", "fsdp"),)
 
 def _config(cache, **fields):
     config = tiny_config(cache, total_steps=3, checkpoint_every=1, **NO_BLUR)
+    # The online monitor at steps 0 and 3 (the FSDP run evaluates step 0, is interrupted, resumes, evaluates 3).
+    config.monitor.update(every=3, random_reference=False)
     config.update(fields)
     return config
 
@@ -58,6 +61,17 @@ def test_fsdp_trains_like_data_parallel(runs):
     exported_fsdp, _ = checkpoint.load_export(f"{runs[1]}/export")
     for a, b in zip(jax.tree.leaves(exported_dp), jax.tree.leaves(exported_fsdp)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_the_online_monitor_under_fsdp_equals_data_parallel(runs):
+    # Embeddings of the sharded encoder (and DINO's bottleneck projections) over the mesh, gathered: the same
+    # values as the replicated run's at every evaluation, written once across the interruption.
+    dp, fsdp = (monitor_lib.read_curves(workdir) for workdir in runs)
+    assert sorted(dp) == sorted(fsdp) and "monitor/knn_auc" in dp and "monitor/alignment" in dp
+    for key, curve in dp.items():
+        assert [s for s, _ in fsdp[key]] == [s for s, _ in curve] == [0, 3], key
+        np.testing.assert_allclose([v for _, v in fsdp[key]], [v for _, v in curve], rtol=1e-3, atol=1e-4,
+                                   err_msg=key)
 
 
 def test_fsdp_shards_parameters_and_optimiser_state_to_about_an_eighth(phantom_cache):

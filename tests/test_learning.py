@@ -19,6 +19,7 @@ import os
 import pytest
 
 import learning_runs
+from medssl_jax import monitor as monitor_lib
 
 # Required: the 95% CI of the mean-AUC difference above 0, and at least this difference (per method: what a
 # broken augmentation still reaches must fail, see the module docstring).
@@ -39,8 +40,15 @@ def check_learned(summary, last_line, *, margin):
 
 
 def test_simclr_learns(runs):
-    summary, last_line, _ = runs("simclr")
+    summary, last_line, workdir = runs("simclr")
     check_learned(summary, last_line, margin=MARGIN["simclr"])
+    # The online monitor saw it learn: the validation kNN AUC at the end is above its value at step 0, and
+    # the embeddings did not collapse on the way (RankMe above the collapse threshold after step 0).
+    curves = monitor_lib.read_curves(workdir)
+    knn = curves["monitor/knn_auc"]
+    assert knn[0][0] == 0 and knn[-1][0] == 300 and knn[-1][1] > knn[0][1] + 0.05, knn
+    assert min(v for s, v in curves["monitor/rankme"] if s > 0) > monitor_lib.COLLAPSE_RANKME
+    assert os.path.isfile(os.path.join(workdir, "monitor.png"))
 
 
 def test_hybrid_learns(runs):
@@ -53,7 +61,7 @@ def test_hybrid_learns(runs):
     summary, last_line, workdir = runs("hybrid")
     check_learned(summary, last_line, margin=MARGIN["hybrid"])
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        last = [json.loads(line) for line in f][-1]
+        last = [row for row in map(json.loads, f) if "swav/num_prototypes" in row][-1]
     num_prototypes = last["swav/num_prototypes"]
     assert last["swav_loss"] < 0.98 * math.log(num_prototypes), last
     assert last["swav/prototypes_used"] >= num_prototypes / 4, last

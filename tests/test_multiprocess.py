@@ -99,8 +99,13 @@ def _assert_same_state(a, b):
     losses = []
     for workdir in (a, b):
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            losses.append([json.loads(line)["loss"] for line in f])
+            losses.append([row["loss"] for row in map(json.loads, f) if "loss" in row])
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def _leaves(tree):
@@ -111,7 +116,7 @@ def _leaves(tree):
 
 
 # One recipe for every job here: long enough that a SIGTERM after step 3 lands mid-run.
-FLAGS = ("--config.total_steps=10", "--config.checkpoint_every=5")
+FLAGS = ("--config.total_steps=10", "--config.checkpoint_every=5", "--config.monitor.every=5")
 
 
 _background: dict = {}
@@ -165,8 +170,20 @@ def test_four_processes_train_like_one_with_the_same_devices(straight):
     assert all("step 10/10" not in log for log in logs[1:])
     assert sorted(os.listdir(os.path.join(job, "checkpoints", "10", "data"))) == [
         "commit_success.txt", *(f"process_{i}-of-4.json" for i in range(4))]
-    with open(os.path.join(job, "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == list(range(1, 11))  # written once
+    rows = _rows(job)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))  # written once
+    # The online monitor: computed over all 8 devices of the 4 processes, equal to the single process's
+    # values (the random-init reference line is single-host only), written once.
+    monitor = {r["step"]: r for r in rows if "monitor/rankme" in r}
+    single = {r["step"]: r for r in _rows(_background["single"]) if "monitor/rankme" in r}
+    assert sorted(monitor) == sorted(single) == [0, 5, 10]
+    # Step 0 (the same weights): equal to float rounding; later steps carry the jobs' rounding differences
+    # (see _assert_same_state), which can swap a near-tie among ~20 validation images' ranks.
+    for step in monitor:
+        for key in ("monitor/rankme", "monitor/embedding_std", "monitor/knn_auc", "monitor/probe_auc",
+                    "monitor/alignment", "monitor/uniformity"):
+            tolerance = dict(rtol=1e-4, atol=1e-5) if step == 0 else dict(rtol=1e-2, atol=0.02)
+            np.testing.assert_allclose(monitor[step][key], single[step][key], **tolerance, err_msg=f"{key} {step}")
     assert os.path.isfile(os.path.join(job, "export", "config.json"))
     # Its checkpoint holds four processes' data positions: one process (this one) may not resume it.
     from medssl_jax import checkpoint

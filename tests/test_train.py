@@ -177,6 +177,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(phantom_cache, tmp_path):
         "--config.model.base_width=4",
         "--config.head.hidden_dim=16", "--config.head.out_dim=8", "--config.batch_size=16",
         "--config.total_steps=100000", "--config.log_every=1", "--config.checkpoint_every=100000",
+        "--config.monitor.every=0",
     ]
     process = subprocess.Popen(
         [sys.executable, "-m", "medssl_jax.main", "--config=configs/micle.py:runlocal",

@@ -259,6 +259,7 @@ def run_config(ctx: Context, setting: Setting, *, seed: int, batch_size: int, po
     c.checkpoint_every = config.checkpoint_every
     c.keep_checkpoints = 1
     c.probe.enabled = False
+    c.monitor.every = 0  # the evaluator scores validation AUC; the SSL monitor is for pretraining
     c.supervised.update(task=config.task, num_labels=len(ctx.store.label_names), pos_weight=tuple(pos_weight),
                         seed=int(seed), peak_lr=optim.scaled_lr(mlc.ConfigDict({**config.optim.to_dict(),
                                                                                  "base_lr": setting.lr}), batch_size),
