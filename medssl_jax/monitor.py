@@ -50,14 +50,14 @@ RIDGE_ALPHAS = tuple(10.0 ** np.arange(-2, 5))  # RidgeCV's grid (leave-one-out 
 # Collapse: every image (nearly) on one embedding. A random ResNet-18 at init has RankMe ~20 and a relative
 # std ~0.3 on the phantoms (measured), so these only fire on a real collapse.
 COLLAPSE_RANKME = 1.5
-VIEW_IMAGES = 128  # validation images whose two augmented views give alignment / uniformity
+VIEW_IMAGES = 64  # validation images whose two augmented views give alignment / uniformity (2016 pairs)
 COLLAPSE_RELATIVE_STD = 0.02  # embedding_std x sqrt(D)
 
 
 def default_config() -> mlc.ConfigDict:
     m = mlc.ConfigDict()
-    # Steps between evaluations; -1 = an eighth of the run (8 evaluations after step 0: under 5 % of a :runlocal
-    # run's time on 2 CPU cores, measured in BENCHMARKS.md); 0 = off.
+    # Steps between evaluations; -1 = a sixth of the run (6 evaluations after step 0: under 5 % of a :runlocal
+    # run's time on 2 CPU cores, measured in BENCHMARKS.md, where an eighth cost 5.4 %); 0 = off.
     m.every = -1
     m.num_val = 256  # validation images scored (a fixed, seeded subset)
     m.num_train = 512  # train images in the kNN memory bank / probe fit
@@ -76,13 +76,13 @@ def validate(config) -> None:
         if not (isinstance(m[field], int) and m[field] > 0):
             raise ValueError(f"config.monitor.{field}={m[field]!r}: must be an integer > 0")
     if not (m.every == -1 or m.every >= 0):
-        raise ValueError(f"config.monitor.every={m.every!r}: must be >= 0 (0 = off, -1 = an eighth of the run)")
+        raise ValueError(f"config.monitor.every={m.every!r}: must be >= 0 (0 = off, -1 = a sixth of the run)")
 
 
 def every(config, total_steps: int) -> int:
     """Steps between evaluations (0 = off)."""
     if config.monitor.every == -1:
-        return max(1, total_steps // 8)
+        return max(1, total_steps // 6)
     return int(config.monitor.every)
 
 
