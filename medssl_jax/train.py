@@ -2,7 +2,8 @@
 evaluate/finetune.py). Methods differ only in their module under methods/.
 
 Read it top to bottom: mesh -> data -> model & optimiser -> state (fresh, initialised from an export, or
-resumed) -> jitted step -> loop with logging, evaluation hook, checkpoints and SIGTERM handling -> export.
+resumed) -> jitted step -> loop with logging, evaluation hook, online monitor (monitor.py: kNN / probe AUC,
+RankMe, collapse), checkpoints and SIGTERM handling -> export.
 
 Resume order (first that applies): this workdir's own latest checkpoint; `config.init` (an export or a
 converted checkpoint, encoder weights only: two-stage pretraining); random initialisation.

@@ -169,3 +169,16 @@ def test_bad_monitor_values_are_refused_in_one_line(phantom_cache):
         config.monitor[field] = value
         with pytest.raises(ValueError, match=rf"config.monitor.{field}="):
             config_lib.validate_pretrain(config)
+
+
+def test_the_best_step_of_an_unlabelled_run_is_its_highest_rankme():
+    # No labels: no kNN / probe AUC; the run-end line and export_best go by RankMe (Garrido et al.'s
+    # label-free choice), ties to the earliest step.
+    curves = {"monitor/rankme": [(0, 1.9), (10, 14.0), (20, 14.0), (30, 9.0)], "monitor/embedding_std": [(0, 0.1)]}
+    assert monitor_lib.best(curves) == ("monitor/rankme", 10, 14.0)
+    assert monitor_lib.summary(curves).startswith("monitor: best monitor/rankme 14.0000 at step 10 (start 1.9000")
+    assert monitor_lib.collapse_message({"monitor/rankme": 1.2, "monitor/embedding_std": 0.1, "_dim": 64},
+                                        step=5).startswith("collapse at step 5: monitor/rankme=1.200 < 1.5")
+    assert monitor_lib.collapse_message({"monitor/rankme": 8.0, "monitor/embedding_std": 1e-4, "_dim": 64},
+                                        step=5).startswith("collapse at step 5: monitor/embedding_std=")
+    assert monitor_lib.collapse_message({"monitor/rankme": 8.0, "monitor/embedding_std": 0.1, "_dim": 64}, step=5) is None
