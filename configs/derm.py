@@ -1,6 +1,6 @@
 r"""Azizi et al. 2021, dermatology: SimCLR / MICLe pretraining with SimCLR's own augmentation.
 
-The recipe (methods.md 2(c), 2(d)): ResNet-50 (1x; `variant=r50x4` or `r152x2`), LARS (momentum 0.9,
+The recipe (Azizi et al. 2021, dermatology): ResNet-50 (1x; `variant=r50x4` or `r152x2`), LARS (momentum 0.9,
 eta 0.001, BN and biases excluded), batch 512, lr 0.3 per 256 images, 10 warm-up epochs + cosine, wd
 1e-6, temperature 0.1, up to 150k steps, 224 px RGB crops. MICLe (default): the two views of a row are
 two different images of one case (multiple shots of a skin condition); `method=simclr` for two views
@@ -15,7 +15,7 @@ sigma U(0.1, 2) and a kernel of 10 % of the crop. Fine-tune the export with conf
   python -m medssl_jax.main --config=configs/derm.py:store=/data/stores/derm \
       --config.init=/ckpt/simclr_imagenet_r50 --workdir=/runs/derm_micle_r50
 
-Unknown in the paper ([NF] in methods.md): the lr schedule, weight decay and whether lr 0.3 is the
+Not given in the paper: the lr schedule, weight decay and whether lr 0.3 is the
 per-256 flag; SimCLR's defaults are used. The ImageNet start (`--config.init`) needs the SimCLR
 ImageNet weights converted to an export; there is no TF-checkpoint converter yet (see the README).
 
@@ -33,7 +33,7 @@ on validation for the chest X-ray augmentation; the test split was read once, fo
 
 Hardware and runtime (an estimate, not a measurement): 150k steps x 1024 views at 224 px; at the ~6,000
 views/s per H100 designed for this step (see BENCHMARKS.md) about 7 hours on one H100. Expected result
-(methods.md 2(f)): the best SSL model beats a supervised ImageNet baseline by +6.7 % top-1 accuracy on
+Paper result: the best SSL model beats a supervised ImageNet baseline by +6.7 % top-1 accuracy on
 their (private) 26-class dermatology data; MICLe adds +1.18 pp over SimCLR (R50 4x, 68.81 %).
 """
 

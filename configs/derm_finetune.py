@@ -1,6 +1,6 @@
 r"""Azizi et al. 2021, dermatology: multi-class fine-tuning, scored by top-1 accuracy and macro AUC.
 
-The protocol (methods.md 2(e)): end-to-end fine-tuning of the pretrained encoder with a new linear head,
+The protocol (Azizi et al. 2021): end-to-end fine-tuning of the pretrained encoder with a new linear head,
 softmax cross-entropy over the skin conditions (SimCLR's `head_supervised`), SGD with Nesterov momentum
 (SimCLR's transfer recipe), 448 px, augmentation as in pretraining plus rotation (their fine-tuning:
 colour, crop-resize, blur, rotation, flips; parameters [NF]): random-resized crop (area 0.08-1) + flip on
@@ -29,7 +29,7 @@ Offline run (`:runlocal`, 2 CPU cores) on a multi-class store, e.g. MedMNIST's D
       --workdir=/tmp/derm_ft
 
 Hardware and runtime (an estimate, not a measurement): a ResNet-50 step at 448 px costs about 4x one at
-224 px, ~1,500-2,300 images/s on one H100. Expected result (methods.md 2(f)): +6.7 % top-1 over a
+224 px, ~1,500-2,300 images/s on one H100. Expected result (the paper): +6.7 % top-1 over a
 supervised ImageNet initialisation on their private 26-class data.
 """
 

@@ -1,6 +1,6 @@
 r"""Tayebi Arasteh et al. 2024: fine-tune a ViT from DINOv2 vs ImageNet-21k vs random init on chest X-rays.
 
-The recipe (methods.md 3(b)-(d), notes in medssl_jax/models/vit.py and convert.py):
+The recipe (Tayebi Arasteh et al. 2024; notes in medssl_jax/models/vit.py and convert.py):
 - arm=dinov2 (default): ViT-B/14 from the official hub checkpoint dinov2_vitb14_pretrain.pth, converted
   once; its 37x37 position embeddings are resampled in-graph to the 16x16 grid of a 224 px input with
   PyTorch-bicubic semantics (as the hub model does on every forward);
@@ -72,7 +72,7 @@ CheXpert's ~190k frontal training images, 15-90 minutes per run of the 10- or 30
 3 lrs x 2 budgets x 2 layer decays, + 2 seeds, for a pretrained arm).
 ViT-B/16 (197 tokens) is about 25 % cheaper.
 
-What the paper reports (methods.md 3(f)): DINOv2 initialisation beats supervised ImageNet initialisation
+What the paper reports: DINOv2 initialisation beats supervised ImageNet initialisation
 on all six datasets (VinDr-CXR, ChestX-ray14, CheXpert, MIMIC-CXR, UKA-CXR, PadChest), p < 0.001, and
 in some cases the supervised MIMIC-CXR initialisation. Per-dataset AUCs are not verified in our
 reference notes: take them from the paper's tables (PMC10850044) before quoting any number.

@@ -2,7 +2,7 @@ r"""SwAV pretraining (online feature clustering; the clustering half of Ghesu et
 
 Swapped prediction between crops: codes from Sinkhorn equipartition of the two global crops'
 prototype scores predict every other crop. SwAV's single-node recipe because Ghesu et al.'s values
-are not public (see methods.md section 1): ResNet-50,
+are not public: ResNet-50,
 batch 256, multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14), 3000 prototypes,
 epsilon 0.05, 3 Sinkhorn iterations, temperature 0.1, prototypes frozen for 1 epoch, a 3840-long
 queue from epoch 15 (epochs of the store's train split, as main_swav.py counts them), LARC (apex's,
@@ -48,7 +48,7 @@ def get_config(arg=None):
     swav.extend_config(c)
     c.data.store = args.store
     c.data.sampler = "pairs"
-    # SwAV's single-node recipe (swav_200ep_bs256_pretrain.sh, methods.md 1(c)): Ghesu et al.'s values are
+    # SwAV's single-node recipe (swav_200ep_bs256_pretrain.sh): Ghesu et al.'s values are
     # not public. 2 x 224 (scale 0.14-1) + 6 x 96 (0.05-0.14) crops, K = 3000, epsilon 0.05, 3 Sinkhorn
     # iterations, tau 0.1 (swav.extend_config's defaults for the rest).
     c.data.image_size = 224

@@ -83,7 +83,7 @@ def test_dermatology_recipe_is_simclrs_augmentation_with_blur(arg):
     config = config_lib.load_config("derm", arg)
     config_lib.check_known_keys(config, main.reference_config(config))
     a = config.augment
-    # methods.md 2(d): colour strength 1.0 with p 0.8, grayscale 0.2, blur p 0.5 (the CXR recipe has none).
+    # Azizi et al. 2021: colour strength 1.0 with p 0.8, grayscale 0.2, blur p 0.5 (the CXR recipe has none).
     assert (a.brightness, a.contrast, a.saturation, a.hue, a.color_p, a.grayscale_p, a.blur_p) == (
         0.8, 0.8, 0.8, 0.2, 0.8, 0.2, 0.5)
     assert config.method == ("simclr" if arg and "simclr" in arg else "micle")

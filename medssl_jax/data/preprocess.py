@@ -1,7 +1,7 @@
 """Offline preprocessing a paper applied before training, offered at ingestion (`ingest --preprocess=NAME`).
 
-'tayebi': Tayebi Arasteh et al. 2024 (their chestx `csv_data_preprocess.py::normalizer_resizer`, methods.md
-3(d)), applied to every image of the store:
+'tayebi': Tayebi Arasteh et al. 2024 (their chestx `csv_data_preprocess.py::normalizer_resizer`),
+applied to every image of the store:
   1. resize to size x size WITHOUT keeping the aspect ratio, with `scipy.ndimage.zoom(order=2)` (a spline
      of order 2) on the integer pixel array, as theirs;
   2. min-max normalisation to [0, 1], then `skimage.util.img_as_ubyte` (x 255, rounded) to 8 bits;

@@ -8,10 +8,10 @@ they run on the accelerator next to the model):
                zero fill                                (identity 0)
 - "zoom":      scaling by `factor` about the centre (> 1 magnifies, < 1 shrinks with zero border),
                bilinear                                 (identity 1.0)
-The exact strengths of Ghesu et al. are not published in the sources we checked ([NF] in methods.md 1(e));
+The exact strengths of Ghesu et al. are not given in the paper or its supplement;
 DEFAULT_GRID is our choice and every curve records its strengths.
 
-Convergence (Ghesu, our reading of "% reduction in training iterations", tagged [I] in methods.md): with
+Convergence (Ghesu, our reading of their "% reduction in training iterations", an interpretation): with
 validation AUC logged against training step for a fine-tuning run from the SSL init and one from random
 init, target = the random-init run's best validation AUC, S_random = the first logged step at which the
 random-init run reaches it, S_ssl = the first logged step at which the SSL run reaches >= target;

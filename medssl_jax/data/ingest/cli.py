@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", help="comma-separated label columns (default: every other column "
                    "whose cells are all 1, 0, -1 or blank)")
     g.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="zeros",
-                   help="-1 (uncertain) labels: zeros (U-zeros, default: methods.md 3(d) "
+                   help="-1 (uncertain) labels: zeros (U-zeros, default: Tayebi Arasteh et al. 2024 "
                    "'label != 1 -> 0'), ones, missing (NaN) or keep (-1)")
     g.add_argument("--missing", choices=MISSING_POLICIES, default="zeros",
                    help="blank labels: zeros (default, as 3(d)) or missing (NaN)")

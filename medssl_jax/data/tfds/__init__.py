@@ -9,7 +9,7 @@ Importing this package registers the builders with TFDS::
     source = tfds.data_source("medssl_chexpert/224", data_dir=DATA_DIR, split="train")
 
 Each element: image (size x size uint8, uint16 for VinDr), bits_stored, labels (float32,
-methods.md 3(d) lists; names in info.metadata['label_names']), patient_id, study_id, view,
+Tayebi Arasteh et al. 2024 use, listed in each builder's LABELS; names in info.metadata['label_names']), patient_id, study_id, view,
 image_id.
 """
 

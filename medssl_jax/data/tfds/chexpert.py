@@ -7,7 +7,7 @@ No Finding, Enlarged Cardiomediastinum, Cardiomegaly, Lung Opacity, Lung Lesion,
 Consolidation, Pneumonia, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture,
 Support Devices. Paths in the CSV start with the release folder name.
 
-methods.md 3(d): frontal images only, 10 labels, ``label != 1 -> 0`` (uncertain and blank are
+Tayebi Arasteh et al. 2024: frontal images only, 10 labels, ``label != 1 -> 0`` (uncertain and blank are
 negative). Splits: the official train and valid lists ('train', 'validation'); the paper's own
 80/20 patient-wise split can be redrawn from patient_id.
 """
@@ -33,7 +33,7 @@ _STUDY = re.compile(r"(patient\d+)/(study\d+)")
 
 
 class MedsslChexpert(common.CxrBuilder):
-    """CheXpert frontal chest radiographs, 10 labels (methods.md 3(d))."""
+    """CheXpert frontal chest radiographs, 10 labels (Tayebi Arasteh et al. 2024)."""
 
     LABELS = tuple(LABEL_COLUMNS)
     DTYPE = np.uint8

@@ -5,7 +5,7 @@ ArrayRecord shards (``file_format="array_record"``) that Grain reads through ``t
 TensorFlow is not needed: pixels are ``tfds.features.Tensor`` (zlib-compressed), never
 ``tfds.features.Image`` (whose encoder calls TensorFlow).
 
-Preprocessing follows methods.md 3(d) where it concerns content: the paper's label lists, label
+Preprocessing follows Tayebi Arasteh et al. 2024 (their released code) where it concerns content: the paper's label lists, label
 policy (``label != 1 -> 0``) and view filters, and a resize to ``size x size`` (the paper squashes
 to a square). Intensities are stored as decoded (MONOCHROME1 inverted for DICOM), without the
 paper's min-max + histogram equalisation, so that augmentation and normalisation stay in the

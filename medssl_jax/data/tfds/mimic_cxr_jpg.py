@@ -6,7 +6,7 @@ No Finding, ...), ``mimic-cxr-2.0.0-metadata.csv[.gz]`` (dicom_id, subject_id, s
 ViewPosition, ...), ``mimic-cxr-2.0.0-split.csv[.gz]`` (dicom_id, study_id, subject_id, split)
 and ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg``.
 
-methods.md 3(d): PA and AP views, the 7 labels active in the paper's code, ``label != 1 -> 0``.
+Tayebi Arasteh et al. 2024: PA and AP views, the 7 labels active in the paper's code, ``label != 1 -> 0``.
 Images of studies without a row in the CheXpert label file get NaN labels (no labels were
 extracted for them; they still serve self-supervised pretraining). Splits: the official
 train / validate / test ('train', 'validation', 'test').
@@ -35,7 +35,7 @@ def _csv(root: Path, stem: str) -> Path:
 
 
 class MedsslMimicCxrJpg(common.CxrBuilder):
-    """MIMIC-CXR-JPG PA/AP chest radiographs, 7 labels (methods.md 3(d))."""
+    """MIMIC-CXR-JPG PA/AP chest radiographs, 7 labels (Tayebi Arasteh et al. 2024)."""
 
     LABELS = tuple(LABEL_COLUMNS)
     DTYPE = np.uint8

@@ -6,7 +6,7 @@ View Position, OriginalImage[Width, Height], OriginalImagePixelSpacing[x, y]),
 ``train_val_list.txt``, ``test_list.txt`` and the PNGs in ``images/`` or in the per-archive
 folders ``images_001/images/`` ... ``images_012/images/``.
 
-methods.md 3(d): 14 labels (Infiltration is not used; 'No Finding' is), all views. Splits: the
+Tayebi Arasteh et al. 2024: 14 labels (Infiltration is not used; 'No Finding' is), all views. Splits: the
 official train_val and test lists ('train', 'test').
 """
 
@@ -28,12 +28,12 @@ LABEL_NAMES = {
 
 
 class MedsslNihChestxray14(common.CxrBuilder):
-    """NIH ChestX-ray14, 14 labels (methods.md 3(d)), official train_val / test lists."""
+    """NIH ChestX-ray14, 14 labels (Tayebi Arasteh et al. 2024), official train_val / test lists."""
 
     LABELS = tuple(LABEL_NAMES)
     DTYPE = np.uint8
     HOMEPAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
-    DESCRIPTION = "NIH ChestX-ray14; 14 labels of methods.md 3(d); patient ids kept."
+    DESCRIPTION = "NIH ChestX-ray14; 14 labels of Tayebi Arasteh et al. 2024; patient ids kept."
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download the NIH ChestX-ray14 files (Data_Entry_2017.csv, train_val_list.txt, "
         "test_list.txt and the images_*.tar.gz archives, unpacked) into manual_dir.")

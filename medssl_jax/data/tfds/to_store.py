@@ -2,7 +2,7 @@
 
 Pretraining, the probe and fine-tuning read stores only, so a TFDS release is ingested once
 (`python -m medssl_jax.ingest --tfds=medssl_chexpert/224 --tfds-data-dir=DIR --output=STORE`): every
-element of every split becomes a record with the builder's label list (methods.md 3(d), the store's
+element of every split becomes a record with the builder's label list (Tayebi Arasteh et al. 2024, the store's
 `label_names`), its view, and salted hashes of the release's patient and study ids, so MICLe's patient
 grouping and the patient-wise evaluation splits work as for any other store. TFDS 'train' /
 'validation' / 'test' become the store splits 'train' / 'val' / 'test'; a release without a test

@@ -7,7 +7,7 @@ manual_dir holds the PhysioNet release: ``train/*.dicom``, ``test/*.dicom`` and
 The Kaggle competition layout (``train.csv`` with image_id, class_name, class_id, rad_id, ... and
 ``train/*.dicom``) also works, for the train split.
 
-Labels: the 11 of methods.md 3(d); an image is positive for a finding if any radiologist
+Labels: the 11 of Tayebi Arasteh et al. 2024 (LABELS below); an image is positive for a finding if any radiologist
 marked it. Box-only annotation files carry no global labels, so 'Pneumonia' is 0 when only they
 are present (the image_labels files are preferred). Images keep their DICOM bit depth (uint16,
 MONOCHROME1 inverted). The releases carry no patient identifier, so patient_id is the DICOM
@@ -53,7 +53,7 @@ def _labels_from_boxes(rows) -> dict[str, set[str]]:
 
 
 class MedsslVindrCxr(common.CxrBuilder):
-    """VinDr-CXR (DICOM), 11 labels (methods.md 3(d)), official train / test."""
+    """VinDr-CXR (DICOM), 11 labels (Tayebi Arasteh et al. 2024), official train / test."""
 
     LABELS = tuple(LABEL_NAMES)
     DTYPE = np.uint16
