@@ -244,13 +244,6 @@ def _two_views(store: Store, ids: np.ndarray, config, channels: int) -> np.ndarr
     return out
 
 
-def _eval_images(store: Store, ids: np.ndarray, *, image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    load = pipeline.LoadForEval(store.data_source(), image_size=image_size, channels=channels,
-                                num_labels=len(store.label_names))
-    items = [load.map(int(i)) for i in ids]
-    return np.stack([x["image"] for x in items]), np.stack([x["labels"] for x in items]).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------------ the monitor
 
 
@@ -290,12 +283,14 @@ class Monitor:
     """Built once per run (fixed subsets, images loaded once); `monitor(state)` -> {name: value}."""
 
     def __init__(self, config, *, method, model, mesh, store: Store):
+        from medssl_jax.evaluate import linear_probe  # imported here: it imports config_lib, which imports us
+
         self.config, self.method, self.mesh, self.store = config, method, mesh, store
         memory, val, self.val_source = subsets(store, config)
-        channels = _channels(store, val)
-        size = config.data.image_size
-        self.memory_images, self.memory_labels = _eval_images(store, memory, image_size=size, channels=channels)
-        self.val_images, self.val_labels = _eval_images(store, val, image_size=size, channels=channels)
+        channels = linear_probe.store_channels(store, val)
+        size, batch = config.data.image_size, config.monitor.batch_size
+        self.memory_images, self.memory_labels = linear_probe.load_images(store, memory, image_size=size, batch_size=batch)
+        self.val_images, self.val_labels = linear_probe.load_images(store, val, image_size=size, batch_size=batch)
         self.views = _two_views(store, val[:VIEW_IMAGES], config, channels)
         self.labelled = _labelled(store, memory) and _labelled(store, val)
         self.memory_ids, self.val_ids = memory, val
@@ -396,11 +391,6 @@ class Monitor:
                 json.dump(out, f)
             os.replace(tmp, path)
         return out
-
-
-def _channels(store: Store, ids: np.ndarray) -> int:
-    image = store[int(ids[0])]["image"]
-    return 1 if image.ndim == 2 else int(image.shape[-1])
 
 
 def public(values: dict) -> dict:
