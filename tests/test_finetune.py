@@ -280,6 +280,30 @@ def test_transfer_study_end_to_end(phantom_cache, tmp_path):
     # The same command again: every evaluation is read back, the analysis is the same.
     again = main.run(config, workdir)
     assert again["comparisons"] == result["comparisons"]
+    # A changed protocol is not "done earlier": the arm is evaluated again under the new config.
+    out = os.path.join(workdir, "finetune", "random")
+    assert transfer._done(out, "finetune", [0.5, 1.0], transfer.arm_config(config, "finetune", "random"))
+    wider = transfer.reference_config()
+    wider.update(config.to_dict())
+    wider.finetune.lr_grid = (0.1, 0.3)
+    assert not transfer._done(out, "finetune", [0.5, 1.0], transfer.arm_config(wider, "finetune", "random"))
+
+
+def test_a_rerun_reuses_only_runs_trained_with_the_same_config(phantom_cache, tmp_path):
+    """A wider grid in the same workdir trains only the new settings; a run whose config differs from what
+    this study would train stops the study with one line naming the field, never silently reused."""
+    workdir = str(tmp_path / "e")
+    main.run(ft_config(phantom_cache, "random"), workdir)
+    first = os.path.join(workdir, "runs", "f1", "lr0.1_steps6", "seed0", finetune.RESULT_FILE)
+    written = os.path.getmtime(first)
+    main.run(ft_config(phantom_cache, "random", lr_grid=(0.1, 0.3)), workdir)
+    assert os.path.getmtime(first) == written  # read back, not retrained
+    with open(os.path.join(workdir, "finetune.json")) as f:
+        assert [g["name"] for g in json.load(f)["fractions"][0]["grid"]] == ["lr0.1_steps6", "lr0.3_steps6"]
+    changed = ft_config(phantom_cache, "random")
+    changed.optim.weight_decay = 0.5
+    with pytest.raises(finetune.FinetuneError, match=r"lr0\.1_steps6.*another config \(optim\.weight_decay: "):
+        finetune.run(changed, workdir)
 
 
 def test_random_init_vit_and_compare(ssl_run, phantom_cache, tmp_path):

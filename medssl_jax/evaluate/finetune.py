@@ -49,6 +49,7 @@ from medssl_jax.models import heads, input_norm
 TASKS = ("multi_label", "multi_class")
 BUDGET_UNITS = ("steps", "epochs")
 RESULT_FILE = "result.json"
+RUN_CONFIG_FILE = "run_config.json"  # written when a run starts: an interrupted run resumes only under it
 
 
 def reference_config() -> mlc.ConfigDict:
@@ -358,12 +359,22 @@ def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarra
     """Trains (or resumes, or reads back) one run through the train loop; returns its result record
     ({"setting", "seed", "curve", "score", "val_auc", "steps"}) or None when it was stopped early."""
     path = os.path.join(run_dir, RESULT_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
     config = ctx.config
     warmup = int(round(config.warmup_fraction * setting.budget))
     cfg = run_config(ctx, setting, seed=seed, batch_size=batch_size, pos_weight=pos_weight, warmup=warmup)
+    identity = run_identity(cfg, run_dir)
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+        check_same_run(record.get("config"), identity, run_dir)
+        return record
+    identity_path = os.path.join(run_dir, RUN_CONFIG_FILE)
+    if os.path.exists(identity_path):  # an interrupted run resumes only under the config it started with
+        with open(identity_path) as f:
+            check_same_run(json.load(f), identity, run_dir)
+    elif jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        records.write_json(identity_path, identity)
     every = config.eval_every if config.eval_every > 0 else max(1, setting.budget // 10)
     evaluator = train.Evaluator(every=every, fn=lambda state: {"val_mean_auc": _nan_if_none(_val_auc(
         ctx, {"params": state["params"], "batch_stats": state["batch_stats"]}))})
@@ -375,7 +386,8 @@ def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarra
     except train.TrainingError as error:  # a diverged grid point is a result (the lr is too high), not a crash
         logging_lib.log(f"run {setting.name} seed {seed} failed: {error}")
         record = {"setting": setting.to_dict(), "name": setting.name, "seed": int(seed), "curve": _read_curve(run_dir),
-                  "score": None, "val_auc": None, "steps": None, "failed": str(error).splitlines()[0]}
+                  "score": None, "val_auc": None, "steps": None, "failed": str(error).splitlines()[0],
+                  "config": identity}
         if jax.process_index() == 0:
             records.write_json(path, record)
         return record
@@ -386,13 +398,52 @@ def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarra
     record = {"setting": setting.to_dict(), "name": setting.name, "seed": int(seed), "curve": curve,
               "score": _finite_or_none(selection_score(curve["val_auc"], config.selection_evals)),
               "val_auc": curve["val_auc"][-1] if curve["val_auc"] else None, "steps": result.steps_done,
-              "batch_size": batch_size, "peak_lr": float(cfg.supervised.peak_lr)}
+              "batch_size": batch_size, "peak_lr": float(cfg.supervised.peak_lr), "config": identity}
     if jax.process_index() == 0:
         records.write_json(path, record)
         # The finished run's model is in run_dir/model; its checkpoints only served resumption.
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     multihost_utils.sync_global_devices(f"finetune run {run_dir}")
     return record
+
+
+# Fields of a run's config that do not change what it trains (logging, checkpoint cadence, input workers).
+_NOT_IDENTITY = ("log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "data.cache_dir")
+
+
+def run_identity(cfg, run_dir: str) -> dict:
+    """What determines one run's result: its train-loop config, flattened, without `_NOT_IDENTITY` and
+    with the head-init path relative to the run (a study directory moved elsewhere still matches)."""
+    flat = _flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    for key in _NOT_IDENTITY:
+        flat.pop(key, None)
+    if flat.get("supervised.head_init"):
+        flat["supervised.head_init"] = os.path.relpath(flat["supervised.head_init"], run_dir)
+    return flat
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_run(stored: dict | None, current: dict, run_dir: str) -> None:
+    """A finished or interrupted run is reused only if it was trained with the config this study would use
+    now; otherwise a one-line FinetuneError names the first differing fields (never silently mixed)."""
+    if stored is None:
+        raise FinetuneError(f"{run_dir}: a run written without its config (an older medssl_jax); cannot tell "
+                            "whether it matches this study's settings: rerun with a new --workdir")
+    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in differ[:3])
+        more = f" (+{len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise FinetuneError(f"{run_dir} was trained with another config ({shown}{more}): use a new --workdir, "
+                            "or rerun with the settings it was started with")
 
 
 def _nan_if_none(value):

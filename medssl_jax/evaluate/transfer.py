@@ -17,7 +17,9 @@ The interval of a difference covers test-sample and seed noise: `bootstrap.seed_
 Convergence (Ghesu et al.): on each fraction's chosen fine-tuning settings, the steps a pretrained init
 needs to reach the random init's best validation AUC (mean curve over seeds), as a share of the steps the
 random init needed. Every step is resumable: rerunning the command skips finished evaluations and resumes
-an interrupted fine-tune.
+an interrupted fine-tune. An evaluation counts as finished only under the config it ran with
+(W/<arm>/<name>/study_arm_config.json); after a change it runs again, and fine-tuning reads back only the
+runs trained with exactly the settings it would use now (evaluate/finetune.py: check_same_run).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import jax  # noqa: E402
 import ml_collections as mlc  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -127,11 +130,25 @@ def _with_store_image_size(config):
     return config
 
 
-def _done(workdir: str, arm: str, fractions: list[float]) -> bool:
-    """Whether `arm` finished in `workdir` at every fraction of this study (a study rerun with more
-    fractions evaluates again; fine-tuning then reads its finished runs back)."""
+ARM_CONFIG_FILE = "study_arm_config.json"
+
+
+def _arm_config_json(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _done(workdir: str, arm: str, fractions: list[float], arm_config) -> bool:
+    """Whether `arm` finished in `workdir` at every fraction of this study under the same config (a study
+    rerun with more fractions or a wider grid evaluates again; fine-tuning then reads back the finished runs
+    whose own config is unchanged and stops on one that differs)."""
     if not os.path.exists(os.path.join(workdir, "eval", "summary.json")):
         return False
+    stored = os.path.join(workdir, ARM_CONFIG_FILE)
+    if not os.path.exists(stored):
+        return False
+    with open(stored) as f:
+        if json.load(f) != _arm_config_json(arm_config):
+            return False
     if arm == "finetune":
         with open(os.path.join(workdir, "finetune.json")) as f:
             done = [float(r["fraction"]) for r in json.load(f)["fractions"]]
@@ -167,14 +184,17 @@ def run(config, workdir: str) -> dict | None:
         for arm in config.arms:
             out = os.path.join(workdir, arm, name)
             dirs[arm, name] = out
-            if _done(out, arm, fractions):
+            arm_cfg = arm_config(config, arm, init)
+            if _done(out, arm, fractions, arm_cfg):
                 logging_lib.log(f"{arm} of {name}: done earlier ({out})")
                 continue
             logging_lib.log(f"=== {arm} of {name} ({init}) -> {out}")
             module = finetune if arm == "finetune" else linear_probe
-            if module.run(arm_config(config, arm, init), out) is None:  # SIGTERM: the run saved and stopped
+            if module.run(arm_cfg, out) is None:  # SIGTERM: the run saved and stopped
                 logging_lib.log("transfer study stopped; rerun the same command to resume")
                 return None
+            if jax.process_index() == 0:
+                records.write_json(os.path.join(out, ARM_CONFIG_FILE), _arm_config_json(arm_cfg))
 
     result = analyse(config, names, dirs, fractions)
     records.write_json(os.path.join(workdir, "transfer.json"), result)
