@@ -5,6 +5,7 @@
     python -m medssl_jax.convert --format=timm-npz \
         --input=B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz --output=inits/in21k_b16
     python -m medssl_jax.convert --format=torchvision-resnet --input=resnet50-11ad3fa6.pth --output=inits/tv_r50
+    python -m medssl_jax.convert --format=timm --input=vit_small.safetensors --output=inits/timm_s16
     python -m medssl_jax.convert --format=simclr-tf --input=r50_1x_sk0 --output=inits/simclr_imagenet_r50
         # a google-research/simclr TF1 checkpoint: its folder (with the `checkpoint` file), prefix or .index
 

@@ -470,7 +470,9 @@ def _export_record(config, run: Setup, step: int, **extra) -> dict:
         "input": {"image_size": config.data.image_size,
                   "channels": int(run.example[run.spec["crops"][0]["name"]].shape[-1]),
                   "normalization": input_norm.recorded(config.model)},
-        "source": {"method": config.method, "steps": step, "store": run.store.name, "init": config.init, **extra},
+        "source": {"method": config.method, "steps": step, "store": run.store.name, "init": config.init,
+                   "split": config.data.split, "num_images": int(len(run.store.ids(config.data.split))), **extra},
+        "train_config": config.to_dict(),  # the whole recipe, for the model card of an exported encoder
     }
 
 

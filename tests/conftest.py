@@ -28,6 +28,14 @@ def pytest_configure(config):
     del config
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    # transformers and timm import torchvision when it is installed; the index's CUDA build of it needs the
+    # import that tests/torchvision_ops.py explains, before any test module imports either.
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        import torchvision_ops
+
+        torchvision_ops.import_torchvision()
 
 
 def _xdist_worker() -> bool:

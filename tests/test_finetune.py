@@ -316,6 +316,41 @@ def test_random_init_vit_and_compare(ssl_run, phantom_cache, tmp_path):
     report.compare_runs([ssl_run["workdir"], workdir], out, num_resamples=50)
     with open(os.path.join(out, "comparison.json")) as f:
         assert json.load(f)["convergence"]  # the SSL run's curve against the random-init run's
+    assert_exports_to_pytorch(os.path.join(workdir, "export"), "hf", tmp_path / "hf")
+
+
+def assert_exports_to_pytorch(export, fmt, out):
+    """A fine-tuned model (trained encoder + head) in PyTorch: the same features and logits as ours, the
+    labels beside them (python -m medssl_jax.export; tests/test_export_torch.py covers the layouts)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    from test_export_torch import torch_features, torch_model
+
+    from medssl_jax import export as export_lib
+
+    export_lib.export(export, fmt, str(out))
+    variables, config = checkpoint.load_export(export)
+    size = config["input"]["image_size"]
+    images = np.random.default_rng(0).uniform(size=(4, size, size, config["input"]["channels"])).astype(np.float32)
+    ours = export_lib.our_features(variables, config, images)
+    theirs = torch_features(torch_model(str(out), fmt), fmt, images, config)
+    assert export_lib.relative_difference(theirs, ours) <= 1e-5
+    head = torch.nn.Linear(ours.shape[1], len(config["source"]["label_names"]))
+    head.load_state_dict(load_file(os.path.join(out, "head.safetensors")), strict=True)
+    with np.load(os.path.join(export, "head.npz")) as saved:
+        our_logits = ours @ saved["kernel"] + saved["bias"]
+    with torch.no_grad():
+        their_logits = head(torch.from_numpy(theirs)).numpy()
+    assert export_lib.relative_difference(their_logits, our_logits) <= 1e-5
+    with open(os.path.join(out, "labels.json")) as f:
+        assert json.load(f) == config["source"]["label_names"]
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    assert "fine-tuned from" in card and "head.safetensors" in card and "fine-tuned on" in card
+
+
+def test_fine_tuned_resnet_exports_to_torchvision_with_its_head(ssl_run, tmp_path):
+    assert_exports_to_pytorch(os.path.join(ssl_run["workdir"], "export"), "torchvision", tmp_path / "tv")
 
 
 def test_pos_weight_for_masks_missing_and_names_labels_without_positives():

@@ -5,11 +5,14 @@ Formats (FORMATS):
                       `..._reg4_pretrain.pth`), read with torch.load(weights_only=True);
   hf-dinov2           a transformers Dinov2Model / Dinov2WithRegistersModel directory (model.safetensors +
                       config.json), read with safetensors (no torch needed);
+  timm                a timm VisionTransformer state_dict (`.safetensors` or `.pth`, or a directory with
+                      model.safetensors and the timm.json that `python -m medssl_jax.export` writes);
   timm-npz            the original JAX `.npz` of the augreg / vision_transformer ViTs that timm loads for
                       `vit_base_patch16_224_in21k` (`Transformer/encoderblock_N/...`), read with
                       np.load(allow_pickle=False);
   torchvision-resnet  a torchvision ResNet-50/101/152 `.pth` state_dict into medssl_jax.models.resnet.ResNet
-                      (params + batch_stats), read with torch.load(weights_only=True);
+                      (params + batch_stats), read with torch.load(weights_only=True), or a `.safetensors`
+                      one / a directory from `python -m medssl_jax.export --format=torchvision` (any depth);
   simclr-tf           a google-research/simclr TensorFlow (TF1 estimator) checkpoint, SimCLR v1 or v2,
                       ResNet-18..152 at width 1-4 without selective kernels (`r50_1x_sk0`, `r152_2x_sk0`,
                       the v1 `ResNet50_4x` zips' model.ckpt-*), into the same ResNet, read with
@@ -30,6 +33,7 @@ none of them resamples.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -45,7 +49,9 @@ import numpy as np
 
 from medssl_jax.models.resnet import STAGE_SIZES
 
-FORMATS = ("dinov2", "hf-dinov2", "timm-npz", "torchvision-resnet", "simclr-tf")
+FORMATS = ("dinov2", "hf-dinov2", "timm", "timm-npz", "torchvision-resnet", "simclr-tf")
+# The JSON a medssl_jax export to PyTorch (python -m medssl_jax.export) writes beside model.safetensors.
+SIDECARS = {"timm": "timm.json", "torchvision-resnet": "torchvision.json"}
 
 # DINOv2 / ViT widths whose head count is fixed by the released models.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
@@ -329,27 +335,30 @@ def dinov2_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: int |
     what = f"{what} does not fit {_describe(config, arch)}"
     abstract = _vit_abstract(config, what)
 
-    def source_of(names) -> Source:
-        top = names[0]
-        if top == "patch_embed":
-            return (f"patch_embed.proj.{'weight' if names[1] == 'kernel' else 'bias'}",), (
-                _conv_oihw if names[1] == "kernel" else _same)
-        if top in ("cls_token", "pos_embed", "register_tokens"):
-            return (top,), _same
-        if top == "norm":
-            return (f"norm.{'weight' if names[1] == 'scale' else 'bias'}",), _same
-        block = f"blocks.{int(top.split('_')[1])}."
-        if names[1] in ("ls1", "ls2"):
-            return (block + names[1] + ".gamma",), _same
-        if names[1] in ("norm1", "norm2"):
-            return (block + names[1] + (".weight" if names[2] == "scale" else ".bias"),), _same
-        # attn/{qkv,proj}/{kernel,bias}, mlp/{fc1,fc2,w12,w3}/{kernel,bias}
-        key = block + ".".join(names[1:-1]) + (".weight" if names[-1] == "kernel" else ".bias")
-        return (key,), _linear_t if names[-1] == "kernel" else _same
-
-    params = _fill(abstract["params"], state, source_of, ignore=lambda k: k == "mask_token" or k.startswith("head."),
+    params = _fill(abstract["params"], state, dinov2_source, ignore=lambda k: k == "mask_token" or k.startswith("head."),
                    what=what, adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
     return {"params": params}, config
+
+
+def dinov2_source(names: tuple[str, ...]) -> Source:
+    """Where a ViT parameter (path under 'params') lives in the DINOv2 hub state_dict, which timm's
+    VisionTransformer shares except for `reg_token` (see timm_to_flax)."""
+    top = names[0]
+    if top == "patch_embed":
+        return (f"patch_embed.proj.{'weight' if names[1] == 'kernel' else 'bias'}",), (
+            _conv_oihw if names[1] == "kernel" else _same)
+    if top in ("cls_token", "pos_embed", "register_tokens"):
+        return (top,), _same
+    if top == "norm":
+        return (f"norm.{'weight' if names[1] == 'scale' else 'bias'}",), _same
+    block = f"blocks.{int(top.split('_')[1])}."
+    if names[1] in ("ls1", "ls2"):
+        return (block + names[1] + ".gamma",), _same
+    if names[1] in ("norm1", "norm2"):
+        return (block + names[1] + (".weight" if names[2] == "scale" else ".bias"),), _same
+    # attn/{qkv,proj}/{kernel,bias}, mlp/{fc1,fc2,w12,w3}/{kernel,bias}
+    key = block + ".".join(names[1:-1]) + (".weight" if names[-1] == "kernel" else ".bias")
+    return (key,), _linear_t if names[-1] == "kernel" else _same
 
 
 def _variant_name(width, depth, patch) -> str:
@@ -362,6 +371,51 @@ def _variant_name(width, depth, patch) -> str:
 
 
 # ------------------------------------------------------------------------------------- transformers DINOv2
+
+
+def hf_dinov2_source(names: tuple[str, ...], *, old_swiglu: bool = False) -> Source:
+    """Where a ViT parameter (path under 'params') lives in a transformers Dinov2Model state_dict."""
+    def wb(names):
+        return "weight" if names[-1] in ("kernel", "scale") else "bias"
+
+    top = names[0]
+    if top == "patch_embed":
+        return (f"embeddings.patch_embeddings.projection.{wb(names)}",), (
+            _conv_oihw if names[1] == "kernel" else _same)
+    if top == "cls_token":
+        return ("embeddings.cls_token",), _same
+    if top == "pos_embed":
+        return ("embeddings.position_embeddings",), _same
+    if top == "register_tokens":
+        return ("embeddings.register_tokens",), _same
+    if top == "norm":
+        return (f"layernorm.{wb(names)}",), _same
+    layer = f"encoder.layer.{int(top.split('_')[1])}."
+    part, t = names[1], _linear_t if names[-1] == "kernel" else _same
+    if part in ("ls1", "ls2"):
+        return (f"{layer}layer_scale{part[-1]}.lambda1",), _same
+    if part in ("norm1", "norm2"):
+        return (f"{layer}{part}.{wb(names)}",), _same
+    if part == "attn" and names[2] == "qkv":
+        keys = tuple(f"{layer}attention.attention.{n}.{wb(names)}" for n in ("query", "key", "value"))
+        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
+    if part == "attn":
+        return (f"{layer}attention.output.dense.{wb(names)}",), t
+    sub = names[2]  # mlp/{fc1, fc2, w12, w3}
+    if sub in ("fc1", "fc2"):
+        return (f"{layer}mlp.{sub}.{wb(names)}",), t
+    if old_swiglu:
+        return (f"{layer}mlp.{'weights_in' if sub == 'w12' else 'weights_out'}.{wb(names)}",), t
+    if sub == "w12":  # our w12 = [gate; up]: silu(x @ gate) * (x @ up)
+        keys = (f"{layer}mlp.gate_proj.{wb(names)}", f"{layer}mlp.up_proj.{wb(names)}")
+        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
+    return (f"{layer}mlp.down_proj.{wb(names)}",), t
+
+
+def _unit_layer_scales(state: Mapping) -> bool:
+    """Whether every transformers layer_scale weight is exactly 1 (a ViT without LayerScale, exported)."""
+    scales = [v for k, v in state.items() if ".layer_scale" in k]
+    return bool(scales) and all(np.all(v == 1) for v in scales)
 
 
 def hf_dinov2_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None = None,
@@ -387,7 +441,7 @@ def hf_dinov2_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None =
         ffn="swiglu" if swiglu else "mlp",
         image_size=_grid_side(state["embeddings.position_embeddings"].shape[1], 1, what) * int(patch),
         in_chans=int(in_chans or chans), num_registers=int(registers),
-        layerscale_init=float(hf_config.get("layerscale_value", 1.0)),
+        layerscale_init=None if _unit_layer_scales(state) else float(hf_config.get("layerscale_value", 1.0)),
         ln_eps=float(hf_config.get("layer_norm_eps", 1e-6)), qkv_bias=bool(hf_config.get("qkv_bias", True)),
         gelu_approximate=act != "gelu",
         pos_interp=pos_interp or ("size_aa" if model_type == "dinov2_with_registers" else "size"), pool="token")
@@ -395,48 +449,46 @@ def hf_dinov2_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None =
     what = f"{what} does not fit {_describe(config, arch)}"
     abstract = _vit_abstract(config, what)
     old_swiglu = "encoder.layer.0.mlp.weights_in.weight" in state  # transformers < 5 names
-
-    def wb(names):
-        return "weight" if names[-1] in ("kernel", "scale") else "bias"
-
-    def source_of(names) -> Source:
-        top = names[0]
-        if top == "patch_embed":
-            return (f"embeddings.patch_embeddings.projection.{wb(names)}",), (
-                _conv_oihw if names[1] == "kernel" else _same)
-        if top == "cls_token":
-            return ("embeddings.cls_token",), _same
-        if top == "pos_embed":
-            return ("embeddings.position_embeddings",), _same
-        if top == "register_tokens":
-            return ("embeddings.register_tokens",), _same
-        if top == "norm":
-            return (f"layernorm.{wb(names)}",), _same
-        layer = f"encoder.layer.{int(top.split('_')[1])}."
-        part, t = names[1], _linear_t if names[-1] == "kernel" else _same
-        if part in ("ls1", "ls2"):
-            return (f"{layer}layer_scale{part[-1]}.lambda1",), _same
-        if part in ("norm1", "norm2"):
-            return (f"{layer}{part}.{wb(names)}",), _same
-        if part == "attn" and names[2] == "qkv":
-            keys = tuple(f"{layer}attention.attention.{n}.{wb(names)}" for n in ("query", "key", "value"))
-            return keys, _concat_linear_t if names[-1] == "kernel" else _concat
-        if part == "attn":
-            return (f"{layer}attention.output.dense.{wb(names)}",), t
-        sub = names[2]  # mlp/{fc1, fc2, w12, w3}
-        if sub in ("fc1", "fc2"):
-            return (f"{layer}mlp.{sub}.{wb(names)}",), t
-        if old_swiglu:
-            return (f"{layer}mlp.{'weights_in' if sub == 'w12' else 'weights_out'}.{wb(names)}",), t
-        if sub == "w12":  # our w12 = [gate; up]: silu(x @ gate) * (x @ up)
-            keys = (f"{layer}mlp.gate_proj.{wb(names)}", f"{layer}mlp.up_proj.{wb(names)}")
-            return keys, _concat_linear_t if names[-1] == "kernel" else _concat
-        return (f"{layer}mlp.down_proj.{wb(names)}",), t
-
+    source_of = functools.partial(hf_dinov2_source, old_swiglu=old_swiglu)
+    no_layer_scale = config.get("layerscale_init") is None
+    if no_layer_scale and not _unit_layer_scales(state) and any(".layer_scale" in k for k in state):
+        raise ConvertError(f"{what}: its layer_scale weights are not all 1, the architecture has no LayerScale")
     params = _fill(abstract["params"], state, source_of,
-                   ignore=lambda k: k == "embeddings.mask_token" or k.startswith("classifier."),
+                   ignore=lambda k: k == "embeddings.mask_token" or k.startswith("classifier.")
+                   or (no_layer_scale and ".layer_scale" in k),
                    what=what, adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
     return {"params": params}, config
+
+
+# ------------------------------------------------------------------------------------------- timm (PyTorch)
+
+
+def timm_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: int | None = None,
+                 pos_interp: str | None = None, in_chans: int | None = None, what: str = "checkpoint"):
+    """A timm VisionTransformer state_dict (CLS token; optional `reg_token`) -> Flax, through the DINOv2
+    layout it shares. timm gives every prefix token a position row unless `no_embed_class`: the register
+    rows are added to the register tokens (zero in medssl_jax's own exports), and a `no_embed_class`
+    pos_embed without a CLS row gets a zero one; either way the encoder computes what timm computes."""
+    state = dict(state)
+    _require(state, ("patch_embed.proj.weight", "cls_token", "pos_embed"), what)
+    rows = state["pos_embed"].shape[1]
+    registers = state["reg_token"].shape[1] if "reg_token" in state else 0
+
+    def square(n):
+        return n > 0 and math.isqrt(n) ** 2 == n
+
+    pos = state["pos_embed"]
+    if registers and not square(rows - 1) and square(rows - 1 - registers):
+        state["register_tokens"] = state.pop("reg_token") + pos[:, 1:1 + registers]
+        state["pos_embed"] = np.concatenate([pos[:, :1], pos[:, 1 + registers:]], axis=1)
+    elif square(rows) and not square(rows - 1):  # no_embed_class: no CLS row
+        state["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+        if registers:
+            state["register_tokens"] = state.pop("reg_token")
+    elif registers:
+        state["register_tokens"] = state.pop("reg_token")
+    return dinov2_to_flax(state, arch=arch, num_heads=num_heads, pos_interp=pos_interp or "size",
+                          in_chans=in_chans, what=what)
 
 
 # ------------------------------------------------------------------------------------------- timm / augreg
@@ -541,6 +593,27 @@ def _resnet_abstract(config: dict, arch: Mapping | None, channels: int, what: st
         raise ConvertError(f"{what}: {error}") from None
 
 
+_BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def torchvision_source(names: tuple[str, ...]) -> Source:
+    """Where a ResNet variable (path with its collection, 'params' / 'batch_stats') lives in a torchvision
+    ResNet state_dict (stage s block b -> layer{s}.{b}; the projection shortcut -> downsample)."""
+    names = names[1:]  # drop the collection
+    if names[0] == "stem":
+        module = {"conv": "conv1", "bn": "bn1"}[names[1]]
+    else:
+        stage, block = re.match(r"stage(\d+)_block(\d+)", names[0]).groups()
+        prefix = f"layer{stage}.{block}."
+        if names[1] == "proj":
+            module = prefix + ("downsample.0" if names[2] == "conv" else "downsample.1")
+        else:
+            module = prefix + ("conv" if names[2] == "conv" else "bn") + names[1][len("conv_bn"):]
+    if names[-1] == "kernel":
+        return (module + ".weight",), _conv_oihw
+    return (f"{module}.{_BN_NAMES[names[-1]]}",), _same
+
+
 def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_chans: int | None = None,
                                what: str = "checkpoint"):
     """torchvision ResNet state_dict -> ({'params', 'batch_stats'}, config) for models.resnet.ResNet.
@@ -563,27 +636,8 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
     config["stem_pool"] = "torch"
     config, abstract, what = _resnet_abstract(config, arch, int(in_chans or state["conv1.weight"].shape[1]), what)
 
-    bn_names = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-    def torch_module(names) -> str:
-        if names[0] == "stem":
-            return {"conv": "conv1", "bn": "bn1"}[names[1]]
-        stage, block = re.match(r"stage(\d+)_block(\d+)", names[0]).groups()
-        prefix = f"layer{stage}.{block}."
-        if names[1] == "proj":
-            return prefix + ("downsample.0" if names[2] == "conv" else "downsample.1")
-        k = names[1][len("conv_bn"):]
-        return prefix + ("conv" if names[2] == "conv" else "bn") + k
-
-    def source_of(names) -> Source:
-        names = names[1:]  # drop the collection ('params' / 'batch_stats')
-        module = torch_module(names)
-        if names[-1] == "kernel":
-            return (module + ".weight",), _conv_oihw
-        return (f"{module}.{bn_names[names[-1]]}",), _same
-
     ignore = lambda k: k.endswith("num_batches_tracked") or k.startswith("fc.")  # noqa: E731
-    variables = _fill(abstract, state, source_of, ignore=ignore, what=what,
+    variables = _fill(abstract, state, torchvision_source, ignore=ignore, what=what,
                       adapt=_adapt_in_chans(("params", "stem", "conv", "kernel"), in_chans))
     return variables, config
 
@@ -686,7 +740,7 @@ def simclr_tf_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_cha
     def ignore(key: str) -> bool:
         return not key.startswith(prefix) or key.endswith("/Momentum") or "/Momentum" in key or key == "global_step"
 
-    variables = _fill(abstract, state, source_of, ignore=ignore, what=what,
+    variables = _fill(abstract, state, torchvision_source, ignore=ignore, what=what,
                       adapt=_adapt_in_chans(("params", "stem", "conv", "kernel"), in_chans))
     return variables, config
 
@@ -711,6 +765,18 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
         variables, model = hf_dinov2_to_flax(state, hf_config, arch=arch, pos_interp=pos_interp, in_chans=in_chans,
                                              what=what)
         weights_file = path if os.path.isfile(path) else os.path.join(path, "model.safetensors")
+    elif fmt in SIDECARS:
+        state, sidecar, weights_file = read_weights_with_sidecar(path, SIDECARS[fmt])
+        if fmt == "timm":
+            kwargs = sidecar.get("kwargs", {})
+            pool = {"token": "token", "avg": "gap"}.get(kwargs.get("global_pool"))
+            arch = {**({"pool": pool} if pool else {}), **(arch or {})} or None
+            variables, model = timm_to_flax(state, arch=arch, num_heads=num_heads or kwargs.get("num_heads"),
+                                            pos_interp=pos_interp, in_chans=in_chans, what=what)
+        else:
+            if sidecar.get("stem_pool"):
+                arch = {"stem_pool": sidecar["stem_pool"], **(arch or {})}
+            variables, model = torchvision_resnet_to_flax(state, arch=arch, in_chans=in_chans, what=what)
     elif fmt == "timm-npz":
         variables, model = timm_npz_to_flax(read_npz(path), arch=arch, pos_interp=pos_interp, in_chans=in_chans,
                                             what=what)
@@ -726,10 +792,6 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
         variables, model = simclr_tf_resnet_to_flax(read_tf_checkpoint(prefix), arch=arch, in_chans=in_chans,
                                                     what=what)
         weights_file = prefix + ".index"  # holds every tensor's CRC-32C: its hash fingerprints the data too
-    else:
-        variables, model = torchvision_resnet_to_flax(read_torch_state_dict(path), arch=arch, in_chans=in_chans,
-                                                      what=what)
-        weights_file = path
     source = {"format": fmt, "file": os.path.basename(weights_file), "sha256": file_sha256(weights_file)}
     mean, std, size, origin = input_normalization(fmt, path)
     if in_chans == 1 and len(mean) == 3:
@@ -743,9 +805,34 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
                                                                        "from": origin}}}
 
 
+def read_weights_with_sidecar(path: str, sidecar_name: str) -> tuple[dict, dict, str]:
+    """(state_dict, the sidecar JSON or {}, the weights file) of a .pth / .safetensors file or of a directory
+    holding model.safetensors (a medssl_jax export to PyTorch, with its `sidecar_name`)."""
+    weights = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    if os.path.isdir(path) and not os.path.isfile(weights):
+        raise ConvertError(f"{path}: a directory without model.safetensors")
+    state = read_safetensors(weights) if weights.endswith(".safetensors") else read_torch_state_dict(weights)
+    sidecar_path = os.path.join(os.path.dirname(os.path.abspath(weights)), sidecar_name)
+    sidecar = {}
+    if os.path.isfile(sidecar_path):
+        with open(sidecar_path) as f:
+            sidecar = json.load(f)
+    return state, sidecar, weights
+
+
 def input_normalization(fmt: str, path: str) -> tuple[tuple, tuple, int, str]:
     """(mean, std, training resolution, where they come from) of a converted encoder's input."""
     from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD
+
+    if fmt in SIDECARS:
+        directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        sidecar = os.path.join(directory, SIDECARS[fmt])
+        if os.path.isfile(sidecar):
+            with open(sidecar) as f:
+                recorded = json.load(f).get("input", {})
+            if "mean" in recorded:
+                return (tuple(recorded["mean"]), tuple(recorded["std"]), int(recorded["image_size"]),
+                        f"{SIDECARS[fmt]} (a medssl_jax export)")
 
     if fmt == "simclr-tf":  # SimCLR's input pipeline: RGB in [0, 1], no mean/std (data_util.preprocess_image)
         return (), (), 224, "SimCLR (RGB in [0, 1], no normalisation)"
@@ -763,7 +850,8 @@ def input_normalization(fmt: str, path: str) -> tuple[tuple, tuple, int, str]:
                 return tuple(p["image_mean"]), tuple(p["image_std"]), _hf_size(p), "preprocessor_config.json"
         return IMAGENET_MEAN, IMAGENET_STD, 224, "ImageNet (no preprocessor_config.json: transformers' default)"
     return IMAGENET_MEAN, IMAGENET_STD, 224, "ImageNet (the training transform of the " + (
-        "DINOv2 hub models)" if fmt == "dinov2" else "torchvision weights)")
+        {"dinov2": "DINOv2 hub models)", "timm": "timm ViTs without a timm.json; augreg ones use 0.5 / 0.5)"}.get(
+            fmt, "torchvision weights)"))
 
 
 def _hf_size(preprocessor: Mapping) -> int:
