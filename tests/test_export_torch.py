@@ -104,8 +104,9 @@ def assert_round_trip(out, fmt, variables, model):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("trained", [False, True], ids=["init", "trained"])
-@pytest.mark.parametrize("name", list(RESNETS))
+# Every architecture with trained-like weights; the fresh initialisation (zero-gamma residual branches,
+# LayerScale 1e-5) once per layout.
+@pytest.mark.parametrize("name,trained", [(name, True) for name in RESNETS] + [("resnet18-grey", False)])
 def test_resnet_exports_to_torchvision_output_equal(tmp_path, name, trained):
     model, channels, size = RESNETS[name]
     export, variables, config = make_export(tmp_path / "export", model, channels, size, trained=trained)
@@ -118,9 +119,8 @@ def test_resnet_exports_to_torchvision_output_equal(tmp_path, name, trained):
     assert_round_trip(out, "torchvision", variables, model)
 
 
-@pytest.mark.parametrize("fmt", ["timm", "hf"])
-@pytest.mark.parametrize("trained", [False, True], ids=["init", "trained"])
-@pytest.mark.parametrize("name", list(VITS))
+@pytest.mark.parametrize("name,trained,fmt", [(name, True, fmt) for name in VITS for fmt in ("timm", "hf")]
+                         + [("vit-s16-rgb", False, "hf"), ("vit-b14-reg4-grey", False, "timm")])
 def test_vit_exports_to_timm_and_transformers_output_equal(tmp_path, name, trained, fmt):
     model, channels, size = VITS[name]
     if fmt == "timm" and model.get("pool") == "gap":
