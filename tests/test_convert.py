@@ -228,6 +228,52 @@ def test_hf_dinov2_directory(tmp_path, registers):
     assert config["model"]["pos_interp"] == ("size_aa" if registers else "size")
 
 
+def _hf_dinov3_model(tmp_path, *, gated, registers):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip("transformers < 4.56 has no DINOv3ViTModel")
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, patch_size=16, image_size=64,
+        intermediate_size=64 if gated else 192, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu",
+        num_register_tokens=registers)  # DINOv3's key projection has no bias (key_bias=False)
+    model = _randomize(transformers.DINOv3ViTModel(config), seed=20 + registers)
+    model.save_pretrained(tmp_path / "hf3", safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("gated,registers", [(False, 0), (True, 4)], ids=["mlp", "swiglu-reg4"])
+def test_hf_dinov3_directory_rope_equals_transformers_at_native_and_other_sizes(tmp_path, gated, registers):
+    """RoPE positions (no table to resample): CLS, register and patch tokens equal transformers'
+    DINOv3ViTModel at its own 64 px and at 80 x 48 px."""
+    ref = _hf_dinov3_model(tmp_path, gated=gated, registers=registers)
+    _run_cli(["--format=hf-dinov3", f"--input={tmp_path / 'hf3'}", f"--output={tmp_path / 'out'}"])
+    for h, w in ((64, 64), (80, 48)):
+        x = _images(2, h, w, seed=5)
+        with torch.no_grad():
+            want = ref(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+        out, config = _flax_features(tmp_path / "out", x)
+        assert max(_compare_tokens(out, want, registers).values()) < 1e-5
+    model = config["model"]
+    assert model["position"] == "rope" and model["ffn"] == ("swiglu" if gated else "mlp")
+    assert "pos_embed" not in checkpoint.load_export(str(tmp_path / "out"))[0]["params"]
+
+
+def test_hf_dinov3_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _hf_dinov3_model(tmp_path, gated=False, registers=0)
+    weights = tmp_path / "hf3" / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop("layer.1.mlp.down_proj.weight")
+    state["layer.0.attention.extra.weight"] = np.zeros((2, 2), np.float32)
+    save_file(state, str(weights))
+    with pytest.raises(convert.ConvertError) as error:
+        convert.convert("hf-dinov3", str(tmp_path / "hf3"))
+    message = str(error.value)
+    assert "\n" not in message and "missing ['layer.1.mlp.down_proj.weight']" in message
+    assert "unexpected ['layer.0.attention.extra.weight']" in message
+
+
 def test_converted_encoders_record_their_input_normalization_and_evaluation_applies_it(tmp_path):
     from medssl_jax.evaluate import linear_probe
     from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD

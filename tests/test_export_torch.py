@@ -172,6 +172,10 @@ def test_exports_that_would_lose_information_fail_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "block_0/mlp/w12" in err and "\n" not in err
     assert not os.path.exists(tmp_path / "o")  # nothing half-written
+    rope = {"name": "vit", "variant": "S/16", "depth": 1, "image_size": 32, "position": "rope"}
+    rope_export, _, _ = make_export(tmp_path / "rope", rope, 3, 32, trained=False)
+    with pytest.raises(to_torch.ExportError, match="position='rope'"):
+        export_lib.export(rope_export, "hf", str(tmp_path / "o"))
     with pytest.raises(to_torch.ExportError, match="takes a resnet export, this one is a vit"):
         export_lib.export(export, "torchvision", str(tmp_path / "o"))
     with pytest.raises(to_torch.ExportError, match=r"blocks_0/attn/qkv/kernel has no slot in the toy layout"):

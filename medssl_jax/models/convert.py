@@ -5,6 +5,8 @@ Formats (FORMATS):
                       `..._reg4_pretrain.pth`), read with torch.load(weights_only=True);
   hf-dinov2           a transformers Dinov2Model / Dinov2WithRegistersModel directory (model.safetensors +
                       config.json), read with safetensors (no torch needed);
+  hf-dinov3           a transformers DINOv3ViTModel directory (model.safetensors + config.json): RoPE,
+                      registers, LayerScale, plain or gated MLP (ViT-S/16 ... H+/16), read with safetensors;
   timm                a timm VisionTransformer state_dict (`.safetensors` or `.pth`, or a directory with
                       model.safetensors and the timm.json that `python -m medssl_jax.export` writes);
   timm-npz            the original JAX `.npz` of the augreg / vision_transformer ViTs that timm loads for
@@ -49,7 +51,7 @@ import numpy as np
 
 from medssl_jax.models.resnet import STAGE_SIZES
 
-FORMATS = ("dinov2", "hf-dinov2", "timm", "timm-npz", "torchvision-resnet", "simclr-tf")
+FORMATS = ("dinov2", "hf-dinov2", "hf-dinov3", "timm", "timm-npz", "torchvision-resnet", "simclr-tf")
 # The JSON a medssl_jax export to PyTorch (python -m medssl_jax.export) writes beside model.safetensors.
 SIDECARS = {"timm": "timm.json", "torchvision-resnet": "torchvision.json"}
 
@@ -460,6 +462,97 @@ def hf_dinov2_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None =
     return {"params": params}, config
 
 
+# ------------------------------------------------------------------------------------- transformers DINOv3
+
+
+def hf_dinov3_source(names: tuple[str, ...]) -> Source:
+    """Where a ViT parameter (path under 'params') lives in a transformers DINOv3ViTModel state_dict."""
+    def wb(names):
+        return "weight" if names[-1] in ("kernel", "scale") else "bias"
+
+    top = names[0]
+    if top == "patch_embed":
+        return (f"embeddings.patch_embeddings.{wb(names)}",), _conv_oihw if names[1] == "kernel" else _same
+    if top in ("cls_token", "register_tokens"):
+        return (f"embeddings.{top}",), _same
+    if top == "norm":
+        return (f"norm.{wb(names)}",), _same
+    layer = f"layer.{int(top.split('_')[1])}."
+    part, t = names[1], _linear_t if names[-1] == "kernel" else _same
+    if part in ("ls1", "ls2"):
+        return (f"{layer}layer_scale{part[-1]}.lambda1",), _same
+    if part in ("norm1", "norm2"):
+        return (f"{layer}{part}.{wb(names)}",), _same
+    if part == "attn" and names[2] == "qkv":
+        keys = tuple(f"{layer}attention.{n}_proj.{wb(names)}" for n in ("q", "k", "v"))
+        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
+    if part == "attn":
+        return (f"{layer}attention.o_proj.{wb(names)}",), t
+    sub = names[2]
+    if sub == "w12":  # our w12 = [gate; up]: silu(x @ gate) * (x @ up)
+        keys = (f"{layer}mlp.gate_proj.{wb(names)}", f"{layer}mlp.up_proj.{wb(names)}")
+        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
+    return (f"{layer}mlp.{'up_proj' if sub == 'fc1' else 'down_proj'}.{wb(names)}",), t
+
+
+def hf_dinov3_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None = None, in_chans: int | None = None,
+                      what: str = "checkpoint"):
+    """transformers DINOv3ViTModel weights + config.json -> ({'params'}, config): RoPE positions
+    (`position='rope'`), registers, LayerScale, plain or gated (SwiGLU) MLP. A projection without a bias
+    (DINOv3's key projection; `*_bias: false` configs) gets a zero one, which computes the same."""
+    model_type = hf_config.get("model_type", "dinov3_vit")
+    if model_type != "dinov3_vit":
+        raise ConvertError(f"{what}: config.json model_type={model_type!r} is not dinov3_vit (for DINOv3's "
+                           "ConvNeXt models there is no converter yet)")
+    state = _strip_common_prefix(dict(state), ("dinov3.",))
+    # Saved checkpoints name the blocks layer.N (the hub's), the module tree model.layer.N: accept both.
+    state = {re.sub(r"^model\.layer\.", "layer.", k): v for k, v in state.items()}
+    _require(state, ("embeddings.patch_embeddings.weight", "embeddings.cls_token", "norm.weight",
+                     "layer.0.attention.q_proj.weight"), what)
+    width, chans, patch = state["embeddings.patch_embeddings.weight"].shape[:3]
+    depth = _count_indices(state, r"layer\.(\d+)\.")
+    gated = "layer.0.mlp.gate_proj.weight" in state
+    hidden = int(state["layer.0.mlp.up_proj.weight"].shape[0]) if "layer.0.mlp.up_proj.weight" in state else 0
+    act = hf_config.get("hidden_act", "gelu")
+    if act != ("silu" if gated else "gelu"):
+        raise ConvertError(f"{what}: hidden_act={act!r} with {'a gated' if gated else 'a plain'} MLP: medssl_jax's "
+                           f"ViT has {'silu' if gated else 'exact gelu'} there")
+    mlp_dim = hidden
+    if gated:
+        from medssl_jax.models.vit import swiglu_hidden_dim
+
+        mlp_dim = hidden * 3 // 2
+        if swiglu_hidden_dim(mlp_dim) != hidden:
+            raise ConvertError(f"{what}: gated MLP width {hidden} is not one medssl_jax's SwiGLU rounding gives")
+    for i in range(depth):  # a missing projection bias is a zero one
+        for proj in ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            weight = state.get(f"layer.{i}.{proj}.weight")
+            if weight is not None and f"layer.{i}.{proj}.bias" not in state:
+                state[f"layer.{i}.{proj}.bias"] = np.zeros(weight.shape[0], np.float32)
+    registers = state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in state else 0
+    if registers == 0:
+        state.pop("embeddings.register_tokens", None)
+    size = hf_config.get("image_size", 224)
+    inferred = dict(
+        variant=_variant_name(width, depth, patch), width=int(width), depth=depth,
+        num_heads=int(hf_config.get("num_attention_heads", HEADS_BY_WIDTH.get(int(width), 0))),
+        mlp_dim=int(mlp_dim), patch_size=int(patch), ffn="swiglu" if gated else "mlp",
+        image_size=int(size[0] if isinstance(size, (list, tuple)) else size), in_chans=int(in_chans or chans),
+        num_registers=int(registers),
+        layerscale_init=None if _unit_layer_scales(state) else float(hf_config.get("layerscale_value", 1.0)),
+        ln_eps=float(hf_config.get("layer_norm_eps", 1e-5)), qkv_bias=True, gelu_approximate=False,
+        position="rope", rope_theta=float(hf_config.get("rope_theta", 100.0)), pool="token")
+    config = _vit_config(inferred, arch)
+    what = f"{what} does not fit {_describe(config, arch)}"
+    abstract = _vit_abstract(config, what)
+    no_layer_scale = config.get("layerscale_init") is None
+    params = _fill(abstract["params"], state, hf_dinov3_source,
+                   ignore=lambda k: k == "embeddings.mask_token" or (no_layer_scale and ".layer_scale" in k),
+                   what=what, adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
+    return {"params": params}, config
+
+
 # ------------------------------------------------------------------------------------------- timm (PyTorch)
 
 
@@ -765,6 +858,10 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
         variables, model = hf_dinov2_to_flax(state, hf_config, arch=arch, pos_interp=pos_interp, in_chans=in_chans,
                                              what=what)
         weights_file = path if os.path.isfile(path) else os.path.join(path, "model.safetensors")
+    elif fmt == "hf-dinov3":
+        state, hf_config = read_hf_directory(path)
+        variables, model = hf_dinov3_to_flax(state, hf_config, arch=arch, in_chans=in_chans, what=what)
+        weights_file = path if os.path.isfile(path) else os.path.join(path, "model.safetensors")
     elif fmt in SIDECARS:
         state, sidecar, weights_file = read_weights_with_sidecar(path, SIDECARS[fmt])
         if fmt == "timm":
@@ -838,7 +935,7 @@ def input_normalization(fmt: str, path: str) -> tuple[tuple, tuple, int, str]:
         return (), (), 224, "SimCLR (RGB in [0, 1], no normalisation)"
     if fmt == "timm-npz":  # the augreg ViTs see pixels in [-1, 1]
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, "timm augreg (inputs in [-1, 1])"
-    if fmt == "hf-dinov2":
+    if fmt in ("hf-dinov2", "hf-dinov3"):
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         pre = os.path.join(directory, "preprocessor_config.json")
         if os.path.isfile(pre):

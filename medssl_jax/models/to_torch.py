@@ -125,6 +125,9 @@ def _vit_arch(model: Mapping) -> dict:
     from medssl_jax import models
 
     encoder = models.build_encoder({**model, "dtype": "float32"})
+    if encoder.position != "learned":
+        raise ExportError(f"position={encoder.position!r} (DINOv3's rotary embeddings) has no slot in the timm / "
+                          "transformers Dinov2 layouts, which hold a learned position table")
     return {**encoder.arch(), "image_size": encoder.image_size, "num_registers": encoder.num_registers,
             "layerscale_init": encoder.layerscale_init, "ln_eps": encoder.ln_eps, "qkv_bias": encoder.qkv_bias,
             "gelu_approximate": encoder.gelu_approximate, "pool": encoder.pool}

@@ -4,7 +4,9 @@ their weights and reproduce their outputs (see medssl_jax.models.convert).
 Architecture (facebookresearch/dinov2 `vision_transformer.py`, timm `VisionTransformer`):
 - patch embedding: a conv with kernel = stride = patch size, with bias;
 - one CLS token, then optional register tokens (DINOv2 "with registers"), then the patch tokens;
-- learned position embeddings for the CLS token and a square grid of image_size // patch_size patches,
+- positions either rotary (DINOv3, `position='rope'`: q and k of the patch tokens rotated by their
+  normalised centres, transformers' DINOv3ViTModel) or, the default, learned position embeddings for the
+  CLS token and a square grid of image_size // patch_size patches,
   stored at that grid and resampled in-graph to the input's grid on every call
   (`interpolate.interpolate_pos_embed`, PyTorch bicubic; 'dinov2' semantics with the +0.1 scale offset,
   'size' for transformers' Dinov2Model, 'size_aa' for DINOv2's register models). Register tokens carry no position embedding, as in DINOv2;
@@ -47,6 +49,7 @@ VARIANTS = {
     "g": (1536, 40, 24, 6144, "swiglu"),
 }
 POOLS = ("token", "gap", "token+gap")
+POSITIONS = ("learned", "rope")  # learned table (DINOv2, timm) or rotary embeddings (DINOv3)
 FFNS = ("mlp", "swiglu")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
@@ -86,6 +89,29 @@ def _layer_norm(name, eps, dtype):
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def rope_tables(grid_hw: tuple[int, int], head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """DINOv3's 2-D rotary tables (cos, sin) [gh * gw, head_dim], float32: patch centres normalised to
+    [-1, 1] per axis, head_dim / 4 frequencies 1 / theta^(4 j / head_dim) per axis (y then x), the angle
+    table repeated twice to head_dim, as transformers' DINOv3ViTRopePositionEmbedding at inference."""
+    if head_dim % 4:
+        raise ViTConfigError(f"ViT RoPE needs a head dimension divisible by 4, got {head_dim}")
+    gh, gw = grid_hw
+    ys = 2.0 * (jnp.arange(0.5, gh, dtype=jnp.float32) / gh) - 1.0
+    xs = 2.0 * (jnp.arange(0.5, gw, dtype=jnp.float32) / gw) - 1.0
+    coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(gh * gw, 2)
+    inv_freq = 1.0 / theta ** jnp.arange(0, 1, 4 / head_dim, dtype=jnp.float32)
+    angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).reshape(gh * gw, -1)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate(x, cos, sin):
+    """x [B, N, H, hd] rotated by the tables [N, hd] (rotate_half convention)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+
+
 class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = True
@@ -93,13 +119,19 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, seq_lengths=None):
+    def __call__(self, x, seq_lengths=None, rope=None):
         b, t, d = x.shape
         if d % self.num_heads:
             raise ViTConfigError(f"ViT width {d} is not divisible by num_heads={self.num_heads}")
         head_dim = d // self.num_heads
         qkv = _dense(3 * d, "qkv", self.dtype, use_bias=self.qkv_bias)(x)
         q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.num_heads, head_dim), 3, axis=2)
+        if rope is not None:  # (cos, sin, first patch token): prefix tokens and padding stay unrotated
+            cos, sin, start = rope
+            end = start + cos.shape[0]
+            cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
+            q = q.at[:, start:end].set(_rotate(q[:, start:end], cos, sin))
+            k = k.at[:, start:end].set(_rotate(k[:, start:end], cos, sin))
         y = jax.nn.dot_product_attention(
             q, k, v, scale=1.0 / math.sqrt(head_dim), implementation=self.implementation,
             query_seq_lengths=seq_lengths, key_value_seq_lengths=seq_lengths)
@@ -154,10 +186,10 @@ class Block(nn.Module):
         return x + branch
 
     @nn.compact
-    def __call__(self, x, seq_lengths=None, train: bool = False):
+    def __call__(self, x, seq_lengths=None, train: bool = False, rope=None):
         # train is positional: nn.remat marks it static by position (self is argument 0).
         y = _layer_norm("norm1", self.ln_eps, self.dtype)(x)
-        y = Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype, name="attn")(y, seq_lengths)
+        y = Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype, name="attn")(y, seq_lengths, rope)
         x = self._residual(x, y, "ls1", train)
         y = _layer_norm("norm2", self.ln_eps, self.dtype)(x)
         if self.ffn == "swiglu":
@@ -181,6 +213,9 @@ class ViT(nn.Module):
       layerscale_init: LayerScale gamma initial value (DINOv2 trains with 1e-5); None = no LayerScale.
       pos_interp: 'dinov2' (scale factor with the +0.1 offset), 'size' (transformers' Dinov2Model, timm),
         'size_aa' (antialiased; DINOv2 register models) or 'none' (input grid must equal the stored one).
+      position: 'learned' (a position table, resampled by pos_interp) or 'rope' (DINOv3: 2-D rotary
+        embeddings of the patch tokens' normalised centres in every attention, base `rope_theta`; the CLS
+        and register tokens are not rotated; no table, so any patch grid works as it is).
       pool: 'token' (normed CLS), 'gap' (mean of normed patch tokens) or 'token+gap' (concatenated).
       drop_path_rate: stochastic depth of the last block (linear from 0 over depth; needs a 'dropout' rng).
       attention: jax.nn.dot_product_attention implementation: None (default XLA), 'xla' or 'cudnn'.
@@ -209,6 +244,8 @@ class ViT(nn.Module):
     qkv_bias: bool = True
     gelu_approximate: bool = False
     pos_interp: str = "dinov2"
+    position: str = "learned"
+    rope_theta: float = 100.0
     pool: str = "token"
     drop_path_rate: float = 0.0
     attention: str | None = None
@@ -232,6 +269,8 @@ class ViT(nn.Module):
             raise ViTConfigError(f"ViT pool={self.pool!r} is not one of {POOLS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ViTConfigError(f"ViT attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.position not in POSITIONS:
+            raise ViTConfigError(f"ViT position={self.position!r} is not one of {POSITIONS}")
         if self.pos_interp not in interpolate.POS_INTERP_MODES:
             raise ViTConfigError(f"ViT pos_interp={self.pos_interp!r} is not one of {interpolate.POS_INTERP_MODES}")
         if self.image_size < arch["patch_size"]:
@@ -263,13 +302,17 @@ class ViT(nn.Module):
         gh, gw = h // p, w // p
         x = x.reshape(b, gh * gw, d)
 
-        g = self.pos_grid
         cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d), jnp.float32)
-        pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + g * g, d), jnp.float32)
-        pos = interpolate.interpolate_pos_embed(pos, src_grid=(g, g), dst_grid=(gh, gw), num_prefix_tokens=1,
-                                                mode=self.pos_interp, image_hw=(h, w))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
-        x = x + pos.astype(x.dtype)
+        rope = None
+        if self.position == "rope":  # DINOv3: rotary patch positions in every attention, no table to resample
+            rope = (*rope_tables((gh, gw), d // arch["num_heads"], self.rope_theta), 1 + self.num_registers)
+        else:
+            g = self.pos_grid
+            pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + g * g, d), jnp.float32)
+            pos = interpolate.interpolate_pos_embed(pos, src_grid=(g, g), dst_grid=(gh, gw), num_prefix_tokens=1,
+                                                    mode=self.pos_interp, image_hw=(h, w))
+            x = x + pos.astype(x.dtype)
         r = self.num_registers
         if r:
             reg = self.param("register_tokens", nn.initializers.normal(1e-6), (1, r, d), jnp.float32)
@@ -290,7 +333,7 @@ class ViT(nn.Module):
             x = block_cls(num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"], ffn=arch["ffn"],
                           layerscale_init=self.layerscale_init, ln_eps=self.ln_eps, qkv_bias=self.qkv_bias,
                           gelu_approximate=self.gelu_approximate, drop_path=float(rates[i]),
-                          attention=self.attention, dtype=self.dtype, name=f"block_{i}")(x, seq_lengths, train)
+                          attention=self.attention, dtype=self.dtype, name=f"block_{i}")(x, seq_lengths, train, rope)
             blocks.append(x[:, :tokens].astype(jnp.float32))
 
         x = _layer_norm("norm", self.ln_eps, self.dtype)(x[:, :tokens]).astype(jnp.float32)
