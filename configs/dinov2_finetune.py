@@ -1,9 +1,14 @@
-r"""Tayebi Arasteh et al. 2024: fine-tune a ViT from DINOv2 vs ImageNet-21k vs random init on chest X-rays.
+r"""Tayebi Arasteh et al. 2024: fine-tune a ViT from DINOv2 (or DINOv3) vs ImageNet-21k vs random init on
+chest X-rays.
 
 The recipe (Tayebi Arasteh et al. 2024; notes in medssl_jax/models/vit.py and convert.py):
 - arm=dinov2 (default): ViT-B/14 from the official hub checkpoint dinov2_vitb14_pretrain.pth, converted
   once; its 37x37 position embeddings are resampled in-graph to the 16x16 grid of a 224 px input with
   PyTorch-bicubic semantics (as the hub model does on every forward);
+- arm=dinov3: the same protocol from DINOv3's ViT-B/16 (transformers' facebook/dinov3-vitb16-pretrain-lvd1689m,
+  converted with --format=hf-dinov3): RoPE positions, 4 registers, LayerScale; at 224 px its patch grid is
+  14x14 and needs no resampling (not in the paper, which predates DINOv3: the arm a user in their position
+  would add today);
 - arm=in21k: timm's vit_base_patch16_224_in21k, i.e. the augreg ViT-B/16 ImageNet-21k .npz (224 px
   native, 14x14 grid);
 - arm=random: ViT-B/14, random init, 224 px;
@@ -41,6 +46,11 @@ Commands (the three arms on one store; the splits are identical by construction)
       --config.init=/ckpt/dinov2_vitb14 --workdir=/evals/vindr_dinov2
   python -m medssl_jax.main --config=configs/dinov2_finetune.py:store=/data/vindr,arm=in21k \
       --config.init=/ckpt/vit_b16_in21k --workdir=/evals/vindr_in21k
+  # DINOv3 (gated: accept the DINOv3 License on the model's Hugging Face page, then download it, e.g.
+  # huggingface-cli download facebook/dinov3-vitb16-pretrain-lvd1689m --local-dir /downloads/dinov3_vitb16)
+  python -m medssl_jax.convert --format=hf-dinov3 --input=/downloads/dinov3_vitb16 --output=/ckpt/dinov3_vitb16
+  python -m medssl_jax.main --config=configs/dinov2_finetune.py:store=/data/vindr,arm=dinov3 \
+      --config.init=/ckpt/dinov3_vitb16 --workdir=/evals/vindr_dinov3
   python -m medssl_jax.main --config=configs/dinov2_finetune.py:store=/data/vindr,arm=random \
       --workdir=/evals/vindr_random
   python -m medssl_jax.main --config=configs/dinov2_finetune.py:store=/data/mimic,arm=in21k \
@@ -83,7 +93,7 @@ import ml_collections as mlc
 from medssl_jax import augment, config_lib
 from medssl_jax.evaluate import finetune
 
-ARMS = ("dinov2", "in21k", "indomain", "random")
+ARMS = ("dinov2", "dinov3", "in21k", "indomain", "random")
 
 
 def get_config(arg=None):
@@ -94,8 +104,8 @@ def get_config(arg=None):
         raise ValueError(f"config argument fsdp={args.fsdp}: must be >= 1 (1 = data parallel only)")
     c = finetune.reference_config()
     c.data.store = args.store
-    c.method = {"dinov2": "dinov2", "in21k": "supervised", "indomain": "indomain_supervised", "random": "none"}[
-        args.arm]
+    c.method = {"dinov2": "dinov2", "dinov3": "dinov3", "in21k": "supervised", "indomain": "indomain_supervised",
+                "random": "none"}[args.arm]
     c.init = "random" if args.arm == "random" else args.init  # --config.init=DIR (converted, or a fine-tune's export)
     c.init_head = args.arm == "indomain"
     # Only used when init='random'; a converted checkpoint brings its own architecture.

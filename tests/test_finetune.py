@@ -456,3 +456,32 @@ def test_a_diverging_grid_point_is_recorded_and_not_chosen(phantom_cache, tmp_pa
         fraction = json.load(f)["fractions"][0]
     assert list(fraction["failed"]) == ["lr1e+12_steps6"] and "non-finite" in fraction["failed"]["lr1e+12_steps6"]
     assert fraction["chosen"]["name"] == "lr0.1_steps6" and summary["mean_auc"] is not None
+
+
+def test_dinov3_arm_fine_tunes_a_converted_dinov3_vit_with_layer_decay(phantom_cache, tmp_path):
+    """configs/dinov2_finetune.py arm=dinov3 on a tiny transformers DINOv3ViTModel converted with
+    --format=hf-dinov3 (RoPE, 4 registers, SwiGLU): the whole protocol runs, the encoder starts from the
+    converted weights and layer-wise decay applies to its blocks."""
+    pytest.importorskip("torch")
+    from test_convert import _hf_dinov3_model
+
+    from medssl_jax import config_lib, convert as convert_cli
+
+    _hf_dinov3_model(tmp_path, gated=True, registers=4)
+    assert convert_cli.main(["--format=hf-dinov3", f"--input={tmp_path / 'hf3'}", f"--output={tmp_path / 'v3'}"]) == 0
+    config = config_lib.load_config("dinov2_finetune", f"runlocal,arm=dinov3,init={tmp_path / 'v3'}")
+    assert config.method == "dinov3" and config.init == str(tmp_path / "v3")
+    config.data.update(cache_dir=phantom_cache, phantom_patients=64, phantom_size=32)
+    config.update(image_size=32, batch_size=16, budget_grid=(4,), eval_every=2, log_every=2, checkpoint_every=4,
+                  lr_grid=(1e-4,), layer_decays=(0.75,), seeds=1, selection_evals=2)
+    summary = main.run(config, str(tmp_path / "e"))
+    assert summary["method"] == "dinov3" and summary["mean_auc"] is not None
+    with open(tmp_path / "e" / "finetune.json") as f:
+        chosen = json.load(f)["fractions"][0]["chosen"]
+    assert chosen["layer_decay"] == 0.75
+    exported, config_out = checkpoint.load_export(str(tmp_path / "e" / "export"))
+    converted, _ = checkpoint.load_export(str(tmp_path / "v3"))
+    assert config_out["model"]["position"] == "rope"
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(exported["params"]),
+                                                       jax.tree.leaves(converted["params"]))]
+    assert any(moved)  # it trained from the converted weights (same tree, new values)
