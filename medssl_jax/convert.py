@@ -2,6 +2,8 @@
 
     python -m medssl_jax.convert --format=dinov2 --input=dinov2_vitb14_pretrain.pth --output=inits/dinov2_b14
     python -m medssl_jax.convert --format=hf-dinov2 --input=DIR_WITH_model.safetensors --output=inits/hf_b14
+    python -m medssl_jax.convert --format=dinov3 --input=dinov3_vitb16_pretrain_lvd1689m.pth --output=inits/dinov3_b16
+    python -m medssl_jax.convert --format=hf-dinov3 --input=DIR_WITH_model.safetensors --output=inits/hf3_b16
     python -m medssl_jax.convert --format=timm-npz \
         --input=B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz --output=inits/in21k_b16
     python -m medssl_jax.convert --format=torchvision-resnet --input=resnet50-11ad3fa6.pth --output=inits/tv_r50

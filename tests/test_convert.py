@@ -258,6 +258,52 @@ def test_hf_dinov3_directory_rope_equals_transformers_at_native_and_other_sizes(
     assert "pos_embed" not in checkpoint.load_export(str(tmp_path / "out"))[0]["params"]
 
 
+def _dinov3_hub_state(hf_model, registers):
+    """The facebookresearch/dinov3 hub state_dict of the same weights (names from its vision_transformer.py,
+    layers/attention.py, ffn_layers.py, rope_position_encoding.py): fused qkv with a random key bias that
+    the stored bias_mask zeroes, storage_tokens, w1/w2/w3 SwiGLU, ls*.gamma, rope_embed.periods."""
+    hf = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    hub = {"cls_token": hf["embeddings.cls_token"], "mask_token": hf["embeddings.mask_token"][0],
+           "storage_tokens": hf["embeddings.register_tokens"],
+           "patch_embed.proj.weight": hf["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": hf["embeddings.patch_embeddings.bias"],
+           "norm.weight": hf["norm.weight"], "norm.bias": hf["norm.bias"]}
+    width = hf["norm.weight"].shape[0]
+    head_dim = width // hf_model.config.num_attention_heads
+    hub["rope_embed.periods"] = 100.0 ** (2 * torch.arange(head_dim // 4) / (head_dim // 2))
+    for i in range(hf_model.config.num_hidden_layers):
+        src, dst = f"model.layer.{i}.", f"blocks.{i}."
+        src = src if src + "norm1.weight" in hf else f"layer.{i}."
+        att = src + "attention."
+        hub[dst + "attn.qkv.weight"] = torch.cat([hf[att + f"{n}_proj.weight"] for n in "qkv"])
+        hub[dst + "attn.qkv.bias"] = torch.cat([hf[att + "q_proj.bias"], torch.randn(width), hf[att + "v_proj.bias"]])
+        hub[dst + "attn.qkv.bias_mask"] = torch.cat([torch.ones(width), torch.zeros(width), torch.ones(width)])
+        hub[dst + "attn.proj.weight"], hub[dst + "attn.proj.bias"] = hf[att + "o_proj.weight"], hf[att + "o_proj.bias"]
+        for k in (1, 2):
+            hub[dst + f"ls{k}.gamma"] = hf[src + f"layer_scale{k}.lambda1"]
+            hub[dst + f"norm{k}.weight"], hub[dst + f"norm{k}.bias"] = hf[src + f"norm{k}.weight"], hf[src + f"norm{k}.bias"]
+        names = ({"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"} if hf_model.config.use_gated_mlp
+                 else {"up_proj": "fc1", "down_proj": "fc2"})
+        for theirs, ours in names.items():
+            for leaf in ("weight", "bias"):
+                hub[dst + f"mlp.{ours}.{leaf}"] = hf[src + f"mlp.{theirs}.{leaf}"]
+    return hub
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
+def test_dinov3_hub_state_dict_equals_transformers(tmp_path, gated):
+    ref = _hf_dinov3_model(tmp_path, gated=gated, registers=4)
+    torch.save(_dinov3_hub_state(ref, 4), tmp_path / "dinov3_vits16_pretrain_lvd1689m-test.pth")
+    _run_cli(["--format=dinov3", f"--input={tmp_path / 'dinov3_vits16_pretrain_lvd1689m-test.pth'}",
+              f"--output={tmp_path / 'out'}", "--num_heads=3"])
+    x = _images(2, 48, 80, seed=6)
+    with torch.no_grad():
+        want = ref(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+    out, config = _flax_features(tmp_path / "out", x)
+    assert max(_compare_tokens(out, want, 4).values()) < 1e-5
+    assert config["model"]["rope_theta"] == pytest.approx(100.0) and config["model"]["ln_eps"] == 1e-5
+
+
 def test_hf_dinov3_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -50,7 +50,7 @@ from medssl_jax.evaluate.probe import C_GRID, select_and_fit
 from medssl_jax.evaluate import splits as splits_lib
 
 # Converted checkpoints record their file format; what their weights were trained with, for the report.
-CONVERTED_METHODS = {"dinov2": "dinov2", "hf-dinov2": "dinov2", "hf-dinov3": "dinov3", "timm-npz": "supervised",
+CONVERTED_METHODS = {"dinov2": "dinov2", "hf-dinov2": "dinov2", "dinov3": "dinov3", "hf-dinov3": "dinov3", "timm-npz": "supervised",
                      "timm": "supervised", "torchvision-resnet": "supervised"}
 
 

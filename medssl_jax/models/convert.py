@@ -5,6 +5,8 @@ Formats (FORMATS):
                       `..._reg4_pretrain.pth`), read with torch.load(weights_only=True);
   hf-dinov2           a transformers Dinov2Model / Dinov2WithRegistersModel directory (model.safetensors +
                       config.json), read with safetensors (no torch needed);
+  dinov3              the official facebookresearch/dinov3 hub ViT `.pth` (`dinov3_vitb16_pretrain_lvd1689m-*.pth`):
+                      RoPE, storage (register) tokens, masked key bias, LayerScale, MLP or SwiGLU;
   hf-dinov3           a transformers DINOv3ViTModel directory (model.safetensors + config.json): RoPE,
                       registers, LayerScale, plain or gated MLP (ViT-S/16 ... H+/16), read with safetensors;
   timm                a timm VisionTransformer state_dict (`.safetensors` or `.pth`, or a directory with
@@ -51,12 +53,12 @@ import numpy as np
 
 from medssl_jax.models.resnet import STAGE_SIZES
 
-FORMATS = ("dinov2", "hf-dinov2", "hf-dinov3", "timm", "timm-npz", "torchvision-resnet", "simclr-tf")
+FORMATS = ("dinov2", "dinov3", "hf-dinov2", "hf-dinov3", "timm", "timm-npz", "torchvision-resnet", "simclr-tf")
 # The JSON a medssl_jax export to PyTorch (python -m medssl_jax.export) writes beside model.safetensors.
 SIDECARS = {"timm": "timm.json", "torchvision-resnet": "torchvision.json"}
 
-# DINOv2 / ViT widths whose head count is fixed by the released models.
-HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
+# DINOv2 / DINOv3 / ViT widths whose head count is fixed by the released models.
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 20, 1536: 24, 4096: 32}  # + DINOv3 H+ and 7B
 _LIST_LIMIT = 5
 
 
@@ -553,6 +555,72 @@ def hf_dinov3_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None =
     return {"params": params}, config
 
 
+def dinov3_hub_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: int | None = None,
+                       in_chans: int | None = None, what: str = "checkpoint"):
+    """Official DINOv3 hub ViT state_dict (`dinov3_vit*16*_pretrain_*.pth`) -> ({'params'}, config), through
+    the DINOv2 hub names it shares: `storage_tokens` are the registers, the SwiGLU's w1 / w2 (gate / up)
+    are fused to w12, the key part of the qkv bias is multiplied by the stored `bias_mask` (zero: DINOv3
+    masks it), `rope_embed.periods` must be base-100-style periods (base^(4j / head_dim)), whose base is
+    kept. The released models all use LayerNorm eps 1e-5 ('layernormbf16'); another eps goes in `arch`."""
+    state = dict(state)
+    _require(state, ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight", "norm.weight"), what)
+    if "cls_norm.weight" in state:
+        raise ConvertError(f"{what}: cls_norm.weight (a separate final norm of the CLS token, untie_cls_and_patch_norms)"
+                           " has no slot in medssl_jax's ViT yet")
+    width, chans, patch = state["patch_embed.proj.weight"].shape[:3]
+    depth = _count_indices(state, r"blocks\.(\d+)\.")
+    heads = num_heads or HEADS_BY_WIDTH.get(int(width))
+    if heads is None and not (arch and ("num_heads" in arch or "variant" in arch)):
+        raise ConvertError(f"{what}: cannot infer the head count of width {width}; give num_heads")
+    head_dim = int(width) // int(heads or (arch or {}).get("num_heads", 1))
+    periods = state.pop("rope_embed.periods", None)
+    base = 100.0
+    if periods is not None:
+        periods = np.asarray(periods, np.float64)
+        base = float(periods[1] ** (head_dim / 4)) if len(periods) > 1 else 100.0
+        expected = base ** (4 * np.arange(len(periods)) / head_dim)
+        if len(periods) != head_dim // 4 or not np.allclose(periods, expected, rtol=1e-5):
+            raise ConvertError(f"{what}: rope_embed.periods are not base^(4j / head_dim) periods for head dim "
+                               f"{head_dim} (min/max-period RoPE is not supported)")
+    for i in range(depth):
+        mask = state.pop(f"blocks.{i}.attn.qkv.bias_mask", None)
+        if mask is not None and f"blocks.{i}.attn.qkv.bias" in state:
+            if not np.all(np.isfinite(mask)):
+                raise ConvertError(f"{what}: blocks.{i}.attn.qkv.bias_mask holds NaN (an uninitialised mask)")
+            state[f"blocks.{i}.attn.qkv.bias"] = state[f"blocks.{i}.attn.qkv.bias"] * mask
+        for leaf in ("weight", "bias"):
+            gate, up = state.pop(f"blocks.{i}.mlp.w1.{leaf}", None), state.pop(f"blocks.{i}.mlp.w2.{leaf}", None)
+            if gate is not None and up is not None:
+                state[f"blocks.{i}.mlp.w12.{leaf}"] = np.concatenate([gate, up], axis=0)
+    if "storage_tokens" in state:
+        tokens = state.pop("storage_tokens")
+        if tokens.shape[1]:
+            state["register_tokens"] = tokens
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    hidden = state["blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[0]
+    mlp_dim = hidden // 2 * 3 // 2 if swiglu else hidden
+    if swiglu:
+        from medssl_jax.models.vit import swiglu_hidden_dim
+
+        if swiglu_hidden_dim(mlp_dim) != hidden // 2:
+            raise ConvertError(f"{what}: SwiGLU width {hidden // 2} is not one medssl_jax's rounding gives")
+    inferred = dict(
+        variant=_variant_name(width, depth, patch), width=int(width), depth=depth, num_heads=heads,
+        mlp_dim=int(mlp_dim), patch_size=int(patch), ffn="swiglu" if swiglu else "mlp",
+        image_size=224 // int(patch) * int(patch), in_chans=int(in_chans or chans),
+        num_registers=int(state["register_tokens"].shape[1]) if "register_tokens" in state else 0,
+        layerscale_init=1.0 if "blocks.0.ls1.gamma" in state else None, ln_eps=1e-5,
+        qkv_bias="blocks.0.attn.qkv.bias" in state, gelu_approximate=False, position="rope", rope_theta=base,
+        pool="token")
+    config = _vit_config(inferred, arch)
+    what = f"{what} does not fit {_describe(config, arch)}"
+    abstract = _vit_abstract(config, what)
+    params = _fill(abstract["params"], state, dinov2_source,
+                   ignore=lambda k: k == "mask_token" or k.startswith(("head.", "local_cls_norm.")), what=what,
+                   adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
+    return {"params": params}, config
+
+
 # ------------------------------------------------------------------------------------------- timm (PyTorch)
 
 
@@ -858,6 +926,10 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
         variables, model = hf_dinov2_to_flax(state, hf_config, arch=arch, pos_interp=pos_interp, in_chans=in_chans,
                                              what=what)
         weights_file = path if os.path.isfile(path) else os.path.join(path, "model.safetensors")
+    elif fmt == "dinov3":
+        variables, model = dinov3_hub_to_flax(read_torch_state_dict(path), arch=arch, num_heads=num_heads,
+                                              in_chans=in_chans, what=what)
+        weights_file = path
     elif fmt == "hf-dinov3":
         state, hf_config = read_hf_directory(path)
         variables, model = hf_dinov3_to_flax(state, hf_config, arch=arch, in_chans=in_chans, what=what)
@@ -933,6 +1005,8 @@ def input_normalization(fmt: str, path: str) -> tuple[tuple, tuple, int, str]:
 
     if fmt == "simclr-tf":  # SimCLR's input pipeline: RGB in [0, 1], no mean/std (data_util.preprocess_image)
         return (), (), 224, "SimCLR (RGB in [0, 1], no normalisation)"
+    if fmt == "dinov3" and "sat493m" in os.path.basename(path):  # DINOv3's satellite models (their README)
+        return (0.430, 0.411, 0.296), (0.213, 0.156, 0.143), 224, "DINOv3 SAT-493M (the satellite models' transform)"
     if fmt == "timm-npz":  # the augreg ViTs see pixels in [-1, 1]
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, "timm augreg (inputs in [-1, 1])"
     if fmt in ("hf-dinov2", "hf-dinov3"):
@@ -947,7 +1021,7 @@ def input_normalization(fmt: str, path: str) -> tuple[tuple, tuple, int, str]:
                 return tuple(p["image_mean"]), tuple(p["image_std"]), _hf_size(p), "preprocessor_config.json"
         return IMAGENET_MEAN, IMAGENET_STD, 224, "ImageNet (no preprocessor_config.json: transformers' default)"
     return IMAGENET_MEAN, IMAGENET_STD, 224, "ImageNet (the training transform of the " + (
-        {"dinov2": "DINOv2 hub models)", "timm": "timm ViTs without a timm.json; augreg ones use 0.5 / 0.5)"}.get(
+        {"dinov2": "DINOv2 hub models)", "dinov3": "DINOv3 LVD-1689M models)", "timm": "timm ViTs without a timm.json; augreg ones use 0.5 / 0.5)"}.get(
             fmt, "torchvision weights)"))
 
 
