@@ -28,6 +28,7 @@ number, the versions and the device. Record the table in BENCHMARKS.md with the 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -160,7 +161,7 @@ def _torch_resnet50():
         model.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
         model.fc = nn.Identity()
         return model, 2048
-    except ImportError:
+    except (ImportError, RuntimeError):  # not installed, or a build that does not match torch's: fails at import
         pass
 
     class Bottleneck(nn.Module):
@@ -284,12 +285,15 @@ def run_row(name: str, sizes: dict, store: str, *, smoke: bool) -> dict:
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "host_cores": os.cpu_count()}
-    for module in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "torch", "torchvision"):
+    # Installed distributions' versions, read without importing them (an installed torchvision that does
+    # not match torch's build fails at import; the report should still say which one it is).
+    for name, dist in (("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"), ("optax", "optax"),
+                       ("orbax.checkpoint", "orbax-checkpoint"), ("grain", "grain"), ("torch", "torch"),
+                       ("torchvision", "torchvision")):
         try:
-            imported = __import__(module, fromlist=["__version__"])
-            out[module] = getattr(imported, "__version__", "?")
-        except ImportError:
-            out[module] = None
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
     try:
         out["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                      "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()

@@ -278,9 +278,13 @@ def _onnx(variables: dict, config: dict, channels: int, output: str) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     fmt = "torchvision" if config["model"]["name"] == "resnet" else "timm"
     _write(build(fmt, variables, config, channels), staging)
-    spec = json.load(open(os.path.join(staging, f"{fmt}.json")))
+    with open(os.path.join(staging, f"{fmt}.json")) as f:
+        spec = json.load(f)
     if fmt == "torchvision":
-        net = to_torch.torchvision_resnet(spec)
+        try:
+            net = to_torch.torchvision_resnet(spec)
+        except ImportError:
+            raise to_torch.ExportError("--format=onnx of a ResNet needs torchvision (pip install torchvision)") from None
     else:
         try:
             import timm

@@ -901,7 +901,7 @@ def simclr_tf_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_cha
     def ignore(key: str) -> bool:
         return not key.startswith(prefix) or key.endswith("/Momentum") or "/Momentum" in key or key == "global_step"
 
-    variables = _fill(abstract, state, torchvision_source, ignore=ignore, what=what,
+    variables = _fill(abstract, state, source_of, ignore=ignore, what=what,
                       adapt=_adapt_in_chans(("params", "stem", "conv", "kernel"), in_chans))
     return variables, config
 
