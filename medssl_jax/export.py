@@ -19,7 +19,6 @@ The reverse direction is `python -m medssl_jax.convert --format=torchvision-resn
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import os
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from medssl_jax import checkpoint
+from medssl_jax.evaluate import records
 from medssl_jax.models import convert as convert_lib
 from medssl_jax.models import to_torch
 
@@ -45,20 +45,6 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser.parse_args(argv)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def _save_safetensors(path: str, state: dict) -> None:
@@ -267,19 +253,14 @@ def _onnx(variables: dict, config: dict, channels: int, output: str) -> dict:
         import torch
     except ImportError:
         raise to_torch.ExportError("--format=onnx needs PyTorch (pip install torch; the CPU build is enough)") from None
-    from safetensors.torch import load_file
-
     try:
         import onnxscript  # noqa: F401 - torch.onnx's exporter (torch.export based) builds the graph with it
     except ImportError:
         raise to_torch.ExportError("--format=onnx needs onnx and onnxscript (pip install onnx onnxscript; "
                                    "onnxruntime to check the result)") from None
-    staging = output + ".torch"
-    shutil.rmtree(staging, ignore_errors=True)
     fmt = "torchvision" if config["model"]["name"] == "resnet" else "timm"
-    _write(build(fmt, variables, config, channels), staging)
-    with open(os.path.join(staging, f"{fmt}.json")) as f:
-        spec = json.load(f)
+    items = build(fmt, variables, config, channels)
+    spec = items[f"{fmt}.json"]
     if fmt == "torchvision":
         try:
             net = to_torch.torchvision_resnet(spec)
@@ -291,9 +272,8 @@ def _onnx(variables: dict, config: dict, channels: int, output: str) -> dict:
         except ImportError:
             raise to_torch.ExportError("--format=onnx of a ViT needs timm (pip install timm)") from None
         net = timm.create_model(spec["model_name"], **spec["kwargs"])
-    net.load_state_dict(load_file(os.path.join(staging, "model.safetensors")), strict=True)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in items["model.safetensors"].items()}, strict=True)
     net.eval()
-    shutil.rmtree(staging)
     size = spec["input"]["image_size"] if fmt == "torchvision" else spec["kwargs"]["img_size"]
     example = torch.zeros((1, channels, size, size))
     os.makedirs(output, exist_ok=True)
@@ -325,8 +305,8 @@ def _write(items: dict, output: str) -> dict[str, str]:
         if name.endswith(".safetensors"):
             _save_safetensors(path, item)
         else:
-            _write_json(path, item)
-        digests[name] = _sha256(path)
+            records.write_json(path, item)
+        digests[name] = convert_lib.file_sha256(path)
     return digests
 
 
@@ -343,7 +323,7 @@ def export(input_dir: str, fmt: str, output: str, *, overwrite: bool = False) ->
         items = _onnx(variables, config, channels, tmp)
     files = _write(items, tmp)
     for name in sorted(os.listdir(tmp)):  # the ONNX graph and its external weights, when torch wrote them
-        files.setdefault(name, _sha256(os.path.join(tmp, name)))
+        files.setdefault(name, convert_lib.file_sha256(os.path.join(tmp, name)))
     labels = None
     if head is not None:
         state, labels = head

@@ -414,7 +414,7 @@ _NOT_IDENTITY = ("log_every", "checkpoint_every", "keep_checkpoints", "data.num_
 def run_identity(cfg, run_dir: str) -> dict:
     """What determines one run's result: its train-loop config, flattened, without `_NOT_IDENTITY` and
     with the head-init path relative to the run (a study directory moved elsewhere still matches)."""
-    flat = _flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    flat = _flatten(records.json_value(cfg.to_dict()))
     for key in _NOT_IDENTITY:
         flat.pop(key, None)
     if flat.get("supervised.head_init"):

@@ -46,6 +46,12 @@ def store_fingerprint(store_path: str) -> str:
         raise ReportError(f"{path}: cannot read store.json ({e.strerror})") from None
 
 
+def json_value(obj):
+    """`obj` as it reads back from JSON (tuples -> lists, other objects by str()): what a stored record is
+    compared against."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -133,10 +133,6 @@ def _with_store_image_size(config):
 ARM_CONFIG_FILE = "study_arm_config.json"
 
 
-def _arm_config_json(config) -> dict:
-    return json.loads(json.dumps(config.to_dict(), default=str))
-
-
 def _done(workdir: str, arm: str, fractions: list[float], arm_config) -> bool:
     """Whether `arm` finished in `workdir` at every fraction of this study under the same config (a study
     rerun with more fractions or a wider grid evaluates again; fine-tuning then reads back the finished runs
@@ -147,7 +143,7 @@ def _done(workdir: str, arm: str, fractions: list[float], arm_config) -> bool:
     if not os.path.exists(stored):
         return False
     with open(stored) as f:
-        if json.load(f) != _arm_config_json(arm_config):
+        if json.load(f) != records.json_value(arm_config.to_dict()):
             return False
     if arm == "finetune":
         with open(os.path.join(workdir, "finetune.json")) as f:
@@ -194,7 +190,7 @@ def run(config, workdir: str) -> dict | None:
                 logging_lib.log("transfer study stopped; rerun the same command to resume")
                 return None
             if jax.process_index() == 0:
-                records.write_json(os.path.join(out, ARM_CONFIG_FILE), _arm_config_json(arm_cfg))
+                records.write_json(os.path.join(out, ARM_CONFIG_FILE), records.json_value(arm_cfg.to_dict()))
 
     result = analyse(config, names, dirs, fractions)
     records.write_json(os.path.join(workdir, "transfer.json"), result)

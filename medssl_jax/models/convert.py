@@ -377,43 +377,43 @@ def _variant_name(width, depth, patch) -> str:
 # ------------------------------------------------------------------------------------- transformers DINOv2
 
 
-def hf_dinov2_source(names: tuple[str, ...], *, old_swiglu: bool = False) -> Source:
-    """Where a ViT parameter (path under 'params') lives in a transformers Dinov2Model state_dict."""
-    def wb(names):
-        return "weight" if names[-1] in ("kernel", "scale") else "bias"
-
-    top = names[0]
-    if top == "patch_embed":
-        return (f"embeddings.patch_embeddings.projection.{wb(names)}",), (
-            _conv_oihw if names[1] == "kernel" else _same)
-    if top == "cls_token":
-        return ("embeddings.cls_token",), _same
-    if top == "pos_embed":
-        return ("embeddings.position_embeddings",), _same
-    if top == "register_tokens":
-        return ("embeddings.register_tokens",), _same
-    if top == "norm":
-        return (f"layernorm.{wb(names)}",), _same
-    layer = f"encoder.layer.{int(top.split('_')[1])}."
-    part, t = names[1], _linear_t if names[-1] == "kernel" else _same
+def _hf_block_source(names: tuple[str, ...], layer: str, modules: Mapping[str, str | tuple[str, ...]]) -> Source:
+    """A transformer block's parameter (names = block_i/...) in a transformers layout: LayerScale and norms
+    are named alike in Dinov2 and DINOv3; `modules` maps our module path ('attn/qkv', 'attn/proj',
+    'mlp/fc1', 'mlp/fc2', 'mlp/w12', 'mlp/w3') to its module under `layer`, a tuple for the modules our
+    fused one concatenates (q, k, v; SwiGLU's [gate; up])."""
+    leaf = "weight" if names[-1] in ("kernel", "scale") else "bias"
+    part = names[1]
     if part in ("ls1", "ls2"):
         return (f"{layer}layer_scale{part[-1]}.lambda1",), _same
     if part in ("norm1", "norm2"):
-        return (f"{layer}{part}.{wb(names)}",), _same
-    if part == "attn" and names[2] == "qkv":
-        keys = tuple(f"{layer}attention.attention.{n}.{wb(names)}" for n in ("query", "key", "value"))
-        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
-    if part == "attn":
-        return (f"{layer}attention.output.dense.{wb(names)}",), t
-    sub = names[2]  # mlp/{fc1, fc2, w12, w3}
-    if sub in ("fc1", "fc2"):
-        return (f"{layer}mlp.{sub}.{wb(names)}",), t
-    if old_swiglu:
-        return (f"{layer}mlp.{'weights_in' if sub == 'w12' else 'weights_out'}.{wb(names)}",), t
-    if sub == "w12":  # our w12 = [gate; up]: silu(x @ gate) * (x @ up)
-        keys = (f"{layer}mlp.gate_proj.{wb(names)}", f"{layer}mlp.up_proj.{wb(names)}")
-        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
-    return (f"{layer}mlp.down_proj.{wb(names)}",), t
+        return (f"{layer}{part}.{leaf}",), _same
+    module = modules["/".join(names[1:-1])]
+    if isinstance(module, tuple):
+        return tuple(f"{layer}{m}.{leaf}" for m in module), _concat_linear_t if names[-1] == "kernel" else _concat
+    return (f"{layer}{module}.{leaf}",), _linear_t if names[-1] == "kernel" else _same
+
+
+_HF_DINOV2_MODULES = {
+    "attn/qkv": ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+    "attn/proj": "attention.output.dense", "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2",
+    "mlp/w12": ("mlp.gate_proj", "mlp.up_proj"), "mlp/w3": "mlp.down_proj"}
+_HF_DINOV2_OLD_SWIGLU = {**_HF_DINOV2_MODULES, "mlp/w12": "mlp.weights_in", "mlp/w3": "mlp.weights_out"}  # < 5.0
+
+
+def hf_dinov2_source(names: tuple[str, ...], *, old_swiglu: bool = False) -> Source:
+    """Where a ViT parameter (path under 'params') lives in a transformers Dinov2Model state_dict."""
+    top, leaf = names[0], "weight" if names[-1] in ("kernel", "scale") else "bias"
+    if top == "patch_embed":
+        return (f"embeddings.patch_embeddings.projection.{leaf}",), _conv_oihw if names[1] == "kernel" else _same
+    if top in ("cls_token", "register_tokens"):
+        return (f"embeddings.{top}",), _same
+    if top == "pos_embed":
+        return ("embeddings.position_embeddings",), _same
+    if top == "norm":
+        return (f"layernorm.{leaf}",), _same
+    return _hf_block_source(names, f"encoder.layer.{int(top.split('_')[1])}.",
+                            _HF_DINOV2_OLD_SWIGLU if old_swiglu else _HF_DINOV2_MODULES)
 
 
 def _unit_layer_scales(state: Mapping) -> bool:
@@ -467,34 +467,22 @@ def hf_dinov2_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None =
 # ------------------------------------------------------------------------------------- transformers DINOv3
 
 
+_HF_DINOV3_MODULES = {
+    "attn/qkv": ("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attn/proj": "attention.o_proj",
+    "mlp/fc1": "mlp.up_proj", "mlp/fc2": "mlp.down_proj", "mlp/w12": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp/w3": "mlp.down_proj"}
+
+
 def hf_dinov3_source(names: tuple[str, ...]) -> Source:
     """Where a ViT parameter (path under 'params') lives in a transformers DINOv3ViTModel state_dict."""
-    def wb(names):
-        return "weight" if names[-1] in ("kernel", "scale") else "bias"
-
-    top = names[0]
+    top, leaf = names[0], "weight" if names[-1] in ("kernel", "scale") else "bias"
     if top == "patch_embed":
-        return (f"embeddings.patch_embeddings.{wb(names)}",), _conv_oihw if names[1] == "kernel" else _same
+        return (f"embeddings.patch_embeddings.{leaf}",), _conv_oihw if names[1] == "kernel" else _same
     if top in ("cls_token", "register_tokens"):
         return (f"embeddings.{top}",), _same
     if top == "norm":
-        return (f"norm.{wb(names)}",), _same
-    layer = f"layer.{int(top.split('_')[1])}."
-    part, t = names[1], _linear_t if names[-1] == "kernel" else _same
-    if part in ("ls1", "ls2"):
-        return (f"{layer}layer_scale{part[-1]}.lambda1",), _same
-    if part in ("norm1", "norm2"):
-        return (f"{layer}{part}.{wb(names)}",), _same
-    if part == "attn" and names[2] == "qkv":
-        keys = tuple(f"{layer}attention.{n}_proj.{wb(names)}" for n in ("q", "k", "v"))
-        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
-    if part == "attn":
-        return (f"{layer}attention.o_proj.{wb(names)}",), t
-    sub = names[2]
-    if sub == "w12":  # our w12 = [gate; up]: silu(x @ gate) * (x @ up)
-        keys = (f"{layer}mlp.gate_proj.{wb(names)}", f"{layer}mlp.up_proj.{wb(names)}")
-        return keys, _concat_linear_t if names[-1] == "kernel" else _concat
-    return (f"{layer}mlp.{'up_proj' if sub == 'fc1' else 'down_proj'}.{wb(names)}",), t
+        return (f"norm.{leaf}",), _same
+    return _hf_block_source(names, f"layer.{int(top.split('_')[1])}.", _HF_DINOV3_MODULES)
 
 
 def hf_dinov3_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None = None, in_chans: int | None = None,
