@@ -136,6 +136,7 @@ def pretrain_config() -> mlc.ConfigDict:
 
     # LARS, lr 0.3 per 256 images (linear scaling), warm-up then cosine, wd 1e-6: see medssl_jax/optim.py.
     c.optim = optim.default_config("lars")
+    optim.add_encoder_update_fields(c.optim)
     c.optim.warmup_steps = -1  # -1: use warmup_epochs
     c.optim.warmup_epochs = 10.0
 

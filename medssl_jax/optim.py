@@ -68,6 +68,15 @@ def default_config(name: str = "lars") -> ml_collections.ConfigDict:
     })
 
 
+def add_encoder_update_fields(cfg: ml_collections.ConfigDict) -> None:
+    """The pretraining optimiser's encoder update factors (`scale_encoder_updates`), neutral by default:
+    DINOv2's layer-wise lr decay and patch-embedding lr multiplier for ViTs, and a frozen encoder for the
+    first updates. Not in `default_config`, which fine-tuning shares (it has its own grid for these)."""
+    cfg.layer_decay = 1.0
+    cfg.patch_embed_lr_mult = 1.0
+    cfg.frozen_encoder_steps = 0
+
+
 def _path_names(path) -> list[str]:
     return [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
 
@@ -222,7 +231,57 @@ def make_optimizer(cfg, *, total_steps: int, batch_size: int) -> tuple[optax.Gra
             optax.add_decayed_weights(weight_decay, mask=decay_mask),
             optax.sgd(schedule, momentum=momentum or None, nesterov=bool(cfg.get("nesterov", False))),
         )
+    layer_decay = float(cfg.get("layer_decay", 1.0))
+    patch_embed_mult = float(cfg.get("patch_embed_lr_mult", 1.0))
+    frozen = int(cfg.get("frozen_encoder_steps", 0))
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"optim.layer_decay={layer_decay}: must be in (0, 1] (1 = no layer-wise decay)")
+    if patch_embed_mult <= 0:
+        raise ValueError(f"optim.patch_embed_lr_mult={patch_embed_mult}: must be > 0")
+    if not 0 <= frozen < total_steps:
+        raise ValueError(f"optim.frozen_encoder_steps={frozen}: must be >= 0 and below the run's {total_steps} steps")
+    if (layer_decay, patch_embed_mult, frozen) != (1.0, 1.0, 0):
+        tx = optax.chain(tx, scale_encoder_updates(layer_decay=layer_decay, patch_embed_mult=patch_embed_mult,
+                                                   frozen_steps=frozen))
     return tx, schedule
+
+
+class FrozenCountState(NamedTuple):
+    count: jax.Array  # updates seen so far
+
+
+def scale_encoder_updates(*, layer_decay: float = 1.0, patch_embed_mult: float = 1.0, frozen_steps: int = 0,
+                          encoder_key: str = "encoder") -> optax.GradientTransformation:
+    """Multiplies the final update of every encoder parameter by DINOv2's pretraining lr factors: layer-wise
+    decay (`lr_multipliers`: layer_decay ** (L + 1 - layer id) for a ViT of L blocks) times
+    `patch_embed_mult` for the patch embedding; and by 0 for the first `frozen_steps` updates. Placed after
+    the whole optimiser, so weight decay is frozen too, while the optimiser's moments of the encoder keep
+    accumulating its real gradients: the encoder starts moving with warm statistics (continued pretraining
+    trains fresh heads on a frozen backbone first; configs/dino.py). Constant factors after a linear
+    momentum/lr stage are exactly per-parameter learning rates."""
+
+    def factors(updates):
+        base = lr_multipliers(updates, layer_decay=layer_decay, encoder_key=encoder_key)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, f: f * (patch_embed_mult if "patch_embed" in _path_names(path) else 1.0), base)
+
+    def init(params):
+        del params
+        return FrozenCountState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        frozen = state.count < frozen_steps
+
+        def one(path, u, f):
+            if encoder_key not in _path_names(path):
+                return u
+            return jnp.where(frozen, jnp.zeros_like(u), u * jnp.asarray(f, u.dtype))
+
+        updates = jax.tree_util.tree_map_with_path(one, updates, factors(updates))
+        return updates, FrozenCountState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
@@ -301,6 +360,10 @@ def make_finetune_optimizer(cfg, *, peak_lr: float, warmup_steps: int, total_ste
     _choice(cfg, "name", FINETUNE_OPTIMIZERS)
     if float(cfg.get("weight_decay_end", -1.0)) >= 0:
         raise ValueError("fine-tuning: optim.weight_decay_end must be -1 (a constant weight decay)")
+    for key, neutral in (("layer_decay", 1.0), ("patch_embed_lr_mult", 1.0), ("frozen_encoder_steps", 0)):
+        if cfg.get(key, neutral) != neutral:
+            raise ValueError(f"fine-tuning: optim.{key} must stay {neutral} (the fine-tuning grid sets layer-wise "
+                             "decay and the backbone lr: finetune.layer_decays, finetune.backbone_lr_mults)")
     unit = ml_collections.ConfigDict(cfg.to_dict())
     unit.update(base_lr=1.0, lr_scaling="none", schedule="constant", warmup_steps=0)
     base, _ = make_optimizer(unit, total_steps=max(total_steps, 1), batch_size=256)

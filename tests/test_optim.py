@@ -219,3 +219,36 @@ def test_lars_gradient_scale_cancels_only_for_adapted_parameters():
     np.testing.assert_allclose(double["conv"]["kernel"], single["conv"]["kernel"], rtol=1e-6)
     np.testing.assert_allclose(double["bn"]["scale"], 2 * single["bn"]["scale"], rtol=1e-6)
     np.testing.assert_allclose(double["dense"]["bias"], 2 * single["dense"]["bias"], rtol=1e-6)
+
+
+def test_encoder_update_factors_follow_dinov2_layer_decay_and_freeze_the_encoder_first():
+    """make_optimizer with DINOv2's pretraining factors (layerwise_decay 0.9, patch_embed_lr_mult 0.2 in
+    ssl_default_config.yaml) and a frozen encoder: SGD updates equal lr * factor * gradient, with
+    factor = 0.9 ** (L + 1 - layer id) (x 0.2 for the patch embedding) for a ViT of L = 2 blocks, 1 for the
+    head, and 0 for every encoder parameter (weight decay included) during the first 2 updates."""
+    params = {"encoder": {"patch_embed": {"kernel": jnp.ones((2, 2))}, "cls_token": jnp.ones((2,)),
+                          "block_0": {"kernel": jnp.ones((2, 2))}, "block_1": {"kernel": jnp.ones((2, 2))},
+                          "encoder_norm": {"scale": jnp.ones((2,))}},
+              "head": {"kernel": jnp.ones((2, 2))}}
+    cfg = optim.default_config("sgd")
+    optim.add_encoder_update_fields(cfg)
+    cfg.update(base_lr=0.5, lr_scaling="none", schedule="constant", momentum=0.0, weight_decay=0.1,
+               layer_decay=0.9, patch_embed_lr_mult=0.2, frozen_encoder_steps=2)
+    tx, _ = optim.make_optimizer(cfg, total_steps=10, batch_size=256)
+    grads = jax.tree.map(lambda p: 2.0 * jnp.ones_like(p), params)
+    expected_factor = {"patch_embed": 0.2 * 0.9 ** 3, "cls_token": 0.9 ** 3, "block_0": 0.9 ** 2,
+                       "block_1": 0.9, "encoder_norm": 1.0}
+    state = tx.init(params)
+    for step in range(3):
+        updates, state = tx.update(grads, state, params)
+        for name, factor in expected_factor.items():
+            decayed = name != "encoder_norm"  # optim.param_labels: no weight decay on norms and biases
+            want = 0.0 if step < 2 else -0.5 * factor * (2.0 + (0.1 if decayed else 0.0))
+            np.testing.assert_allclose(jax.tree.leaves(updates["encoder"][name])[0], want, rtol=1e-6)
+        np.testing.assert_allclose(updates["head"]["kernel"], -0.5 * 2.1, rtol=1e-6)
+    cfg.frozen_encoder_steps = 10
+    with pytest.raises(ValueError, match="frozen_encoder_steps=10"):
+        optim.make_optimizer(cfg, total_steps=10, batch_size=256)
+    cfg.update(frozen_encoder_steps=0, layer_decay=1.5)
+    with pytest.raises(ValueError, match="layer_decay=1.5"):
+        optim.make_optimizer(cfg, total_steps=10, batch_size=256)
