@@ -64,10 +64,24 @@ over 8 devices (FSDP: config.mesh (("data", -1), ("fsdp", 8)), config.sharding_r
   python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,variant=L/14,steps_per_epoch=875 \
       --config.model.attention=cudnn --workdir=/runs/dino_vitl14
 
-Two-stage (natural images -> radiographs) from DINOv2 or timm weights converted with
-`python -m medssl_jax.convert` (the model fields must describe the converted ViT, e.g. B/14 at 518 px,
-3 input channels, LayerScale): add `--config.init=/ckpt/dinov2_vitb14` and those `--config.model.*`
-fields; the student gets the weights and the teacher copies the student at step 0.
+Continued pretraining from a foundation checkpoint (RAD-DINO's recipe: DINOv2, DINOv3, RAD-DINO or any
+export, converted with `python -m medssl_jax.convert`, trained further on your images): `init=DIR` in the
+config argument takes the whole model from the checkpoint's config.json (architecture, input
+normalisation), starts student and teacher from its weights with a fresh DINO head, and sets the recipe
+(`_continued_pretraining` below says why each value): 30 epochs; the heads learn on a frozen backbone for
+the first epoch; a tenth of DINO's lr with DINOv2's layer-wise lr decay 0.9 and patch-embedding lr x0.2;
+Sinkhorn-Knopp teacher, KoLeo 0.1, teacher momentum 0.992 -> 1, teacher temperature 0.04 -> 0.07 over
+the first third; DINOv2's crop scales. ViT-L and ViT-g checkpoints run on FSDP over 8 devices:
+
+  python -m medssl_jax.convert --format=hf-dinov2 --input=/downloads/rad-dino --output=/ckpt/rad_dino
+  python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,init=/ckpt/rad_dino,steps_per_epoch=875 \
+      --config.model.attention=cudnn --workdir=/runs/rad_dino_continued
+
+(`--config.init=DIR` alone only loads the weights into the from-scratch recipe, whose model fields must
+then describe the checkpoint.) Measured on the embedded phantoms with a small ViT (`:runlocal,init=DIR`:
+600 steps, 32 / 16 px crops, the first 50 steps heads only): BENCHMARKS.md, "Continued pretraining".
+The DINO head starts random because DINOv2 and DINOv3 release only the teacher's backbone; iBOT's
+masked-patch objective is not implemented here.
 
 Hardware and runtime (an ESTIMATE, not a measurement of this config): per image a step is 2 global
 crops through student and teacher plus 8 local crops of (96/224)^2 = 0.18 the tokens each, about 3.5
@@ -94,17 +108,24 @@ def get_config(arg=None):
     Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested store;
     '' = embedded phantoms), `variant` (ViT 'S/16', 'B/16', 'L/14' or 'g/14'; also 'vit_l14', 'vit_g14'),
     `fsdp` (devices that shard the state: default 8 for L and g, 1 = data parallel for S and B), `steps_per_epoch` (images in the train
-    split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100),
+    split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100; 30 with
+    `init`), `init` (continued pretraining from that export or converted checkpoint, its model included),
     `encoder` ('vit', or 'resnet': DINO's ResNet-50 recipe, and at :runlocal, the default there, the
     ResNet-18 of the other :runlocal configs).
     """
-    args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=100,
-                                encoder="", fsdp=0)
+    args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=0,
+                                encoder="", fsdp=0, init="")
     args.variant = {"vit_l14": "L/14", "vit_g14": "g/14"}.get(args.variant, args.variant)
+    source = _source_model(args.init) if args.init else None
     # The full recipe is DINO's ViT; the CPU run's default is the ResNet-18 (the ViT does not learn there).
-    args.encoder = args.encoder or ("resnet" if args.runlocal else "vit")
-    if args.encoder not in ("vit", "resnet"):
+    args.encoder = args.encoder or (source["name"] if source else "resnet" if args.runlocal else "vit")
+    if args.encoder not in ("vit", "resnet") and not (source and args.encoder == "convnext"):
         raise ValueError(f"config argument encoder={args.encoder!r} is not one of ['resnet', 'vit']")
+    if source and args.encoder != source["name"]:
+        raise ValueError(f"config argument encoder={args.encoder!r}: the init {args.init} is a {source['name']}")
+    args.epochs = args.epochs or (CONTINUED_EPOCHS if source else 100)
+    if args.epochs < 0 or args.steps_per_epoch < 1:
+        raise ValueError(f"config arguments epochs={args.epochs}, steps_per_epoch={args.steps_per_epoch}: must be >= 1")
     c = config_lib.pretrain_config()
     c.method = "dino"
     dino.extend_config(c)
@@ -122,7 +143,8 @@ def get_config(arg=None):
     # ViT-L/14 and ViT-g/14 (300M / 1.1B parameters; with AdamW's two moments and the teacher, 4 copies)
     # do not fit replicated at a useful batch: FSDP over `fsdp` devices (default 8) shards every parameter,
     # optimiser moment and the teacher; the batch is still split over all devices.
-    fsdp = args.fsdp or (8 if args.variant.split("/")[0] in ("L", "g") else 1)
+    large = source["width"] >= 1024 if source and source["name"] == "vit" else args.variant.split("/")[0] in ("L", "g")
+    fsdp = args.fsdp or (8 if large else 1)
     if fsdp < 1:
         raise ValueError(f"config argument fsdp={args.fsdp}: must be >= 1 (1 = data parallel only)")
     if fsdp > 1:
@@ -168,7 +190,7 @@ def get_config(arg=None):
         c.dino.momentum_teacher = 0.9
         c.dino.freeze_last_layer_steps = 20
         c.dino.health_check_after_steps = 100
-        if args.encoder == "vit":
+        if args.encoder in ("vit", "convnext"):
             # A 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops, DINO's centring, AdamW.
             config_lib.apply_runlocal(c, image_size=32, probe_size=32)
             c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
@@ -207,4 +229,68 @@ def get_config(arg=None):
             c.dino.num_head_layers = 2
             c.dino.use_bn_in_head = True
             c.total_steps = 600
+    if source:
+        _continued_pretraining(c, args, source)
     return c
+
+
+# Continued pretraining (RAD-DINO's recipe: a foundation ViT trained further on the user's images).
+CONTINUED_EPOCHS = 30
+
+
+def _source_model(init: str) -> dict:
+    """The model fields of the export / converted checkpoint the run continues from (its config.json)."""
+    from medssl_jax import checkpoint
+
+    return dict(checkpoint.load_export_config(init)["model"])
+
+
+def _continued_pretraining(c, args, source: dict) -> None:
+    """Student and teacher start from `args.init` (the teacher copies the student at step 0); the DINO head
+    is fresh. What changes against pretraining from scratch, and why:
+    - the model is the checkpoint's own (every field from its config.json, input normalisation included);
+      crops of any size run through it (the ViT resamples learned positions in-graph; RoPE needs none);
+    - the heads learn on a frozen backbone first (`optim.frozen_encoder_steps`, one epoch): random heads
+      would otherwise send large, meaningless gradients into a good backbone (users of dinov2 #204 saw
+      kNN accuracy collapse within 20k images that way); the optimiser's moments warm up meanwhile;
+    - a tenth of DINO's from-scratch lr, with DINOv2's layer-wise lr decay 0.9 and patch-embedding lr x0.2
+      (ssl_default_config.yaml), so early layers move least;
+    - DINOv2's objective for its checkpoints: Sinkhorn-Knopp teacher, KoLeo 0.1, teacher momentum 0.992 -> 1,
+      teacher temperature 0.04 -> 0.07 over the first third of the run, DINOv2's crop scales;
+    - drop path as the source's recipe would have it (0.1 for ViT-S/B; DINOv2 used up to 0.4 for g)."""
+    c.init = args.init
+    remat = bool(c.model.get("remat", False))  # FSDP's rematerialised blocks (set above for ViT-L and g)
+    fields = {k: v for k, v in source.items() if k != "name" and v is not None}
+    c.model = models.model_config(source["name"], **fields)
+    if remat:
+        c.model.remat = True
+    epoch = args.steps_per_epoch
+    c.total_steps = args.epochs * epoch
+    c.dino.centering = "sinkhorn_knopp"
+    c.dino.koleo_weight = 0.1
+    c.dino.momentum_teacher = 0.992
+    c.dino.teacher_temp = 0.07
+    c.dino.warmup_teacher_temp = 0.04
+    c.dino.teacher_temp_warmup_steps = c.total_steps // 3
+    c.dino.teacher_temp_epoch_steps = epoch
+    c.dino.freeze_last_layer_steps = epoch
+    c.dino.health_check_after_steps = c.total_steps // 3
+    c.data.crop_scale = (0.32, 1.0)
+    c.dino.local_crop_scale = (0.05, 0.32)
+    c.optim.update(frozen_encoder_steps=epoch, warmup_steps=2 * epoch, base_lr=0.1 * c.optim.base_lr)
+    if source["name"] == "vit":
+        c.model.drop_path_rate = 0.0 if args.runlocal else 0.1
+        c.optim.update(layer_decay=0.9, patch_embed_lr_mult=0.2)
+    if source["name"] == "convnext":  # DINOv3's ConvNeXts; every crop at least their total stride, 32 px
+        c.model.drop_path_rate = 0.0 if args.runlocal else 0.1
+        c.dino.local_image_size = max(c.dino.local_image_size, 32)
+        c.data.image_size = max(c.data.image_size, 32)
+    if args.runlocal:
+        # Minutes on 2 CPU cores: the 600-step :runlocal run at 32 px global / 16 px local crops, the first
+        # 50 steps heads only, the teacher temperature at 0.07 after 100 steps.
+        c.total_steps = 600
+        c.dino.teacher_temp_warmup_steps = 100
+        c.dino.teacher_temp_epoch_steps = 1
+        c.dino.freeze_last_layer_steps = 20
+        c.dino.health_check_after_steps = 100
+        c.optim.update(frozen_encoder_steps=50, warmup_steps=100)

@@ -304,6 +304,71 @@ def test_dinov3_hub_state_dict_equals_transformers(tmp_path, gated):
     assert config["model"]["rope_theta"] == pytest.approx(100.0) and config["model"]["ln_eps"] == 1e-5
 
 
+def _hf_dinov3_convnext(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ConvNextModel"):
+        pytest.skip("transformers < 4.56 has no DINOv3ConvNextModel")
+    config = transformers.DINOv3ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1])
+    model = _randomize(transformers.DINOv3ConvNextModel(config), seed=30).eval()
+    model.save_pretrained(tmp_path / "hf3c", safe_serialization=True)
+    return model
+
+
+def _hub_convnext_state(hf_state):
+    """transformers' DINOv3ConvNextModel names -> the dinov3 hub's `models/convnext.py` names."""
+    import re as re_
+
+    def rename(key):
+        key = re_.sub(r"^stages\.(\d+)\.downsample_layers\.", r"downsample_layers.\1.", key)
+        key = re_.sub(r"^stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.\2.", key)
+        for hf, hub in (("depthwise_conv", "dwconv"), ("pointwise_conv", "pwconv"), (".layer_norm.", ".norm.")):
+            key = key.replace(hf, hub)
+        return re_.sub(r"^layer_norm\.", "norm.", key)
+
+    return {rename(k): torch.as_tensor(v) for k, v in hf_state.items()}
+
+
+def test_dinov3_convnext_from_transformers_and_hub_layouts_equals_transformers(tmp_path):
+    """DINOv3's ConvNeXt (transformers' DINOv3ConvNextModel directory, and the hub .pth layout of the same
+    weights): the pooled-and-normed CLS token and the patch tokens equal transformers' at 64 px and at a
+    non-square 96 x 64 px; every tensor is used."""
+    from safetensors.numpy import load_file
+
+    ref = _hf_dinov3_convnext(tmp_path)
+    _run_cli(["--format=hf-dinov3", f"--input={tmp_path / 'hf3c'}", f"--output={tmp_path / 'out_hf'}"])
+    torch.save(_hub_convnext_state(load_file(str(tmp_path / "hf3c" / "model.safetensors"))),
+               tmp_path / "dinov3_convnext_tiny_pretrain_lvd1689m.pth")
+    _run_cli(["--format=dinov3", f"--input={tmp_path / 'dinov3_convnext_tiny_pretrain_lvd1689m.pth'}",
+              f"--output={tmp_path / 'out_hub'}"])
+    for h, w in ((64, 64), (96, 64)):
+        x = _images(2, h, w, seed=h)
+        with torch.no_grad():
+            want = ref(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+        for out_dir in ("out_hf", "out_hub"):
+            out, config = _flax_features(tmp_path / out_dir, x)
+            errs = {"cls": _rel_err(out["cls"], want[:, 0]), "patch": _rel_err(out["patch_tokens"], want[:, 1:])}
+            assert max(errs.values()) < 1e-5, (out_dir, errs)
+    assert config["model"]["name"] == "convnext" and config["model"]["depths"] == [1, 1, 2, 1]
+    assert config["model"]["dims"] == [8, 16, 24, 32] and config["model"]["layerscale_init"] == 1e-6
+    assert config["input"]["normalization"]["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_dinov3_convnext_that_does_not_fit_fails_in_one_line(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _hf_dinov3_convnext(tmp_path)
+    weights = tmp_path / "hf3c" / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop("stages.2.layers.1.pointwise_conv2.weight")
+    state["stages.0.layers.0.depthwise_conv.weight"] = np.zeros((8, 1, 5, 5), np.float32)
+    save_file(state, str(weights))
+    with pytest.raises(convert.ConvertError) as error:
+        convert.convert("hf-dinov3", str(tmp_path / "hf3c"))
+    message = str(error.value)
+    assert "\n" not in message and "missing ['stages.2.layers.1.pointwise_conv2.weight']" in message
+    assert "mis-shaped" in message and "stages.0.layers.0.depthwise_conv.weight" in message
+
+
 def test_hf_dinov3_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -572,3 +637,93 @@ def test_a_pth_given_as_timm_npz_is_one_line(tmp_path, capsys):
                              f"--output={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "not a .npz of arrays" in err and "PyTorch checkpoint" in err
+
+
+# ------------------------------------------------------------------- continued pretraining (configs/dino.py)
+
+
+def test_continued_dino_pretraining_from_a_converted_dinov3_starts_from_it_trains_resumes_and_exports(tmp_path):
+    """RAD-DINO's recipe on a converted checkpoint: `configs/dino.py:runlocal,init=EXPORT` takes the model
+    from the export, student and teacher start from its weights (bit for bit while the backbone is frozen
+    for the heads' warm-up, so the step-0 features are the converted model's), then the backbone trains;
+    an interrupted run resumes to the same state, and the export reloads with the source's model fields."""
+    from helpers import final_state, set_fields
+
+    from medssl_jax import config_lib, train
+    from medssl_jax.data import phantoms
+
+    _hf_dinov3_model(tmp_path, gated=True, registers=4)  # RoPE, 4 registers, LayerScale, SwiGLU
+    source = str(tmp_path / "converted")
+    _run_cli(["--format=hf-dinov3", f"--input={tmp_path / 'hf3'}", f"--output={source}"])
+    converted, source_config = checkpoint.load_export(source)
+    cache = str(tmp_path / "phantoms")
+    phantoms.ensure_phantom_store(cache, num_patients=64, image_size=32, seed=0)
+    config = config_lib.load_config("dino", f"runlocal,init={source}")
+    assert config.init == source
+    assert {k: config.model[k] for k in source_config["model"]} == source_config["model"]
+    assert (config.dino.centering, config.dino.koleo_weight, config.optim.layer_decay,
+            config.optim.patch_embed_lr_mult) == ("sinkhorn_knopp", 0.1, 0.9, 0.2)
+    config = set_fields(config, {
+        "data.cache_dir": cache, "data.phantom_patients": 64, "data.phantom_size": 32, "data.image_size": 32,
+        "dino.num_local_crops": 2, "dino.local_image_size": 16, "dino.num_prototypes": 16, "dino.hidden_dim": 16,
+        "dino.bottleneck_dim": 8, "dino.teacher_temp_warmup_steps": 2, "dino.global1_blur_p": 0.0,
+        "dino.global2_blur_p": 0.0, "dino.local_blur_p": 0.0, "dino.global2_solarize_p": 0.0,
+        "batch_size": 8, "total_steps": 4, "optim.frozen_encoder_steps": 2, "optim.warmup_steps": 1,
+        "checkpoint_every": 1, "log_every": 1, "probe.enabled": False, "monitor.every": 0})
+    straight = train.pretrain(config, str(tmp_path / "straight"))
+    interrupted = str(tmp_path / "interrupted")
+    assert train.pretrain(config, interrupted, stop_after=2).steps_done == 2
+
+    # Step 2, the end of the heads' warm-up: the student's backbone is the converted weights bit for bit, the
+    # teacher's (m t + (1 - m) s of two equal values) to float rounding.
+    _, early = final_state(interrupted)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, early["params"]["encoder"]),
+                 converted["params"])
+    jax.tree.map(lambda t, c: np.testing.assert_allclose(t, c, rtol=1e-6, atol=1e-7),
+                 jax.tree.map(np.asarray, early["method_state"]["teacher"]["encoder"]), converted["params"])
+    x = _images(2, 32, 32, seed=7)
+    run_encoder = models.build_encoder({**config.model.to_dict(), "dtype": "float32"})
+    _, ours = jax.jit(lambda v, im: run_encoder.apply(v, im))({"params": early["params"]["encoder"]}, x)
+    source_out, _ = _flax_features(source, (x - np.float32(source_config["model"]["input_mean"]))
+                                   / np.float32(source_config["model"]["input_std"]))
+    for key in ("cls", "patch_tokens", "register_tokens"):
+        np.testing.assert_allclose(np.asarray(ours[key]), np.asarray(source_out[key]), rtol=1e-5, atol=1e-6)
+
+    # Then the backbone trains, and a resumed run ends exactly where the uninterrupted one does.
+    assert train.pretrain(config, interrupted).steps_done == 4
+    _, a = final_state(str(tmp_path / "straight"))
+    _, b = final_state(interrupted)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    moved = [not np.array_equal(np.asarray(t), np.asarray(c)) for t, c in
+             zip(jax.tree.leaves(a["params"]["encoder"]), jax.tree.leaves(converted["params"]))]
+    assert any(moved)
+
+    # The export (the teacher's backbone) reloads as the source's architecture, with its normalisation.
+    exported, export_config = checkpoint.load_export(straight.export_dir)
+    assert {k: export_config["model"][k] for k in source_config["model"] if k != "drop_path_rate"} == {
+        k: v for k, v in source_config["model"].items() if k != "drop_path_rate"}
+    assert export_config["source"]["init"] == source
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, exported["params"]),
+                 jax.tree.map(np.asarray, a["method_state"]["teacher"]["encoder"]))
+    out, _ = _flax_features(straight.export_dir, x)
+    assert np.all(np.isfinite(np.asarray(out["cls"])))
+
+
+def test_continued_pretraining_config_takes_the_model_from_the_export_and_shards_a_vit_l(tmp_path):
+    from medssl_jax import config_lib
+
+    source = tmp_path / "vitl"
+    source.mkdir()
+    model = {**models.encoder_fields("vit"), "width": 1024, "depth": 24, "num_heads": 16, "patch_size": 14,
+             "image_size": 518, "layerscale_init": 1e-5}
+    (source / "config.json").write_text(json.dumps(
+        {"format": checkpoint.EXPORT_FORMAT, "version": checkpoint.EXPORT_VERSION, "model": model}))
+    config = config_lib.load_config("dino", f"init={source},steps_per_epoch=100")
+    assert (config.model.width, config.model.image_size, config.model.drop_path_rate) == (1024, 518, 0.1)
+    assert dict(config.mesh) == {"data": -1, "fsdp": 8} and config.model.remat
+    assert config.total_steps == 30 * 100 and config.optim.frozen_encoder_steps == 100
+    assert config.optim.base_lr == pytest.approx(5e-5)
+    with pytest.raises(ValueError, match="is a vit"):
+        config_lib.load_config("dino", f"init={source},encoder=resnet")
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        config_lib.load_config("dino", f"init={tmp_path / 'missing'}")

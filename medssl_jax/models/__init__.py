@@ -20,6 +20,7 @@ from medssl_jax.models.resnet import ResNet
 ENCODERS = {
     "resnet": ("medssl_jax.models.resnet", "ResNet"),
     "vit": ("medssl_jax.models.vit", "ViT"),
+    "convnext": ("medssl_jax.models.convnext", "ConvNeXt"),
 }
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}

@@ -6,9 +6,11 @@ Formats (FORMATS):
   hf-dinov2           a transformers Dinov2Model / Dinov2WithRegistersModel directory (model.safetensors +
                       config.json), read with safetensors (no torch needed);
   dinov3              the official facebookresearch/dinov3 hub ViT `.pth` (`dinov3_vitb16_pretrain_lvd1689m-*.pth`):
-                      RoPE, storage (register) tokens, masked key bias, LayerScale, MLP or SwiGLU;
+                      RoPE, storage (register) tokens, masked key bias, LayerScale, MLP or SwiGLU; or a hub
+                      ConvNeXt `.pth` (`dinov3_convnext_tiny_pretrain_lvd1689m-*.pth`) into models.convnext;
   hf-dinov3           a transformers DINOv3ViTModel directory (model.safetensors + config.json): RoPE,
                       registers, LayerScale, plain or gated MLP (ViT-S/16 ... H+/16), read with safetensors;
+                      or a DINOv3ConvNextModel directory (model_type dinov3_convnext: ConvNeXt T/S/B/L);
   timm                a timm VisionTransformer state_dict (`.safetensors` or `.pth`, or a directory with
                       model.safetensors and the timm.json that `python -m medssl_jax.export` writes);
   timm-npz            the original JAX `.npz` of the augreg / vision_transformer ViTs that timm loads for
@@ -491,9 +493,12 @@ def hf_dinov3_to_flax(state: dict, hf_config: Mapping, *, arch: Mapping | None =
     (`position='rope'`), registers, LayerScale, plain or gated (SwiGLU) MLP. A projection without a bias
     (DINOv3's key projection; `*_bias: false` configs) gets a zero one, which computes the same."""
     model_type = hf_config.get("model_type", "dinov3_vit")
+    if model_type == "dinov3_convnext":
+        return dinov3_convnext_to_flax(state, layout="hf", arch=arch, in_chans=in_chans,
+                                       ln_eps=float(hf_config.get("layer_norm_eps", 1e-6)),
+                                       act=hf_config.get("hidden_act", "gelu"), what=what)
     if model_type != "dinov3_vit":
-        raise ConvertError(f"{what}: config.json model_type={model_type!r} is not dinov3_vit (for DINOv3's "
-                           "ConvNeXt models there is no converter yet)")
+        raise ConvertError(f"{what}: config.json model_type={model_type!r} is not dinov3_vit or dinov3_convnext")
     state = _strip_common_prefix(dict(state), ("dinov3.",))
     # Saved checkpoints name the blocks layer.N (the hub's), the module tree model.layer.N: accept both.
     state = {re.sub(r"^model\.layer\.", "layer.", k): v for k, v in state.items()}
@@ -551,6 +556,8 @@ def dinov3_hub_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: i
     masks it), `rope_embed.periods` must be base-100-style periods (base^(4j / head_dim)), whose base is
     kept. The released models all use LayerNorm eps 1e-5 ('layernormbf16'); another eps goes in `arch`."""
     state = dict(state)
+    if "downsample_layers.0.0.weight" in state:  # dinov3_convnext_*_pretrain_*.pth
+        return dinov3_convnext_to_flax(state, layout="hub", arch=arch, in_chans=in_chans, what=what)
     _require(state, ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight", "norm.weight"), what)
     if "cls_norm.weight" in state:
         raise ConvertError(f"{what}: cls_norm.weight (a separate final norm of the CLS token, untie_cls_and_patch_norms)"
@@ -606,6 +613,84 @@ def dinov3_hub_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: i
     params = _fill(abstract["params"], state, dinov2_source,
                    ignore=lambda k: k == "mask_token" or k.startswith(("head.", "local_cls_norm.")), what=what,
                    adapt=_adapt_in_chans(("patch_embed", "kernel"), config.get("in_chans")))
+    return {"params": params}, config
+
+
+# ----------------------------------------------------------------------------------------- DINOv3 ConvNeXt
+
+# Where our ConvNeXt's modules live in DINOv3's two layouts: the hub's (dinov3 `models/convnext.py`) and
+# transformers' DINOv3ConvNextModel. Stage s's downsampling is [conv, norm] for s = 0, [norm, conv] after.
+_CONVNEXT_LAYOUTS = {
+    "hub": {"down": "downsample_layers.{s}.{i}", "block": "stages.{s}.{j}.", "final": "norm",
+            "modules": {"dwconv": "dwconv", "norm": "norm", "pwconv1": "pwconv1", "pwconv2": "pwconv2"}},
+    "hf": {"down": "stages.{s}.downsample_layers.{i}", "block": "stages.{s}.layers.{j}.", "final": "layer_norm",
+           "modules": {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",
+                       "pwconv2": "pointwise_conv2"}},
+}
+
+
+def convnext_source(names: tuple[str, ...], *, layout: str) -> Source:
+    """Where a ConvNeXt parameter (path under 'params') lives in a DINOv3 ConvNeXt state_dict."""
+    keys = _CONVNEXT_LAYOUTS[layout]
+    top, leaf = names[0], "weight" if names[-1] in ("kernel", "scale") else "bias"
+    conv = _conv_oihw if names[-1] == "kernel" else _same
+    if top == "norm":
+        return (f"{keys['final']}.{leaf}",), _same
+    if top in ("stem", "stem_norm"):
+        return (keys["down"].format(s=0, i=0 if top == "stem" else 1) + f".{leaf}",), conv
+    if top.startswith("downsample"):
+        stage = int(top[len("downsample")])
+        return (keys["down"].format(s=stage, i=0 if top.endswith("_norm") else 1) + f".{leaf}",), conv
+    stage, block = (int(part) for part in re.match(r"stage(\d+)_block(\d+)", top).groups())
+    prefix = keys["block"].format(s=stage - 1, j=block)
+    if names[1] == "gamma":
+        return (prefix + "gamma",), _same
+    module = keys["modules"][names[1]]
+    fn = _linear_t if names[1].startswith("pwconv") and leaf == "weight" else conv
+    return (f"{prefix}{module}.{leaf}",), fn
+
+
+def dinov3_convnext_to_flax(state: dict, *, layout: str, arch: Mapping | None = None, in_chans: int | None = None,
+                            ln_eps: float = 1e-6, act: str = "gelu", what: str = "checkpoint"):
+    """DINOv3 ConvNeXt weights (hub `dinov3_convnext_*_pretrain_*.pth` or a transformers DINOv3ConvNextModel
+    directory) -> ({'params'}, config) of medssl_jax.models.convnext.ConvNeXt; depths, widths, input
+    channels and LayerScale are read from the tensors."""
+    from medssl_jax import models
+    from medssl_jax.models import convnext
+
+    if act != "gelu":
+        raise ConvertError(f"{what}: hidden_act={act!r}: medssl_jax's ConvNeXt uses exact gelu")
+    keys = _CONVNEXT_LAYOUTS[layout]
+    state = {re.sub(r"^model\.stages\.", "stages.", k): v for k, v in state.items()}  # module tree vs saved names
+    stem = keys["down"].format(s=0, i=0) + ".weight"
+    _require(state, (stem, f"{keys['final']}.weight"), what)
+    dims = [int(state[keys["down"].format(s=s, i=0 if s == 0 else 1) + ".weight"].shape[0])
+            for s in range(4) if keys["down"].format(s=s, i=0 if s == 0 else 1) + ".weight" in state]
+    block_key = re.escape(keys["block"]).replace(r"\{s\}", r"(\d+)").replace(r"\{j\}", r"(\d+)")
+    depths = [0] * 4
+    for k in state:
+        if m := re.match(block_key, k):
+            stage, block = int(m.group(1)), int(m.group(2))
+            if stage < 4:
+                depths[stage] = max(depths[stage], block + 1)
+    if len(dims) != 4 or min(depths) < 1:
+        raise ConvertError(f"{what}: not a four-stage ConvNeXt (stage widths {dims}, blocks per stage {depths})")
+    size = next((name for name, v in convnext.SIZES.items()
+                 if list(v["depths"]) == depths and list(v["dims"]) == dims), "")
+    config = {"name": "convnext", "size": size, "depths": depths, "dims": dims,
+              "in_chans": int(in_chans or state[stem].shape[1]),
+              "layerscale_init": 1e-6 if keys["block"].format(s=0, j=0) + "gamma" in state else None,
+              "ln_eps": float(ln_eps), **dict(arch or {})}
+    described = f"convnext(depths={depths}, dims={dims}, {'as chosen' if arch else 'inferred from the checkpoint'})"
+    what = f"{what} does not fit {described}"
+    try:
+        model = models.build_encoder({**config, "dtype": "float32"})
+        abstract = _abstract_variables(model, (32, 32), model.in_chans)
+    except ValueError as error:
+        raise ConvertError(f"{what}: {error}") from None
+    params = _fill(abstract["params"], state, functools.partial(convnext_source, layout=layout),
+                   ignore=lambda k: k.startswith("head."), what=what,
+                   adapt=_adapt_in_chans(("stem", "kernel"), config.get("in_chans")))
     return {"params": params}, config
 
 
