@@ -111,7 +111,8 @@ def get_config(arg=None):
     split / batch; default 875 = CheXpert's ~224k training images at batch 256), `epochs` (100; 30 with
     `init`), `init` (continued pretraining from that export or converted checkpoint, its model included),
     `encoder` ('vit', or 'resnet': DINO's ResNet-50 recipe, and at :runlocal, the default there, the
-    ResNet-18 of the other :runlocal configs).
+    ResNet-18 of the other :runlocal configs; or DINOv3's convnext_tiny / _small / _base / _large with the
+    ViT recipe's optimiser).
     """
     args = config_lib.parse_arg(arg, runlocal=False, store="", variant="S/16", steps_per_epoch=875, epochs=0,
                                 encoder="", fsdp=0, init="")
@@ -119,8 +120,9 @@ def get_config(arg=None):
     source = _source_model(args.init) if args.init else None
     # The full recipe is DINO's ViT; the CPU run's default is the ResNet-18 (the ViT does not learn there).
     args.encoder = args.encoder or (source["name"] if source else "resnet" if args.runlocal else "vit")
-    if args.encoder not in ("vit", "resnet") and not (source and args.encoder == "convnext"):
-        raise ValueError(f"config argument encoder={args.encoder!r} is not one of ['resnet', 'vit']")
+    choices = ["resnet", "vit", *config_lib.CONVNEXT_ENCODERS]
+    if args.encoder not in choices and not (source and args.encoder == "convnext"):
+        raise ValueError(f"config argument encoder={args.encoder!r} is not one of {choices}")
     if source and args.encoder != source["name"]:
         raise ValueError(f"config argument encoder={args.encoder!r}: the init {args.init} is a {source['name']}")
     args.epochs = args.epochs or (CONTINUED_EPOCHS if source else 100)
@@ -190,7 +192,7 @@ def get_config(arg=None):
         c.dino.momentum_teacher = 0.9
         c.dino.freeze_last_layer_steps = 20
         c.dino.health_check_after_steps = 100
-        if args.encoder in ("vit", "convnext"):
+        if args.encoder != "resnet":
             # A 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops, DINO's centring, AdamW.
             config_lib.apply_runlocal(c, image_size=32, probe_size=32)
             c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
@@ -229,6 +231,8 @@ def get_config(arg=None):
             c.dino.num_head_layers = 2
             c.dino.use_bn_in_head = True
             c.total_steps = 600
+    if args.encoder in config_lib.CONVNEXT_ENCODERS:
+        config_lib.use_convnext(c, args.encoder)  # with the ViT recipe's AdamW values
     if source:
         _continued_pretraining(c, args, source)
     return c

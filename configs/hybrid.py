@@ -48,9 +48,10 @@ from medssl_jax import config_lib
 def get_config(arg=None):
     """Arguments: `runlocal`, `store` (as configs/swav.py), `micle` (patient positives for the two global
     crops), `supervised` (weight alpha of the BCE term on labelled records; needs `num_labels`),
-    `num_labels` (the store's label count)."""
-    args = config_lib.parse_arg(arg, runlocal=False, store="", micle=False, supervised=0.0, num_labels=0)
-    swav_arg = ",".join((["runlocal"] if args.runlocal else []) + ([f"store={args.store}"] if args.store else []))
+    `num_labels` (the store's label count), `encoder` (as configs/swav.py: DINOv3's convnext_* sizes)."""
+    args = config_lib.parse_arg(arg, runlocal=False, store="", micle=False, supervised=0.0, num_labels=0, encoder="")
+    swav_arg = ",".join((["runlocal"] if args.runlocal else []) + ([f"store={args.store}"] if args.store else [])
+                        + ([f"encoder={args.encoder}"] if args.encoder else []))
     c = config_lib.load_config("swav", swav_arg)  # SwAV's recipe; the hybrid adds its terms
     c.method = "hybrid"
     c.data.sampler = "micle" if args.micle else "pairs"

@@ -37,10 +37,15 @@ from medssl_jax import augment, config_lib
 
 def get_config(arg=None):
     """Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `variant` (r50x1, r50x4,
-    r152x2), `store` (path of an ingested store; '' = embedded phantoms)."""
+    r152x2, or DINOv3's convnext_tiny / _small / _base / _large), `store` (path of an ingested store; '' =
+    embedded phantoms)."""
     args = config_lib.parse_arg(arg, runlocal=False, variant="r50x1", store="")
-    if args.variant not in config_lib.AZIZI_VARIANTS:
-        raise ValueError(f"config argument variant={args.variant!r} is not one of {sorted(config_lib.AZIZI_VARIANTS)}")
+    variant = args.variant
+    variants = sorted(config_lib.AZIZI_VARIANTS) + list(config_lib.CONVNEXT_ENCODERS)
+    if args.variant not in variants:
+        raise ValueError(f"config argument variant={args.variant!r} is not one of {variants}")
+    convnext = args.variant in config_lib.CONVNEXT_ENCODERS
+    args.variant = "r50x1" if convnext else args.variant
     c = config_lib.pretrain_config()
     c.method = "micle"
     c.data.sampler = "micle"  # an element is a patient case; its two views are two of its images
@@ -71,4 +76,6 @@ def get_config(arg=None):
         # tau 0.2 learned faster than 0.1 or 0.5 at batch 64 in 300 steps (probe AUC on the phantoms).
         c.loss.temperature = 0.2
         c.head.hidden_dim = 128
+    if convnext:
+        config_lib.use_convnext(c, variant)
     return c

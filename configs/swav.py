@@ -41,8 +41,9 @@ from medssl_jax.methods import swav
 
 def get_config(arg=None):
     """Arguments: `runlocal` (a CPU-sized run on the embedded phantom dataset), `store` (an ingested
-    store; '' = embedded phantoms)."""
-    args = config_lib.parse_arg(arg, runlocal=False, store="")
+    store; '' = embedded phantoms), `encoder` ('' = the recipe's ResNet, or DINOv3's convnext_tiny / _small /
+    _base / _large)."""
+    args = config_lib.parse_arg(arg, runlocal=False, store="", encoder="")
     c = config_lib.pretrain_config()
     c.method = "swav"
     swav.extend_config(c)
@@ -104,4 +105,6 @@ def get_config(arg=None):
         c.optim.base_lr = 1.2
         c.optim.end_lr_factor = 0.0
         c.head.hidden_dim = 128
+    if args.encoder:
+        config_lib.use_convnext(c, args.encoder)
     return c

@@ -153,6 +153,24 @@ def pretrain_config() -> mlc.ConfigDict:
 
 # SimCLR width-multiplier ResNets used by Azizi et al. (configs/micle.py, derm.py): variant -> (depth, width).
 AZIZI_VARIANTS = {"r50x1": (50, 1), "r50x4": (50, 4), "r152x2": (152, 2)}
+# DINOv3's ConvNeXts as the encoder of any pretraining config (`variant=` / `encoder=` arguments).
+CONVNEXT_ENCODERS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
+
+
+def use_convnext(c: mlc.ConfigDict, encoder: str) -> None:
+    """Makes a pretraining config's encoder DINOv3's ConvNeXt of that size (`convnext_tiny` ... `_large`),
+    grey input (a converted RGB checkpoint given as config.init has its stem summed over RGB, as for the
+    ResNets). Every crop is raised to at least 32 px, the ConvNeXt's total stride (a smaller one would
+    leave no feature map). The method's other values stay the recipe's (chosen for its ResNet)."""
+    from medssl_jax import models
+
+    if encoder not in CONVNEXT_ENCODERS:
+        raise ValueError(f"encoder {encoder!r} is not one of {list(CONVNEXT_ENCODERS)}")
+    c.model = models.model_config("convnext", size=encoder.split("_")[1], in_chans=1)
+    c.data.image_size = max(c.data.image_size, 32)
+    for group in ("swav", "dino"):
+        if group in c:
+            c[group].local_image_size = max(c[group].local_image_size, 32)
 
 
 # The embedded phantom store every `:runlocal` config (pretraining and evaluation) uses: 2000 patients at

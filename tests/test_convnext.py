@@ -26,8 +26,12 @@ def phantom_cache(tmp_path_factory):
 # would add compile time, not code paths.
 @pytest.mark.parametrize("method", ["micle", "hybrid", "dino"])
 def test_every_method_trains_a_convnext_and_exports_it(phantom_cache, tmp_path, method):
-    c = shrink_to_tiny(config_lib.load_config(method, "runlocal"), phantom_cache)
-    c.model = models.model_config("convnext", **TINY)
+    choice = "variant=convnext_tiny" if method == "micle" else "encoder=convnext_tiny"
+    c = config_lib.load_config(method, f"runlocal,{choice}")
+    assert (c.model.name, c.model.size, c.model.in_chans) == ("convnext", "tiny", 1)
+    assert min([c.data.image_size] + [c[g].local_image_size for g in ("swav", "dino") if g in c]) >= 32
+    c = shrink_to_tiny(c, phantom_cache)
+    c.model = models.model_config("convnext", **TINY)  # ConvNeXt-T's 28M parameters would be most of the time
     c.data.image_size = 32  # the ConvNeXt's total stride: every crop is at least 32 px
     for group in ("swav", "dino"):
         if group in c:
@@ -54,6 +58,10 @@ def test_convnext_sizes_and_bad_configs_fail_in_one_line():
     tiny = models.build_encoder({"name": "convnext", "size": "tiny", "dtype": "float32"})
     shapes = jax.eval_shape(lambda: tiny.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32)))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 27_820_128  # DINOv3 ConvNeXt-T
+    for config, arg in (("simclr", "variant=convnext_base"), ("swav", "encoder=convnext_small")):
+        assert config_lib.load_config(config, arg).model.size == arg.split("_")[1]
+    with pytest.raises(ValueError, match="convnext_huge"):
+        config_lib.load_config("swav", "encoder=convnext_huge")
     for fields, message in (({"size": "huge"}, "size='huge'"), ({"size": "", "depths": (1, 1)}, "four stages")):
         with pytest.raises(ValueError, match=message):
             models.build_encoder({"name": "convnext", "dtype": "float32", **fields}).init(
