@@ -643,10 +643,11 @@ def test_a_pth_given_as_timm_npz_is_one_line(tmp_path, capsys):
 
 
 def test_continued_dino_pretraining_from_a_converted_dinov3_starts_from_it_trains_resumes_and_exports(tmp_path):
-    """RAD-DINO's recipe on a converted checkpoint: `configs/dino.py:runlocal,init=EXPORT` takes the model
-    from the export, student and teacher start from its weights (bit for bit while the backbone is frozen
-    for the heads' warm-up, so the step-0 features are the converted model's), then the backbone trains;
-    an interrupted run resumes to the same state, and the export reloads with the source's model fields."""
+    """RAD-DINO's recipe on a converted checkpoint: `configs/dino.py:runlocal,init=EXPORT,fsdp=8` takes the
+    model from the export, student and teacher start from its weights (bit for bit while the backbone is
+    frozen for the heads' warm-up, so the step-0 features are the converted model's), then the backbone
+    trains, sharded over 8 devices; an interrupted run resumes to the same state, and the export reloads
+    with the source's model fields."""
     from helpers import final_state, set_fields
 
     from medssl_jax import config_lib, train
@@ -658,9 +659,11 @@ def test_continued_dino_pretraining_from_a_converted_dinov3_starts_from_it_train
     converted, source_config = checkpoint.load_export(source)
     cache = str(tmp_path / "phantoms")
     phantoms.ensure_phantom_store(cache, num_patients=64, image_size=32, seed=0)
-    config = config_lib.load_config("dino", f"runlocal,init={source}")
-    assert config.init == source
-    assert {k: config.model[k] for k in source_config["model"]} == source_config["model"]
+    # fsdp=8: parameters, optimiser moments and the teacher sharded over the 8 fake devices (the ViT-L recipe).
+    config = config_lib.load_config("dino", f"runlocal,init={source},fsdp=8")
+    assert config.init == source and config.mesh == (("data", -1), ("fsdp", 8)) and config.model.remat
+    assert {k: config.model[k] for k in source_config["model"] if k != "remat"} == {
+        k: v for k, v in source_config["model"].items() if k != "remat"}
     assert (config.dino.centering, config.dino.koleo_weight, config.optim.layer_decay,
             config.optim.patch_embed_lr_mult) == ("sinkhorn_knopp", 0.1, 0.9, 0.2)
     config = set_fields(config, {

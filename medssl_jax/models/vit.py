@@ -117,6 +117,9 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     implementation: str | None = None
     dtype: Any = jnp.float32
+    # First token that `rope` rotates (1 + registers): a module field, so it stays a Python int when
+    # nn.remat traces the block's arguments.
+    rope_start: int = 0
 
     @nn.compact
     def __call__(self, x, seq_lengths=None, rope=None):
@@ -126,8 +129,9 @@ class Attention(nn.Module):
         head_dim = d // self.num_heads
         qkv = _dense(3 * d, "qkv", self.dtype, use_bias=self.qkv_bias)(x)
         q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.num_heads, head_dim), 3, axis=2)
-        if rope is not None:  # (cos, sin, first patch token): prefix tokens and padding stay unrotated
-            cos, sin, start = rope
+        if rope is not None:  # (cos, sin) of the patch tokens: prefix tokens and padding stay unrotated
+            cos, sin = rope
+            start = self.rope_start
             end = start + cos.shape[0]
             cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
             q = q.at[:, start:end].set(_rotate(q[:, start:end], cos, sin))
@@ -173,6 +177,7 @@ class Block(nn.Module):
     drop_path: float = 0.0
     attention: str | None = None
     dtype: Any = jnp.float32
+    rope_start: int = 0
 
     def _residual(self, x, branch, name, train):
         if self.layerscale_init is not None:
@@ -189,7 +194,8 @@ class Block(nn.Module):
     def __call__(self, x, seq_lengths=None, train: bool = False, rope=None):
         # train is positional: nn.remat marks it static by position (self is argument 0).
         y = _layer_norm("norm1", self.ln_eps, self.dtype)(x)
-        y = Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype, name="attn")(y, seq_lengths, rope)
+        y = Attention(self.num_heads, self.qkv_bias, self.attention, self.dtype, rope_start=self.rope_start,
+                      name="attn")(y, seq_lengths, rope)
         x = self._residual(x, y, "ls1", train)
         y = _layer_norm("norm2", self.ln_eps, self.dtype)(x)
         if self.ffn == "swiglu":
@@ -306,7 +312,7 @@ class ViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
         rope = None
         if self.position == "rope":  # DINOv3: rotary patch positions in every attention, no table to resample
-            rope = (*rope_tables((gh, gw), d // arch["num_heads"], self.rope_theta), 1 + self.num_registers)
+            rope = rope_tables((gh, gw), d // arch["num_heads"], self.rope_theta)
         else:
             g = self.pos_grid
             pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + g * g, d), jnp.float32)
@@ -333,7 +339,8 @@ class ViT(nn.Module):
             x = block_cls(num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"], ffn=arch["ffn"],
                           layerscale_init=self.layerscale_init, ln_eps=self.ln_eps, qkv_bias=self.qkv_bias,
                           gelu_approximate=self.gelu_approximate, drop_path=float(rates[i]),
-                          attention=self.attention, dtype=self.dtype, name=f"block_{i}")(x, seq_lengths, train, rope)
+                          attention=self.attention, dtype=self.dtype, rope_start=1 + self.num_registers,
+                          name=f"block_{i}")(x, seq_lengths, train, rope)
             blocks.append(x[:, :tokens].astype(jnp.float32))
 
         x = _layer_norm("norm", self.ln_eps, self.dtype)(x[:, :tokens]).astype(jnp.float32)
