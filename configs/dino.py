@@ -70,8 +70,9 @@ config argument takes the whole model from the checkpoint's config.json (archite
 normalisation), starts student and teacher from its weights with a fresh DINO head, and sets the recipe
 (`_continued_pretraining` below says why each value): 30 epochs; the heads learn on a frozen backbone for
 the first epoch; a tenth of DINO's lr with DINOv2's layer-wise lr decay 0.9 and patch-embedding lr x0.2;
-Sinkhorn-Knopp teacher, KoLeo 0.1, teacher momentum 0.992 -> 1, teacher temperature 0.04 -> 0.07 over
-the first third; DINOv2's crop scales. ViT-L and ViT-g checkpoints run on FSDP over 8 devices:
+Sinkhorn-Knopp teacher, KoLeo 0.1, iBOT's masked-patch term (weight 1, `config.dino.ibot_*`), teacher
+momentum 0.992 -> 1, teacher temperature 0.04 -> 0.07 over the first third; DINOv2's crop scales.
+ViT-L and ViT-g checkpoints run on FSDP over 8 devices:
 
   python -m medssl_jax.convert --format=hf-dinov2 --input=/downloads/rad-dino --output=/ckpt/rad_dino
   python -m medssl_jax.main --config=configs/dino.py:store=/data/cxr_store,init=/ckpt/rad_dino,steps_per_epoch=875 \
@@ -80,8 +81,9 @@ the first third; DINOv2's crop scales. ViT-L and ViT-g checkpoints run on FSDP o
 (`--config.init=DIR` alone only loads the weights into the from-scratch recipe, whose model fields must
 then describe the checkpoint.) Measured on the embedded phantoms with a small ViT (`:runlocal,init=DIR`:
 600 steps, 32 / 16 px crops, the first 50 steps heads only): BENCHMARKS.md, "Continued pretraining".
-The DINO head starts random because DINOv2 and DINOv3 release only the teacher's backbone; iBOT's
-masked-patch objective is not implemented here.
+The DINO head (shared by the iBOT term, DINOv2's default) and the mask token start fresh because DINOv2
+and DINOv3 release only the teacher's backbone. iBOT's masks here are random patches, not DINOv2's
+block-wise ones.
 
 Hardware and runtime (an ESTIMATE, not a measurement of this config): per image a step is 2 global
 crops through student and teacher plus 8 local crops of (96/224)^2 = 0.18 the tokens each, about 3.5
@@ -259,8 +261,9 @@ def _continued_pretraining(c, args, source: dict) -> None:
       kNN accuracy collapse within 20k images that way); the optimiser's moments warm up meanwhile;
     - a tenth of DINO's from-scratch lr, with DINOv2's layer-wise lr decay 0.9 and patch-embedding lr x0.2
       (ssl_default_config.yaml), so early layers move least;
-    - DINOv2's objective for its checkpoints: Sinkhorn-Knopp teacher, KoLeo 0.1, teacher momentum 0.992 -> 1,
-      teacher temperature 0.04 -> 0.07 over the first third of the run, DINOv2's crop scales;
+    - DINOv2's objective for its checkpoints: Sinkhorn-Knopp teacher, KoLeo 0.1, iBOT's masked-patch term
+      (weight 1, half the global crops with 10-50 % of their patches masked; ViTs), teacher momentum
+      0.992 -> 1, teacher temperature 0.04 -> 0.07 over the first third of the run, DINOv2's crop scales;
     - drop path as the source's recipe would have it (0.1 for ViT-S/B; DINOv2 used up to 0.4 for g)."""
     c.init = args.init
     remat = bool(c.model.get("remat", False))  # FSDP's rematerialised blocks (set above for ViT-L and g)
@@ -285,6 +288,7 @@ def _continued_pretraining(c, args, source: dict) -> None:
     if source["name"] == "vit":
         c.model.drop_path_rate = 0.0 if args.runlocal else 0.1
         c.optim.update(layer_decay=0.9, patch_embed_lr_mult=0.2)
+        c.dino.ibot_weight = 1.0  # DINOv2's masked-patch term, on the DINO head (fresh, like the mask token)
     if source["name"] == "convnext":  # DINOv3's ConvNeXts; every crop at least their total stride, 32 px
         c.model.drop_path_rate = 0.0 if args.runlocal else 0.1
         c.dino.local_image_size = max(c.dino.local_image_size, 32)

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from helpers import final_state, set_fields
-from medssl_jax import checkpoint, config_lib, main, optim, train
+from medssl_jax import checkpoint, config_lib, losses, main, optim, train
 from medssl_jax.data import phantoms
 from medssl_jax.methods import dino, health
 from medssl_jax.models import heads
@@ -236,6 +236,67 @@ def test_dinov2_teacher_centring_and_koleo_in_the_loss(tiny_setup):
     with pytest.raises(ValueError, match="centering"):
         dinov2.dino.centering = "sinkhorn"
         dino.init(model, jax.random.PRNGKey(0), batch, dinov2)
+
+
+def test_ibot_patch_loss_and_masked_sinkhorn_match_dinov2_reference():
+    """iBOT's term against NumPy ports of DINOv2's code on variable-length lists of masked patches:
+    `sinkhorn_knopp_teacher` over the masked patches of the whole batch only, and `forward_masked`
+    (per crop the sum over its masked patches / their number, then / the number of crops)."""
+    rng = np.random.default_rng(3)
+    crops, slots, k, temp = 5, 4, 6, 0.1
+    counts = np.array([0, 3, 1, 4, 2])
+    valid = np.arange(slots)[None, :] < counts[:, None]
+    teacher, student = rng.normal(size=(crops, slots, k)), rng.normal(size=(crops, slots, k))
+    # DINOv2 gathers the masked patches into one [n_masked, K] array.
+    t_masked = teacher[valid]
+    q = np.exp(t_masked / 0.07).T
+    q /= q.sum()
+    for _ in range(3):
+        q /= q.sum(axis=1, keepdims=True) * k
+        q /= q.sum(axis=0, keepdims=True) * len(t_masked)
+    want_targets = (q * len(t_masked)).T
+    got_targets = np.asarray(losses.sinkhorn(scores=teacher.reshape(-1, k), epsilon=0.07, valid=valid.reshape(-1)))
+    np.testing.assert_allclose(got_targets.reshape(crops, slots, k)[valid], want_targets, rtol=1e-5, atol=1e-7)
+    assert np.all(got_targets.reshape(crops, slots, k)[~valid] == 0)
+    s_masked = student[valid]
+    log_s = s_masked / temp - np.log(np.exp(s_masked / temp).sum(-1, keepdims=True))
+    per_patch = np.sum(want_targets * log_s, axis=-1)
+    weights = np.repeat(1.0 / np.maximum(counts, 1), counts)
+    want = -np.sum(per_patch * weights) / crops
+    got = dino.ibot_loss(student_logits=jnp.asarray(student, jnp.float32), teacher_probs=jnp.asarray(
+        got_targets.reshape(crops, slots, k)), valid=jnp.asarray(valid), student_temp=temp)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_ibot_masks_hold_the_drawn_share_in_fixed_slots():
+    mask, index, valid = dino.ibot_masks(jax.random.PRNGKey(0), num_crops=400, num_patches=50, probability=0.5,
+                                         ratio=(0.1, 0.5))
+    mask, index, valid = np.asarray(mask), np.asarray(index), np.asarray(valid)
+    counts = mask.sum(axis=1)
+    assert index.shape == valid.shape == (400, 25) and np.array_equal(valid.sum(axis=1), counts)
+    assert 0.4 < np.mean(counts > 0) < 0.6 and counts.max() <= 25 and counts[counts > 0].min() >= 5
+    for row in range(400):  # the valid slots name exactly the masked patches
+        assert set(index[row][valid[row]]) == set(np.flatnonzero(mask[row]))
+
+
+def test_ibot_trains_the_mask_token_and_needs_a_sinkhorn_vit(tiny_setup):
+    config, model, batch, _, _ = tiny_setup
+    ibot = tiny_config(**NO_BLUR)
+    ibot.dino.update(centering="sinkhorn_knopp", ibot_weight=1.0, ibot_mask_probability=1.0, ibot_mask_ratio=(0.3, 0.5))
+    model = dino.build(ibot)
+    variables, state = jax.jit(lambda b: dino.init(model, jax.random.PRNGKey(0), b, ibot))(batch)
+    assert not np.any(np.asarray(variables["params"]["mask_token"]))  # DINOv2's zeros
+    loss_fn = jax.jit(jax.value_and_grad(lambda p: _loss(ibot, model, p, state, batch, 5)[0]))
+    loss, grads = loss_fn(variables["params"])
+    _, (_, _, metrics) = jax.jit(lambda p: _loss(ibot, model, p, state, batch, 5))(variables["params"])
+    assert np.isfinite(float(loss)) and float(metrics["dino/ibot"]) > 0 and float(metrics["dino/ibot_masked_share"]) > 0
+    assert np.any(np.asarray(grads["mask_token"]))
+    for field, value, message in (("centering", "centering", "sinkhorn_knopp"), ("ibot_mask_ratio", (0.5, 0.2), "low <= high")):
+        bad = tiny_config(**NO_BLUR)
+        bad.dino.update(centering="sinkhorn_knopp", ibot_weight=1.0)
+        bad.dino[field] = value
+        with pytest.raises(ValueError, match=message):
+            dino.init(dino.build(bad), jax.random.PRNGKey(0), batch, bad)
 
 
 def test_center_uses_the_global_batch_on_8_devices(tiny_setup):

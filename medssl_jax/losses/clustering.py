@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 
-def sinkhorn(*, scores: jax.Array, epsilon: float = 0.05, num_iters: int = 3) -> jax.Array:
+def sinkhorn(*, scores: jax.Array, epsilon: float = 0.05, num_iters: int = 3, valid: jax.Array | None = None) -> jax.Array:
     """Soft equipartitioned cluster assignments (codes) of a batch, as in SwAV's `distributed_sinkhorn`.
 
     Q = exp(scores / epsilon)ᵀ is scaled to sum to 1, then `num_iters` times its prototype rows are
@@ -29,9 +29,12 @@ def sinkhorn(*, scores: jax.Array, epsilon: float = 0.05, num_iters: int = 3) ->
         epsilon: entropic regularisation (SwAV default 0.05); may be a traced scalar (DINOv2's teacher
             temperature schedule).
         num_iters: Sinkhorn iterations (SwAV default 3).
+        valid: optional [B] booleans: only these samples take part (iBOT's masked patch tokens, a number
+            that varies from batch to batch in a fixed-size array); the others get all-zero codes, and the
+            valid ones exactly the codes of the valid rows alone (B = their count).
 
     Returns:
-        float32 codes [B, K], each row summing to 1, wrapped in `stop_gradient`.
+        float32 codes [B, K], each row summing to 1 (0 for invalid rows), wrapped in `stop_gradient`.
     """
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn: scores must be [batch, prototypes], got shape {scores.shape}")
@@ -42,16 +45,27 @@ def sinkhorn(*, scores: jax.Array, epsilon: float = 0.05, num_iters: int = 3) ->
     batch, num_prototypes = scores.shape
     # Kept [B, K] (the reference works on the transpose): axis 0 = samples, axis 1 = prototypes.
     log_q = jax.lax.stop_gradient(scores).astype(jnp.float32) / epsilon
+    if valid is None:
+        keep = lambda q: q  # noqa: E731
+        count = jnp.float32(batch)
+    else:
+        # Invalid rows hold a finite -1e30 (exp -> 0; -inf would give inf - inf in their own normalisation),
+        # put back after every step that touches them.
+        valid = jnp.asarray(valid, bool).reshape(batch, 1)
+        keep = lambda q: jnp.where(valid, q, jnp.float32(-1e30))  # noqa: E731
+        count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+        log_q = keep(log_q)
     log_q = log_q - jax.nn.logsumexp(log_q)  # Q /= sum(Q): a global sum
     log_k = jnp.log(jnp.float32(num_prototypes))
-    log_b = jnp.log(jnp.float32(batch))
+    log_b = jnp.log(count)
     for _ in range(num_iters):
         # Each prototype's total weight over the global batch -> 1/K (the all-reduced row sums).
         log_q = log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True) - log_k
         # Each sample's total weight -> 1/B (a per-sample sum: local to the sample's device).
-        log_q = log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - log_b
+        log_q = keep(log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - log_b)
     # Q *= B: every sample's code now sums to 1.
-    return jax.lax.stop_gradient(jnp.exp(log_q + log_b))
+    codes = jnp.exp(log_q + log_b)
+    return jax.lax.stop_gradient(codes if valid is None else jnp.where(valid, codes, 0.0))
 
 
 def swav_loss(

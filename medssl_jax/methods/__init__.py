@@ -56,12 +56,13 @@ def check_crops(batch: dict, crops: list[dict]) -> None:
                              f"[B, {crop['num']}, {crop['size']}, {crop['size']}, C] (config / pipeline mismatch)")
 
 
-def multicrop_features(encoder, crops, *, train: bool):
+def multicrop_features(encoder, crops, *, train: bool, first_group: dict | None = None):
     """Runs each crop resolution through `encoder` as its own batch (fixed shapes, one compile each).
 
     crops: a tuple of [B, n_i, H_i, W_i, C] groups (or one [B, H, W, C] array); returns features
     [B, sum n_i, D] (a device-local concatenation: rows stay on their device) and the encoder's
-    out_dict for the first group.
+    out_dict for the first group. `first_group`: extra encoder arguments for the first group only (iBOT's
+    patch mask of the global crops).
     """
     import jax.numpy as jnp
 
@@ -70,7 +71,8 @@ def multicrop_features(encoder, crops, *, train: bool):
     features, encoder_out = [], {}
     for index, group in enumerate(crops):
         batch, num = group.shape[:2]
-        f, out = encoder(group.reshape(batch * num, *group.shape[2:]), train=train)
+        f, out = encoder(group.reshape(batch * num, *group.shape[2:]), train=train,
+                         **((first_group or {}) if index == 0 else {}))
         features.append(f.reshape(batch, num, -1))
         if index == 0:
             encoder_out = out

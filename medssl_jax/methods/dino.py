@@ -23,6 +23,13 @@
   `centering="sinkhorn_knopp"` replaces softmax-after-centring with DINOv2's Sinkhorn-Knopp teacher
   (`teacher_targets`); `koleo_weight` > 0 adds DINOv2's KoLeo term on the student's global-crop backbone
   features (`losses.koleo`). Both are off by default (DINO's recipe).
+- iBOT (`ibot_weight` > 0, DINOv2's masked image modelling; ViT, Sinkhorn-Knopp teacher): each global crop
+  is masked with probability `ibot_mask_probability`, a share U(`ibot_mask_ratio`) of its patches replaced by
+  a learned mask token (`DINOModel.mask_token`, outside the encoder, so exports stay plain ViTs) in the
+  student only; the DINO head (shared, DINOv2's default) maps the student's and the teacher's patch tokens
+  at the masked positions to K prototypes, the teacher's through Sinkhorn-Knopp over all masked patches of
+  the batch (`ibot_masks` keeps them in fixed-size slots, `losses.sinkhorn(valid=...)`), and `ibot_loss`
+  is DINOv2's `forward_masked`. Random patch masks, not DINOv2's block-wise ones.
 - `process_grads`: each parameter tensor's gradient clipped to norm `clip_grad` (3.0) separately, then
   the last layer's gradient zeroed for the first `freeze_last_layer_steps` steps. Unlike PyTorch (which
   skips parameters without a gradient), optax still applies weight decay to the frozen last layer; with
@@ -40,6 +47,7 @@ functions of the step inside the jitted update, which does not know the epoch si
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -79,6 +87,12 @@ def extend_config(config: mlc.ConfigDict) -> None:
     d.centering = "centering"
     d.sinkhorn_iters = 3
     d.koleo_weight = 0.0  # DINOv2's KoLeo regulariser on the student's global-crop features (DINOv2: 0.1)
+    # iBOT's masked-patch term (DINOv2: weight 1; ViT encoders, Sinkhorn-Knopp teacher, the DINO head shared):
+    # with `ibot_mask_probability` a global crop gets a random share U(ibot_mask_ratio) of its patches
+    # replaced by a learned mask token in the student, which must predict the teacher's codes there.
+    d.ibot_weight = 0.0
+    d.ibot_mask_probability = 0.5
+    d.ibot_mask_ratio = (0.1, 0.5)
     d.momentum_teacher = 0.996  # cosine to 1 over config.total_steps
     d.freeze_last_layer_steps = 0  # DINO: 1 epoch
     d.clip_grad = 3.0  # per-tensor gradient norm; 0 = no clipping
@@ -104,6 +118,20 @@ def _check_config(config) -> None:
     if config.dino.use_bn_in_head and config.model.get("drop_path_rate", 0.0):
         raise ValueError("config.dino.use_bn_in_head with config.model.drop_path_rate > 0: the teacher runs in "
                          "training mode with BatchNorm, which would also apply drop path to it")
+    if config.dino.ibot_weight < 0:
+        raise ValueError(f"config.dino.ibot_weight={config.dino.ibot_weight}: must be >= 0")
+    if config.dino.ibot_weight > 0:
+        low, high = (float(v) for v in config.dino.ibot_mask_ratio)
+        problem = (
+            "needs a ViT encoder (patch tokens)" if config.model.name != "vit" else
+            "needs config.dino.centering='sinkhorn_knopp' (DINOv2's teacher for the masked patches)"
+            if config.dino.centering != "sinkhorn_knopp" else
+            "does not take config.dino.use_bn_in_head (the head also runs on patch tokens)" if config.dino.use_bn_in_head
+            else f"ibot_mask_ratio={config.dino.ibot_mask_ratio} must be 0 < low <= high < 1" if not 0 < low <= high < 1
+            else f"ibot_mask_probability={config.dino.ibot_mask_probability} must be in (0, 1]"
+            if not 0 < config.dino.ibot_mask_probability <= 1 else "")
+        if problem:
+            raise ValueError(f"config.dino.ibot_weight={config.dino.ibot_weight}: iBOT {problem}")
     if config.total_steps is None or config.total_steps < 1:
         raise ValueError(f"config.total_steps={config.total_steps}: DINO needs the run length in steps "
                          "(its EMA momentum schedule runs over config.total_steps)")
@@ -122,11 +150,24 @@ class DINOModel(nn.Module):
 
     encoder: nn.Module
     head: nn.Module
+    ibot: bool = False  # a learned mask token (DINOv2's, zeros at init) for the student's masked patches
 
-    def __call__(self, crops, *, train: bool):
-        features, encoder_out = multicrop_features(self.encoder, crops, train=train)
+    @nn.compact
+    def __call__(self, crops, *, train: bool, masks=None, patch_index=None):
+        """`masks` [B * 2, N]: patches of the global crops replaced by the mask token; `patch_index` [B * 2, M]:
+        the patch tokens of the global crops that also go through the head ('patch_logits' [B * 2, M, K])."""
+        first = {}
+        if self.ibot:
+            token = self.param("mask_token", nn.initializers.zeros, (self.encoder.arch()["width"],), jnp.float32)
+            if masks is not None:
+                first = {"mask": masks, "mask_token": token}
+        features, encoder_out = multicrop_features(self.encoder, crops, train=train, first_group=first)
         logits, head_out = self.head(features, train=train)
-        return logits, {"encoder": encoder_out, "features": features, "head": head_out, "logits": logits}
+        out = {"encoder": encoder_out, "features": features, "head": head_out, "logits": logits}
+        if patch_index is not None:
+            tokens = jnp.take_along_axis(encoder_out["patch_tokens"], patch_index[..., None], axis=1)
+            out["patch_logits"], _ = self.head(tokens, train=train)
+        return logits, out
 
 
 def build(config) -> nn.Module:
@@ -135,7 +176,7 @@ def build(config) -> nn.Module:
     head = heads.DINOHead(num_prototypes=d.num_prototypes, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
                     num_layers=d.num_head_layers, norm_last_layer=d.norm_last_layer, use_bn=d.use_bn_in_head,
                     dtype=jnp.dtype(config.compute_dtype))
-    return DINOModel(encoder=encoder, head=head)
+    return DINOModel(encoder=encoder, head=head, ibot=d.ibot_weight > 0)
 
 
 def data_spec(config) -> dict:
@@ -252,6 +293,37 @@ def dino_loss(*, student_logits: jax.Array, teacher_probs: jax.Array, student_te
     return loss, {"teacher_probs": t, "ce": ce, "pairs": pairs}
 
 
+def ibot_masks(rng: jax.Array, *, num_crops: int, num_patches: int, probability: float, ratio) -> tuple:
+    """iBOT's masks for `num_crops` global crops of `num_patches` patches: with `probability` a crop gets
+    floor(U(ratio) * N) random patches masked (DINOv2 masks a fixed share of the crops with stratified
+    ratios and block-wise masks; here each crop draws its own, patch by patch).
+
+    Returns (mask [C, N] bool, index [C, M] int32, valid [C, M] bool): the masked patches are index[c, :k_c]
+    in a fixed-size array of M = ceil(max ratio * N) slots, valid marking the first k_c of them.
+    """
+    k_select, k_ratio, k_order = jax.random.split(rng, 3)
+    low, high = (float(v) for v in ratio)
+    slots = max(1, math.ceil(high * num_patches))
+    chosen = jax.random.bernoulli(k_select, probability, (num_crops,))
+    share = jax.random.uniform(k_ratio, (num_crops,), minval=low, maxval=high)
+    count = jnp.where(chosen, jnp.minimum(jnp.floor(share * num_patches), slots), 0).astype(jnp.int32)
+    order = jnp.argsort(jax.random.uniform(k_order, (num_crops, num_patches)), axis=1).astype(jnp.int32)
+    rank = jnp.argsort(order, axis=1)
+    return rank < count[:, None], order[:, :slots], jnp.arange(slots)[None, :] < count[:, None]
+
+
+def ibot_loss(*, student_logits: jax.Array, teacher_probs: jax.Array, valid: jax.Array,
+              student_temp: float) -> jax.Array:
+    """DINOv2's iBOT patch loss (`iBOTPatchLoss.forward_masked`): per crop, the cross-entropy -sum_k t log
+    softmax(s / T_s) summed over its masked patches and divided by their number (at least 1), then the mean
+    over all crops, masked or not. student_logits / teacher_probs [C, M, K], valid [C, M]."""
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+    ce = -jnp.sum(jax.lax.stop_gradient(teacher_probs.astype(jnp.float32)) * log_s, axis=-1)
+    valid = valid.astype(jnp.float32)
+    per_crop = jnp.sum(ce * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
+    return jnp.mean(per_crop)
+
+
 def updated_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
     """center * m + (1 - m) * mean of the teacher outputs over the (global) batch and the global crops."""
     batch_center = jnp.mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]).astype(jnp.float32), axis=0)
@@ -308,6 +380,20 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
             {"params": params, "batch_stats": batch_stats}, crops, train=True, mutable=["batch_stats"],
             rngs={"dropout": dropout_rng})
         batch_stats = student_updates["batch_stats"]
+    elif d.ibot_weight > 0:  # ViT + iBOT: the student sees masked global crops, both heads see those patches
+        globals_ = crops[0]
+        patch = model.encoder.arch()["patch_size"]
+        masks, index, valid = ibot_masks(jax.random.fold_in(augment_rng, 1), num_crops=globals_.shape[0] * 2,
+                                         num_patches=(globals_.shape[2] // patch) * (globals_.shape[3] // patch),
+                                         probability=d.ibot_mask_probability, ratio=d.ibot_mask_ratio)
+        teacher_logits, teacher_out = model.apply({"params": teacher}, crops[:1], train=False, patch_index=index)
+        student_logits, student_out = model.apply({"params": params}, crops, train=True, masks=masks,
+                                                  patch_index=index, rngs={"dropout": dropout_rng})
+        patch_targets = losses.sinkhorn(
+            scores=jax.lax.stop_gradient(teacher_out["patch_logits"]).reshape(-1, d.num_prototypes),
+            epsilon=teacher_temperature(step, config), num_iters=d.sinkhorn_iters, valid=valid.reshape(-1))
+        ibot = ibot_loss(student_logits=student_out["patch_logits"], teacher_probs=patch_targets.reshape(
+            *index.shape, d.num_prototypes), valid=valid, student_temp=d.student_temp)
     else:  # ViT: no BatchNorm; the teacher sees the globals only, without drop path
         teacher_logits, _ = model.apply({"params": teacher}, crops[:1], train=False)
         student_logits, student_out = model.apply({"params": params}, crops, train=True, rngs={"dropout": dropout_rng})
@@ -317,6 +403,10 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
                               centering=d.centering, sinkhorn_iters=d.sinkhorn_iters)
     loss, stats = dino_loss(student_logits=student_logits, teacher_probs=targets, student_temp=d.student_temp)
     extra = {}
+    if d.ibot_weight > 0:
+        extra["dino/ibot"] = ibot
+        extra["dino/ibot_masked_share"] = jnp.mean(masks.astype(jnp.float32))
+        loss = loss + d.ibot_weight * ibot
     if d.koleo_weight > 0:
         # DINOv2: KoLeo on the student's backbone features, one term per global crop.
         extra["dino/koleo"] = sum(losses.koleo(features=student_out["features"][:, i]) for i in range(2))

@@ -288,7 +288,10 @@ class ViT(nn.Module):
         return self.image_size // self.arch()["patch_size"]
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, mask=None, mask_token=None):
+        """`mask` [B, N] (True = replace that patch's embedding by `mask_token` [D], before positions are
+        added: iBOT's masked image modelling; the token is the caller's parameter, so exports keep the
+        plain encoder)."""
         arch = self.arch()
         p, d = arch["patch_size"], arch["width"]
         if x.ndim != 4:
@@ -307,6 +310,10 @@ class ViT(nn.Module):
                     kernel_init=nn.initializers.lecun_normal(), name="patch_embed")(x.astype(self.dtype))
         gh, gw = h // p, w // p
         x = x.reshape(b, gh * gw, d)
+        if mask is not None:
+            if mask.shape != (b, gh * gw) or mask_token is None:
+                raise ValueError(f"ViT mask {mask.shape} does not fit {b} images of {gh * gw} patches, or no mask_token")
+            x = jnp.where(mask[..., None], jnp.reshape(mask_token, (1, 1, d)).astype(x.dtype), x)
 
         cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
