@@ -664,15 +664,16 @@ def test_continued_dino_pretraining_from_a_converted_dinov3_starts_from_it_train
     assert config.init == source and config.mesh == (("data", -1), ("fsdp", 8)) and config.model.remat
     assert {k: config.model[k] for k in source_config["model"] if k != "remat"} == {
         k: v for k, v in source_config["model"].items() if k != "remat"}
-    assert (config.dino.centering, config.dino.koleo_weight, config.dino.ibot_weight, config.optim.layer_decay,
-            config.optim.patch_embed_lr_mult) == ("sinkhorn_knopp", 0.1, 1.0, 0.9, 0.2)
+    assert (config.dino.centering, config.dino.koleo_weight, config.optim.layer_decay,
+            config.optim.patch_embed_lr_mult) == ("sinkhorn_knopp", 0.1, 0.9, 0.2)
     config = set_fields(config, {
         "data.cache_dir": cache, "data.phantom_patients": 64, "data.phantom_size": 32, "data.image_size": 32,
         "dino.num_local_crops": 2, "dino.local_image_size": 16, "dino.num_prototypes": 16, "dino.hidden_dim": 16,
         "dino.bottleneck_dim": 8, "dino.teacher_temp_warmup_steps": 2, "dino.global1_blur_p": 0.0,
         "dino.global2_blur_p": 0.0, "dino.local_blur_p": 0.0, "dino.global2_solarize_p": 0.0,
         "batch_size": 8, "total_steps": 4, "optim.frozen_encoder_steps": 2, "optim.warmup_steps": 1,
-        "checkpoint_every": 1, "log_every": 1, "probe.enabled": False, "monitor.every": 0})
+        "checkpoint_every": 1, "log_every": 1, "probe.enabled": False, "monitor.every": 0,
+        "dino.ibot_weight": 1.0})  # the full recipe's iBOT term (the :runlocal one leaves it off)
     straight = train.pretrain(config, str(tmp_path / "straight"))
     logged = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert any(row.get("dino/ibot", 0) > 0 for row in logged)  # iBOT's masked-patch term is in the loss
@@ -727,6 +728,7 @@ def test_continued_pretraining_config_takes_the_model_from_the_export_and_shards
     assert (config.model.width, config.model.image_size, config.model.drop_path_rate) == (1024, 518, 0.1)
     assert dict(config.mesh) == {"data": -1, "fsdp": 8} and config.model.remat
     assert config.total_steps == 30 * 100 and config.optim.frozen_encoder_steps == 100
+    assert config.dino.ibot_weight == 1.0 and config.dino.centering == "sinkhorn_knopp"
     assert config.optim.base_lr == pytest.approx(5e-5)
     with pytest.raises(ValueError, match="is a vit"):
         config_lib.load_config("dino", f"init={source},encoder=resnet")
