@@ -28,7 +28,7 @@ import sys
 import jax
 import numpy as np
 
-from medssl_jax import checkpoint
+from medssl_jax import checkpoint, models
 from medssl_jax.evaluate import records
 from medssl_jax.models import convert as convert_lib
 from medssl_jax.models import to_torch
@@ -57,12 +57,12 @@ def read_input(directory: str) -> tuple[dict, dict, int]:
     """(variables, export config, the encoder's input channels) of an export directory."""
     variables, config = checkpoint.load_export(directory)
     model = config["model"]
-    if model.get("name") not in ("resnet", "vit"):
-        raise to_torch.ExportError(f"{directory}: encoder {model.get('name')!r} is not a resnet or vit")
+    if model.get("name") not in ("resnet", "vit", "convnext"):
+        raise to_torch.ExportError(f"{directory}: encoder {model.get('name')!r} is not a resnet, vit or convnext")
     # The model's input channels (its first layer's), not the data's: a grey store can train a 3-channel
     # converted encoder, which replicates grey images to RGB.
-    kernel = (variables["params"]["stem"]["conv"]["kernel"] if model["name"] == "resnet"
-              else variables["params"]["patch_embed"]["kernel"])
+    kernel = {"resnet": lambda p: p["stem"]["conv"]["kernel"], "vit": lambda p: p["patch_embed"]["kernel"],
+              "convnext": lambda p: p["stem"]["kernel"]}[model["name"]](variables["params"])
     return variables, config, int(np.shape(kernel)[2])
 
 
@@ -70,10 +70,11 @@ def build(fmt: str, variables: dict, config: dict, channels: int) -> dict:
     """{file name: state_dict or JSON object} of the export to `fmt` (torchvision / timm / hf), checked."""
     model = config["model"]
     name = model["name"]
-    wanted = "resnet" if fmt == "torchvision" else "vit"
-    if name != wanted:
-        hint = "--format=torchvision" if name == "resnet" else "--format=timm or --format=hf"
-        raise to_torch.ExportError(f"--format={fmt} takes a {wanted} export, this one is a {name} ({hint})")
+    wanted = {"torchvision": ("resnet",), "timm": ("vit", "convnext"), "hf": ("vit",)}[fmt]
+    if name not in wanted:
+        hint = {"resnet": "--format=torchvision", "vit": "--format=timm or --format=hf",
+                "convnext": "--format=timm"}.get(name, "")
+        raise to_torch.ExportError(f"--format={fmt} takes a {' or '.join(wanted)} export, this one is a {name} ({hint})")
     norm = (config.get("input") or {}).get("normalization")
     image_size = int((config.get("input") or {}).get("image_size") or model.get("image_size") or 224)
     recorded_input = {"image_size": image_size, "mean": list(norm["mean"]) if norm else [],
@@ -83,6 +84,11 @@ def build(fmt: str, variables: dict, config: dict, channels: int) -> dict:
         to_torch.check_round_trip(fmt, state, variables, model, extra={})
         return {"model.safetensors": state,
                 "torchvision.json": {**to_torch.resnet_spec(model, channels), "input": recorded_input}}
+    if fmt == "timm" and name == "convnext":
+        spec = to_torch.timm_convnext_spec(model, channels)
+        state = to_torch.timm_convnext_state(variables)
+        to_torch.check_round_trip(fmt, state, variables, model, extra={})
+        return {"model.safetensors": state, "timm.json": {**spec, "input": recorded_input}}
     if fmt == "timm":
         spec = to_torch.timm_spec(model, channels)
         state = to_torch.timm_state(variables, model)
@@ -130,6 +136,11 @@ def _architecture(model: dict, channels: int) -> str:
         return (f"ResNet-{spec['depth']} (SimCLR layout), width x{model.get('width', 1)}, base width "
                 f"{model.get('base_width', 64)}, stem max-pool '{spec['stem_pool']}', {channels} input channel(s), "
                 f"{spec['feature_dim']}-d pooled features")
+    if model["name"] == "convnext":
+        depths, dims = models.build_encoder({**model, "dtype": "float32"}).arch()
+        return (f"ConvNeXt (DINOv3's layout{', size ' + model['size'] if model.get('size') else ''}): blocks "
+                f"{list(depths)}, widths {list(dims)}, {channels} input channel(s), {dims[-1]}-d features (the "
+                "normed pooled map)")
     arch = to_torch._vit_arch(model)
     return (f"ViT {model.get('variant', '')}: width {arch['width']}, depth {arch['depth']}, {arch['num_heads']} heads, "
             f"patch {arch['patch_size']}, {arch['num_registers']} registers, position grid for "
@@ -221,8 +232,6 @@ def model_card(fmt: str, config: dict, channels: int, files: dict, *, input_dir:
 
 def our_features(variables: dict, config: dict, images: np.ndarray) -> np.ndarray:
     """The JAX encoder's features of images [B, H, W, C] in [0, 1] (float32 compute)."""
-    from medssl_jax import models
-
     encoder = models.build_encoder({**config["model"], "dtype": "float32"})
     return np.asarray(jax.jit(lambda v, x: encoder.apply(v, x, train=False)[0])(variables, images))
 
@@ -232,7 +241,8 @@ def torch_input(images: np.ndarray, config: dict) -> np.ndarray:
     of a 3-channel ViT (ours does that inside), (x - mean) / std, NCHW."""
     norm = (config.get("input") or {}).get("normalization")
     x = np.asarray(images, np.float32)
-    in_chans = int(config["model"].get("in_chans", 3)) if config["model"].get("name") == "vit" else x.shape[-1]
+    in_chans = (int(config["model"].get("in_chans", 3)) if config["model"].get("name") in ("vit", "convnext")
+                else x.shape[-1])
     if x.shape[-1] == 1 and in_chans > 1:
         x = np.broadcast_to(x, (*x.shape[:-1], in_chans))
     if norm:
@@ -270,11 +280,11 @@ def _onnx(variables: dict, config: dict, channels: int, output: str) -> dict:
         try:
             import timm
         except ImportError:
-            raise to_torch.ExportError("--format=onnx of a ViT needs timm (pip install timm)") from None
+            raise to_torch.ExportError("--format=onnx of a ViT or ConvNeXt needs timm (pip install timm)") from None
         net = timm.create_model(spec["model_name"], **spec["kwargs"])
     net.load_state_dict({k: torch.from_numpy(v) for k, v in items["model.safetensors"].items()}, strict=True)
     net.eval()
-    size = spec["input"]["image_size"] if fmt == "torchvision" else spec["kwargs"]["img_size"]
+    size = spec["kwargs"]["img_size"] if "img_size" in spec.get("kwargs", {}) else spec["input"]["image_size"]
     example = torch.zeros((1, channels, size, size))
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, "model.onnx")

@@ -147,6 +147,26 @@ def test_vit_exports_to_timm_and_transformers_output_equal(tmp_path, name, train
         assert pre["crop_size"] == {"height": size, "width": size}
 
 
+def test_convnext_exports_to_timm_output_equal(tmp_path):
+    """DINOv3's ConvNeXt (grey input, LayerScale, ImageNet-like normalisation recorded) in timm's ConvNeXt:
+    timm's pooled-and-normed features equal ours, the weights import back bit for bit, the card names it."""
+    model = {"name": "convnext", "size": "", "depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32], "in_chans": 1,
+             "input_mean": [0.5], "input_std": [0.25]}
+    export, variables, config = make_export(tmp_path / "export", model, 1, 64, trained=True,
+                                            normalization={"mean": [0.5], "std": [0.25]})
+    out = str(tmp_path / "timm")
+    assert export_lib.main([f"--input={export}", "--format=timm", f"--output={out}"]) == 0
+    x = images(64, 1)
+    ours = export_lib.our_features(variables, config, x)
+    theirs = torch_features(torch_model(out, "timm"), "timm", x, config)
+    assert ours.shape == (3, 32) and export_lib.relative_difference(theirs, ours) <= TOLERANCE
+    assert_round_trip(out, "timm", variables, {k: v for k, v in model.items() if k not in ("input_mean", "input_std")})
+    with open(os.path.join(out, "README.md")) as f:
+        assert "ConvNeXt (DINOv3's layout): blocks [1, 1, 2, 1]" in f.read()
+    with pytest.raises(to_torch.ExportError, match="takes a vit export, this one is a convnext"):
+        export_lib.export(export, "hf", str(tmp_path / "hf"))
+
+
 def test_model_card_says_what_a_user_needs(tmp_path):
     model, channels, size = RESNETS["resnet18-grey"]
     export, _, _ = make_export(tmp_path / "run" / "export", model, channels, size, trained=True)

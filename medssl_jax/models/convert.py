@@ -11,8 +11,8 @@ Formats (FORMATS):
   hf-dinov3           a transformers DINOv3ViTModel directory (model.safetensors + config.json): RoPE,
                       registers, LayerScale, plain or gated MLP (ViT-S/16 ... H+/16), read with safetensors;
                       or a DINOv3ConvNextModel directory (model_type dinov3_convnext: ConvNeXt T/S/B/L);
-  timm                a timm VisionTransformer state_dict (`.safetensors` or `.pth`, or a directory with
-                      model.safetensors and the timm.json that `python -m medssl_jax.export` writes);
+  timm                a timm VisionTransformer or ConvNeXt state_dict (`.safetensors` or `.pth`, or a directory
+                      with model.safetensors and the timm.json that `python -m medssl_jax.export` writes);
   timm-npz            the original JAX `.npz` of the augreg / vision_transformer ViTs that timm loads for
                       `vit_base_patch16_224_in21k` (`Transformer/encoderblock_N/...`), read with
                       np.load(allow_pickle=False);
@@ -621,12 +621,24 @@ def dinov3_hub_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: i
 # Where our ConvNeXt's modules live in DINOv3's two layouts: the hub's (dinov3 `models/convnext.py`) and
 # transformers' DINOv3ConvNextModel. Stage s's downsampling is [conv, norm] for s = 0, [norm, conv] after.
 _CONVNEXT_LAYOUTS = {
-    "hub": {"down": "downsample_layers.{s}.{i}", "block": "stages.{s}.{j}.", "final": "norm",
+    "hub": {"stem": "downsample_layers.0.{i}", "down": "downsample_layers.{s}.{i}", "block": "stages.{s}.{j}.",
+            "final": "norm",
             "modules": {"dwconv": "dwconv", "norm": "norm", "pwconv1": "pwconv1", "pwconv2": "pwconv2"}},
-    "hf": {"down": "stages.{s}.downsample_layers.{i}", "block": "stages.{s}.layers.{j}.", "final": "layer_norm",
+    "hf": {"stem": "stages.0.downsample_layers.{i}", "down": "stages.{s}.downsample_layers.{i}",
+           "block": "stages.{s}.layers.{j}.", "final": "layer_norm",
            "modules": {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",
                        "pwconv2": "pointwise_conv2"}},
+    # timm's ConvNeXt (what `medssl_jax.export --format=timm` writes): its head.norm is the norm of the pooled
+    # map, i.e. DINOv3's CLS token.
+    "timm": {"stem": "stem.{i}", "down": "stages.{s}.downsample.{i}", "block": "stages.{s}.blocks.{j}.",
+             "final": "head.norm",
+             "modules": {"dwconv": "conv_dw", "norm": "norm", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2"}},
 }
+
+
+def _convnext_down_key(keys: Mapping, stage: int, part: int) -> str:
+    """Stage `stage`'s downsampling part (0 conv / 1 norm for the stem, 0 norm / 1 conv after)."""
+    return keys["stem"].format(i=part) if stage == 0 else keys["down"].format(s=stage, i=part)
 
 
 def convnext_source(names: tuple[str, ...], *, layout: str) -> Source:
@@ -637,10 +649,10 @@ def convnext_source(names: tuple[str, ...], *, layout: str) -> Source:
     if top == "norm":
         return (f"{keys['final']}.{leaf}",), _same
     if top in ("stem", "stem_norm"):
-        return (keys["down"].format(s=0, i=0 if top == "stem" else 1) + f".{leaf}",), conv
+        return (_convnext_down_key(keys, 0, 0 if top == "stem" else 1) + f".{leaf}",), conv
     if top.startswith("downsample"):
         stage = int(top[len("downsample")])
-        return (keys["down"].format(s=stage, i=0 if top.endswith("_norm") else 1) + f".{leaf}",), conv
+        return (_convnext_down_key(keys, stage, 0 if top.endswith("_norm") else 1) + f".{leaf}",), conv
     stage, block = (int(part) for part in re.match(r"stage(\d+)_block(\d+)", top).groups())
     prefix = keys["block"].format(s=stage - 1, j=block)
     if names[1] == "gamma":
@@ -652,9 +664,9 @@ def convnext_source(names: tuple[str, ...], *, layout: str) -> Source:
 
 def dinov3_convnext_to_flax(state: dict, *, layout: str, arch: Mapping | None = None, in_chans: int | None = None,
                             ln_eps: float = 1e-6, act: str = "gelu", what: str = "checkpoint"):
-    """DINOv3 ConvNeXt weights (hub `dinov3_convnext_*_pretrain_*.pth` or a transformers DINOv3ConvNextModel
-    directory) -> ({'params'}, config) of medssl_jax.models.convnext.ConvNeXt; depths, widths, input
-    channels and LayerScale are read from the tensors."""
+    """DINOv3 ConvNeXt weights (hub `dinov3_convnext_*_pretrain_*.pth`, a transformers DINOv3ConvNextModel
+    directory, or timm's ConvNeXt layout) -> ({'params'}, config) of medssl_jax.models.convnext.ConvNeXt;
+    depths, widths, input channels and LayerScale are read from the tensors."""
     from medssl_jax import models
     from medssl_jax.models import convnext
 
@@ -662,10 +674,10 @@ def dinov3_convnext_to_flax(state: dict, *, layout: str, arch: Mapping | None = 
         raise ConvertError(f"{what}: hidden_act={act!r}: medssl_jax's ConvNeXt uses exact gelu")
     keys = _CONVNEXT_LAYOUTS[layout]
     state = {re.sub(r"^model\.stages\.", "stages.", k): v for k, v in state.items()}  # module tree vs saved names
-    stem = keys["down"].format(s=0, i=0) + ".weight"
+    stem = _convnext_down_key(keys, 0, 0) + ".weight"
     _require(state, (stem, f"{keys['final']}.weight"), what)
-    dims = [int(state[keys["down"].format(s=s, i=0 if s == 0 else 1) + ".weight"].shape[0])
-            for s in range(4) if keys["down"].format(s=s, i=0 if s == 0 else 1) + ".weight" in state]
+    convs = [_convnext_down_key(keys, stage, 0 if stage == 0 else 1) + ".weight" for stage in range(4)]
+    dims = [int(state[k].shape[0]) for k in convs if k in state]
     block_key = re.escape(keys["block"]).replace(r"\{s\}", r"(\d+)").replace(r"\{j\}", r"(\d+)")
     depths = [0] * 4
     for k in state:
@@ -1009,7 +1021,9 @@ def convert(fmt: str, path: str, *, arch: Mapping | None = None, num_heads: int 
         weights_file = path if os.path.isfile(path) else os.path.join(path, "model.safetensors")
     elif fmt in SIDECARS:
         state, sidecar, weights_file = read_weights_with_sidecar(path, SIDECARS[fmt])
-        if fmt == "timm":
+        if fmt == "timm" and "stem.0.weight" in state:  # timm's ConvNeXt (e.g. our export of one)
+            variables, model = dinov3_convnext_to_flax(state, layout="timm", arch=arch, in_chans=in_chans, what=what)
+        elif fmt == "timm":
             kwargs = sidecar.get("kwargs", {})
             pool = {"token": "token", "avg": "gap"}.get(kwargs.get("global_pool"))
             arch = {**({"pool": pool} if pool else {}), **(arch or {})} or None

@@ -13,7 +13,8 @@ What each layout cannot express, and what happens instead:
                width and every stage scale with the width multiplier (torchvision's wide_resnet only widens
                the bottleneck). The 'same' stem max-pool (TF padding (0, 1)) is MaxPool2d(ceil_mode=True),
                exact when the stem output is even, i.e. image sides divisible by 4 (28, 64, 224 px).
-  timm         VisionTransformer with the CLS token; register tokens get zero rows in `pos_embed`
+  timm         ConvNeXt (ours is DINOv3's, which is timm's layout: features = the normed pooled map), or
+               VisionTransformer with the CLS token; register tokens get zero rows in `pos_embed`
                (timm adds position embeddings to the registers, ours do not); no SwiGLU (ViT-g: use hf)
                and no 'token+gap' pooling (timm pools 'token' or 'avg').
   hf           transformers Dinov2Model / Dinov2WithRegistersModel: LayerScale is always there (ones when
@@ -23,12 +24,13 @@ What each layout cannot express, and what happens instead:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
 
-from medssl_jax.models import convert
+from medssl_jax.models import convert, convnext
 from medssl_jax.models.resnet import STAGE_SIZES
 
 FORMATS = ("torchvision", "timm", "hf")
@@ -167,6 +169,28 @@ def timm_state(variables: Mapping, model: Mapping) -> dict[str, np.ndarray]:
     return state
 
 
+# ---------------------------------------------------------------------------------------------- ConvNeXt
+
+
+def timm_convnext_spec(model: Mapping, channels: int) -> dict:
+    """timm.create_model's name and keyword arguments for our ConvNeXt (timm's layout is ConvNeXt's own:
+    the same blocks, and head.norm on the pooled map, i.e. our 'cls' feature)."""
+    from medssl_jax import models
+
+    encoder = models.build_encoder({**model, "dtype": "float32"})
+    depths, dims = encoder.arch()
+    name = next((f"convnext_{size}" for size, v in convnext.SIZES.items()
+                 if tuple(v["depths"]) == depths and tuple(v["dims"]) == dims), "convnext_tiny")
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": int(channels), "depths": list(depths),
+              "dims": list(dims), "ls_init_value": encoder.layerscale_init, "norm_eps": encoder.ln_eps}
+    return {"model_name": name, "kwargs": kwargs}
+
+
+def timm_convnext_state(variables: Mapping) -> dict[str, np.ndarray]:
+    return invert(variables["params"], functools.partial(convert.convnext_source, layout="timm"),
+                  target="timm ConvNeXt")
+
+
 def hf_config(model: Mapping, channels: int) -> dict:
     arch = _vit_arch(model)
     if arch["mlp_dim"] % arch["width"]:
@@ -235,6 +259,8 @@ def check_round_trip(fmt: str, state: dict, variables: Mapping, model: Mapping, 
     try:
         if fmt == "torchvision":
             back, _ = convert.torchvision_resnet_to_flax(state, arch=arch, what="the export")
+        elif fmt == "timm" and model.get("name") == "convnext":
+            back, _ = convert.dinov3_convnext_to_flax(state, layout="timm", arch=arch, what="the export")
         elif fmt == "timm":
             back, _ = convert.timm_to_flax(state, arch=arch, num_heads=extra.get("num_heads"), what="the export")
         else:
