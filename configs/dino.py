@@ -265,7 +265,9 @@ def _continued_pretraining(c, args, source: dict) -> None:
     - DINOv2's objective for its checkpoints: Sinkhorn-Knopp teacher, KoLeo 0.1, iBOT's masked-patch term
       (weight 1, half the global crops with 10-50 % of their patches masked; ViTs), teacher momentum
       0.992 -> 1, teacher temperature 0.04 -> 0.07 over the first third of the run, DINOv2's crop scales;
-    - drop path as the source's recipe would have it (0.1 for ViT-S/B; DINOv2 used up to 0.4 for g)."""
+    - drop path as the source's recipe would have it (0.1 for ViT-S/B; DINOv2 used up to 0.4 for g); for a
+      DINOv3 (RoPE) source DINOv3's training-time coordinate rescaling in [1/2, 2] (`rope_rescale`), off in
+      the teacher and in the export."""
     c.init = args.init
     remat = bool(c.model.get("remat", False))  # FSDP's rematerialised blocks (set above for ViT-L and g)
     fields = {k: v for k, v in source.items() if k != "name" and v is not None}
@@ -290,6 +292,8 @@ def _continued_pretraining(c, args, source: dict) -> None:
         c.model.drop_path_rate = 0.0 if args.runlocal else 0.1
         c.optim.update(layer_decay=0.9, patch_embed_lr_mult=0.2)
         c.dino.ibot_weight = 1.0  # DINOv2's masked-patch term, on the DINO head (fresh, like the mask token)
+        if source.get("position") == "rope":
+            c.model.rope_rescale = 2.0  # DINOv3's pretraining augmentation of the RoPE coordinates
     if source["name"] == "convnext":  # DINOv3's ConvNeXts; every crop at least their total stride, 32 px
         c.model.drop_path_rate = 0.0 if args.runlocal else 0.1
         c.dino.local_image_size = max(c.dino.local_image_size, 32)

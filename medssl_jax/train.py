@@ -465,8 +465,13 @@ def _fmt(values: dict) -> str:
 
 def _export_record(config, run: Setup, step: int, **extra) -> dict:
     """The export's config.json record (model, input, source)."""
+    model = config.model.to_dict()
+    if model.get("rope_rescale") is not None:
+        # DINOv3's RoPE coordinate rescaling augments pretraining; an exported encoder is a plain one, like
+        # the released DINOv3 checkpoints (a fine-tuning config may switch it on again).
+        model["rope_rescale"] = None
     return {
-        "model": config.model.to_dict(),
+        "model": model,
         "input": {"image_size": config.data.image_size,
                   "channels": int(run.example[run.spec["crops"][0]["name"]].shape[-1]),
                   "normalization": input_norm.recorded(config.model)},

@@ -662,6 +662,7 @@ def test_continued_dino_pretraining_from_a_converted_dinov3_starts_from_it_train
     # fsdp=8: parameters, optimiser moments and the teacher sharded over the 8 fake devices (the ViT-L recipe).
     config = config_lib.load_config("dino", f"runlocal,init={source},fsdp=8")
     assert config.init == source and config.mesh == (("data", -1), ("fsdp", 8)) and config.model.remat
+    assert config.model.rope_rescale == 2.0  # DINOv3's training-time RoPE augmentation, off in the export
     assert {k: config.model[k] for k in source_config["model"] if k != "remat"} == {
         k: v for k, v in source_config["model"].items() if k != "remat"}
     assert (config.dino.centering, config.dino.koleo_weight, config.optim.layer_decay,
@@ -708,7 +709,7 @@ def test_continued_dino_pretraining_from_a_converted_dinov3_starts_from_it_train
     exported, export_config = checkpoint.load_export(straight.export_dir)
     assert {k: export_config["model"][k] for k in source_config["model"] if k != "drop_path_rate"} == {
         k: v for k, v in source_config["model"].items() if k != "drop_path_rate"}
-    assert export_config["source"]["init"] == source
+    assert export_config["source"]["init"] == source and export_config["model"]["rope_rescale"] is None
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, exported["params"]),
                  jax.tree.map(np.asarray, a["method_state"]["teacher"]["encoder"]))
     out, _ = _flax_features(straight.export_dir, x)

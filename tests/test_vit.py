@@ -138,3 +138,22 @@ def test_bad_inputs_and_configs_raise_one_line_errors():
         vit.ViT(**TINY, pool="max").init(jax.random.key(0), _images((1, 28, 28, 3)))
     with pytest.raises(ValueError, match="interpolation is off"):
         jax.eval_shape(vit.ViT(**TINY, pos_interp="none").init, jax.random.key(0), _images((1, 28, 28, 3)))
+
+
+def test_rope_rescale_augments_training_only():
+    """DINOv3's `rescale_coords`: in training one log-uniform factor in [1/2, 2] per forward pass scales the
+    RoPE coordinates (another rng, other features); at evaluation the model is the plain RoPE ViT."""
+    fields = {**TINY, "image_size": 28, "position": "rope", "num_registers": 2}
+    plain, augmented = vit.ViT(**fields), vit.ViT(**fields, rope_rescale=2.0)
+    x = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
+    variables = plain.init(jax.random.PRNGKey(0), x)
+    run = lambda model, train, seed=0: np.asarray(model.apply(  # noqa: E731
+        variables, x, train=train, rngs={"dropout": jax.random.PRNGKey(seed)})[0])
+    np.testing.assert_array_equal(run(augmented, False), run(plain, False))
+    np.testing.assert_array_equal(run(plain, True), run(plain, False))  # no drop path here
+    assert not np.allclose(run(augmented, True, 0), run(plain, True)) and not np.allclose(
+        run(augmented, True, 0), run(augmented, True, 1))
+    with pytest.raises(vit.ViTConfigError, match="rope_rescale=0.5"):
+        vit.ViT(**fields, rope_rescale=0.5).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(vit.ViTConfigError, match="needs position='rope'"):
+        vit.ViT(**{**fields, "position": "learned"}, rope_rescale=2.0).init(jax.random.PRNGKey(0), x)

@@ -89,16 +89,17 @@ def _layer_norm(name, eps, dtype):
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def rope_tables(grid_hw: tuple[int, int], head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_tables(grid_hw: tuple[int, int], head_dim: int, theta: float, scale=1.0) -> tuple[jax.Array, jax.Array]:
     """DINOv3's 2-D rotary tables (cos, sin) [gh * gw, head_dim], float32: patch centres normalised to
     [-1, 1] per axis, head_dim / 4 frequencies 1 / theta^(4 j / head_dim) per axis (y then x), the angle
-    table repeated twice to head_dim, as transformers' DINOv3ViTRopePositionEmbedding at inference."""
+    table repeated twice to head_dim, as transformers' DINOv3ViTRopePositionEmbedding at inference.
+    `scale` multiplies the coordinates (DINOv3's training-time `rescale_coords` augmentation)."""
     if head_dim % 4:
         raise ViTConfigError(f"ViT RoPE needs a head dimension divisible by 4, got {head_dim}")
     gh, gw = grid_hw
     ys = 2.0 * (jnp.arange(0.5, gh, dtype=jnp.float32) / gh) - 1.0
     xs = 2.0 * (jnp.arange(0.5, gw, dtype=jnp.float32) / gw) - 1.0
-    coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(gh * gw, 2)
+    coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(gh * gw, 2) * scale
     inv_freq = 1.0 / theta ** jnp.arange(0, 1, 4 / head_dim, dtype=jnp.float32)
     angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).reshape(gh * gw, -1)
     angles = jnp.concatenate([angles, angles], axis=-1)
@@ -221,7 +222,9 @@ class ViT(nn.Module):
         'size_aa' (antialiased; DINOv2 register models) or 'none' (input grid must equal the stored one).
       position: 'learned' (a position table, resampled by pos_interp) or 'rope' (DINOv3: 2-D rotary
         embeddings of the patch tokens' normalised centres in every attention, base `rope_theta`; the CLS
-        and register tokens are not rotated; no table, so any patch grid works as it is).
+        and register tokens are not rotated; no table, so any patch grid works as it is). `rope_rescale`
+        (DINOv3 pretrains with 2): in training only, the coordinates are multiplied by one factor drawn
+        log-uniformly from [1 / rope_rescale, rope_rescale] per forward pass; None = off.
       pool: 'token' (normed CLS), 'gap' (mean of normed patch tokens) or 'token+gap' (concatenated).
       drop_path_rate: stochastic depth of the last block (linear from 0 over depth; needs a 'dropout' rng).
       attention: jax.nn.dot_product_attention implementation: None (default XLA), 'xla' or 'cudnn'.
@@ -252,6 +255,7 @@ class ViT(nn.Module):
     pos_interp: str = "dinov2"
     position: str = "learned"
     rope_theta: float = 100.0
+    rope_rescale: float | None = None
     pool: str = "token"
     drop_path_rate: float = 0.0
     attention: str | None = None
@@ -277,6 +281,8 @@ class ViT(nn.Module):
             raise ViTConfigError(f"ViT attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if self.position not in POSITIONS:
             raise ViTConfigError(f"ViT position={self.position!r} is not one of {POSITIONS}")
+        if self.rope_rescale is not None and (self.position != "rope" or not self.rope_rescale >= 1):
+            raise ViTConfigError(f"ViT rope_rescale={self.rope_rescale}: needs position='rope' and a value >= 1")
         if self.pos_interp not in interpolate.POS_INTERP_MODES:
             raise ViTConfigError(f"ViT pos_interp={self.pos_interp!r} is not one of {interpolate.POS_INTERP_MODES}")
         if self.image_size < arch["patch_size"]:
@@ -319,7 +325,11 @@ class ViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
         rope = None
         if self.position == "rope":  # DINOv3: rotary patch positions in every attention, no table to resample
-            rope = rope_tables((gh, gw), d // arch["num_heads"], self.rope_theta)
+            scale = 1.0
+            if train and self.rope_rescale is not None:  # DINOv3: one log-uniform factor per forward pass
+                bound = math.log(self.rope_rescale)
+                scale = jnp.exp(jax.random.uniform(self.make_rng("dropout"), (), minval=-bound, maxval=bound))
+            rope = rope_tables((gh, gw), d // arch["num_heads"], self.rope_theta, scale)
         else:
             g = self.pos_grid
             pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + g * g, d), jnp.float32)
