@@ -296,8 +296,7 @@ def _continued_pretraining(c, args, source: dict) -> None:
             c.model.rope_rescale = 2.0  # DINOv3's pretraining augmentation of the RoPE coordinates
     if source["name"] == "convnext":  # DINOv3's ConvNeXts; every crop at least their total stride, 32 px
         c.model.drop_path_rate = 0.0 if args.runlocal else 0.1
-        c.dino.local_image_size = max(c.dino.local_image_size, 32)
-        c.data.image_size = max(c.data.image_size, 32)
+        config_lib.crops_at_least(c, 32)
     if args.runlocal:
         # Minutes on 2 CPU cores: the 600-step :runlocal run at 32 px global / 16 px local crops, the first
         # 50 steps heads only, the teacher temperature at 0.07 after 100 steps.

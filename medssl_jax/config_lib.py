@@ -167,10 +167,15 @@ def use_convnext(c: mlc.ConfigDict, encoder: str) -> None:
     if encoder not in CONVNEXT_ENCODERS:
         raise ValueError(f"encoder {encoder!r} is not one of {list(CONVNEXT_ENCODERS)}")
     c.model = models.model_config("convnext", size=encoder.split("_")[1], in_chans=1)
-    c.data.image_size = max(c.data.image_size, 32)
+    crops_at_least(c, 32)
+
+
+def crops_at_least(c: mlc.ConfigDict, size: int) -> None:
+    """Raises every crop size of a pretraining config (global, and SwAV's / DINO's local ones) to `size`."""
+    c.data.image_size = max(c.data.image_size, size)
     for group in ("swav", "dino"):
         if group in c:
-            c[group].local_image_size = max(c[group].local_image_size, 32)
+            c[group].local_image_size = max(c[group].local_image_size, size)
 
 
 # The embedded phantom store every `:runlocal` config (pretraining and evaluation) uses: 2000 patients at
