@@ -360,10 +360,6 @@ def make_finetune_optimizer(cfg, *, peak_lr: float, warmup_steps: int, total_ste
     _choice(cfg, "name", FINETUNE_OPTIMIZERS)
     if float(cfg.get("weight_decay_end", -1.0)) >= 0:
         raise ValueError("fine-tuning: optim.weight_decay_end must be -1 (a constant weight decay)")
-    for key, neutral in (("layer_decay", 1.0), ("patch_embed_lr_mult", 1.0), ("frozen_encoder_steps", 0)):
-        if cfg.get(key, neutral) != neutral:
-            raise ValueError(f"fine-tuning: optim.{key} must stay {neutral} (the fine-tuning grid sets layer-wise "
-                             "decay and the backbone lr: finetune.layer_decays, finetune.backbone_lr_mults)")
     unit = ml_collections.ConfigDict(cfg.to_dict())
     unit.update(base_lr=1.0, lr_scaling="none", schedule="constant", warmup_steps=0)
     base, _ = make_optimizer(unit, total_steps=max(total_steps, 1), batch_size=256)

@@ -121,17 +121,18 @@ def _check_config(config) -> None:
     if config.dino.ibot_weight < 0:
         raise ValueError(f"config.dino.ibot_weight={config.dino.ibot_weight}: must be >= 0")
     if config.dino.ibot_weight > 0:
-        low, high = (float(v) for v in config.dino.ibot_mask_ratio)
-        problem = (
-            "needs a ViT encoder (patch tokens)" if config.model.name != "vit" else
-            "needs config.dino.centering='sinkhorn_knopp' (DINOv2's teacher for the masked patches)"
-            if config.dino.centering != "sinkhorn_knopp" else
-            "does not take config.dino.use_bn_in_head (the head also runs on patch tokens)" if config.dino.use_bn_in_head
-            else f"ibot_mask_ratio={config.dino.ibot_mask_ratio} must be 0 < low <= high < 1" if not 0 < low <= high < 1
-            else f"ibot_mask_probability={config.dino.ibot_mask_probability} must be in (0, 1]"
-            if not 0 < config.dino.ibot_mask_probability <= 1 else "")
-        if problem:
-            raise ValueError(f"config.dino.ibot_weight={config.dino.ibot_weight}: iBOT {problem}")
+        d = config.dino
+        low, high = (float(v) for v in d.ibot_mask_ratio)
+        for broken, problem in (
+            (config.model.name != "vit", "needs a ViT encoder (patch tokens)"),
+            (d.centering != "sinkhorn_knopp",
+             "needs config.dino.centering='sinkhorn_knopp' (DINOv2's teacher for the masked patches)"),
+            (d.use_bn_in_head, "does not take config.dino.use_bn_in_head (the head also runs on patch tokens)"),
+            (not 0 < low <= high < 1, f"ibot_mask_ratio={d.ibot_mask_ratio} must be 0 < low <= high < 1"),
+            (not 0 < d.ibot_mask_probability <= 1, f"ibot_mask_probability={d.ibot_mask_probability} must be in (0, 1]"),
+        ):
+            if broken:
+                raise ValueError(f"config.dino.ibot_weight={d.ibot_weight}: iBOT {problem}")
     if config.total_steps is None or config.total_steps < 1:
         raise ValueError(f"config.total_steps={config.total_steps}: DINO needs the run length in steps "
                          "(its EMA momentum schedule runs over config.total_steps)")
@@ -367,6 +368,7 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     augment_rng, dropout_rng = jax.random.split(rng)
     crops = augmented_crops(batch, rng=augment_rng, config=config)
     teacher = jax.lax.stop_gradient(_sync_teacher(params, method_state["teacher"], step))
+    temp = teacher_temperature(step, config)
     new_state = {}
     if "teacher_batch_stats" in method_state:
         # BatchNorm in the encoder (ResNet) or the head: as in DINO's own code the teacher runs in training
@@ -391,14 +393,13 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
                                                   patch_index=index, rngs={"dropout": dropout_rng})
         patch_targets = losses.sinkhorn(
             scores=jax.lax.stop_gradient(teacher_out["patch_logits"]).reshape(-1, d.num_prototypes),
-            epsilon=teacher_temperature(step, config), num_iters=d.sinkhorn_iters, valid=valid.reshape(-1))
+            epsilon=temp, num_iters=d.sinkhorn_iters, valid=valid.reshape(-1))
         ibot = ibot_loss(student_logits=student_out["patch_logits"], teacher_probs=patch_targets.reshape(
             *index.shape, d.num_prototypes), valid=valid, student_temp=d.student_temp)
     else:  # ViT: no BatchNorm; the teacher sees the globals only, without drop path
         teacher_logits, _ = model.apply({"params": teacher}, crops[:1], train=False)
         student_logits, student_out = model.apply({"params": params}, crops, train=True, rngs={"dropout": dropout_rng})
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    temp = teacher_temperature(step, config)
     targets = teacher_targets(teacher_logits=teacher_logits, center=method_state["center"], teacher_temp=temp,
                               centering=d.centering, sinkhorn_iters=d.sinkhorn_iters)
     loss, stats = dino_loss(student_logits=student_logits, teacher_probs=targets, student_temp=d.student_temp)

@@ -618,8 +618,8 @@ def dinov3_hub_to_flax(state: dict, *, arch: Mapping | None = None, num_heads: i
 
 # ----------------------------------------------------------------------------------------- DINOv3 ConvNeXt
 
-# Where our ConvNeXt's modules live in DINOv3's two layouts: the hub's (dinov3 `models/convnext.py`) and
-# transformers' DINOv3ConvNextModel. Stage s's downsampling is [conv, norm] for s = 0, [norm, conv] after.
+# Where our ConvNeXt's modules live in DINOv3's hub layout (dinov3 `models/convnext.py`), transformers'
+# DINOv3ConvNextModel and timm's ConvNeXt. Stage s's downsampling is [conv, norm] for s = 0, [norm, conv] after.
 _CONVNEXT_LAYOUTS = {
     "hub": {"stem": "downsample_layers.0.{i}", "down": "downsample_layers.{s}.{i}", "block": "stages.{s}.{j}.",
             "final": "norm",
@@ -678,7 +678,7 @@ def dinov3_convnext_to_flax(state: dict, *, layout: str, arch: Mapping | None = 
     _require(state, (stem, f"{keys['final']}.weight"), what)
     convs = [_convnext_down_key(keys, stage, 0 if stage == 0 else 1) + ".weight" for stage in range(4)]
     dims = [int(state[k].shape[0]) for k in convs if k in state]
-    block_key = re.escape(keys["block"]).replace(r"\{s\}", r"(\d+)").replace(r"\{j\}", r"(\d+)")
+    block_key = keys["block"].replace(".", r"\.").format(s=r"(\d+)", j=r"(\d+)")
     depths = [0] * 4
     for k in state:
         if m := re.match(block_key, k):
