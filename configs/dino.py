@@ -19,30 +19,13 @@ linear-probe mean AUC next to the fair random-init encoder's (`vs_random_init`):
 
   python -m medssl_jax.main --config=configs/dino.py:runlocal --workdir=/tmp/dino_local
 
-How its values were chosen (phantoms v6, 2000 patients; validation split: `--config.probe.val_split=train
---config.probe.test_split=val`, 650 images; linear-probe mean AUC difference to the random-init ResNet-18,
-0.582, paired bootstrap 95 % CI; 2026-12-01, 2 CPU cores). DINO's own centring does not keep the teacher
-image-specific at batch 64: the head's output is the same for every image within ~10 steps (the
-gradient's common-mode part goes into the biases, which LARS does not scale down; the backbone features
-still differ, cosine 0.70 between images) and the teacher is uniform by step ~100, in every variant
-of the earlier sessions (default, no blur, momentum 0.99 / 0.996, teacher temperature 0.02-0.07, BatchNorm
-head, KoLeo 0.1, K = 256). With the Sinkhorn-Knopp teacher, at 300 steps: K = 64, temperature 0.02,
-BatchNorm in DINO's 3-layer head, momentum 0.9: +0.055 [+0.017, +0.094] (2 head layers +0.057 [+0.017,
-+0.098]); the same with DINO's centring +0.024 [-0.019, +0.067]; momentum 0.99 +0.038 [+0.001, +0.078];
-no BatchNorm in the head, or temperature 0.04: uniform collapse at step 100 / 150 (check_health stops
-the run); momentum 0 (teacher = student, i.e. SwAV without a queue) +0.068 [+0.029, +0.110]; 600 steps
-(2 head layers) +0.087 [+0.048, +0.126] (this config), with DINO's 3 head layers +0.061 [+0.018, +0.100].
 Measured from a clean clone on 2 CPU cores (2026-12-01), the test split read once: 4 min 52 s; test
 (1749 images of 800 held-out patients) linear-probe mean AUC 0.658 vs 0.587 for the random-init ResNet-18,
 difference +0.071 [95% CI +0.049, +0.094], p < 0.001 (BENCHMARKS.md, "Evidence").
 
-`encoder=vit` is the tiny ViT (width 64, 4 blocks, patch 8, 2 x 32 + 4 x 16 px crops, K = 256, DINO's
-centring, AdamW): it runs every ViT part but does not learn at this size. Validation split: +0.018
-[-0.009, +0.045]; teacher temperature 0.07 +0.010; stronger augmentation +0.019; 600 steps -0.005;
-mean-pooled tokens +0.008; patch 4 -0.096 (its random init is strong, 0.770); BatchNorm head +0.006;
-Sinkhorn-Knopp teacher -0.006 [-0.030, +0.018], with KoLeo 0.1 -0.019 [-0.049, +0.012]. A random tiny
-ViT barely depends on its input (its CLS features vary by ~4 % across images); on the test split it
-probed to 0.581 vs 0.577 at random init, +0.004 [-0.009, +0.019].
+`encoder=vit` is a tiny ViT (width 64, 4 blocks, patch 8, 2 x 32 + 4 x 16 px crops, K = 256, DINO's
+centring, AdamW) that runs every ViT part but does not learn at this size (test: +0.004 [-0.009, +0.019]).
+How the :runlocal values were chosen on the validation split: BENCHMARKS.md, "DINO :runlocal".
 
 Full run (ViT-S/16; `variant=B/16` for ViT-B) on an ingested chest X-ray store, e.g. CheXpert via
 `python -m medssl_jax.ingest`; `steps_per_epoch` = training images / 256 (875 for CheXpert's ~224k)
@@ -88,10 +71,9 @@ block-wise ones.
 
 Hardware and runtime (an ESTIMATE, not a measurement of this config): per image a step is 2 global
 crops through student and teacher plus 8 local crops of (96/224)^2 = 0.18 the tokens each, about 3.5
-global-crop forward/backward passes for the student and 2 forwards for the teacher. ViT-B/16 trains at
-~3,400 views/s on one H100 (the design target, not yet measured here; cuDNN attention, bf16) and ViT-S/16 about 3x faster, so ViT-S/16
-runs ~2,500 images/s: 100 epochs of CheXpert (22M images) take ~2.5 hours on one H100 (~8 hours for
-ViT-B/16). Memory: batch 256 fits one 80 GB card for ViT-S/16; use `--config.model.remat=True` for B/16.
+global-crop forward/backward passes for the student and 2 forwards for the teacher. No ViT step has been
+timed on a GPU yet (BENCHMARKS.md, "Status of the GPU targets", has the ViT-B/16 target and the suite row
+that measures it), so the runtime of this recipe on an H100 is not known. Memory: batch 256 fits one 80 GB card for ViT-S/16; use `--config.model.remat=True` for B/16.
 Expected result: no published number for this recipe on chest X-rays. For scale, DINO's ViT-S/16
 reaches 74.5 % k-NN / 77.0 % linear ImageNet top-1 after 800 epochs at batch 1024 (DINO README); 100
 epochs give less. Expect a linear-probe mean AUC above a random-init encoder and below a fine-tuned

@@ -43,6 +43,7 @@ convergence than without pretraining; their data (>100M images) and exact recipe
 """
 
 from medssl_jax import config_lib
+from medssl_jax.methods import swav
 
 
 def get_config(arg=None):
@@ -54,6 +55,7 @@ def get_config(arg=None):
                         + ([f"encoder={args.encoder}"] if args.encoder else []))
     c = config_lib.load_config("swav", swav_arg)  # SwAV's recipe; the hybrid adds its terms
     c.method = "hybrid"
+    swav.add_hybrid_fields(c)
     c.data.sampler = "micle" if args.micle else "pairs"
     c.hybrid.supervised_weight = args.supervised
     c.hybrid.num_labels = args.num_labels

@@ -33,6 +33,7 @@ against configs/simclr.py and a random-init probe with `python -m medssl_jax.com
 """
 
 from medssl_jax import augment, config_lib
+from medssl_jax.methods import simclr
 
 
 def get_config(arg=None):
@@ -48,6 +49,7 @@ def get_config(arg=None):
     args.variant = "r50x1" if convnext else args.variant
     c = config_lib.pretrain_config()
     c.method = "micle"
+    simclr.extend_config(c)  # SimCLR's projection head and NT-Xent fields
     c.data.sampler = "micle"  # an element is a patient case; its two views are two of its images
     c.data.store = args.store
     c.model.depth, c.model.width = config_lib.AZIZI_VARIANTS[args.variant]

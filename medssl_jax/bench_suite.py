@@ -111,16 +111,16 @@ def jax_features_row(sizes: dict, *, smoke: bool) -> dict:
     import jax
 
     from medssl_jax import sharding
-    from medssl_jax.evaluate import linear_probe
+    from medssl_jax.evaluate import encoders, features, linear_probe
 
     config = linear_probe.reference_config()
     config.init = "random"
     config.model = {"name": "resnet", "depth": 18 if smoke else 50, "width": 1, "base_width": 4 if smoke else 64}
     config.image_size = sizes["size"]
     config.compute_dtype = "float32" if smoke else "bfloat16"
-    encoder = linear_probe.load_encoder(config, channels=1)
-    result = linear_probe.bench_features(encoder.model, encoder.variables, image_size=sizes["size"], channels=1,
-                                         batch_size=sizes["batch"], mesh=sharding.make_mesh(), steps=sizes["steps"])
+    encoder = encoders.load_encoder(config, channels=1)
+    result = features.bench_features(encoder.model, encoder.variables, image_size=sizes["size"], channels=1,
+                                     batch_size=sizes["batch"], mesh=sharding.make_mesh(), steps=sizes["steps"])
     result.update(device_kind=jax.devices()[0].device_kind, peak_memory_gib=_peak_memory())
     return result
 

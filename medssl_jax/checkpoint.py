@@ -38,7 +38,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from medssl_jax import sharding
+from medssl_jax import jsonio, sharding
 
 CHECKSUM_FILE = "medssl_checksums.json"
 CHECKSUM_FORMAT = "medssl_jax.checkpoint_checksums"
@@ -70,10 +70,7 @@ def _file_digests(directory: str) -> dict[str, list]:
 def write_checksums(step_dir: str) -> None:
     """Records the size and sha256 of every file of a finalised checkpoint (atomically, file last)."""
     payload = {"format": CHECKSUM_FORMAT, "version": 1, "files": _file_digests(step_dir)}
-    tmp = os.path.join(step_dir, CHECKSUM_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, sort_keys=True)
-    os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
+    jsonio.write_json(os.path.join(step_dir, CHECKSUM_FILE), payload, indent=None, sort_keys=True, allow_nan=True)
 
 
 def verify_checkpoint(step_dir: str) -> str | None:
@@ -258,10 +255,8 @@ def save_export(directory: str, variables: Any, config: dict) -> str:
     # shares the workdir), and no process returns before it is there.
     if jax.process_index() == 0:
         payload = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **config}
-        tmp = os.path.join(directory, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
-        os.replace(tmp, os.path.join(directory, "config.json"))
+        jsonio.write_json(os.path.join(directory, "config.json"), payload, indent=2, sort_keys=True,
+                          default=_json_default, allow_nan=True)
     _sync(f"export {directory}")
     return directory
 

@@ -1,7 +1,7 @@
 """Paired comparison of evaluation runs: `python -m medssl_jax.compare E1 E2 [E3 ...] --out=R`.
 
-Each E is an evaluation workdir holding E/eval/ (see medssl_jax/evaluate/report.py and the "Evaluation
-workdir" section of the contract). The runs must be on the same store, split, test records and labels;
+Each E is an evaluation workdir holding E/eval/ (its layout is in medssl_jax/evaluate/records.py, which
+writes and reads it). The runs must be on the same store, split, test records and labels;
 otherwise the command stops with one line saying which runs differ and how. Writes R/report.md,
 R/comparison.json (every number) and PNG plots.
 """

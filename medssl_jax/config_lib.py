@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections as mlc
 
-from medssl_jax import augment, monitor, optim
+from medssl_jax import augment, methods, monitor, optim
 from medssl_jax.evaluate import probe
 
 MODES = ("pretrain", "linear_probe", "finetune", "transfer")
@@ -78,7 +78,10 @@ def load_config(name: str, arg: str | None = None) -> mlc.ConfigDict:
 
 
 def pretrain_config() -> mlc.ConfigDict:
-    """Every field a pretraining run reads, with SimCLR defaults. Config files override these."""
+    """The fields every pretraining run reads, whatever its method: run length, data, encoder, optimiser,
+    checkpoints, the end-of-pretraining probe and the online monitor. Each method adds its own fields
+    (`methods.get(name).extend_config`: SimCLR's head and loss, SwAV's prototypes, DINO's teacher);
+    config files call it, then override values."""
     c = mlc.ConfigDict()
     c.mode = "pretrain"
     c.method = "simclr"  # simclr | micle | swav | hybrid | dino
@@ -121,18 +124,6 @@ def pretrain_config() -> mlc.ConfigDict:
     c.model.width = 1
     c.model.base_width = 64
     c.model.zero_init_last_bn = True
-
-    c.head = mlc.ConfigDict()
-    c.head.version = "v1"  # v1: 2 layers (Azizi/SimCLR v1); v2: 3 layers
-    c.head.hidden_dim = -1  # -1 = the encoder's feature width (SimCLR: 2048 * width)
-    c.head.out_dim = 128
-
-    c.loss = mlc.ConfigDict()
-    c.loss.temperature = 0.1
-    # NT-Xent of simclr/micle (losses.ntxent): SimCLR's --hidden_norm, and 'paper' (L) or 'official'
-    # (2 L = google-research/simclr's loss_a + loss_b, whose LARS steps on BN/bias are twice ours).
-    c.loss.hidden_norm = True
-    c.loss.scale = "paper"
 
     # LARS, lr 0.3 per 256 images (linear scaling), warm-up then cosine, wd 1e-6: see medssl_jax/optim.py.
     c.optim = optim.default_config("lars")
@@ -255,7 +246,7 @@ def validate_pretrain(config) -> None:
     _need(all(float(c) > 0 for c in config.probe.c_grid) and len(config.probe.c_grid) > 0, "probe.c_grid",
           tuple(config.probe.c_grid), "needs one or more values > 0")
     _need(0 < config.probe.val_fraction < 1, "probe.val_fraction", config.probe.val_fraction, "must be in (0, 1)")
-    _need(config.loss.scale in ("paper", "official"), "loss.scale", config.loss.scale, "is not 'paper' or 'official'")
+    methods.get(config.method).check_config(config)
     monitor.validate(config)
 
 

@@ -28,8 +28,7 @@ import sys
 import jax
 import numpy as np
 
-from medssl_jax import checkpoint, models
-from medssl_jax.evaluate import records
+from medssl_jax import checkpoint, jsonio, models
 from medssl_jax.models import convert as convert_lib
 from medssl_jax.models import to_torch
 
@@ -315,7 +314,7 @@ def _write(items: dict, output: str) -> dict[str, str]:
         if name.endswith(".safetensors"):
             _save_safetensors(path, item)
         else:
-            records.write_json(path, item)
+            jsonio.write_json(path, item)
         digests[name] = convert_lib.file_sha256(path)
     return digests
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from medssl_jax import augment
-from medssl_jax.data.pipeline import MODALITY_CT, MODALITY_MR, MODALITY_OTHER  # noqa: F401 (the ids callers pass)
+from medssl_jax.data.modality import MODALITY_CT, MODALITY_MR, MODALITY_OTHER  # noqa: F401 (the ids callers pass)
 
 # CT window presets (centre, width) in Hounsfield units.
 CT_WINDOWS = {

@@ -35,7 +35,8 @@ def reference_config(config):
         module = __import__(f"medssl_jax.evaluate.{config.mode}", fromlist=["reference_config"])
         return module.reference_config()
     reference = config_lib.pretrain_config()
-    methods.get(config.method).extend_config(reference)
+    reference.method = config.get("method", reference.method)
+    methods.get(reference.method).extend_config(reference)
     model = config.get("model")
     name = model.get("name") if model else None
     if name and name != reference.model.get("name"):
@@ -54,7 +55,7 @@ def run(config, workdir: str) -> dict | None:
 
     from medssl_jax import config_lib, logging_lib, train
     from medssl_jax.data import sources
-    from medssl_jax.evaluate import probe
+    from medssl_jax.evaluate import after_pretraining
 
     if config.mode not in config_lib.MODES:
         raise ValueError(f"config.mode={config.mode!r} is not one of {config_lib.MODES}")
@@ -66,13 +67,14 @@ def run(config, workdir: str) -> dict | None:
         return module.run(config, workdir)
 
     config_lib.validate_pretrain(config)
-    skip = probe.skip_reason(sources.open_store(config.data), config.probe) if config.probe.enabled else None
+    store = sources.open_store(config.data)  # opened once: the skip check, pretraining and the probe share it
+    skip = after_pretraining.skip_reason(store, config.probe) if config.probe.enabled else None
     if config.probe.enabled and not skip and jax.process_count() > 1:
         # The probe fits scikit-learn on one host's features; a multi-process job probes afterwards.
         skip = f"the linear probe runs on one host, this job has {jax.process_count()} processes"
     if skip:
         logging_lib.log(f"note: the linear probe after pretraining will be skipped: {skip}")
-    result = train.pretrain(config, workdir)
+    result = train.pretrain(config, workdir, store=store)
     if result.export_dir is None or not config.probe.enabled:
         return None
     if skip:
@@ -80,9 +82,9 @@ def run(config, workdir: str) -> dict | None:
                         "labelled store with: python -m medssl_jax.main --config=configs/linear_probe.py "
                         f"--config.data.store=STORE --config.init={result.export_dir} --workdir=EVAL")
         return None
-    summary = probe.run_after_pretraining(
+    summary = after_pretraining.run(
         result.export_dir, config.data, config.probe, mesh=config.mesh, seed=config.seed, workdir=workdir,
-        compute_dtype="float32" if jax.devices()[0].platform == "cpu" else config.compute_dtype,
+        compute_dtype="float32" if jax.devices()[0].platform == "cpu" else config.compute_dtype, store=store,
     )
     logging_lib.log(f"wrote {os.path.join(workdir, 'eval', 'summary.json')}")
     logging_lib.log(summary_line(summary))

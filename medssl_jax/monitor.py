@@ -40,9 +40,12 @@ import ml_collections as mlc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medssl_jax import augment, logging_lib, models, sharding
+from medssl_jax import augment, jsonio, logging_lib, models, sharding
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
+from medssl_jax.evaluate import features as features_lib
+from medssl_jax.evaluate import metrics
+from medssl_jax.evaluate import splits as splits_lib
 
 PREFIX = "monitor/"
 KNN_TEMPERATURE = 0.07  # DINO's kNN evaluation
@@ -166,8 +169,6 @@ def ridge_scores(*, train: np.ndarray, train_labels: np.ndarray, queries: np.nda
 
 def mean_auc(*, scores, labels) -> float:
     """Mean over labels of the ROC AUC (labels with both classes among the known values; NaN if none)."""
-    from medssl_jax.evaluate import metrics
-
     aucs = [metrics.roc_auc(scores[known, j], labels[known, j])
             for j in range(labels.shape[1]) for known in [~np.isnan(labels[:, j]) & ~np.isnan(scores[:, j])]
             if len(np.unique(labels[known, j])) == 2]
@@ -201,15 +202,13 @@ def _subset(ids: np.ndarray, n: int, *, seed: int, name: str) -> np.ndarray:
 def subsets(store: Store, config) -> tuple[np.ndarray, np.ndarray, str]:
     """(memory-bank ids from config.data.split, validation ids, where the validation ids come from).
     Never the test split: without a 'val' split, 20 % of the train patients are held out."""
-    from medssl_jax.evaluate import probe
-
     m = config.monitor
     train = store.ids(config.data.split)
     train = train[~np.isin(store.splits[train], ("val", "test"))]  # never val / test records, whatever data.split
     val = store.ids("val")
     source = "the store's 'val' split"
     if len(val) == 0:
-        held = probe.patient_split(np.asarray(store.patients)[train], fraction=0.2, seed=m.seed)
+        held = splits_lib.patient_split(np.asarray(store.patients)[train], fraction=0.2, seed=m.seed)
         train, val = train[~held], train[held]
         source = f"20 % of the {config.data.split!r} patients held out (the store has no 'val' split)"
     if len(val) < 2 or len(train) < 2:
@@ -283,14 +282,12 @@ class Monitor:
     """Built once per run (fixed subsets, images loaded once); `monitor(state)` -> {name: value}."""
 
     def __init__(self, config, *, method, model, mesh, store: Store):
-        from medssl_jax.evaluate import linear_probe  # imported here: it imports config_lib, which imports us
-
         self.config, self.method, self.mesh, self.store = config, method, mesh, store
         memory, val, self.val_source = subsets(store, config)
-        channels = linear_probe.store_channels(store, val)
+        channels = store.channels(val)
         size, batch = config.data.image_size, config.monitor.batch_size
-        self.memory_images, self.memory_labels = linear_probe.load_images(store, memory, image_size=size, batch_size=batch)
-        self.val_images, self.val_labels = linear_probe.load_images(store, val, image_size=size, batch_size=batch)
+        self.memory_images, self.memory_labels = features_lib.load_images(store, memory, image_size=size, batch_size=batch)
+        self.val_images, self.val_labels = features_lib.load_images(store, val, image_size=size, batch_size=batch)
         self.views = _two_views(store, val[:VIEW_IMAGES], config, channels)
         self.labelled = _labelled(store, memory) and _labelled(store, val)
         self.memory_ids, self.val_ids = memory, val
@@ -368,8 +365,6 @@ class Monitor:
         if path and os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
-        from medssl_jax.evaluate import features as features_lib
-
         model_config = {**self.config.model.to_dict(), "dtype": "float32"}
         if "zero_init_last_bn" in model_config:
             model_config["zero_init_last_bn"] = False  # the fair baseline: every residual branch active
@@ -386,10 +381,7 @@ class Monitor:
                if k in (PREFIX + "knn_auc", PREFIX + "probe_auc")}
         if path:
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(out, f)
-            os.replace(tmp, path)
+            jsonio.write_json(path, out, indent=None, allow_nan=True)
         return out
 
 

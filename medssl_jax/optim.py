@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from medssl_jax import sharding
+
 DECAY = "decay"
 NO_DECAY = "no_decay"
 
@@ -77,12 +79,8 @@ def add_encoder_update_fields(cfg: ml_collections.ConfigDict) -> None:
     cfg.frozen_encoder_steps = 0
 
 
-def _path_names(path) -> list[str]:
-    return [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
-
-
 def _is_decayed(path) -> bool:
-    *modules, leaf = _path_names(path)
+    *modules, leaf = sharding.path_names(path)
     if leaf == "bias":
         return False
     return not any(m.lower().startswith("bn") or "norm" in m.lower() for m in modules)
@@ -263,7 +261,7 @@ def scale_encoder_updates(*, layer_decay: float = 1.0, patch_embed_mult: float =
     def factors(updates):
         base = lr_multipliers(updates, layer_decay=layer_decay, encoder_key=encoder_key)
         return jax.tree_util.tree_map_with_path(
-            lambda path, f: f * (patch_embed_mult if "patch_embed" in _path_names(path) else 1.0), base)
+            lambda path, f: f * (patch_embed_mult if "patch_embed" in sharding.path_names(path) else 1.0), base)
 
     def init(params):
         del params
@@ -274,7 +272,7 @@ def scale_encoder_updates(*, layer_decay: float = 1.0, patch_embed_mult: float =
         frozen = state.count < frozen_steps
 
         def one(path, u, f):
-            if encoder_key not in _path_names(path):
+            if encoder_key not in sharding.path_names(path):
                 return u
             return jnp.where(frozen, jnp.zeros_like(u), u * jnp.asarray(f, u.dtype))
 
@@ -379,7 +377,7 @@ def lr_of(opt_state, schedule: Callable | None, step):
 def vit_layer_id(path, num_blocks: int) -> int:
     """BEiT/MAE layer id of a ViT encoder parameter: embeddings (patch, cls, positions, registers) 0,
     block_i i + 1, everything after the blocks (final norm) num_blocks + 1."""
-    for name in _path_names(path):
+    for name in sharding.path_names(path):
         if name.startswith("block_") and name[len("block_"):].isdigit():
             return int(name[len("block_"):]) + 1
         if name in ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token"):
@@ -393,12 +391,12 @@ def lr_multipliers(params, *, backbone_mult: float = 1.0, layer_decay: float = 1
     `encoder_key`) 1; encoder parameters backbone_mult, times layer_decay ** (L + 1 - layer id) when the
     encoder is a ViT of L blocks (MAE/BEiT layer-wise decay: the last block gets layer_decay, the patch
     embedding layer_decay ** (L + 1)); layer_decay 1 (or a ResNet) leaves the encoder at backbone_mult."""
-    blocks = {name for path, _ in jax.tree_util.tree_leaves_with_path(params) for name in _path_names(path)
+    blocks = {name for path, _ in jax.tree_util.tree_leaves_with_path(params) for name in sharding.path_names(path)
               if name.startswith("block_") and name[len("block_"):].isdigit()}
     num_blocks = len(blocks)
 
     def factor(path, _):
-        if encoder_key not in _path_names(path):
+        if encoder_key not in sharding.path_names(path):
             return 1.0
         if layer_decay == 1.0 or num_blocks == 0:
             return float(backbone_mult)

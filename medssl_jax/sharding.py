@@ -62,6 +62,12 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, name: str = "config.batch_s
         raise ValueError(f"{name}={batch_size} is not divisible by the {jax.process_count()} hosts")
 
 
+def check_single_host(what: str) -> None:
+    """Refuses `what` in a multi-process job (one line naming it)."""
+    if jax.process_count() > 1:
+        raise ValueError(f"{what} runs on one host only (this job has {jax.process_count()} processes)")
+
+
 def per_host(batch_size: int) -> int:
     return batch_size // jax.process_count()
 
@@ -93,10 +99,16 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(host, tree)
 
 
+def path_names(path) -> tuple[str, ...]:
+    """The names along a jax tree path: dict keys, attribute names of optax states, sequence indices. The
+    one naming of tree leaves here (optimiser masks, sharding rules, checkpoint and converter keys)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def leaf_path(path) -> str:
-    """'params/encoder/Transformer/encoderblock_0/.../kernel' for a jax tree path (dict keys, attribute
-    names of optax states and sequence indices joined by '/'), what `config.sharding_rules` match."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    """'params/encoder/Transformer/encoderblock_0/.../kernel' for a jax tree path (`path_names` joined by
+    '/'), what `config.sharding_rules` match."""
+    return "/".join(path_names(path))
 
 
 def _fsdp_spec(shape: tuple, size: int) -> P:

@@ -64,8 +64,7 @@ def epoch_size(store: Store, spec: dict, split: str, ids: np.ndarray | None = No
 
 def example_batch(store: Store, spec: dict, *, split: str, batch_size: int, ids=None) -> dict[str, np.ndarray]:
     """A zero batch with the pipeline's shapes, to build the model without consuming the iterator."""
-    first = store[int(store.ids(split)[0] if ids is None else ids[0])]["image"]
-    channels = 1 if first.ndim == 2 else first.shape[-1]
+    channels = store.channels(store.ids(split) if ids is None else ids)
     batch = {
         crop["name"]: np.zeros((batch_size, crop["num"], crop["size"], crop["size"], channels), np.uint16)
         for crop in spec["crops"]

@@ -22,8 +22,9 @@ def shrink_to_tiny(c, cache_dir):
     c.data.phantom_size = 32
     c.data.image_size = 24
     c.model.depth, c.model.base_width = 18, 4
-    c.head.hidden_dim = 16
-    c.head.out_dim = 8
+    if "head" in c:  # SimCLR's and SwAV's projection head (DINO's head is config.dino's)
+        c.head.hidden_dim = 16
+        c.head.out_dim = 8
     c.batch_size = 16
     c.total_steps = 6
     c.optim.warmup_steps = 2

@@ -386,7 +386,7 @@ def test_hf_dinov3_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path):
 
 
 def test_converted_encoders_record_their_input_normalization_and_evaluation_applies_it(tmp_path):
-    from medssl_jax.evaluate import linear_probe
+    from medssl_jax.evaluate import encoders, linear_probe
     from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD
 
     # A transformers directory with RAD-DINO's kind of preprocessor (its own mean/std, 518 px crops).
@@ -403,7 +403,7 @@ def test_converted_encoders_record_their_input_normalization_and_evaluation_appl
     cfg.update(init=str(tmp_path / "out"), image_size=56)
     for choice, pixels in (("auto", (x - np.float32(mean)) / np.float32(std)), ("none", x)):
         cfg.input_normalization = choice
-        encoder = linear_probe.load_encoder(cfg, channels=3)
+        encoder = encoders.load_encoder(cfg, channels=3)
         _, out = jax.jit(lambda v, im: encoder.model.apply(v, im))(encoder.variables, jnp.asarray(x))
         with torch.no_grad():
             want = ref(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
@@ -555,12 +555,12 @@ def test_torchvision_resnet50(tmp_path):
     assert _rel_err(features, want) < 1e-4
     # As the probe loads it for a grey store: the grey image is replicated to RGB and normalised with
     # ImageNet's mean/std inside the encoder, so the RGB stem is used as it is (no summing) and exactly.
-    from medssl_jax.evaluate import linear_probe
+    from medssl_jax.evaluate import encoders, linear_probe
     from medssl_jax.models.input_norm import IMAGENET_MEAN, IMAGENET_STD
 
     cfg = linear_probe.reference_config()
     cfg.update(init=str(tmp_path / "out"), image_size=32)
-    encoder = linear_probe.load_encoder(cfg, channels=1)
+    encoder = encoders.load_encoder(cfg, channels=1)
     grey = np.random.default_rng(6).uniform(size=(2, 32, 32, 1)).astype(np.float32)
     features, _ = encoder.model.apply(encoder.variables, jnp.asarray(grey), train=False)
     rgb = (np.repeat(grey, 3, -1) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)

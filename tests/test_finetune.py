@@ -13,7 +13,8 @@ from helpers import TINY_RESNET, tiny_eval_config
 from medssl_jax import checkpoint, main, models, optim
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import bootstrap, finetune, linear_probe, records, report, transfer
+from medssl_jax.evaluate import bootstrap, finetune, records, report, transfer
+from medssl_jax.evaluate import features as features_lib
 from medssl_jax.evaluate import splits as splits_lib
 
 TINY_VIT = {"name": "vit", "variant": "Ti/8", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
@@ -92,7 +93,7 @@ def test_test_predictions_come_from_the_saved_selected_model(ssl_run, phantom_ca
     encoder = models.build_encoder({**config["model"], "dtype": "float32"})
     store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
     run = records.read_eval(workdir)
-    images, _ = linear_probe.load_images(store, run.record_ids, image_size=24, batch_size=64)
+    images, _ = features_lib.load_images(store, run.record_ids, image_size=24, batch_size=64)
     features, _ = encoder.apply(variables, images.astype(np.float32) / 65535.0, train=False)
     probs = 1 / (1 + np.exp(-(np.asarray(features) @ head["kernel"] + head["bias"])))
     np.testing.assert_allclose(probs, run.probs, atol=2e-5)

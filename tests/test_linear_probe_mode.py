@@ -12,7 +12,7 @@ from helpers import TINY_RESNET, tiny_eval_config
 from medssl_jax import checkpoint, main, models
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import linear_probe, records, report
+from medssl_jax.evaluate import features, linear_probe, probe, records, report
 from medssl_jax.evaluate import splits as splits_lib
 
 
@@ -153,8 +153,8 @@ def test_bench_features_reports_a_rate():
     variables = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 1)), train=False)
     from medssl_jax import sharding
 
-    result = linear_probe.bench_features(encoder, variables, image_size=24, channels=1, batch_size=16,
-                                         mesh=sharding.make_mesh(), steps=2)
+    result = features.bench_features(encoder, variables, image_size=24, channels=1, batch_size=16,
+                                     mesh=sharding.make_mesh(), steps=2)
     assert result["images_per_s"] > 0 and result["devices"] == 8
 
 
@@ -203,7 +203,6 @@ def test_recomputed_batch_stats_are_the_train_images_statistics(phantom_cache):
     # exactly the images used (pooled over full batches, eval preprocessing).
     from medssl_jax import sharding
     from medssl_jax.data import pipeline
-    from medssl_jax.evaluate import features
 
     store = Store(phantoms.ensure_phantom_store(phantom_cache, num_patients=64, image_size=32, seed=0))
     encoder = models.build_encoder({**TINY_RESNET, "zero_init_last_bn": False, "dtype": "float32"})
@@ -239,9 +238,9 @@ def test_store_val_split_is_the_default_validation_set(phantom_cache, tmp_path):
 
 
 def test_c_at_the_edge_of_the_grid_is_warned():
-    assert "widen the grid" in linear_probe.check_c_choice(10.0, (0.1, 1.0, 10.0))
-    assert "smallest" in linear_probe.check_c_choice(0.1, (0.1, 1.0, 10.0))
-    assert linear_probe.check_c_choice(1.0, (0.1, 1.0, 10.0)) is None
+    assert "widen the grid" in probe.check_c_choice(10.0, (0.1, 1.0, 10.0))
+    assert "smallest" in probe.check_c_choice(0.1, (0.1, 1.0, 10.0))
+    assert probe.check_c_choice(1.0, (0.1, 1.0, 10.0)) is None
 
 
 def test_unlabelled_store_is_refused_up_front(phantom_cache, tmp_path):
@@ -258,10 +257,10 @@ def test_unlabelled_store_is_refused_up_front(phantom_cache, tmp_path):
 
 def test_a_labelled_store_without_a_test_split_is_named_as_such(tmp_path):
     from medssl_jax.data.store import StoreWriter
-    from medssl_jax.evaluate import probe
+    from medssl_jax.evaluate import workspace
 
     with StoreWriter(tmp_path / "s", name="s", label_names=("a",)) as writer:
         for i in range(6):
             writer.add(image=np.full((8, 8), i, np.uint16), patient=f"p{i}", labels=[i % 2], split="train")
-    reason = probe.unlabelled_reason(Store(tmp_path / "s"), train="train", test="test")
+    reason = workspace.unlabelled_reason(Store(tmp_path / "s"), train="train", test="test")
     assert reason.endswith("has no 'test' split (the test split)")

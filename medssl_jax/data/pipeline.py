@@ -47,21 +47,12 @@ import grain
 import numpy as np
 from PIL import Image
 
+from medssl_jax.data.modality import modality_id
 from medssl_jax.data.store import Store
 
 UINT16_MAX = 65535
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 SAMPLERS = ("pairs", "micle")
-
-# Modality codes the device side understands (CT windows, MR percentile normalisation, X-ray as stored).
-MODALITY_OTHER, MODALITY_CT, MODALITY_MR = 0, 1, 2
-_MODALITY_IDS = {"CT": MODALITY_CT, "MR": MODALITY_MR}
-
-
-def modality_id(code: str) -> int:
-    """The integer id of a record's DICOM modality code ('CT', 'MR', anything else -> other)."""
-    return _MODALITY_IDS.get(str(code).upper(), MODALITY_OTHER)
-
 
 def _labels(record):
     return record["labels"].astype(np.float32)
@@ -376,9 +367,7 @@ def make_eval_dataset(store: Store, *, split: str | None, image_size: int, batch
     process_index, process_count = _host(process_index, process_count)
     ids = eval_ids(store, split=split, batch_size_per_host=batch_size_per_host,
                    process_index=process_index, process_count=process_count)
-    first = store[int(store.ids(split)[0])]["image"]
-    channels = 1 if first.ndim == 2 else first.shape[2]
-    load = LoadForEval(store.data_source(), image_size=image_size, channels=channels,
+    load = LoadForEval(store.data_source(), image_size=image_size, channels=store.channels(store.ids(split)),
                        num_labels=len(store.label_names))
     return grain.MapDataset.source(ids).map(load).batch(batch_size_per_host, drop_remainder=True)
 

@@ -60,6 +60,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from medssl_jax import jsonio
+
 STORE_FORMAT = "medssl_jax.store"
 STORE_VERSION = 1
 STORE_JSON = "store.json"
@@ -325,9 +327,7 @@ class StoreWriter:
             "created_utc": _utc_now(),
         }
         # Written to a temporary name and renamed: a reader never sees a half-written store.json.
-        tmp = self.path / (STORE_JSON + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.rename(self.path / STORE_JSON)
+        jsonio.write_json(self.path / STORE_JSON, meta, allow_nan=True)
         self._closed = True
 
 
@@ -523,6 +523,12 @@ class Store:
         if self._source is None:
             self._source = self.data_source()
         return self._source.decoded(record_id)
+
+    def channels(self, ids=None) -> int:
+        """Channels of the first record of `ids` (default: the whole store); the pipelines convert every
+        other record to this count, so a grayscale store stays 1-channel and an RGB one 3."""
+        first = self[int(ids[0]) if ids is not None and len(ids) else 0]["image"]
+        return 1 if first.ndim == 2 else int(first.shape[-1])
 
     def verify(self, *, progress=None) -> list[dict]:
         """Reads and decodes every record; returns [{record, shard, reason}] for each one that fails."""

@@ -1,12 +1,15 @@
 """Frozen-encoder features for every record of a split: one jitted forward over the global batch.
 
 Features are computed once per (encoder, split, image size) and cached as `.npz` in the caller's
-directory, so a probe with another regularisation or label fraction never re-runs the encoder.
+directory, so a probe with another regularisation or label fraction never re-runs the encoder. Also the
+host-side helpers every evaluation shares: eval-preprocessed images of a list of records (`load_images`)
+and a jitted function applied over the mesh to a batch of any size (`padded_apply`).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -135,7 +138,7 @@ def recalibrate_batch_stats(model: nn.Module, variables: Any, store: Store, ids:
     moments = jax.jit(batch_moments, in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
     params = sharding.replicate(variables["params"], mesh)
-    load = pipeline.LoadForEval(store.data_source(), image_size=image_size, channels=_channels(store, ids),
+    load = pipeline.LoadForEval(store.data_source(), image_size=image_size, channels=store.channels(ids),
                                 num_labels=len(store.label_names))
     sums = None
     for start in range(0, usable, batch_size):
@@ -157,6 +160,42 @@ def _map_bn(tree: dict, fn) -> dict:
     return {k: _map_bn(v, fn) for k, v in tree.items()}
 
 
-def _channels(store: Store, ids: np.ndarray) -> int:
-    image = store[int(ids[0])]["image"]
-    return 1 if image.ndim == 2 else int(image.shape[-1])
+def load_images(store: Store, ids: np.ndarray, *, image_size: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint16 [N, S, S, C] eval-preprocessed images and labels [N, L] of `ids`, in `ids` order."""
+    load = pipeline.LoadForEval(store.data_source(), image_size=image_size, channels=store.channels(ids),
+                                num_labels=len(store.label_names))
+    images, labels = [], []
+    for start in range(0, len(ids), batch_size):
+        items = [load.map(int(i)) for i in ids[start:start + batch_size]]
+        images.append(np.stack([item["image"] for item in items]))
+        labels.append(np.stack([item["labels"] for item in items]))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def padded_apply(fn, images, mesh):
+    """fn on a batch padded to a multiple of the device count and split over the mesh, cropped back."""
+    images = np.asarray(images)
+    n = images.shape[0]
+    pad = (-n) % mesh.devices.size
+    if pad:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    return np.asarray(fn(jax.device_put(images, sharding.data_sharding(mesh))))[:n]
+
+
+def bench_features(model, variables, *, image_size: int, channels: int, batch_size: int, mesh, feature="pre_logits",
+                   steps: int = 20) -> dict:
+    """Images/s of the jitted feature forward (features.feature_fn) on a synthetic uint16 batch, device only."""
+    forward = feature_fn(model, feature, mesh)
+    variables = sharding.replicate(variables, mesh)
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 65535, (batch_size, image_size, image_size, channels),
+                                                             dtype=np.uint16), sharding.data_sharding(mesh))
+    start = time.perf_counter()
+    forward(variables, batch).block_until_ready()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = forward(variables, batch)
+    out.block_until_ready()
+    seconds = time.perf_counter() - start
+    return {"images_per_s": steps * batch_size / seconds, "compile_s": compile_s, "batch_size": batch_size,
+            "image_size": image_size, "devices": int(mesh.devices.size), "platform": jax.devices()[0].platform}

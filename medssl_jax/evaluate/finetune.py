@@ -39,10 +39,11 @@ import ml_collections as mlc
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medssl_jax import augment, checkpoint, config_lib, logging_lib, losses, methods, optim, sharding, train
+from medssl_jax import augment, checkpoint, config_lib, jsonio, logging_lib, losses, methods, optim, sharding, train
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import linear_probe, metrics, records, robustness
+from medssl_jax.evaluate import encoders, metrics, records, robustness, workspace
+from medssl_jax.evaluate import features as features_lib
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.models import heads, input_norm
 
@@ -227,7 +228,7 @@ class Context:
     store: Store
     splits: splits_lib.Splits
     mesh: Any
-    encoder: linear_probe.Encoder
+    encoder: encoders.Encoder
     channels: int
     model: Any  # heads.Classifier
     predict_fn: Any
@@ -374,7 +375,7 @@ def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarra
             check_same_run(json.load(f), identity, run_dir)
     elif jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        records.write_json(identity_path, identity)
+        jsonio.write_json(identity_path, identity)
     every = config.eval_every if config.eval_every > 0 else max(1, setting.budget // 10)
     evaluator = train.Evaluator(every=every, fn=lambda state: {"val_mean_auc": _nan_if_none(_val_auc(
         ctx, {"params": state["params"], "batch_stats": state["batch_stats"]}))})
@@ -389,7 +390,7 @@ def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarra
                   "score": None, "val_auc": None, "steps": None, "failed": str(error).splitlines()[0],
                   "config": identity}
         if jax.process_index() == 0:
-            records.write_json(path, record)
+            jsonio.write_json(path, record)
         return record
     if result.variables is None:
         return None
@@ -400,7 +401,7 @@ def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarra
               "val_auc": curve["val_auc"][-1] if curve["val_auc"] else None, "steps": result.steps_done,
               "batch_size": batch_size, "peak_lr": float(cfg.supervised.peak_lr), "config": identity}
     if jax.process_index() == 0:
-        records.write_json(path, record)
+        jsonio.write_json(path, record)
         # The finished run's model is in run_dir/model; its checkpoints only served resumption.
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     multihost_utils.sync_global_devices(f"finetune run {run_dir}")
@@ -582,7 +583,7 @@ def _check_task(config, store: Store) -> None:
                                 f"its {len(labels)} records are not one-hot (a multi-label store: task='multi_label')")
 
 
-def _head_init(config, workdir: str, encoder: linear_probe.Encoder, model, channels: int, label_names) -> str:
+def _head_init(config, workdir: str, encoder: encoders.Encoder, model, channels: int, label_names) -> str:
     """config.init_head: the init's head.npz with its columns moved to this store's labels, as a file the
     runs start from ('' without init_head)."""
     if not config.init_head:
@@ -614,13 +615,13 @@ def _head_init(config, workdir: str, encoder: linear_probe.Encoder, model, chann
 def open_context(config, workdir: str):
     """(workdir, context, fractions, fingerprint) after every check that can fail before training."""
     validate(config)
-    workdir, mesh, store = linear_probe.open_eval(config, workdir)
+    workdir, mesh, store = workspace.open_eval(config, workdir)
     _check_task(config, store)
     fractions = splits_lib.check_fractions(config.label_fractions)
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
-    channels = linear_probe.store_channels(store, splits.test)
-    encoder = linear_probe.load_encoder(config, channels=channels)
+    channels = store.channels(splits.test)
+    encoder = encoders.load_encoder(config, channels=channels)
     model = heads.Classifier(encoder.model, len(store.label_names))
     multi_class = config.task == "multi_class"
     activation = jax.nn.softmax if multi_class else jax.nn.sigmoid
@@ -654,7 +655,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict | None:
                 fraction=fraction, probs=result["test_probs"][0], labels=result["test_labels"],
                 label_names=label_names, num_train=result["num_train"], seed=config.seed))
     if jax.process_index() == 0:
-        records.write_json(os.path.join(workdir, "finetune.json"), {
+        jsonio.write_json(os.path.join(workdir, "finetune.json"), {
             "init": config.init, "method": ctx.encoder.method, "seeds": int(config.seeds),
             "selection": f"mean validation AUC of the last {config.selection_evals} evaluations",
             "fractions": [{k: v for k, v in results[f].items()
@@ -664,13 +665,13 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict | None:
     variables = load_model(main["model_dir"])
     curves = None
     if config.robustness:
-        linear_probe.check_single_host("config.robustness")
+        sharding.check_single_host("config.robustness")
         logging_lib.log("robustness: evaluating the selected model on perturbed test images")
-        images, _ = linear_probe.load_images(store, ctx.splits.test, image_size=config.image_size,
+        images, _ = features_lib.load_images(store, ctx.splits.test, image_size=config.image_size,
                                              batch_size=config.batch_size)
         placed = sharding.replicate(variables, ctx.mesh)
         curves = robustness.robustness_curves(
-            lambda x: linear_probe.padded_apply(lambda b: ctx.predict_fn(placed, b), x, ctx.mesh),
+            lambda x: features_lib.padded_apply(lambda b: ctx.predict_fn(placed, b), x, ctx.mesh),
             images, main["test_labels"], label_names=label_names, batch_size=config.batch_size)
     summary = _write(workdir, main, ctx, fingerprint, name=config.name or None, label_fractions=entries or None,
                      robustness_curves=curves)

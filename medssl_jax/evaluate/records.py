@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from medssl_jax import jsonio
 from medssl_jax.evaluate import metrics, robustness
 
 
@@ -52,21 +53,14 @@ def json_value(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence[str], mode: str,
                method: str, init: str, split: str = "test", store_name: str = "",
                store_fingerprint: str = "", label_fraction: float = 1.0, name: str | None = None,
                curves: Mapping | None = None, robustness_curves: Mapping | None = None,
                label_fractions: Sequence[Mapping] | None = None, extra: Mapping | None = None,
                thresholds: Sequence[float | None] | None = None) -> dict:
-    """Writes WORKDIR/eval/ per the contract and returns the summary dict.
+    """Writes WORKDIR/eval/ (summary.json, predictions.npz and the optional curve files; the module
+    docstring lists them) and returns the summary dict.
 
     probs/labels [N, L] (labels NaN = missing), record_ids [N] unique store record ids; mode e.g.
     "linear_probe" | "finetune" | "eval"; method = pretraining method of the init ("simclr", "micle",
@@ -100,16 +94,16 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
     os.replace(tmp, os.path.join(out, "predictions.npz"))
     if curves is not None:
         robustness.read_curve(curves, "curves")
-        write_json(os.path.join(out, "curves.json"), {"steps": [float(s) for s in curves["steps"]],
+        jsonio.write_json(os.path.join(out, "curves.json"), {"steps": [float(s) for s in curves["steps"]],
                                                        "val_auc": [metrics.json_number(v) for v in curves["val_auc"]]})
     if robustness_curves is not None:
         bad = [k for k in robustness_curves if k not in robustness.PERTURBATIONS]
         if bad or not all(isinstance(v, (list, tuple)) for v in robustness_curves.values()):
             raise ReportError(f"robustness_curves: expected {{perturbation in {robustness.PERTURBATIONS}: "
                               f"[entries]}}, got keys {sorted(robustness_curves)}")
-        write_json(os.path.join(out, "robustness.json"), dict(robustness_curves))
+        jsonio.write_json(os.path.join(out, "robustness.json"), dict(robustness_curves))
     if label_fractions is not None:
-        write_json(os.path.join(out, "label_fractions.json"),
+        jsonio.write_json(os.path.join(out, "label_fractions.json"),
                     {"fractions": robustness.label_efficiency_curve(label_fractions)})
     # Metrics from the float32 values actually saved, so summary.json and predictions.npz agree exactly.
     res = metrics.evaluate_predictions(probs=probs.astype(np.float32), labels=labels.astype(np.float32),
@@ -128,7 +122,7 @@ def write_eval(workdir: str, *, probs, labels, record_ids, label_names: Sequence
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extra": dict(extra or {}),
     }
-    write_json(os.path.join(out, "summary.json"), summary)
+    jsonio.write_json(os.path.join(out, "summary.json"), summary)
     _tensorboard_scalars(out, summary)
     return summary
 

@@ -12,8 +12,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from medssl_jax import jsonio
 from medssl_jax.evaluate import bootstrap, metrics, robustness
-from medssl_jax.evaluate.records import EvalRun, ReportError, align_runs, read_eval, write_json
+from medssl_jax.evaluate.records import EvalRun, ReportError, align_runs, read_eval
 
 
 def _unique_names(runs: Sequence[EvalRun]) -> None:
@@ -340,7 +341,7 @@ def compare_runs(workdirs: Sequence[str], out_dir: str, *, num_resamples: int = 
         "robustness": {r.name: r.robustness for r in runs if r.robustness},
         "files": files,
     }
-    write_json(os.path.join(out_dir, "comparison.json"), comparison)
+    jsonio.write_json(os.path.join(out_dir, "comparison.json"), comparison)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(_markdown(runs, boot, convergence, files, len(record_ids)))
     return comparison

@@ -8,7 +8,7 @@ patient keys and a seed:
 - val: `splits.val` names a store split ('val'); '' (the default) means the store's own 'val' split when it
   has one (MedMNIST's official split, `ingest --val-fraction`, the phantoms), otherwise carved from train;
   `splits.val` equal to `splits.train` always carves: the patients of the train split whose hash bucket of
-  (seed, patient key) is below `val_fraction` (`probe.patient_split`). A patient's bucket does not depend on
+  (seed, patient key) is below `val_fraction` (`patient_split`). A patient's bucket does not depend on
   which other patients exist, so adding records never moves a patient between train and val;
 - train: the rest of the store's train split;
 - label fractions: nested subsets of the train *patients*: patients are ordered by another hash of
@@ -31,8 +31,9 @@ import os
 
 import numpy as np
 
+from medssl_jax import jsonio
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import probe, records
+from medssl_jax.evaluate import records
 
 SPLITS_FORMAT = "medssl_jax.splits"
 SPLITS_VERSION = 1
@@ -101,6 +102,21 @@ def check_fractions(label_fractions) -> list[float]:
     return sorted(fractions)
 
 
+def patient_split(patients: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
+    """Deterministic patient-wise mask: True for records whose patient falls in the held-out `fraction`.
+
+    Uses a hash of (seed, patient key), so the split does not depend on record order or on which
+    other patients are present, and every run comparing encoders gets the same split.
+    """
+    def bucket(key: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2**64
+
+    unique = np.unique(patients)
+    held = {p for p in unique if bucket(str(p)) < fraction}
+    return np.array([p in held for p in patients], dtype=bool)
+
+
 def _hash_order(keys: np.ndarray, seed: int) -> np.ndarray:
     """Permutation of `keys` by sha256 of (seed, key): independent of record order and of other keys."""
     digests = [hashlib.sha256(f"{seed}:fraction:{k}".encode()).digest()[:8] for k in keys]
@@ -134,7 +150,7 @@ def make_splits(store: Store, cfg, label_fractions) -> Splits:
         if not 0 < cfg.val_fraction < 1:
             raise SplitsError(f"config.splits.val_fraction={cfg.val_fraction} must be in (0, 1) (or name a "
                               "store split in config.splits.val)")
-        held = probe.patient_split(store.patients[train_all], fraction=cfg.val_fraction, seed=cfg.seed)
+        held = patient_split(store.patients[train_all], fraction=cfg.val_fraction, seed=cfg.seed)
         val, train = train_all[held], train_all[~held]
     for name, ids in (("train", train), ("val", val), ("test", test)):
         if len(ids) == 0:
@@ -168,9 +184,7 @@ def save(path: str, splits: Splits, store: Store) -> None:
         **_ids_payload(splits),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f)
-    os.replace(path + ".tmp", path)
+    jsonio.write_json(path, payload, indent=None, allow_nan=True)
 
 
 def load(path: str) -> Splits:

@@ -35,8 +35,8 @@ import jax  # noqa: E402
 import ml_collections as mlc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from medssl_jax import config_lib, logging_lib  # noqa: E402
-from medssl_jax.evaluate import bootstrap, finetune, linear_probe, records, robustness  # noqa: E402
+from medssl_jax import config_lib, jsonio, logging_lib  # noqa: E402
+from medssl_jax.evaluate import bootstrap, encoders, finetune, linear_probe, records, robustness  # noqa: E402
 from medssl_jax.evaluate import splits as splits_lib  # noqa: E402
 
 ARMS = ("linear_probe", "finetune")
@@ -113,7 +113,7 @@ def validate(config) -> None:
         for arm in config.arms:
             c = arm_config(config, arm, init)
             config_lib.validate_eval(c)
-            linear_probe.check_init(c)
+            encoders.check_init(c)
             if arm == "finetune":
                 finetune.validate(c)
 
@@ -190,10 +190,10 @@ def run(config, workdir: str) -> dict | None:
                 logging_lib.log("transfer study stopped; rerun the same command to resume")
                 return None
             if jax.process_index() == 0:
-                records.write_json(os.path.join(out, ARM_CONFIG_FILE), records.json_value(arm_cfg.to_dict()))
+                jsonio.write_json(os.path.join(out, ARM_CONFIG_FILE), records.json_value(arm_cfg.to_dict()))
 
     result = analyse(config, names, dirs, fractions)
-    records.write_json(os.path.join(workdir, "transfer.json"), result)
+    jsonio.write_json(os.path.join(workdir, "transfer.json"), result)
     files = plot(result, workdir)
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(markdown(result, files))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from medssl_jax.models.heads import l2_normalize
+from medssl_jax.numerics import l2_normalize
 
 # SimCLR's LARGE_NUM: subtracted from a view's similarity with itself, so exp() of it is exactly 0.
 SELF_SIMILARITY_MASK = 1e9

@@ -40,7 +40,7 @@ def with_encoder_variables(variables: dict, encoder: dict) -> dict:
 
 def multicrop_spec(config, *, num_local: int, local_size: int, local_scale) -> list[dict]:
     """The crop groups of a multi-crop method: 2 global crops (data.image_size, data.crop_scale) and, if
-    num_local > 0, num_local local crops; the pipeline makes them, `multicrop_features` encodes them."""
+    num_local > 0, num_local local crops; the pipeline makes them, `models.ssl.multicrop_features` encodes them."""
     crops = [{"name": "global", "num": 2, "size": config.data.image_size, "scale": tuple(config.data.crop_scale)}]
     if num_local > 0:
         crops.append({"name": "local", "num": num_local, "size": local_size, "scale": tuple(local_scale)})
@@ -54,29 +54,6 @@ def check_crops(batch: dict, crops: list[dict]) -> None:
         if views.shape[1] != crop["num"] or views.shape[2] != crop["size"]:
             raise ValueError(f"batch[{crop['name']!r}] has shape {views.shape}, expected "
                              f"[B, {crop['num']}, {crop['size']}, {crop['size']}, C] (config / pipeline mismatch)")
-
-
-def multicrop_features(encoder, crops, *, train: bool, first_group: dict | None = None):
-    """Runs each crop resolution through `encoder` as its own batch (fixed shapes, one compile each).
-
-    crops: a tuple of [B, n_i, H_i, W_i, C] groups (or one [B, H, W, C] array); returns features
-    [B, sum n_i, D] (a device-local concatenation: rows stay on their device) and the encoder's
-    out_dict for the first group. `first_group`: extra encoder arguments for the first group only (iBOT's
-    patch mask of the global crops).
-    """
-    import jax.numpy as jnp
-
-    if not isinstance(crops, (list, tuple)):
-        crops = (crops[:, None],)
-    features, encoder_out = [], {}
-    for index, group in enumerate(crops):
-        batch, num = group.shape[:2]
-        f, out = encoder(group.reshape(batch * num, *group.shape[2:]), train=train,
-                         **((first_group or {}) if index == 0 else {}))
-        features.append(f.reshape(batch, num, -1))
-        if index == 0:
-            encoder_out = out
-    return jnp.concatenate(features, axis=1), encoder_out
 
 
 def _no_fields(config) -> None:
@@ -125,6 +102,8 @@ class Method:
           None when the lr lives in the optimiser state): default optim.make_optimizer(config.optim, ...).
       extend_config(config): adds the method's own config fields (to the reference config too, so a
           mistyped field of the method is rejected).
+      check_config(config): refuses a nonsense value of those fields in one line naming it, before any
+          data or device work (config_lib.validate_pretrain calls it).
       process_grads(grads, *, step, config) -> grads: before the optimiser (freezing, clipping).
       after_update(params, method_state, *, step, config) -> (params, method_state): after the optimiser
           (prototype normalisation, EMA teacher).
@@ -140,6 +119,7 @@ class Method:
     init: Callable[..., tuple]
     loss_fn: Callable[..., tuple]
     extend_config: Callable[..., None] = _no_fields
+    check_config: Callable[..., None] = _no_fields
     make_optimizer: Callable[..., tuple] = _optimizer_of_config
     process_grads: Callable[..., Any] = _grads_as_they_are
     after_update: Callable[..., tuple] = _params_as_they_are

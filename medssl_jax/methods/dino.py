@@ -14,7 +14,7 @@
   in its own call (two fixed shapes; the ViT resamples its position embeddings in-graph), the head sees
   all crops. The teacher sees only the global crops. Crops stay [B, n, ...] with the batch axis first,
   so the data-parallel sharding never moves data to form crops.
-- Loss (`dino_loss`): t = softmax((teacher - centre) / T_t(step)), s = log_softmax(student / T_s);
+- Loss (`dino_loss`, losses/dino.py): t = softmax((teacher - centre) / T_t(step)), s = log_softmax(student / T_s);
   the mean over the pairs (teacher crop i, student crop v != i) of the batch mean of -sum_k t s.
   T_t warms up from `warmup_teacher_temp` to `teacher_temp` as DINO's per-epoch `np.linspace`: one value
   per `teacher_temp_epoch_steps` steps, `teacher_temp` already at the warm-up's last epoch.
@@ -56,13 +56,13 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from medssl_jax import augment, losses, models
-from medssl_jax.methods import Method, check_crops, health, multicrop_features, multicrop_spec
+from medssl_jax.losses.dino import CENTERINGS, dino_loss, ibot_loss, teacher_targets, updated_center
+from medssl_jax.methods import Method, check_crops, health, multicrop_spec
 from medssl_jax.models import heads
+from medssl_jax.models.ssl import DINOModel
 
 # --------------------------------------------------------------------------------------------- config
 
-
-CENTERINGS = ("centering", "sinkhorn_knopp")  # config.dino.centering: DINO's centre, DINOv2's Sinkhorn-Knopp
 
 
 def extend_config(config: mlc.ConfigDict) -> None:
@@ -138,39 +138,6 @@ def _check_config(config) -> None:
                          "(its EMA momentum schedule runs over config.total_steps)")
 
 
-# --------------------------------------------------------------------------------------------- model
-
-
-class DINOModel(nn.Module):
-    """Backbone + DINO head over crop groups.
-
-    Call with a sequence of crop groups, each [B, n_i, H_i, W_i, C] (one backbone call per group), or
-    one [B, H, W, C] array. Returns (logits [B, V, K], out_dict) with 'features' [B, V, D] (backbone
-    pre_logits) and 'encoder' (the backbone's out_dict of the first group).
-    """
-
-    encoder: nn.Module
-    head: nn.Module
-    ibot: bool = False  # a learned mask token (DINOv2's, zeros at init) for the student's masked patches
-
-    @nn.compact
-    def __call__(self, crops, *, train: bool, masks=None, patch_index=None):
-        """`masks` [B * 2, N]: patches of the global crops replaced by the mask token; `patch_index` [B * 2, M]:
-        the patch tokens of the global crops that also go through the head ('patch_logits' [B * 2, M, K])."""
-        first = {}
-        if self.ibot:
-            token = self.param("mask_token", nn.initializers.zeros, (self.encoder.arch()["width"],), jnp.float32)
-            if masks is not None:
-                first = {"mask": masks, "mask_token": token}
-        features, encoder_out = multicrop_features(self.encoder, crops, train=train, first_group=first)
-        logits, head_out = self.head(features, train=train)
-        out = {"encoder": encoder_out, "features": features, "head": head_out, "logits": logits}
-        if patch_index is not None:
-            tokens = jnp.take_along_axis(encoder_out["patch_tokens"], patch_index[..., None], axis=1)
-            out["patch_logits"], _ = self.head(tokens, train=train)
-        return logits, out
-
-
 def build(config) -> nn.Module:
     d = config.dino
     encoder = models.build_encoder({**config.model.to_dict(), "dtype": config.compute_dtype})
@@ -241,59 +208,6 @@ def teacher_momentum(step, config) -> jax.Array:
 # --------------------------------------------------------------------------------------------- loss
 
 
-def teacher_targets(*, teacher_logits: jax.Array, center: jax.Array, teacher_temp,
-                    centering: str = "centering", sinkhorn_iters: int = 3) -> jax.Array:
-    """The teacher's target distributions [B, G, K] from its raw outputs [B, G, K].
-
-    centering="centering" (DINO): softmax((teacher - centre) / T_t). centering="sinkhorn_knopp" (DINOv2's
-    `sinkhorn_knopp_teacher`): Sinkhorn-Knopp equipartition of exp(teacher / T_t) over the global batch and
-    both global crops together (the B*G rows), `sinkhorn_iters` iterations; the centre is not used. Under
-    stop_gradient either way.
-    """
-    if teacher_logits.ndim != 3 or center.shape != teacher_logits.shape[-1:]:
-        raise ValueError(f"teacher_targets: teacher {teacher_logits.shape} / centre {center.shape} do not fit "
-                         "(need [B, G, K] and [K])")
-    if centering == "sinkhorn_knopp":
-        b, g, k = teacher_logits.shape
-        t = losses.sinkhorn(scores=teacher_logits.reshape(b * g, k), epsilon=teacher_temp,
-                            num_iters=sinkhorn_iters).reshape(b, g, k)
-    elif centering == "centering":
-        t = jax.nn.softmax((teacher_logits.astype(jnp.float32) - center) / teacher_temp, axis=-1)
-    else:
-        raise ValueError(f"config.dino.centering={centering!r} is not one of {list(CENTERINGS)}")
-    return jax.lax.stop_gradient(t)
-
-
-def dino_loss(*, student_logits: jax.Array, teacher_probs: jax.Array, student_temp: float) -> tuple[jax.Array, dict]:
-    """DINO's cross-entropy between the teacher's targets and the student's sharpened outputs.
-
-    Args:
-      student_logits: [B, V, K], crops in the order global 1, global 2, locals...
-      teacher_probs: [B, G, K] targets for the G global crops (`teacher_targets`; the first G student crops
-        are the same images).
-      student_temp: the student's temperature.
-
-    Returns:
-      (loss, stats): loss = mean over pairs (i < G, v < V, v != i) of mean_b -sum_k t[b,i,k] log s[b,v,k];
-      stats holds the teacher probabilities 'teacher_probs' [B, G, K], the per-pair cross-entropies 'ce'
-      [B, G, V] and the pair mask 'pairs' [G, V].
-    """
-    if student_logits.ndim != 3 or teacher_probs.ndim != 3:
-        raise ValueError(f"dino_loss: logits must be [B, V, K], got student {student_logits.shape} and teacher "
-                         f"{teacher_probs.shape}")
-    b, v, k = student_logits.shape
-    g = teacher_probs.shape[1]
-    if teacher_probs.shape[0] != b or teacher_probs.shape[2] != k or g > v:
-        raise ValueError(f"dino_loss: teacher {teacher_probs.shape} does not fit student {student_logits.shape} "
-                         "(need [B, G<=V, K])")
-    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-    t = jax.lax.stop_gradient(teacher_probs.astype(jnp.float32))
-    ce = -jnp.einsum("bik,bvk->biv", t, log_s)
-    pairs = jnp.arange(g)[:, None] != jnp.arange(v)[None, :]
-    loss = jnp.sum(jnp.mean(ce, axis=0) * pairs) / jnp.sum(pairs)
-    return loss, {"teacher_probs": t, "ce": ce, "pairs": pairs}
-
-
 def ibot_masks(rng: jax.Array, *, num_crops: int, num_patches: int, probability: float, ratio) -> tuple:
     """iBOT's masks for `num_crops` global crops of `num_patches` patches: with `probability` a crop gets
     floor(U(ratio) * N) random patches masked (DINOv2 masks a fixed share of the crops with stratified
@@ -311,24 +225,6 @@ def ibot_masks(rng: jax.Array, *, num_crops: int, num_patches: int, probability:
     order = jnp.argsort(jax.random.uniform(k_order, (num_crops, num_patches)), axis=1).astype(jnp.int32)
     rank = jnp.argsort(order, axis=1)
     return rank < count[:, None], order[:, :slots], jnp.arange(slots)[None, :] < count[:, None]
-
-
-def ibot_loss(*, student_logits: jax.Array, teacher_probs: jax.Array, valid: jax.Array,
-              student_temp: float) -> jax.Array:
-    """DINOv2's iBOT patch loss (`iBOTPatchLoss.forward_masked`): per crop, the cross-entropy -sum_k t log
-    softmax(s / T_s) summed over its masked patches and divided by their number (at least 1), then the mean
-    over all crops, masked or not. student_logits / teacher_probs [C, M, K], valid [C, M]."""
-    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-    ce = -jnp.sum(jax.lax.stop_gradient(teacher_probs.astype(jnp.float32)) * log_s, axis=-1)
-    valid = valid.astype(jnp.float32)
-    per_crop = jnp.sum(ce * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
-    return jnp.mean(per_crop)
-
-
-def updated_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
-    """center * m + (1 - m) * mean of the teacher outputs over the (global) batch and the global crops."""
-    batch_center = jnp.mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]).astype(jnp.float32), axis=0)
-    return center * momentum + batch_center * (1.0 - momentum)
 
 
 def _crop_augment(config, *, blur_p: float, solarize_p: float | None = None) -> mlc.ConfigDict:

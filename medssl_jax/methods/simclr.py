@@ -18,22 +18,42 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from medssl_jax import augment, losses, models
 from medssl_jax.methods import Method
 from medssl_jax.models import heads
+from medssl_jax.models.ssl import SSLModel
 
 
-class SSLModel(nn.Module):
-    """Encoder followed by a projection head; returns (z, out_dict) like every model here."""
+LOSS_SCALES = ("paper", "official")
 
-    encoder: nn.Module
-    head: nn.Module
 
-    def __call__(self, x, *, train: bool):
-        features, encoder_out = self.encoder(x, train=train)
-        z, head_out = self.head(features, train=train)
-        return z, {"encoder": encoder_out, "features": features, "head": head_out, "z": z}
+def extend_config(config: mlc.ConfigDict) -> None:
+    """Adds SimCLR's projection head (`config.head`) and NT-Xent (`config.loss`) fields, SimCLR v1's values."""
+    config.head = projection_head_fields()
+    loss = mlc.ConfigDict()
+    loss.temperature = 0.1
+    # NT-Xent (losses.ntxent): SimCLR's --hidden_norm, and 'paper' (L) or 'official' (2 L =
+    # google-research/simclr's loss_a + loss_b, whose LARS steps on BN/bias are twice ours).
+    loss.hidden_norm = True
+    loss.scale = "paper"
+    config.loss = loss
+
+
+def projection_head_fields(*, version: bool = True) -> mlc.ConfigDict:
+    """`config.head`: the projection head's widths (and, for SimCLR's head, its version)."""
+    head = mlc.ConfigDict()
+    if version:
+        head.version = "v1"  # v1: 2 layers (Azizi/SimCLR v1); v2: 3 layers
+    head.hidden_dim = -1  # -1 = the encoder's feature width (SimCLR: 2048 * width)
+    head.out_dim = 128
+    return head
+
+
+def check_config(config) -> None:
+    if config.loss.scale not in LOSS_SCALES:
+        raise ValueError(f"config.loss.scale={config.loss.scale!r}: is not 'paper' or 'official'")
 
 
 def data_spec(config) -> dict:
@@ -79,4 +99,5 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
     return loss, (updates["batch_stats"], method_state, {"loss": loss})
 
 
-METHOD = Method(data_spec=data_spec, build=build, init=init, loss_fn=loss_fn)
+METHOD = Method(data_spec=data_spec, build=build, init=init, loss_fn=loss_fn, extend_config=extend_config,
+                check_config=check_config)

@@ -39,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from medssl_jax import augment, intensity, losses, models
+from medssl_jax import augment, intensity, losses, models, numerics
 from medssl_jax.losses.clustering import sinkhorn, swav_loss
-from medssl_jax.methods import Method, check_crops, health, multicrop_features, multicrop_spec
+from medssl_jax.methods import Method, check_crops, health, multicrop_spec
 from medssl_jax.models import heads
+from medssl_jax.methods.simclr import projection_head_fields
+from medssl_jax.models.ssl import SwAVModel
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -50,10 +52,12 @@ from medssl_jax.models import heads
 def extend_config(config: mlc.ConfigDict) -> None:
     """Adds the SwAV (and, for method 'hybrid', hybrid) fields with the SwAV/SimCLR defaults.
 
-    The loss temperature is the base config's `loss.temperature` (SwAV: 0.1); the projection sizes are
-    `head.hidden_dim` (-1 = the encoder width: 2048 for ResNet-50, as SwAV) and `head.out_dim` (128);
-    the global crops are `data.image_size` / `data.crop_scale` (SwAV: 224, (0.14, 1.0)).
+    The loss temperature is `loss.temperature` (SwAV: 0.1); the projection sizes are `head.hidden_dim` (-1 =
+    the encoder width: 2048 for ResNet-50, as SwAV) and `head.out_dim` (128); the global crops are
+    `data.image_size` / `data.crop_scale` (SwAV: 224, (0.14, 1.0)).
     """
+    config.head = projection_head_fields(version=False)
+    config.loss = mlc.ConfigDict({"temperature": 0.1})
     s = mlc.ConfigDict()
     s.num_prototypes = 3000  # K
     s.epsilon = 0.05  # Sinkhorn entropic regularisation
@@ -72,8 +76,13 @@ def extend_config(config: mlc.ConfigDict) -> None:
     config.swav = s
 
     config.intensity = intensity.config_fields()
+    if _is_hybrid(config):
+        add_hybrid_fields(config)
 
-    h = mlc.ConfigDict()  # read only when config.method == 'hybrid'
+
+def add_hybrid_fields(config: mlc.ConfigDict) -> None:
+    """`config.hybrid`: the NT-Xent and supervised terms Ghesu et al. add to SwAV (method 'hybrid')."""
+    h = mlc.ConfigDict()
     h.contrastive_weight = 1.0  # lambda_c: paper value not public
     h.contrastive_temperature = 0.1  # SimCLR default
     # Where NT-Xent reads its embeddings (the paper does not say): 'shared' = SwAV's normalised z, the input
@@ -108,40 +117,6 @@ def data_spec(config) -> dict:
     return {"sampler": config.data.sampler, "crops": crops, "fields": fields}
 
 
-# --------------------------------------------------------------------------------------------- model
-
-
-class SwAVModel(nn.Module):
-    """Encoder + SwAV head + normalisation + prototypes (+ a linear classifier for the hybrid).
-
-    Call with a sequence of crop groups, each [B, n_i, H_i, W_i, C] (one backbone call per group), or
-    one [B, H, W, C] array. Returns (scores [B, V, K], out_dict) with 'features' [B, V, D] (encoder),
-    'z' [B, V, out_dim] (normalised), 'scores' and, with a classifier, 'logits' [B, V, L].
-    """
-
-    encoder: nn.Module
-    head: nn.Module
-    num_prototypes: int
-    num_labels: int = 0
-    contrastive_head: nn.Module | None = None  # hybrid 'separate': a projection head for NT-Xent
-
-    @nn.compact
-    def __call__(self, crops, *, train: bool):
-        features, encoder_out = multicrop_features(self.encoder, crops, train=train)
-        z, head_out = self.head(features, train=train)
-        z = heads.l2_normalize(z)
-        scores = nn.Dense(self.num_prototypes, use_bias=False, kernel_init=heads.TORCH_LINEAR_INIT,
-                          dtype=jnp.float32, param_dtype=jnp.float32, name="prototypes")(z)
-        out = {"encoder": encoder_out, "features": features, "head": head_out, "z": z, "scores": scores}
-        if self.contrastive_head is not None:
-            glob = features[:, :2]  # the two global crops
-            zc, _ = self.contrastive_head(glob.reshape(-1, glob.shape[-1]), train=train)
-            out["contrastive_z"] = zc.reshape(glob.shape[0], 2, -1)
-        if self.num_labels:
-            out["logits"], _ = heads.LinearClassifier(self.num_labels, name="classifier")(features)
-        return scores, out
-
-
 def build(config) -> nn.Module:
     encoder = models.build_encoder({**config.model.to_dict(), "dtype": config.compute_dtype})
     hidden = config.head.hidden_dim
@@ -173,7 +148,7 @@ def queue_length(config) -> int:
 def normalize_prototypes(params: dict) -> dict:
     """Re-L2-normalises every prototype vector (a column of the Dense kernel [out_dim, K])."""
     kernel = params["prototypes"]["kernel"]
-    return {**params, "prototypes": {**params["prototypes"], "kernel": heads.l2_normalize(kernel.T).T}}
+    return {**params, "prototypes": {**params["prototypes"], "kernel": numerics.l2_normalize(kernel.T).T}}
 
 
 def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, Any]:

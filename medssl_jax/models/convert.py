@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medssl_jax import sharding
 from medssl_jax.models.resnet import STAGE_SIZES
 
 FORMATS = ("dinov2", "dinov3", "hf-dinov2", "hf-dinov3", "timm", "timm-npz", "torchvision-resnet", "simclr-tf")
@@ -206,7 +207,7 @@ def _fill(abstract: dict, state: dict, source_of: Callable[[tuple[str, ...]], So
     leaves = []
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     for path, leaf in flat:
-        names = tuple(str(getattr(k, "key", k)) for k in path)
+        names = sharding.path_names(path)
         keys, fn = source_of(names)
         absent = [k for k in keys if k not in state]
         if absent:

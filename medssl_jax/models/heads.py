@@ -1,5 +1,5 @@
 """Heads that sit on an encoder's pooled features: SimCLR, SwAV and DINO projection heads, DINO's
-weight-normalised prototype layer, a linear classifier, and the one `l2_normalize` they all use.
+weight-normalised prototype layer and a linear classifier (L2 normalisation: medssl_jax/numerics.py).
 
 The projection head follows google-research/simclr `model_util.projection_head`: every Dense is bias-free
 because a BatchNorm follows it (`linear_layer` drops the bias when `use_bn`), kernels start from
@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from medssl_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
+from medssl_jax.numerics import l2_normalize
 
 HEAD_KERNEL_INIT = nn.initializers.normal(stddev=0.01)
 # PyTorch nn.Linear's default weight init (kaiming_uniform with a=sqrt(5)), which SwAV's head and DINO's
@@ -26,14 +26,6 @@ TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 TRUNC_NORMAL_02 = nn.initializers.truncated_normal(0.02)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize; tf.math.l2_normalize's
-    epsilon=1e-12 on the squared norm is eps=1e-6 here).
-
-    Written as x * rsqrt(max(||x||^2, eps^2)) so the gradient is finite at x = 0 (the norm's is NaN
-    there), which a collapsed batch reaches: the collapse checks must get to report it.
-    """
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 # Number of Dense layers of each SimCLR head version.
 PROJECTION_LAYERS = {"v1": 2, "v2": 3}

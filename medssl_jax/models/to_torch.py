@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
+from medssl_jax import sharding
 from medssl_jax.models import convert, convnext
 from medssl_jax.models.resnet import STAGE_SIZES
 
@@ -52,7 +53,7 @@ _INVERSE: dict[Callable, Callable] = {
 
 def _leaves(tree) -> list[tuple[tuple[str, ...], np.ndarray]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(tuple(str(getattr(k, "key", k)) for k in path), np.asarray(leaf, np.float32)) for path, leaf in flat]
+    return [(sharding.path_names(path), np.asarray(leaf, np.float32)) for path, leaf in flat]
 
 
 def invert(tree, source_of: Callable, *, target: str) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medssl_jax.data.ingest import cli
+from medssl_jax.data.ingest.arguments import build_parser
 from medssl_jax.data.ingest.run import run_ingest
 
 
@@ -74,7 +74,7 @@ def benchmark(*, n_files: int = 64, size: int = 512, store_size: int = 224,
             make_benchmark_files(src, n=n_files, size=size, syntax=syntax)
             for w in workers:
                 out = Path(tmp) / f"store_{syntax}_{w}"
-                args = cli.build_parser().parse_args(
+                args = build_parser().parse_args(
                     [f"--input={src}", f"--output={out}", f"--size={store_size}", f"--workers={w}",
                      "--salt=benchmark", "--quiet"])
                 self0 = resource.getrusage(resource.RUSAGE_SELF)
