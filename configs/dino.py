@@ -152,75 +152,83 @@ def get_config(arg=None):
                    end_lr_factor=1e-6 / (5e-4 * c.batch_size / 256),  # DINO's min_lr 1e-6
                    weight_decay=0.04, weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8)
     if args.encoder == "resnet":
-        # DINO's ResNet-50 command (facebookresearch/dino README, "ResNet-50 and other convnets trainings"):
-        # SGD (momentum 0.9) lr 0.03 x B/256 with the same 10-epoch warm-up and cosine to 1e-6, weight decay
-        # 1e-4 constant, crops 0.14-1 / 0.05-0.14; the rest are main_dino.py's defaults (teacher temperature
-        # 0.04 without warm-up, K = 65536, no BatchNorm in the head). torchvision's ResNet-50 init (no
-        # zero-init residual BN). Their run used batch 8 x 64 = 512; the linear lr scaling covers 256.
-        c.model = models.model_config("resnet", depth=50, width=1, zero_init_last_bn=False)
-        c.data.crop_scale = (0.14, 1.0)
-        c.dino.local_crop_scale = (0.05, 0.14)
-        c.dino.teacher_temp = 0.04
-        c.dino.teacher_temp_warmup_steps = 0
-        c.optim.update(name="sgd", base_lr=0.03, momentum=0.9, weight_decay=1e-4, weight_decay_end=-1.0,
-                       end_lr_factor=1e-6 / (0.03 * c.batch_size / 256))
+        _resnet_recipe(c)
     c.log_every = 100
     c.checkpoint_every = 2000
     if args.runlocal:
-        # Minutes on 2 CPU cores, with a small head and short schedules. 0.996 keeps the teacher at ~70 % of
-        # its random init for a whole run this short; a random network barely depends on its input, so such
-        # a teacher is uniform and the student copies it.
-        c.dino.hidden_dim = 128
-        c.dino.bottleneck_dim = 32
-        c.dino.teacher_temp_warmup_steps = 0
-        c.dino.teacher_temp_epoch_steps = 1
-        c.dino.momentum_teacher = 0.9
-        c.dino.freeze_last_layer_steps = 20
-        c.dino.health_check_after_steps = 100
-        if args.encoder != "resnet":
-            # A 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops, DINO's centring, AdamW.
-            config_lib.apply_runlocal(c, image_size=32, probe_size=32)
-            c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
-                           drop_path_rate=0.0)
-            c.data.crop_scale = (0.3, 1.0)
-            c.dino.num_local_crops = 4
-            c.dino.local_image_size = 16
-            c.dino.local_crop_scale = (0.08, 0.3)
-            c.dino.num_prototypes = 256
-            c.dino.teacher_temp = 0.04
-            c.optim.base_lr = 5e-4
-            c.optim.end_lr_factor = 0.01
-        else:
-            # The encoder of the other :runlocal configs (ResNet-18, base width 16, 48 px crops) with LARS,
-            # weight decay 1e-6 (no schedule on it) and the lr of SwAV's :runlocal run.
-            config_lib.apply_runlocal(c, image_size=48, probe_size=64)
-            c.model = models.model_config("resnet", depth=18, width=1, base_width=16)
-            c.data.crop_scale = (0.25, 1.0)
-            c.dino.local_image_size = 24
-            c.dino.local_crop_scale = (0.08, 0.25)
-            c.dino.num_local_crops = 2
-            c.optim.update(name="lars", base_lr=1.2, lr_scaling="linear", weight_decay=1e-6, weight_decay_end=-1.0,
-                           warmup_steps=30, end_lr_factor=0.0)
-            c.augment = augment.preset("azizi_cxr")
-            # At batch 64 DINO's centring cannot keep the teacher image-specific: the head's output turns
-            # the same for every image within ~10 steps (the common-mode part of the gradient goes into
-            # the biases, which LARS does not scale down) and the teacher is uniform by step ~100. What
-            # keeps it learning (validation split, 300 steps): DINOv2's Sinkhorn-Knopp teacher, which
-            # cannot be uniform while its inputs differ, with K = 64 prototypes for the 128 teacher rows of
-            # a batch (K = 256 leaves each prototype half a sample and the codes arbitrary), teacher
-            # temperature 0.02 (SwAV's :runlocal epsilon) and BatchNorm in a 2-layer head (DINO's
-            # use_bn_in_head; 2 layers as SwAV's head: at 600 steps +0.087 against +0.061 with DINO's 3).
-            c.dino.centering = "sinkhorn_knopp"
-            c.dino.num_prototypes = 64
-            c.dino.teacher_temp = 0.02
-            c.dino.num_head_layers = 2
-            c.dino.use_bn_in_head = True
-            c.total_steps = 600
+        _runlocal(c, vit=args.encoder != "resnet")
     if args.encoder in config_lib.CONVNEXT_ENCODERS:
         config_lib.use_convnext(c, args.encoder)  # with the ViT recipe's AdamW values
     if source:
         _continued_pretraining(c, args, source)
     return c
+
+
+def _resnet_recipe(c) -> None:
+    # DINO's ResNet-50 command (facebookresearch/dino README, "ResNet-50 and other convnets trainings"):
+    # SGD (momentum 0.9) lr 0.03 x B/256 with the same 10-epoch warm-up and cosine to 1e-6, weight decay
+    # 1e-4 constant, crops 0.14-1 / 0.05-0.14; the rest are main_dino.py's defaults (teacher temperature
+    # 0.04 without warm-up, K = 65536, no BatchNorm in the head). torchvision's ResNet-50 init (no
+    # zero-init residual BN). Their run used batch 8 x 64 = 512; the linear lr scaling covers 256.
+    c.model = models.model_config("resnet", depth=50, width=1, zero_init_last_bn=False)
+    c.data.crop_scale = (0.14, 1.0)
+    c.dino.local_crop_scale = (0.05, 0.14)
+    c.dino.teacher_temp = 0.04
+    c.dino.teacher_temp_warmup_steps = 0
+    c.optim.update(name="sgd", base_lr=0.03, momentum=0.9, weight_decay=1e-4, weight_decay_end=-1.0,
+                   end_lr_factor=1e-6 / (0.03 * c.batch_size / 256))
+
+
+def _runlocal(c, *, vit: bool) -> None:
+    # Minutes on 2 CPU cores, with a small head and short schedules. 0.996 keeps the teacher at ~70 % of
+    # its random init for a whole run this short; a random network barely depends on its input, so such
+    # a teacher is uniform and the student copies it.
+    c.dino.hidden_dim = 128
+    c.dino.bottleneck_dim = 32
+    c.dino.teacher_temp_warmup_steps = 0
+    c.dino.teacher_temp_epoch_steps = 1
+    c.dino.momentum_teacher = 0.9
+    c.dino.freeze_last_layer_steps = 20
+    c.dino.health_check_after_steps = 100
+    if vit:
+        # A 4-block ViT (width 64, patch 8) on 2 x 32 px + 4 x 16 px crops, DINO's centring, AdamW.
+        config_lib.apply_runlocal(c, image_size=32, probe_size=32)
+        c.model.update(variant="S/8", width=64, depth=4, num_heads=4, mlp_dim=128, image_size=32,
+                       drop_path_rate=0.0)
+        c.data.crop_scale = (0.3, 1.0)
+        c.dino.num_local_crops = 4
+        c.dino.local_image_size = 16
+        c.dino.local_crop_scale = (0.08, 0.3)
+        c.dino.num_prototypes = 256
+        c.dino.teacher_temp = 0.04
+        c.optim.base_lr = 5e-4
+        c.optim.end_lr_factor = 0.01
+    else:
+        # The encoder of the other :runlocal configs (ResNet-18, base width 16, 48 px crops) with LARS,
+        # weight decay 1e-6 (no schedule on it) and the lr of SwAV's :runlocal run.
+        config_lib.apply_runlocal(c, image_size=48, probe_size=64)
+        c.model = models.model_config("resnet", depth=18, width=1, base_width=16)
+        c.data.crop_scale = (0.25, 1.0)
+        c.dino.local_image_size = 24
+        c.dino.local_crop_scale = (0.08, 0.25)
+        c.dino.num_local_crops = 2
+        c.optim.update(name="lars", base_lr=1.2, lr_scaling="linear", weight_decay=1e-6, weight_decay_end=-1.0,
+                       warmup_steps=30, end_lr_factor=0.0)
+        c.augment = augment.preset("azizi_cxr")
+        # At batch 64 DINO's centring cannot keep the teacher image-specific: the head's output turns
+        # the same for every image within ~10 steps (the common-mode part of the gradient goes into
+        # the biases, which LARS does not scale down) and the teacher is uniform by step ~100. What
+        # keeps it learning (validation split, 300 steps): DINOv2's Sinkhorn-Knopp teacher, which
+        # cannot be uniform while its inputs differ, with K = 64 prototypes for the 128 teacher rows of
+        # a batch (K = 256 leaves each prototype half a sample and the codes arbitrary), teacher
+        # temperature 0.02 (SwAV's :runlocal epsilon) and BatchNorm in a 2-layer head (DINO's
+        # use_bn_in_head; 2 layers as SwAV's head: at 600 steps +0.087 against +0.061 with DINO's 3).
+        c.dino.centering = "sinkhorn_knopp"
+        c.dino.num_prototypes = 64
+        c.dino.teacher_temp = 0.02
+        c.dino.num_head_layers = 2
+        c.dino.use_bn_in_head = True
+        c.total_steps = 600
 
 
 # Continued pretraining (RAD-DINO's recipe: a foundation ViT trained further on the user's images).

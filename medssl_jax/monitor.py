@@ -19,7 +19,7 @@ train split as the memory bank, and the train loop logs:
   monitor/uniformity    log E exp(-2 ||z_i - z_j||^2) over pairs of images' projections: lower = more spread
 
 The fair random-init encoder (standard init, every residual branch active, BatchNorm statistics recomputed
-on the memory bank: evaluate/linear_probe.py) is scored the same way once per run, as the reference line.
+on the memory bank, as evaluate/encoders.py builds it for the linear probe) is scored the same way once per run, as the reference line.
 Embeddings are the encoder's pooled features as exported (DINO: the teacher's); projections come from the
 method's head (SimCLR/MICLe/SwAV's z, DINO's bottleneck). A collapse, RankMe or relative std under the
 thresholds of `collapse_message`, is one warning line, and with monitor.stop_on_collapse the run saves a

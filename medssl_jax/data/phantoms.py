@@ -254,6 +254,27 @@ def _sig(z):
     return 0.5 + 0.5 * np.tanh(0.5 * z)
 
 
+def _bones(u, v, patient, *, lung_x, lung_y, lung_ax, lung_ay, px) -> tuple[np.ndarray, ...]:
+    """(ribs, thorax, spine, clavicles) masks in patient coordinates (u, v) for render_images."""
+    # Ten-odd posterior ribs over the lung height, so their spacing follows the lung size.
+    rib_spacing = 0.27 * lung_ay
+    rib_v = v - patient("rib_curve") * (np.abs(u) - 0.05) ** 2 - (lung_y - lung_ay)
+    ribs = _sig((np.cos(2 * np.pi * rib_v / rib_spacing) - 0.7) / 0.08)
+    thorax = _sig((1 - (np.abs(u) - lung_x) ** 2 / (1.25 * lung_ax) ** 2
+                   - (v - lung_y) ** 2 / (1.1 * lung_ay) ** 2) / 0.1)
+    spine = _sig((0.055 - np.abs(u)) / (1.5 * px)) * (0.8 + 0.2 * np.cos(2 * np.pi * v / 0.11))
+    clavicles = np.zeros_like(u)
+    for side in (-1.0, 1.0):
+        # Distance to the segment from the sternal end (near midline) to the shoulder.
+        a = np.array([side * 0.07, -0.62], np.float32)
+        b_v = -0.74 + patient("clavicle_tilt")
+        du_seg, dv_seg = side * 0.48, b_v - a[1]
+        t = np.clip(((u - a[0]) * du_seg + (v - a[1]) * dv_seg) / (du_seg ** 2 + dv_seg ** 2), 0, 1)
+        dist = np.sqrt((u - a[0] - t * du_seg) ** 2 + (v - a[1] - t * dv_seg) ** 2)
+        clavicles += _sig((0.032 - dist) / (1.5 * px))
+    return ribs, thorax, spine, clavicles
+
+
 def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image_size: int) -> np.ndarray:
     """Renders the given images of a cohort as uint16 [n, S, S] (values within each one's bits_stored)."""
     pid = cohort["image_patient"][image_ids]
@@ -336,22 +357,8 @@ def render_images(cohort: dict[str, np.ndarray], image_ids: np.ndarray, *, image
     nodule = has["nodule"] * patient("nodule_amp") * np.exp(
         -((u - nu) ** 2 + (v - nv) ** 2) / (2 * patient("nodule_r") ** 2))
 
-    # Ten-odd posterior ribs over the lung height, so their spacing follows the lung size.
-    rib_spacing = 0.27 * lung_ay
-    rib_v = v - patient("rib_curve") * (np.abs(u) - 0.05) ** 2 - (lung_y - lung_ay)
-    ribs = _sig((np.cos(2 * np.pi * rib_v / rib_spacing) - 0.7) / 0.08)
-    thorax = _sig((1 - (np.abs(u) - lung_x) ** 2 / (1.25 * lung_ax) ** 2
-                   - (v - lung_y) ** 2 / (1.1 * lung_ay) ** 2) / 0.1)
-    spine = _sig((0.055 - np.abs(u)) / (1.5 * px)) * (0.8 + 0.2 * np.cos(2 * np.pi * v / 0.11))
-    clavicles = np.zeros_like(u)
-    for side in (-1.0, 1.0):
-        # Distance to the segment from the sternal end (near midline) to the shoulder.
-        a = np.array([side * 0.07, -0.62], np.float32)
-        b_v = -0.74 + patient("clavicle_tilt")
-        du_seg, dv_seg = side * 0.48, b_v - a[1]
-        t = np.clip(((u - a[0]) * du_seg + (v - a[1]) * dv_seg) / (du_seg ** 2 + dv_seg ** 2), 0, 1)
-        dist = np.sqrt((u - a[0] - t * du_seg) ** 2 + (v - a[1] - t * dv_seg) ** 2)
-        clavicles += _sig((0.032 - dist) / (1.5 * px))
+    ribs, thorax, spine, clavicles = _bones(u, v, patient, lung_x=lung_x, lung_y=lung_y, lung_ax=lung_ax,
+                                            lung_ay=lung_ay, px=px)
 
     aerated = lungs * (1 - displaced) * (1 - np.clip(fluid, 0, 1))
     density = (body * (1.0 + 0.05 * heart)

@@ -612,10 +612,10 @@ def _head_init(config, workdir: str, encoder: encoders.Encoder, model, channels:
     return out
 
 
-def open_context(config, workdir: str):
+def open_context(config, workdir: str, *, store: Store | None = None):
     """(workdir, context, fractions, fingerprint) after every check that can fail before training."""
     validate(config)
-    workdir, mesh, store = workspace.open_eval(config, workdir)
+    workdir, mesh, store = workspace.open_eval(config, workdir, store=store)
     _check_task(config, store)
     fractions = splits_lib.check_fractions(config.label_fractions)
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
@@ -632,10 +632,11 @@ def open_context(config, workdir: str):
     return workdir, ctx, fractions, records.store_fingerprint(store.path)
 
 
-def run(config, workdir: str, *, stop_after: int | None = None) -> dict | None:
+def run(config, workdir: str, *, stop_after: int | None = None, store: Store | None = None) -> dict | None:
     """Runs the protocol of the module docstring; returns E/eval/summary.json's dict (None if `stop_after`,
-    a test hook that stops each run after that many steps like a preemption, interrupted it)."""
-    workdir, ctx, fractions, fingerprint = open_context(config, workdir)
+    a test hook that stops each run after that many steps like a preemption, interrupted it). `store`:
+    config.data's store when the caller has it open."""
+    workdir, ctx, fractions, fingerprint = open_context(config, workdir, store=store)
     shift = _open_shift(config, ctx.store)  # fail on a bad shift store / label map before training
     store, label_names = ctx.store, list(ctx.store.label_names)
     name = config.name or os.path.basename(workdir)

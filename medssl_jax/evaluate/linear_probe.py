@@ -6,7 +6,7 @@ One flow, top to bottom (`run`):
   store (refused up front without labels or a test split) -> patient-wise splits (E/splits.json,
   evaluate/splits.py; validation = the store's own 'val' split when it has one) -> encoder from
   `config.init` (an export, a converted checkpoint or 'random': the architecture's standard init with
-  BatchNorm statistics recomputed on the train images, `fair_random_init`) -> features of the
+  BatchNorm statistics recomputed on the train images, `encoders.fair_random_init`) -> features of the
   train/val/test records, extracted once by the jitted forward of evaluate/features.py and cached in
   E/cache/<key>/ -> per label fraction: standardise with the fraction's train statistics, fit one L2
   logistic regression per label for every C of `config.c_grid` on the fraction's train patients, keep the
@@ -17,7 +17,7 @@ One flow, top to bottom (`run`):
 
 The validation patients are only used to choose C and the thresholds; the probe is never refit on them,
 so the label fractions are exactly the labelled data the probe saw. The end of every pretraining run
-runs this mode too (evaluate/probe.py: run_after_pretraining). A label with a single class in a
+runs this mode too (evaluate/after_pretraining.py). A label with a single class in a
 fraction's train records cannot be fit and scores 0.5 (AUC 0.5).
 
 Robustness (Ghesu): the test images are perturbed on the device (evaluate/robustness.py), features are

@@ -2,8 +2,8 @@
 
 One L2-regularised logistic regression per label (scikit-learn) on standardised features of the train
 patients; the regularisation C is chosen on the validation patients (never on test). A record with a
-missing label is left out for that label only. The linear_probe mode (evaluate/linear_probe.py) and the
-online monitor's reference probe use it.
+missing label is left out for that label only. The linear_probe mode (evaluate/linear_probe.py) runs it;
+its C grid is also the default of the end-of-pretraining probe's config (config_lib.linear_probe_fields).
 """
 
 from __future__ import annotations

@@ -60,6 +60,15 @@ def _convergence(runs: Sequence[EvalRun]) -> list[dict]:
     return out
 
 
+def _save(fig, out_dir: str, name: str, *, dpi: int) -> None:
+    """Lays out, writes and closes one figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=dpi)
+    plt.close(fig)
+
+
 def _plots(out_dir, runs, labels, probs, label_names, convergence, boot) -> dict[str, list[str]]:
     import matplotlib
     matplotlib.use("Agg")
@@ -92,9 +101,7 @@ def _plots(out_dir, runs, labels, probs, label_names, convergence, boot) -> dict
         fig, ax = plt.subplots(figsize=(4.2, 4.2))
         roc_axes(ax, j, lname)
         fname = f"roc_{j:02d}_{_safe(lname)}.png"
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, fname), dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir, fname, dpi=110)
         files["roc"].append(fname)
     cols = min(4, len(label_names))
     rows = math.ceil(len(label_names) / cols)
@@ -103,9 +110,7 @@ def _plots(out_dir, runs, labels, probs, label_names, convergence, boot) -> dict
         roc_axes(axes[j // cols][j % cols], j, lname)
     for k in range(len(label_names), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "roc_all.png"), dpi=90)
-    plt.close(fig)
+    _save(fig, out_dir, "roc_all.png", dpi=90)
     files["roc"].insert(0, "roc_all.png")
 
     if any(r.label_fractions for r in runs):
@@ -127,9 +132,7 @@ def _plots(out_dir, runs, labels, probs, label_names, convergence, boot) -> dict
         ax.set_xlabel("labelled training data (%)")
         ax.set_ylabel("test mean AUC (95% CI)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "label_efficiency.png"), dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir, "label_efficiency.png", dpi=110)
         files["label_efficiency"].append("label_efficiency.png")
 
     kinds = [k for k in robustness.PERTURBATIONS if any(r.robustness and k in r.robustness for r in runs)]
@@ -149,9 +152,7 @@ def _plots(out_dir, runs, labels, probs, label_names, convergence, boot) -> dict
             ax.set_xlabel({"rotation": "degrees"}.get(kind, "factor"))
             ax.set_ylabel("test mean AUC (95% CI)")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "robustness.png"), dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir, "robustness.png", dpi=110)
         files["robustness"].append("robustness.png")
 
     with_curves = [r for r in runs if r.curves]
@@ -165,11 +166,62 @@ def _plots(out_dir, runs, labels, probs, label_names, convergence, boot) -> dict
         ax.set_xlabel("training step")
         ax.set_ylabel("validation mean AUC")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "convergence.png"), dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir, "convergence.png", dpi=110)
         files["convergence"].append("convergence.png")
     return files
+
+
+def _comparison_lines(c, label_names, B) -> list[str]:
+    """The per-label and mean-AUC table of one paired comparison."""
+    a, b = c["a"], c["b"]
+    lines = ["", f"## {a} vs {b}", "",
+              f"ΔAUC = AUC({a}) − AUC({b}). p({a} ≤ {b}) is the fraction of resamples in which {a} is "
+              f"not better (one-sided); BH = Benjamini–Hochberg over the labels. Verdict at 0.05 on the "
+              f"BH-adjusted values.", "",
+              f"| label | ΔAUC [95% CI] | p({a} ≤ {b}) | BH | p({b} ≤ {a}) | BH | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for lname in label_names:
+        e = c["per_label"][lname]
+        lines.append(f"| {lname} | {_ci(e['diff'])} | {bootstrap.format_p(e['p_a_not_better'], B)} | "
+                     f"{bootstrap.format_p(e['p_a_not_better_bh'], B)} | "
+                     f"{bootstrap.format_p(e['p_b_not_better'], B)} | "
+                     f"{bootstrap.format_p(e['p_b_not_better_bh'], B)} | "
+                     f"{_verdict(e['p_a_not_better_bh'], e['p_b_not_better_bh'], a, b)} |")
+    m = c["mean_auc"]
+    lines.append(f"| **mean AUC** | {_ci(m['diff'])} | {bootstrap.format_p(m['p_a_not_better'], B)} | – | "
+                 f"{bootstrap.format_p(m['p_b_not_better'], B)} | – | "
+                 f"{_verdict(m['p_a_not_better'], m['p_b_not_better'], a, b)} |")
+    if "top1_accuracy" in c:
+        t = c["top1_accuracy"]
+        lines.append(f"| **top-1 accuracy** (Δ) | {_ci(t['diff'])} | {bootstrap.format_p(t['p_a_not_better'], B)}"
+                     f" | – | {bootstrap.format_p(t['p_b_not_better'], B)} | – | "
+                     f"{_verdict(t['p_a_not_better'], t['p_b_not_better'], a, b)} |")
+    return lines
+
+
+def _convergence_lines(convergence) -> list[str]:
+    """Ghesu's convergence table: steps the pretrained init needs to reach the random init's best."""
+    lines = ["", "## Convergence", "", "![convergence](convergence.png)", "",
+              "Steps for the pretrained init to reach the random-init run's best validation AUC, as % "
+              "reduction of the random-init run's steps to that best (resolution: the eval interval).", ""]
+    if convergence:
+        lines += ["| pretrained | random init | target val AUC | steps (random) | steps (pretrained) | "
+                  "reduction | both converged |", "|---|---|---|---|---|---|---|"]
+        for c in convergence:
+            red = "n/a" if c["reduction_pct"] is None else f"{c['reduction_pct']:.1f}%"
+            both = {True: "yes", False: "no", None: "unknown"}[
+                None if None in (c.get("ssl_converged"), c.get("random_converged"))
+                else bool(c["ssl_converged"] and c["random_converged"])]
+            lines.append(f"| {c['ssl']} | {c['random']} | {c['target_val_auc']:.4f} | {c['random_steps']:g} "
+                         f"| {'never' if c['ssl_steps'] is None else format(c['ssl_steps'], 'g')} | {red} | "
+                         f"{both} |")
+        if any(c.get("random_converged") is False or c.get("ssl_converged") is False for c in convergence):
+            lines += ["", "**Not comparable**: an arm stopped at its step limit while its validation AUC was "
+                      "still improving (no early stop), so the reduction above is not a convergence figure. "
+                      "Rerun with a larger total_steps."]
+    else:
+        lines.append("No run with init 'random' and validation curves: no reduction computed.")
+    return lines
 
 
 def _markdown(runs, boot, convergence, files, record_count) -> str:
@@ -212,29 +264,7 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
         lines += ["", "![ROC curves](roc_all.png)", "",
                   "Per-label ROC plots: " + ", ".join(f"[{f}]({f})" for f in files["roc"][1:])]
     for c in boot["comparisons"]:
-        a, b = c["a"], c["b"]
-        lines += ["", f"## {a} vs {b}", "",
-                  f"ΔAUC = AUC({a}) − AUC({b}). p({a} ≤ {b}) is the fraction of resamples in which {a} is "
-                  f"not better (one-sided); BH = Benjamini–Hochberg over the labels. Verdict at 0.05 on the "
-                  f"BH-adjusted values.", "",
-                  f"| label | ΔAUC [95% CI] | p({a} ≤ {b}) | BH | p({b} ≤ {a}) | BH | verdict |",
-                  "|---|---|---|---|---|---|---|"]
-        for lname in label_names:
-            e = c["per_label"][lname]
-            lines.append(f"| {lname} | {_ci(e['diff'])} | {bootstrap.format_p(e['p_a_not_better'], B)} | "
-                         f"{bootstrap.format_p(e['p_a_not_better_bh'], B)} | "
-                         f"{bootstrap.format_p(e['p_b_not_better'], B)} | "
-                         f"{bootstrap.format_p(e['p_b_not_better_bh'], B)} | "
-                         f"{_verdict(e['p_a_not_better_bh'], e['p_b_not_better_bh'], a, b)} |")
-        m = c["mean_auc"]
-        lines.append(f"| **mean AUC** | {_ci(m['diff'])} | {bootstrap.format_p(m['p_a_not_better'], B)} | – | "
-                     f"{bootstrap.format_p(m['p_b_not_better'], B)} | – | "
-                     f"{_verdict(m['p_a_not_better'], m['p_b_not_better'], a, b)} |")
-        if "top1_accuracy" in c:
-            t = c["top1_accuracy"]
-            lines.append(f"| **top-1 accuracy** (Δ) | {_ci(t['diff'])} | {bootstrap.format_p(t['p_a_not_better'], B)}"
-                         f" | – | {bootstrap.format_p(t['p_b_not_better'], B)} | – | "
-                         f"{_verdict(t['p_a_not_better'], t['p_b_not_better'], a, b)} |")
+        lines += _comparison_lines(c, label_names, B)
     for n in names:
         m = boot["models"][n]
         if m.get("threshold_source") == "validation":
@@ -272,26 +302,7 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
                 lines.append(f"| {r.name} | " + " | ".join(_fmt(by.get(s)) for s in strengths) + " |")
             lines.append("")
     if files["convergence"]:
-        lines += ["", "## Convergence", "", "![convergence](convergence.png)", "",
-                  "Steps for the pretrained init to reach the random-init run's best validation AUC, as % "
-                  "reduction of the random-init run's steps to that best (resolution: the eval interval).", ""]
-        if convergence:
-            lines += ["| pretrained | random init | target val AUC | steps (random) | steps (pretrained) | "
-                      "reduction | both converged |", "|---|---|---|---|---|---|---|"]
-            for c in convergence:
-                red = "n/a" if c["reduction_pct"] is None else f"{c['reduction_pct']:.1f}%"
-                both = {True: "yes", False: "no", None: "unknown"}[
-                    None if None in (c.get("ssl_converged"), c.get("random_converged"))
-                    else bool(c["ssl_converged"] and c["random_converged"])]
-                lines.append(f"| {c['ssl']} | {c['random']} | {c['target_val_auc']:.4f} | {c['random_steps']:g} "
-                             f"| {'never' if c['ssl_steps'] is None else format(c['ssl_steps'], 'g')} | {red} | "
-                             f"{both} |")
-            if any(c.get("random_converged") is False or c.get("ssl_converged") is False for c in convergence):
-                lines += ["", "**Not comparable**: an arm stopped at its step limit while its validation AUC was "
-                          "still improving (no early stop), so the reduction above is not a convergence figure. "
-                          "Rerun with a larger total_steps."]
-        else:
-            lines.append("No run with init 'random' and validation curves: no reduction computed.")
+        lines += _convergence_lines(convergence)
     notes = list(boot["notes"])
     for n in names:
         notes += [f"{n}: {x}" for x in boot["models"][n]["metrics"]["notes"]]

@@ -36,6 +36,7 @@ import ml_collections as mlc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medssl_jax import config_lib, jsonio, logging_lib  # noqa: E402
+from medssl_jax.data import sources  # noqa: E402
 from medssl_jax.evaluate import bootstrap, encoders, finetune, linear_probe, records, robustness  # noqa: E402
 from medssl_jax.evaluate import splits as splits_lib  # noqa: E402
 
@@ -89,7 +90,7 @@ def arm_config(config, arm: str, init: str) -> mlc.ConfigDict:
     if init == "random":
         c.model = mlc.ConfigDict(dict(config.model))
         if arm == "linear_probe" and "zero_init_last_bn" in c.model:
-            # The probe's fair baseline keeps every residual branch active (evaluate/linear_probe.py); a
+            # The probe's fair baseline keeps every residual branch active (evaluate/encoders.py); a
             # fine-tune from scratch starts like pretraining, zero-init being a training aid there.
             c.model.zero_init_last_bn = False
     c.name = ""
@@ -118,11 +119,8 @@ def validate(config) -> None:
                 finetune.validate(c)
 
 
-def _with_store_image_size(config):
+def _with_store_image_size(config, store):
     """image_size -1: the stored images' size (their longest side; MedMNIST 28, the runlocal phantoms 64)."""
-    from medssl_jax.data import sources
-
-    store = sources.open_store(config.data)
     first = store[int(store.ids(config.splits.train)[0])]["image"]
     config = mlc.ConfigDict(config.to_dict())
     config.image_size = int(max(first.shape[:2]))
@@ -169,8 +167,9 @@ def _seed_predictions(workdir: str, arm: str, fraction: float, num_fractions: in
 
 def run(config, workdir: str) -> dict | None:
     """Runs the study of the module docstring; returns transfer.json's dict (None when a SIGTERM stopped it)."""
+    store = sources.open_store(config.data)  # opened once; every arm of every init reads it
     if config.image_size == -1:
-        config = _with_store_image_size(config)
+        config = _with_store_image_size(config, store)
     validate(config)
     workdir = os.path.abspath(workdir)
     names = init_names(list(config.inits), list(config.names))
@@ -186,7 +185,7 @@ def run(config, workdir: str) -> dict | None:
                 continue
             logging_lib.log(f"=== {arm} of {name} ({init}) -> {out}")
             module = finetune if arm == "finetune" else linear_probe
-            if module.run(arm_cfg, out) is None:  # SIGTERM: the run saved and stopped
+            if module.run(arm_cfg, out, store=store) is None:  # SIGTERM: the run saved and stopped
                 logging_lib.log("transfer study stopped; rerun the same command to resume")
                 return None
             if jax.process_index() == 0:

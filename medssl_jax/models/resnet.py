@@ -86,14 +86,18 @@ class _ConvBN(nn.Module):
         return nn.relu(x) if self.relu else x
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34)."""
+class _Block(nn.Module):
+    """The fields every residual block has."""
 
     filters: int
     strides: int
     use_projection: bool
     zero_init_last_bn: bool = True
     dtype: Any = jnp.bfloat16
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions (ResNet-18/34)."""
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -107,14 +111,8 @@ class BasicBlock(nn.Module):
         return nn.relu(y + shortcut)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1 reduce, 3x3 (carries the stride), 1x1 expand to 4x filters (ResNet-50/101/152)."""
-
-    filters: int
-    strides: int
-    use_projection: bool
-    zero_init_last_bn: bool = True
-    dtype: Any = jnp.bfloat16
 
     @nn.compact
     def __call__(self, x, *, train: bool):
