@@ -25,7 +25,8 @@ another store (Azizi: CheXpert -> ChestX-ray14, the shared labels):
       --config.label_map="(('Effusion', 'Pleural Effusion'),)" --workdir=/evals/micle_ft_all
 
 Offline run on the embedded phantom dataset or a small store (:runlocal: ResNet-18 base width 16, batch 64,
-lrs 0.1 / 0.3 / 1.0 per 256 images, 300 or 1000 steps, backbone lr x1 or x0.1 for an export, 3 seeds):
+lrs 0.03 / 0.1 / 0.3 / 1.0 / 3.0 per 256 images, 300 or 1000 steps, backbone lr x1 or x0.1 for an export,
+3 seeds):
 
   python -m medssl_jax.main --config=configs/finetune.py:runlocal --workdir=/tmp/ft_random
   python -m medssl_jax.main --config=configs/finetune.py:runlocal --config.init=/tmp/simclr_local/export \
@@ -79,7 +80,9 @@ def get_config(arg=None):
         c.batch_size = 64
         c.crop_scale = (0.5, 1.0)
         c.model.depth, c.model.base_width = 18, 16
-        c.lr_grid = (0.1, 0.3, 1.0)
+        # Five lrs, not three: with (0.1, 0.3, 1.0) a SimCLR export chose 0.1 and random init 1.0 at every phantom
+        # label fraction, both at an end of the grid (BENCHMARKS.md, "Transfer / Phantoms").
+        c.lr_grid = (0.03, 0.1, 0.3, 1.0, 3.0)
         c.budget_grid = (300, 1000)  # ~35 and ~120 epochs of MedMNIST's smallest train split (546 images)
         c.budget_unit = "steps"
         c.eval_every = 50
