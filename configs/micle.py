@@ -10,9 +10,11 @@ Offline run on the embedded phantom dataset (phantoms v6: 2000 patients, 64 px; 
 at 48 px crops, 600 steps of 64 patients, LARS lr 2.0, tau 0.2; the probe sees whole 64 px images).
 The lr was chosen on the phantoms' validation split (probe mean AUC; fair random init 0.597): 2.0 ->
 0.789 (a second seed: 0.720), 3.0 -> 0.763, 5.0 -> 0.779. Measured from a clean clone on 2 CPU cores
-(2026-12-01): 4 min 21 s (phantom generation and compilation included); test split (1749 images of 800
-held-out patients) linear-probe mean AUC 0.752 vs 0.587 for a fair random-init encoder, difference
-+0.165 [95% CI +0.143, +0.186], p < 0.001. It writes WORKDIR/eval/summary.json (`vs_random_init`):
+(2026-12-01): 4 min 21 s (phantom generation and compilation included). Test split (1749 images of 800
+held-out patients), measured again on 2026-12-04 with the code of that day (two runs, identical numbers):
+linear-probe mean AUC 0.736 vs 0.587 for a fair random-init encoder, difference +0.150 [95% CI +0.127,
++0.171], p < 0.001 (0.752, +0.165 with the code of 2026-12-01; code changes between the two moved the
+pretraining run, not the random-init baseline). It writes WORKDIR/eval/summary.json (`vs_random_init`):
 
   python -m medssl_jax.main --config=configs/micle.py:runlocal --workdir=/tmp/micle_local
 

@@ -14,7 +14,7 @@ validation split at 600 steps, probe mean AUC; fair random init 0.597: 1.0 -> 0.
 3.0 -> 0.796 (a second seed: 0.820), 5.0 -> 0.788). Measured from a clean clone on 2 CPU cores
 (2026-12-01): 3 min 38 s; test split (1749 images) linear-probe mean AUC 0.778 vs 0.587 random init,
 difference +0.192 [95% CI +0.170, +0.212], p < 0.001; it writes the same WORKDIR/eval/summary.json.
-On phantoms v6 MICLe (0.752) does not beat SimCLR (one seed each; between seeds the validation AUC moved by
+On phantoms v6 MICLe (0.752; 0.736 with the code of 2026-12-04) does not beat SimCLR (0.775 then; one seed each; between seeds the validation AUC moved by
 0.025 for SimCLR and 0.07 for MICLe, so do not read a ranking of the two into one run).
 
 Expected result: on CheXpert, Azizi et al. report mean AUC 0.7729 over the 5 competition labels for
