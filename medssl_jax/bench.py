@@ -72,7 +72,7 @@ def _time_steps(run, state, next_batch, steps: int):
 
 def benchmark(config, *, steps: int, warmup: int, mode: str) -> dict:
     run = train.setup(config)
-    state = run.init_state(sharding.to_global(run.example, run.mesh))
+    state = run.fresh_state()
     fixed = sharding.to_global(next(run.data_iter), run.mesh)
     flops = step_flops(run, state, fixed)
     result = {

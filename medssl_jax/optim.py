@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from medssl_jax import sharding
@@ -312,13 +313,17 @@ class RuntimeScheduleState(NamedTuple):
     multipliers: Any  # per-parameter lr factor (lower backbone lr, layer-wise decay); 1 = the peak lr
 
 
+def _check_schedule(*, warmup_steps: int, total_steps: int) -> None:
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"fine-tuning schedule: total_steps={total_steps} must be >= 1 and warmup_steps="
+                         f"{warmup_steps} in [0, total_steps]")
+
+
 def scale_by_runtime_schedule(*, peak_lr: float, warmup_steps: int, total_steps: int, end_factor: float = 0.0,
                               multiplier_fn: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
     """updates * warmup_cosine(count) * multiplier of the parameter (`multiplier_fn(params)`, a tree of
     factors, e.g. `lr_multipliers`), every value held in the state."""
-    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"fine-tuning schedule: total_steps={total_steps} must be >= 1 and warmup_steps="
-                         f"{warmup_steps} in [0, total_steps]")
+    _check_schedule(warmup_steps=warmup_steps, total_steps=total_steps)
 
     def init(params):
         factors = multiplier_fn(params) if multiplier_fn else jax.tree.map(lambda _: 1.0, params)
@@ -385,21 +390,63 @@ def vit_layer_id(path, num_blocks: int) -> int:
     return num_blocks + 1
 
 
+def decay_depths(params, *, encoder_key: str = "encoder") -> Any:
+    """Per parameter (a tree like `params`): -1 outside `encoder_key` (the head); for an encoder parameter
+    its layer-wise decay exponent, L + 1 - layer id in a ViT encoder of L blocks, 0 in a ResNet."""
+    blocks = {name for path, _ in jax.tree_util.tree_leaves_with_path(params) for name in sharding.path_names(path)
+              if name.startswith("block_") and name[len("block_"):].isdigit()}
+    num_blocks = len(blocks)
+
+    def depth(path, _):
+        if encoder_key not in sharding.path_names(path):
+            return -1
+        return 0 if num_blocks == 0 else num_blocks + 1 - vit_layer_id(path, num_blocks)
+
+    return jax.tree_util.tree_map_with_path(depth, params)
+
+
 def lr_multipliers(params, *, backbone_mult: float = 1.0, layer_decay: float = 1.0,
                    encoder_key: str = "encoder") -> Any:
     """Per-parameter lr factors (a tree like `params`) of an encoder + head model: the head (anything outside
     `encoder_key`) 1; encoder parameters backbone_mult, times layer_decay ** (L + 1 - layer id) when the
     encoder is a ViT of L blocks (MAE/BEiT layer-wise decay: the last block gets layer_decay, the patch
     embedding layer_decay ** (L + 1)); layer_decay 1 (or a ResNet) leaves the encoder at backbone_mult."""
-    blocks = {name for path, _ in jax.tree_util.tree_leaves_with_path(params) for name in sharding.path_names(path)
-              if name.startswith("block_") and name[len("block_"):].isdigit()}
-    num_blocks = len(blocks)
+    return jax.tree.map(lambda depth: 1.0 if depth < 0 else float(backbone_mult) * float(layer_decay) ** depth,
+                        decay_depths(params, encoder_key=encoder_key))
 
-    def factor(path, _):
-        if encoder_key not in sharding.path_names(path):
-            return 1.0
-        if layer_decay == 1.0 or num_blocks == 0:
-            return float(backbone_mult)
-        return float(backbone_mult) * float(layer_decay) ** (num_blocks + 1 - vit_layer_id(path, num_blocks))
 
-    return jax.tree_util.tree_map_with_path(factor, params)
+# Deeper than any ViT's decay exponent (L + 1 for L blocks).
+MAX_DECAY_DEPTH = 256
+
+
+def runtime_schedule_inputs(*, peak_lr: float, warmup_steps: int, total_steps: int, end_factor: float = 0.0,
+                            backbone_mult: float = 1.0, layer_decay: float = 1.0) -> dict:
+    """One fine-tuning run's schedule as arrays, for `with_runtime_schedule`: the values
+    `scale_by_runtime_schedule` holds in its state, and the encoder's lr factor at every decay depth
+    (backbone_mult * layer_decay ** depth, computed as `lr_multipliers` computes it)."""
+    _check_schedule(warmup_steps=warmup_steps, total_steps=total_steps)
+    factors = [float(backbone_mult) * float(layer_decay) ** depth for depth in range(MAX_DECAY_DEPTH)]
+    return {"peak_lr": np.float32(peak_lr), "warmup_steps": np.float32(warmup_steps),
+            "total_steps": np.float32(total_steps), "end_factor": np.float32(end_factor),
+            "encoder_factors": np.asarray(factors, np.float32)}
+
+
+def with_runtime_schedule(opt_state, params, inputs: dict):
+    """`opt_state` with its RuntimeScheduleState's values taken from `inputs` (`runtime_schedule_inputs`).
+    Under jit the values are arguments, not constants, so every lr, budget and lr factor of a transfer
+    study compiles to one init program (the step already reads them from the state)."""
+    depths = decay_depths(params)
+    deepest = max(jax.tree.leaves(depths), default=-1)
+    if deepest >= MAX_DECAY_DEPTH:
+        raise ValueError(f"layer-wise decay depth {deepest} exceeds optim.MAX_DECAY_DEPTH={MAX_DECAY_DEPTH}")
+    factors = inputs["encoder_factors"]
+    multipliers = jax.tree.map(lambda depth: jnp.ones((), jnp.float32) if depth < 0 else factors[depth], depths)
+
+    def fill(node):
+        if not isinstance(node, RuntimeScheduleState):
+            return node
+        return node._replace(peak_lr=inputs["peak_lr"], warmup_steps=inputs["warmup_steps"],
+                             total_steps=inputs["total_steps"], end_factor=inputs["end_factor"],
+                             multipliers=multipliers)
+
+    return jax.tree.map(fill, opt_state, is_leaf=lambda x: isinstance(x, RuntimeScheduleState))

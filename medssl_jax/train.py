@@ -12,6 +12,7 @@ converted checkpoint, encoder weights only: two-stage pretraining); random initi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -138,7 +139,9 @@ class Setup:
     tx: Any
     data_iter: Any
     example: dict
-    init_state: Any  # jitted: global example batch -> fresh train state
+    init_state: Any  # jitted: (global example batch, init_inputs) -> fresh train state
+    init_inputs: dict  # the method's init_inputs(config), replicated
+    init_optimizer: Any  # jitted: (params, init_inputs) -> fresh optimiser state
     abstract_state: Any
     train_step: Any  # jitted: (state, global batch) -> (state, metrics)
 
@@ -147,6 +150,10 @@ class Setup:
     @property
     def views_per_step(self) -> int:
         return views_per_element(self.spec) * self.batch_size
+
+    def fresh_state(self):
+        """The initial train state (before `config.init` replaces the encoder)."""
+        return self.init_state(sharding.to_global(self.example, self.mesh), self.init_inputs)
 
 
 def setup(config, *, store: Store | None = None, ids: np.ndarray | None = None) -> Setup:
@@ -191,19 +198,21 @@ def setup(config, *, store: Store | None = None, ids: np.ndarray | None = None) 
     model = method.build(config)
     tx, schedule = method.make_optimizer(config, total_steps=total_steps, batch_size=config.batch_size)
     init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    # Arguments of the compiled init, not constants in it: the runs of a transfer study differ only in them.
+    init_inputs = jax.device_put(method.init_inputs(config), repl)
 
-    def init_state(batch):
-        variables, method_state = method.init(model, init_key, batch, config)
+    def init_state(batch, inputs):
+        variables, method_state = method.init(model, init_key, batch, config, inputs)
         params = variables["params"]
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "batch_stats": variables.get("batch_stats", {}),
-            "opt_state": tx.init(params),
+            "opt_state": method.init_optimizer(tx, params, inputs),
             "method_state": method_state,
         }
 
-    abstract_state = jax.eval_shape(init_state, sharding.to_global(example, mesh))
+    abstract_state = jax.eval_shape(init_state, sharding.to_global(example, mesh), init_inputs)
     state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
                                   state_shardings)
@@ -242,6 +251,9 @@ def setup(config, *, store: Store | None = None, ids: np.ndarray | None = None) 
         method=method, mesh=mesh, store=store, spec=spec, total_steps=total_steps, model=model, tx=tx,
         data_iter=data_iter, example=example,
         init_state=jax.jit(init_state, out_shardings=state_shardings),
+        init_inputs=init_inputs,
+        init_optimizer=jax.jit(functools.partial(method.init_optimizer, tx),
+                               out_shardings=state_shardings["opt_state"]),
         abstract_state=abstract_state,
         # One step for data parallel and FSDP: the state's layout comes from config.sharding_rules and XLA
         # inserts the all-gathers / reduce-scatters a sharded parameter needs.
@@ -275,9 +287,9 @@ def pretrain(config, workdir: str, *, stop_after: int | None = None, store: Stor
     if latest is not None:
         logging_lib.log(f"resumed from {checkpointer.step_dir(latest)} (step {latest}, checksums verified)")
     else:
-        state = run.init_state(sharding.to_global(run.example, mesh))
+        state = run.fresh_state()
         if config.init:
-            state = _init_encoder_from(state, config.init, method, run.abstract_state, run.tx)
+            state = _init_encoder_from(state, config.init, run)
             logging_lib.log(f"encoder initialised from {config.init}")
     start_step = int(jax.device_get(state["step"]))
 
@@ -480,9 +492,10 @@ def _export_record(config, run: Setup, step: int, **extra) -> dict:
     }
 
 
-def _init_encoder_from(state, directory: str, method, abstract_state, tx):
+def _init_encoder_from(state, directory: str, run: Setup):
     """Replaces the encoder weights by an export's (ImageNet/DINOv2 -> medical two-stage pretraining), laid
     out as the run's state (replicated or sharded by config.sharding_rules) whatever the export's source."""
+    method, abstract_state = run.method, run.abstract_state
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     abstract_encoder = method.encoder_variables(
         {"params": abstract_state["params"], "batch_stats": abstract_state["batch_stats"]}
@@ -491,10 +504,9 @@ def _init_encoder_from(state, directory: str, method, abstract_state, tx):
     variables = method.with_encoder_variables(variables, loaded)
     shardings = {k: jax.tree.map(lambda x: x.sharding, abstract_state[k]) for k in ("params", "batch_stats")}
     variables = jax.device_put(variables, shardings)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_state["opt_state"])
     return {
         **state,
         "params": variables["params"],
         "batch_stats": variables["batch_stats"],
-        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(variables["params"]),
+        "opt_state": run.init_optimizer(variables["params"], run.init_inputs),
     }

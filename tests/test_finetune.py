@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from helpers import TINY_RESNET, tiny_eval_config
-from medssl_jax import checkpoint, main, models, optim
+from medssl_jax import checkpoint, main, models, optim, sharding, train
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import bootstrap, finetune, records, report, transfer
@@ -214,6 +214,54 @@ def test_runtime_schedule_is_optax_warmup_cosine_and_scales_each_parameter():
     np.testing.assert_allclose(updates["encoder"]["w"], -0.05 * 2.0)
     assert float(optim.lr_of(state, None, 1)) == pytest.approx(float(optim.warmup_cosine(1, peak=0.5, warmup=0,
                                                                                         total=10)))
+
+
+def test_the_runs_of_a_study_share_one_compiled_init_and_step(phantom_cache, tmp_path):
+    """lr, budget, backbone lr, seed and pos_weight are data of the compiled init and step, not constants in
+    them (one XLA program each for the whole study, which the persistent cache serves to every run), and
+    each run's state holds its own values."""
+    config = ft_config(phantom_cache, tiny_export(tmp_path / "export"))
+    _, ctx, _, _ = finetune.open_context(config, str(tmp_path / "eval"))
+    ids = ctx.splits.fraction_ids(1.0)
+    num_labels = len(ctx.store.label_names)
+    programs, heads = [], []
+    for setting, seed, weight in ((finetune.Setting(0.1, 6), 0, 1.0), (finetune.Setting(0.3, 10, 0.1), 2, 3.0)):
+        pos_weight = weight * np.arange(1, num_labels + 1, dtype=np.float32)
+        cfg = finetune.run_config(ctx, setting, seed=seed, batch_size=16, pos_weight=pos_weight, warmup=2)
+        run = train.setup(cfg, store=ctx.store, ids=ids)
+        state = train._init_encoder_from(run.fresh_state(), cfg.init, run)
+        batch = sharding.to_global(next(run.data_iter), run.mesh)
+        programs.append([run.init_state.lower(sharding.to_global(run.example, run.mesh), run.init_inputs).as_text(),
+                         run.init_optimizer.lower(state["params"], run.init_inputs).as_text(),
+                         run.train_step.lower(run.abstract_state, batch).as_text()])
+        schedule = optim.find_runtime_schedule(state["opt_state"])
+        assert float(schedule.peak_lr) == pytest.approx(cfg.supervised.peak_lr)
+        assert (float(schedule.warmup_steps), float(schedule.total_steps)) == (2.0, setting.budget)
+        multipliers = jax.device_get(schedule.multipliers)
+        assert {float(m) for m in jax.tree.leaves(multipliers["encoder"])} == {np.float32(setting.backbone_lr_mult)}
+        assert {float(m) for m in jax.tree.leaves(multipliers["head"])} == {1.0}
+        np.testing.assert_array_equal(state["method_state"]["pos_weight"], pos_weight)
+        assert int(state["method_state"]["seed"]) == seed
+        heads.append(np.asarray(state["params"]["head"]["dense"]["kernel"]))
+    assert programs[0] == programs[1]
+    assert not np.array_equal(*heads)  # the seed reaches the head's init
+
+
+def test_runtime_schedule_inputs_give_lr_multipliers_factors():
+    """The factors the compiled init writes (`with_runtime_schedule`) are `lr_multipliers`'s, bit for bit."""
+    params = {"encoder": {"patch_embed": {"kernel": jnp.zeros(2)}, "block_0": {"w": jnp.zeros(2)},
+                          "block_1": {"w": jnp.zeros(2)}, "norm": {"scale": jnp.zeros(2)}},
+              "head": {"dense": {"kernel": jnp.zeros(2)}}}
+    tx = optim.make_finetune_optimizer(optim.default_config("sgd"), peak_lr=1.0, warmup_steps=0, total_steps=1)
+    inputs = optim.runtime_schedule_inputs(peak_lr=0.2, warmup_steps=3, total_steps=30, backbone_mult=0.1,
+                                           layer_decay=0.65)
+    state = jax.jit(lambda p, i: optim.with_runtime_schedule(tx.init(p), p, i))(params, inputs)
+    got = jax.device_get(optim.find_runtime_schedule(state).multipliers)
+    want = optim.lr_multipliers(params, backbone_mult=0.1, layer_decay=0.65)
+    assert jax.tree.map(lambda g, w: bool(np.float32(g) == np.float32(w)), got, want) == jax.tree.map(
+        lambda _: True, want)
+    with pytest.raises(ValueError, match="warmup_steps=40"):
+        optim.runtime_schedule_inputs(peak_lr=0.2, warmup_steps=40, total_steps=30)
 
 
 def test_seed_and_image_bootstrap_matches_a_numpy_reference():

@@ -92,8 +92,8 @@ def test_exports_initialise_a_run_in_any_layout(runs, phantom_cache):
     for source, target in ((runs[0], FSDP), (runs[1], {})):
         config = _config(phantom_cache, init=f"{source}/export", **target)
         run = train.setup(config)
-        state = run.init_state(sharding.to_global(run.example, run.mesh))
-        state = train._init_encoder_from(state, config.init, run.method, run.abstract_state, run.tx)
+        state = run.fresh_state()
+        state = train._init_encoder_from(state, config.init, run)
         exported, _ = checkpoint.load_export(config.init)
         for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(state["params"]["encoder"])[0],
                                      jax.tree.leaves(exported["params"])):

@@ -79,6 +79,16 @@ def _optimizer_of_config(config, *, total_steps: int, batch_size: int):
     return optim.make_optimizer(config.optim, total_steps=total_steps, batch_size=batch_size)
 
 
+def _no_inputs(config) -> dict:
+    del config
+    return {}
+
+
+def _init_optimizer(tx, params, inputs):
+    del inputs
+    return tx.init(params)
+
+
 def _export_encoder(variables: dict, method_state: Any) -> dict:
     del method_state
     return encoder_variables(variables)
@@ -93,13 +103,17 @@ class Method:
           "fields": [extra per-sample fields, e.g. 'labels'], optional "seed" (the data order's, default
           config.seed)}: what the host pipeline must produce.
       build(config) -> flax module: encoder (submodule 'encoder') + heads.
-      init(model, rng, batch, config) -> (variables, method_state): method_state is checkpointed with the
-          run (a queue, a teacher, a centre).
+      init(model, rng, batch, config, inputs) -> (variables, method_state): method_state is checkpointed with
+          the run (a queue, a teacher, a centre); `inputs` is `init_inputs(config)`, as traced arrays.
       loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config)
           -> (loss, (batch_stats, method_state, metrics)): pure, jitted, over the global batch.
     Optional:
       make_optimizer(config, *, total_steps, batch_size) -> (optax transformation, schedule of the step or
           None when the lr lives in the optimiser state): default optim.make_optimizer(config.optim, ...).
+      init_inputs(config) -> {name: array}: the values of a run that its init reads as data rather than as
+          compiled-in constants (fine-tuning: the run's seed, pos_weight, lr schedule), so that the runs of a
+          transfer study share one compiled init, as they share one compiled step; default {}.
+      init_optimizer(tx, params, inputs) -> the optimiser state of fresh params: default tx.init(params).
       extend_config(config): adds the method's own config fields (to the reference config too, so a
           mistyped field of the method is rejected).
       check_config(config): refuses a nonsense value of those fields in one line naming it, before any
@@ -121,6 +135,8 @@ class Method:
     extend_config: Callable[..., None] = _no_fields
     check_config: Callable[..., None] = _no_fields
     make_optimizer: Callable[..., tuple] = _optimizer_of_config
+    init_inputs: Callable[[Any], dict] = _no_inputs
+    init_optimizer: Callable[..., Any] = _init_optimizer
     process_grads: Callable[..., Any] = _grads_as_they_are
     after_update: Callable[..., tuple] = _params_as_they_are
     check_health: Callable[..., str | None] = _always_healthy

@@ -153,9 +153,10 @@ def data_spec(config) -> dict:
     return {"sampler": config.data.sampler, "crops": crops}
 
 
-def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, Any]:
+def init(model: nn.Module, rng: jax.Array, batch: dict, config, inputs=None) -> tuple[dict, Any]:
     """Student variables and {'teacher': a copy of the student's params, 'center': zeros [K]} (+ the
     teacher's own BatchNorm statistics, 'teacher_batch_stats', for an encoder with BatchNorm)."""
+    del inputs  # no Method.init_inputs: a pretraining run's init reads only its config
     _check_config(config)
     crops = tuple(jnp.zeros((2, 1, *batch[c["name"]].shape[2:]), jnp.float32) for c in data_spec(config)["crops"])
     params_rng, dropout_rng = jax.random.split(rng)

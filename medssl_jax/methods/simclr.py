@@ -77,7 +77,8 @@ def build(config) -> nn.Module:
     return SSLModel(encoder=encoder, head=head)
 
 
-def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, Any]:
+def init(model: nn.Module, rng: jax.Array, batch: dict, config, inputs=None) -> tuple[dict, Any]:
+    del inputs  # no Method.init_inputs: a pretraining run's init reads only its config
     views = batch["global"]
     example = jnp.zeros((2, *views.shape[2:]), jnp.float32)
     variables = model.init(rng, example, train=True)

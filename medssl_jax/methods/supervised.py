@@ -7,8 +7,9 @@ one-hot label columns. The encoder starts from `config.init` like any pretrainin
 fresh (or from `supervised.head_init`, a head.npz already aligned to this store's labels).
 
 What differs between the runs of a transfer study is data, not code: pos_weight and the run's seed are in
-`method_state`, the learning-rate schedule in the optimiser state (optim.make_finetune_optimizer), so one
-compiled step serves every grid point, seed and label fraction of one architecture and batch size.
+`method_state`, the learning-rate schedule in the optimiser state (optim.make_finetune_optimizer), and the
+init reads all of them as arguments (`init_inputs`), so one compiled step and one compiled init serve every
+grid point, seed and label fraction of one architecture and batch size.
 """
 
 from __future__ import annotations
@@ -56,20 +57,34 @@ def build(config):
     return heads.Classifier(encoder, int(config.supervised.num_labels))
 
 
-def init(model, rng, batch, config):
+def init_inputs(config) -> dict:
+    """What differs between the runs of a transfer study, as data: the run's seed, pos_weight and lr schedule."""
+    cfg = config.supervised
+    num_labels = int(cfg.num_labels)
+    pos_weight = np.asarray(cfg.pos_weight or np.ones(num_labels), np.float32)
+    if pos_weight.shape != (num_labels,):
+        raise ValueError(f"config.supervised.pos_weight has {pos_weight.size} values for {num_labels} labels")
+    schedule = optim.runtime_schedule_inputs(
+        peak_lr=float(cfg.peak_lr), warmup_steps=int(cfg.warmup_steps), total_steps=int(config.total_steps),
+        end_factor=float(config.optim.get("end_lr_factor", 0.0)), backbone_mult=float(cfg.backbone_lr_mult),
+        layer_decay=float(cfg.layer_decay))
+    return {"seed": np.int32(cfg.seed), "pos_weight": pos_weight, "schedule": schedule}
+
+
+def init(model, rng, batch, config, inputs):
     image = batch["image"]
-    rng = jax.random.fold_in(rng, config.supervised.seed)
+    rng = jax.random.fold_in(rng, inputs["seed"])
     variables = dict(model.init(rng, jnp.zeros((2, *image.shape[2:]), jnp.float32), train=False))
     if config.supervised.head_init:
         with np.load(config.supervised.head_init) as saved:
             params = dict(variables["params"])
             params["head"] = {"dense": {"kernel": jnp.asarray(saved["kernel"]), "bias": jnp.asarray(saved["bias"])}}
             variables["params"] = params
-    num_labels = int(config.supervised.num_labels)
-    pos_weight = np.asarray(config.supervised.pos_weight or np.ones(num_labels), np.float32)
-    if pos_weight.shape != (num_labels,):
-        raise ValueError(f"config.supervised.pos_weight has {pos_weight.size} values for {num_labels} labels")
-    return variables, {"pos_weight": jnp.asarray(pos_weight), "seed": jnp.asarray(config.supervised.seed, jnp.int32)}
+    return variables, {"pos_weight": inputs["pos_weight"], "seed": inputs["seed"]}
+
+
+def init_optimizer(tx, params, inputs):
+    return optim.with_runtime_schedule(tx.init(params), params, inputs["schedule"])
 
 
 def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, config):
@@ -104,4 +119,5 @@ def export_variables(variables: dict, method_state) -> dict:
 
 
 METHOD = Method(data_spec=data_spec, build=build, init=init, loss_fn=loss_fn, extend_config=extend_config,
-                make_optimizer=make_optimizer, export_variables=export_variables)
+                make_optimizer=make_optimizer, init_inputs=init_inputs, init_optimizer=init_optimizer,
+                export_variables=export_variables)

@@ -151,7 +151,8 @@ def normalize_prototypes(params: dict) -> dict:
     return {**params, "prototypes": {**params["prototypes"], "kernel": numerics.l2_normalize(kernel.T).T}}
 
 
-def init(model: nn.Module, rng: jax.Array, batch: dict, config) -> tuple[dict, Any]:
+def init(model: nn.Module, rng: jax.Array, batch: dict, config, inputs=None) -> tuple[dict, Any]:
+    del inputs  # no Method.init_inputs: a pretraining run's init reads only its config
     for field in ("freeze_prototypes_steps", "queue_start_steps"):
         if config.swav[field] < 0:  # the train loop resolves epochs first; a direct caller must too
             raise ValueError(f"config.swav.{field}={config.swav[field]}: epochs not yet turned into steps "
