@@ -411,8 +411,12 @@ def lr_multipliers(params, *, backbone_mult: float = 1.0, layer_decay: float = 1
     `encoder_key`) 1; encoder parameters backbone_mult, times layer_decay ** (L + 1 - layer id) when the
     encoder is a ViT of L blocks (MAE/BEiT layer-wise decay: the last block gets layer_decay, the patch
     embedding layer_decay ** (L + 1)); layer_decay 1 (or a ResNet) leaves the encoder at backbone_mult."""
-    return jax.tree.map(lambda depth: 1.0 if depth < 0 else float(backbone_mult) * float(layer_decay) ** depth,
+    return jax.tree.map(lambda depth: 1.0 if depth < 0 else _encoder_factor(backbone_mult, layer_decay, depth),
                         decay_depths(params, encoder_key=encoder_key))
+
+
+def _encoder_factor(backbone_mult: float, layer_decay: float, depth: int) -> float:
+    return float(backbone_mult) * float(layer_decay) ** depth
 
 
 # Deeper than any ViT's decay exponent (L + 1 for L blocks).
@@ -425,7 +429,7 @@ def runtime_schedule_inputs(*, peak_lr: float, warmup_steps: int, total_steps: i
     `scale_by_runtime_schedule` holds in its state, and the encoder's lr factor at every decay depth
     (backbone_mult * layer_decay ** depth, computed as `lr_multipliers` computes it)."""
     _check_schedule(warmup_steps=warmup_steps, total_steps=total_steps)
-    factors = [float(backbone_mult) * float(layer_decay) ** depth for depth in range(MAX_DECAY_DEPTH)]
+    factors = [_encoder_factor(backbone_mult, layer_decay, depth) for depth in range(MAX_DECAY_DEPTH)]
     return {"peak_lr": np.float32(peak_lr), "warmup_steps": np.float32(warmup_steps),
             "total_steps": np.float32(total_steps), "end_factor": np.float32(end_factor),
             "encoder_factors": np.asarray(factors, np.float32)}

@@ -14,8 +14,6 @@ grid point, seed and label fraction of one architecture and batch size.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -105,10 +103,9 @@ def loss_fn(params, batch_stats, method_state, batch, *, model, rng, step, confi
 def make_optimizer(config, *, total_steps: int, batch_size: int):
     del batch_size  # peak_lr is already the batch's learning rate
     cfg = config.supervised
-    factors = functools.partial(optim.lr_multipliers, backbone_mult=float(cfg.backbone_lr_mult),
-                                layer_decay=float(cfg.layer_decay))
+    # The lr factors and schedule values come from init_inputs (init_optimizer writes them into the state).
     tx = optim.make_finetune_optimizer(config.optim, peak_lr=float(cfg.peak_lr), warmup_steps=int(cfg.warmup_steps),
-                                       total_steps=total_steps, multiplier_fn=factors)
+                                       total_steps=total_steps)
     return tx, None
 
 
