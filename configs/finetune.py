@@ -5,8 +5,9 @@ from the train records) for chest X-ray, SGD with Nesterov momentum (SimCLR's tr
 augmentation = random-resized crop + flip on the host and the azizi_cxr jitter + rotation on the device,
 224 px. Like the paper (lr and steps grid-searched on validation per task and init) every init gets its
 own setting from a grid chosen on a patient-wise validation split, never the test split: lr (per 256
-images) x budget (warm-up 10 %, cosine to 0) x, for a pretrained encoder, a 10x lower backbone lr; the
-chosen setting is then trained with 3 seeds (evaluate/finetune.py). The grid values are ours.
+images) x budget (warm-up 10 %, cosine to 0) x, for a pretrained encoder, a 10x lower backbone lr, plus for
+a pretrained encoder LP-FT settings (the head starts from the linear probe, Kumar et al. 2022); the chosen
+setting is then trained with 3 seeds (evaluate/finetune.py). The grid values are ours.
 
   python -m medssl_jax.main --config=configs/finetune.py:store=/data/chexpert \
       --config.init=/runs/micle_r50/export --workdir=/evals/micle_ft
@@ -26,7 +27,7 @@ another store (Azizi: CheXpert -> ChestX-ray14, the shared labels):
 
 Offline run on the embedded phantom dataset or a small store (:runlocal: ResNet-18 base width 16, batch 64,
 lrs 0.03 / 0.1 / 0.3 / 1.0 / 3.0 per 256 images, 300 or 1000 steps, backbone lr x1 or x0.1 for an export,
-3 seeds):
+plus LP-FT at lrs 0.001 / 0.003 / 0.01 / 0.03 for an export, 3 seeds):
 
   python -m medssl_jax.main --config=configs/finetune.py:runlocal --workdir=/tmp/ft_random
   python -m medssl_jax.main --config=configs/finetune.py:runlocal --config.init=/tmp/simclr_local/export \
@@ -36,8 +37,8 @@ Measured results (BreastMNIST, RetinaMNIST and the phantoms, per init and label 
 BENCHMARKS.md, "Transfer". Hardware at paper scale (an estimate, not a measurement): a ResNet-50 fine-tuning
 step costs about a third of a SimCLR pretraining step (one view, no projection head), so roughly
 6,000-9,000 images/s on one H100 at 224 px: one 30-epoch run over CheXpert's ~180k training images is
-on the order of 15-25 minutes, and the grid (4 lrs x 2 budgets x 2 backbone lrs, + 2 seeds) is 18 such
-runs per pretrained init and label fraction.
+on the order of 15-25 minutes, and the grid (4 lrs x 2 budgets x 2 backbone lrs + 3 LP-FT lrs x 2 budgets,
++ 2 seeds) is 24 such runs per pretrained init and label fraction.
 """
 
 import ml_collections as mlc
@@ -69,6 +70,10 @@ def get_config(arg=None):
     c.budget_grid = (10.0, 30.0)
     c.budget_unit = "epochs"
     c.backbone_lr_mults = (1.0, 0.1)
+    # LP-FT (Kumar et al. 2022) for pretrained encoders: the head starts from the fraction's linear probe and
+    # the whole network is fine-tuned at a small lr (a fresh head's first, random gradients would move the
+    # pretrained features first).
+    c.probe_head_lr_grid = (0.001, 0.003, 0.01)
     c.seeds = 3
     c.crop_scale = (0.08, 1.0)
     c.data.num_workers = 8
@@ -83,6 +88,9 @@ def get_config(arg=None):
         # Five lrs, not three: with (0.1, 0.3, 1.0) a SimCLR export chose 0.1 and random init 1.0 at every phantom
         # label fraction, both at an end of the grid (BENCHMARKS.md, "Transfer / Phantoms").
         c.lr_grid = (0.03, 0.1, 0.3, 1.0, 3.0)
+        # LP-FT's lrs: on BreastMNIST at 10 % and 25 % labels its validation score fell monotonically from lr
+        # 0.001 to 0.03 (55 or 137 images: fine-tuning overfits fast; BENCHMARKS.md, "Transfer").
+        c.probe_head_lr_grid = (0.001, 0.003, 0.01, 0.03)
         c.budget_grid = (300, 1000)  # ~35 and ~120 epochs of MedMNIST's smallest train split (546 images)
         c.budget_unit = "steps"
         c.eval_every = 50

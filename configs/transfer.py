@@ -2,7 +2,7 @@ r"""Transfer study: linear probe and fine-tuning of several initialisations at s
 
 Each init (a pretraining export, a converted checkpoint, or 'random') is probed and fine-tuned on the same
 patient-wise splits; fine-tuning follows the protocol of evaluate/finetune.py (each init its own lr grid,
-lower backbone lr for pretrained encoders, warm-up + cosine over a budget chosen on validation, 3 seeds of
+lower backbone lr and LP-FT for pretrained encoders, warm-up + cosine over a budget chosen on validation, 3 seeds of
 the chosen setting). W/transfer.json, W/report.md, W/label_efficiency.png and W/convergence.png hold the
 results; rerunning the command resumes an interrupted study.
 
@@ -15,8 +15,8 @@ results; rerunning the command resumes an interrupted study.
       --config.inits="('runs/breast_simclr/export', 'random')" --workdir=evals/breast_transfer
 
 Hardware and runtime: see BENCHMARKS.md, "Transfer" (measured :runlocal studies with their results).
-At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): budget
-(4 lrs x 2 budgets x 2 backbone lrs + 2 seeds) runs per pretrained init and fraction.
+At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 24
+(4 lrs x 2 budgets x 2 backbone lrs + 3 LP-FT lrs x 2 budgets + 2 seeds) runs per pretrained init and fraction.
 """
 
 import ml_collections as mlc

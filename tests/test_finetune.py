@@ -182,6 +182,11 @@ def test_grid_per_init_and_layer_wise_decay_factors():
     vit = finetune.grid(config, pretrained=True, is_vit=True, budgets=[100, 200])
     assert {s.layer_decay for s in vit} == {1.0, 0.75} and len(vit) == 8
     assert finetune.choose({"a": 0.5, "b": 0.7, "c": 0.7}, ["a", "b", "c"]) == "b"  # ties: grid order
+    # LP-FT settings: for a pretrained encoder only, one lr for the whole network, after the other settings.
+    config.probe_head_lr_grid = (0.001,)
+    assert len(finetune.grid(config, pretrained=False, is_vit=False, budgets=[100])) == 2
+    lpft = finetune.grid(config, pretrained=True, is_vit=False, budgets=[100])[4:]
+    assert [(s.name, s.head, s.backbone_lr_mult) for s in lpft] == [("lr0.001_steps100_lpft", "probe", 1.0)]
 
     params = {"encoder": {"patch_embed": {"kernel": 0}, "cls_token": 0, "pos_embed": 0,
                           "block_0": {"attn": {"qkv": {"kernel": 0}}}, "block_1": {"mlp": {"fc1": {"bias": 0}}},
@@ -196,6 +201,65 @@ def test_grid_per_init_and_layer_wise_decay_factors():
     assert factors["encoder"]["cls_token"] == factors["encoder"]["pos_embed"] == pytest.approx(0.1 * 0.5 ** 4)
     resnet_factors = optim.lr_multipliers({"encoder": {"stem": {"conv": 0}}, "head": {"b": 0}}, backbone_mult=0.1)
     assert resnet_factors == {"encoder": {"stem": {"conv": 0.1}}, "head": {"b": 1.0}}
+
+
+def test_lpft_head_is_the_fractions_linear_probe_chosen_on_validation(phantom_cache, tmp_path):
+    """The LP-FT settings start from the linear probe of the fraction's train images (C chosen on
+    validation), folded into the head: checked against scikit-learn on features computed here."""
+    from medssl_jax.data import sources
+    from medssl_jax.evaluate import probe
+
+    export = tiny_export(tmp_path / "run" / "export", seed=2)
+    config = ft_config(phantom_cache, export, budget_grid=(2,), lr_grid=(1e-12,), probe_head_lr_grid=(1e-12,))
+    workdir = str(tmp_path / "lpft")
+    main.run(config, workdir)
+    with open(os.path.join(workdir, "finetune.json")) as f:
+        record = json.load(f)["fractions"][0]
+    assert [g["name"] for g in record["grid"]] == ["lr1e-12_steps2", "lr1e-12_steps2_lpft"]
+    with np.load(os.path.join(workdir, "fractions", "f1", "probe_head.npz")) as f:
+        kernel, bias, c = f["kernel"], f["bias"], float(f["c"])
+    assert record["probe_head"]["c"] == c
+    # A vanishing lr leaves the LP-FT run's head where it started.
+    with np.load(os.path.join(workdir, "runs", "f1", "lr1e-12_steps2_lpft", "seed0", "model", "head.npz")) as f:
+        np.testing.assert_allclose(f["kernel"], kernel, atol=1e-6)
+        np.testing.assert_allclose(f["bias"], bias, atol=1e-6)
+
+    # Reference: pooled features of the export (eval mode), scikit-learn's probe per C, picked on validation.
+    store = sources.open_store(config.data)
+    splits = splits_lib.load(os.path.join(workdir, splits_lib.SPLITS_FILE))
+    variables, meta = checkpoint.load_export(export)
+    encoder = models.build_encoder({**meta["model"], "dtype": "float32"})
+
+    def feats(ids):
+        images, labels = features_lib.load_images(store, ids, image_size=24, batch_size=64)
+        return np.asarray(encoder.apply(variables, images.astype(np.float32) / 65535.0, train=False)[0]), labels
+
+    (x_train, y_train), (x_val, y_val) = feats(splits.fraction_ids(1.0)), feats(splits.val)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    by_c = {}
+    for grid_c in probe.C_GRID:
+        fitted = probe.fit_probe(x_train, y_train, grid_c, mean=mean, std=std)
+        by_c[grid_c] = np.nanmean([_auc(y_val[:, j], fitted.predict(x_val)[:, j]) for j in range(y_val.shape[1])])
+    assert c == max(probe.C_GRID, key=lambda k: (by_c[k], -k))
+    reference = probe.fit_probe(x_train, y_train, c, mean=mean, std=std)
+    folded_kernel, folded_bias = finetune.folded_head(reference)  # the folding is exact
+    np.testing.assert_allclose(x_val @ folded_kernel + folded_bias, reference.logits(x_val), rtol=1e-4, atol=1e-3)
+    # The study's head predicts like the reference probe (lbfgs on features of another batch layout lands
+    # on a slightly different optimum of this ill-conditioned tiny problem: compare probabilities).
+    np.testing.assert_allclose(jax.nn.sigmoid(x_val @ kernel + bias), reference.predict(x_val), atol=0.02)
+
+    config.init_head = True
+    with pytest.raises(ValueError, match="probe_head_lr_grid"):
+        main.run(config, str(tmp_path / "both"))
+
+
+def _auc(labels, scores):
+    keep = ~np.isnan(labels)
+    labels, scores = labels[keep], scores[keep]
+    if len(np.unique(labels)) < 2:
+        return np.nan
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return float(np.mean((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])))
 
 
 def test_runtime_schedule_is_optax_warmup_cosine_and_scales_each_parameter():

@@ -13,8 +13,10 @@ cache instead of compiling its own init (on 2 CPU cores a 4-run grid took 25 % l
 Per label fraction (nested patient subsets, identical for every init: evaluate/splits.py):
   1. grid, seed `config.seed`: learning rates `lr_grid` (per 256 images, scaled to the batch) x budgets
      `budget_grid` (warm-up `warmup_fraction`, then cosine to 0 over the budget) x, for a pretrained init,
-     a lower backbone lr (`backbone_lr_mults`, ResNets) or layer-wise lr decay (`layer_decays`, ViTs); a
-     random init trains its whole network at the grid's lr. Each run ends with its last model (no early
+     a lower backbone lr (`backbone_lr_mults`, ResNets) or layer-wise lr decay (`layer_decays`, ViTs), and
+     LP-FT settings (`probe_head_lr_grid` x budgets: the head starts from the linear probe fit on the
+     fraction's train images, C chosen on validation, E/fractions/f<F>/probe_head.npz); a random init trains
+     its whole network from a fresh head at the grid's lr. Each run ends with its last model (no early
      stopping); its score is the mean validation AUC of its last `selection_evals` evaluations, which is
      less noisy than one reading on a small validation split.
   2. the best-scoring setting (validation only) is trained with `seeds` seeds in all;
@@ -45,7 +47,7 @@ from jax.experimental import multihost_utils
 from medssl_jax import augment, checkpoint, config_lib, jsonio, logging_lib, losses, methods, optim, sharding, train
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import encoders, metrics, records, robustness, workspace
+from medssl_jax.evaluate import encoders, linear_probe, metrics, probe, records, robustness, workspace
 from medssl_jax.evaluate import features as features_lib
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.models import heads, input_norm
@@ -81,6 +83,11 @@ def reference_config() -> mlc.ConfigDict:
     c.budget_unit = "steps"  # 'steps', or 'epochs' over the whole train split (the same steps at every fraction)
     c.backbone_lr_mults = (1.0, 0.1)  # pretrained ResNet encoders: encoder lr = lr x this; random init: 1
     c.layer_decays = (1.0, 0.75)  # pretrained ViT encoders: layer-wise lr decay (MAE/BEiT); random init: 1
+    # LP-FT (Kumar et al. 2022) for a pretrained encoder: settings whose head starts from the linear probe fit
+    # on the fraction's train images (C chosen on validation), the whole network then fine-tuned at one of
+    # these (small) lrs. A fresh head's first steps send large, random gradients into the pretrained
+    # features; with few labels the best fine-tune is often one that stays close to the probe. () = none.
+    c.probe_head_lr_grid = ()
     c.warmup_fraction = 0.1
     c.eval_every = -1  # steps between validation evaluations; -1 = a tenth of the budget
     c.selection_evals = 3  # a setting's score: mean validation AUC of its last N evaluations
@@ -116,6 +123,10 @@ def validate(config) -> None:
          "backbone_lr_mults", "needs values > 0")
     need(len(config.layer_decays) > 0 and all(0 < float(v) <= 1 for v in config.layer_decays), "layer_decays",
          "needs values in (0, 1]")
+    need(all(float(v) > 0 for v in config.probe_head_lr_grid), "probe_head_lr_grid", "needs values > 0 (or () for none)")
+    need(not (config.probe_head_lr_grid and config.init_head), "probe_head_lr_grid",
+         "starts the head from a linear probe, config.init_head=True from the init's head.npz: set only one "
+         "(--config.probe_head_lr_grid=\"()\")")
     need(0 <= config.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
     need(config.eval_every == -1 or config.eval_every >= 1, "eval_every", "must be >= 1 (or -1: a tenth of the budget)")
     need(config.selection_evals >= 1, "selection_evals", "must be >= 1")
@@ -154,6 +165,7 @@ class Setting:
     budget: int  # steps
     backbone_lr_mult: float = 1.0
     layer_decay: float = 1.0
+    head: str = "fresh"  # 'fresh' (N(0, 0.01)) or 'probe' (LP-FT: the fraction's linear probe)
 
     @property
     def name(self) -> str:
@@ -162,6 +174,8 @@ class Setting:
             name += f"_bb{self.backbone_lr_mult:g}"
         if self.layer_decay != 1:
             name += f"_ld{self.layer_decay:g}"
+        if self.head == "probe":
+            name += "_lpft"
         return name
 
     def to_dict(self) -> dict:
@@ -170,7 +184,8 @@ class Setting:
 
 def grid(config, *, pretrained: bool, is_vit: bool, budgets: list[int]) -> list[Setting]:
     """The settings an init is tuned over: lrs x budgets, and for a pretrained encoder x backbone lr
-    multipliers (ResNets) or layer-wise decays (ViTs)."""
+    multipliers (ResNets) or layer-wise decays (ViTs), then its LP-FT settings (`probe_head_lr_grid` x
+    budgets, one lr for the whole network as in Kumar et al.)."""
     extra = [1.0]
     if pretrained:
         extra = [float(v) for v in (config.layer_decays if is_vit else config.backbone_lr_mults)]
@@ -180,6 +195,8 @@ def grid(config, *, pretrained: bool, is_vit: bool, budgets: list[int]) -> list[
             for value in extra:
                 out.append(Setting(float(lr), int(budget), **({"layer_decay": value} if is_vit
                                                              else {"backbone_lr_mult": value})))
+    if pretrained:
+        out += [Setting(float(lr), int(budget), head="probe") for lr in config.probe_head_lr_grid for budget in budgets]
     return out
 
 
@@ -238,8 +255,10 @@ class Context:
     head_init: str  # '' or E/head_init.npz
 
 
-def run_config(ctx: Context, setting: Setting, *, seed: int, batch_size: int, pos_weight, warmup: int):
-    """The train-loop config (method 'supervised') of one run."""
+def run_config(ctx: Context, setting: Setting, *, seed: int, batch_size: int, pos_weight, warmup: int,
+               head_init: str | None = None):
+    """The train-loop config (method 'supervised') of one run; `head_init`: the head.npz it starts from
+    (default: the study's, `ctx.head_init`)."""
     config = ctx.config
     c = config_lib.pretrain_config()
     methods.get("supervised").extend_config(c)
@@ -269,7 +288,8 @@ def run_config(ctx: Context, setting: Setting, *, seed: int, batch_size: int, po
                         seed=int(seed), peak_lr=optim.scaled_lr(mlc.ConfigDict({**config.optim.to_dict(),
                                                                                  "base_lr": setting.lr}), batch_size),
                         warmup_steps=warmup, backbone_lr_mult=setting.backbone_lr_mult,
-                        layer_decay=setting.layer_decay, head_init=ctx.head_init)
+                        layer_decay=setting.layer_decay,
+                        head_init=ctx.head_init if head_init is None else head_init)
     return c
 
 
@@ -359,13 +379,14 @@ def load_model(directory: str) -> dict:
 
 
 def train_run(ctx: Context, setting: Setting, *, seed: int, train_ids: np.ndarray, run_dir: str,
-              batch_size: int, pos_weight, stop_after: int | None = None) -> dict | None:
+              batch_size: int, pos_weight, stop_after: int | None = None, head_init: str | None = None) -> dict | None:
     """Trains (or resumes, or reads back) one run through the train loop; returns its result record
     ({"setting", "seed", "curve", "score", "val_auc", "steps"}) or None when it was stopped early."""
     path = os.path.join(run_dir, RESULT_FILE)
     config = ctx.config
     warmup = int(round(config.warmup_fraction * setting.budget))
-    cfg = run_config(ctx, setting, seed=seed, batch_size=batch_size, pos_weight=pos_weight, warmup=warmup)
+    cfg = run_config(ctx, setting, seed=seed, batch_size=batch_size, pos_weight=pos_weight, warmup=warmup,
+                     head_init=head_init)
     identity = run_identity(cfg, run_dir)
     if os.path.exists(path):
         with open(path) as f:
@@ -454,6 +475,63 @@ def _nan_if_none(value):
     return np.nan if value is None else value
 
 
+# ------------------------------------------------------------------------------------------ LP-FT
+
+PROBE_HEAD_FILE = "probe_head.npz"
+
+
+def folded_head(fitted: probe.LinearProbe) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel [D, L], bias [L]) of a Dense layer on raw features equal to the probe on standardised ones:
+    ((x - mean) / std) @ w + b = x @ (w / std) + (b - (mean / std) @ w)."""
+    kernel = fitted.w / fitted.std[:, None]
+    bias = fitted.b - (fitted.mean / fitted.std) @ fitted.w
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def fit_probe_head(ctx: Context, fraction: float, train_ids: np.ndarray, *, out_dir: str, cache_dir: str) -> dict:
+    """The LP-FT head of one fraction: the linear probe (evaluate/probe.py, C from its grid chosen on the
+    validation split) on the encoder's pooled features of the fraction's train images, folded into the
+    classifier head's kernel and bias and written to out_dir/probe_head.npz; read back when it exists.
+    Returns {"path", "c", "val_mean_auc"}."""
+    path = os.path.join(out_dir, PROBE_HEAD_FILE)
+    config, splits, label_names = ctx.config, ctx.splits, list(ctx.store.label_names)
+    # What the head is a function of: the encoder's weights, the store, the image size and the splits.
+    features_key = linear_probe.feature_cache_key(
+        mlc.ConfigDict({"init": config.init, "seed": config.seed, "feature": "pre_logits",
+                        "image_size": config.image_size, "compute_dtype": config.compute_dtype}),
+        ctx.encoder, records.store_fingerprint(ctx.store.path))
+    key = f"{features_key}/{splits.checksum}"
+    if os.path.exists(path):
+        with np.load(path) as saved:
+            if str(saved["key"]) == key:
+                return {"path": path, "c": float(saved["c"]),
+                        "val_mean_auc": _finite_or_none(float(saved["val_mean_auc"]))}
+    forward = features_lib.feature_fn(ctx.encoder.model, "pre_logits", ctx.mesh)
+    parts = [features_lib.extract(ctx.encoder.model, ctx.encoder.variables, ctx.store, split=split,
+                                  image_size=ctx.config.image_size, batch_size=min(ctx.config.batch_size, 256),
+                                  mesh=ctx.mesh, forward=forward,
+                                  cache_path=os.path.join(cache_dir, features_key, f"features_{split}.npz"))
+             for split in dict.fromkeys(s for s in (splits.params["train"], splits.params["val"]) if s)]
+    features = np.concatenate([p["features"] for p in parts])
+    rows = {int(record): row for row, record in enumerate(np.concatenate([p["index"] for p in parts]))}
+    take = lambda ids: features[[rows[int(i)] for i in ids]]  # noqa: E731
+    labels = np.asarray(ctx.store.labels, np.float32)
+    fitted, c, by_c = probe.select_and_fit(take(train_ids), labels[train_ids], take(splits.val), labels[splits.val],
+                                           c_grid=probe.C_GRID, label_names=label_names)
+    kernel, bias = folded_head(fitted)
+    val_auc = _finite_or_none(by_c[c])
+    logging_lib.log(f"label fraction {fraction:g}: LP-FT head = the linear probe on {len(train_ids)} train images "
+                    f"(C={c:g}, validation mean AUC {metrics.fmt_auc(val_auc)}) -> {path}")
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, "probe_head.tmp.npz")
+        np.savez(tmp, kernel=kernel, bias=bias, label_names=np.asarray(label_names), c=np.float64(c),
+                 val_mean_auc=np.float64(np.nan if val_auc is None else val_auc), key=np.asarray(key))
+        os.replace(tmp, path)
+    multihost_utils.sync_global_devices(f"probe head {path}")
+    return {"path": path, "c": c, "val_mean_auc": val_auc}
+
+
 # ------------------------------------------------------------------------------------------ a fraction
 
 def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_after: int | None = None) -> dict | None:
@@ -476,9 +554,15 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
     logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(settings)} settings on "
                     f"validation, then {config.seeds} seeds of the best")
 
+    probe_head = None
+    if any(s.head == "probe" for s in settings):
+        probe_head = fit_probe_head(ctx, fraction, train_ids, out_dir=os.path.join(workdir, "fractions", f"f{fraction:g}"),
+                                    cache_dir=os.path.join(workdir, "cache"))
+
     def one(setting, seed):
         return train_run(ctx, setting, seed=seed, train_ids=train_ids, batch_size=batch_size, pos_weight=pos_weight,
-                         run_dir=os.path.join(root, setting.name, f"seed{seed}"), stop_after=stop_after)
+                         run_dir=os.path.join(root, setting.name, f"seed{seed}"), stop_after=stop_after,
+                         head_init=probe_head["path"] if setting.head == "probe" else None)
 
     grid_results = {}
     for setting in settings:
@@ -494,11 +578,12 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
     chosen = next(s for s in settings if s.name == chosen_name)
     logging_lib.log(f"label fraction {fraction:g}: chose {chosen_name} (validation score {scores[chosen_name]:.4f}; "
                     + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + ")")
-    lrs = sorted(float(v) for v in config.lr_grid)
+    lr_field = "probe_head_lr_grid" if chosen.head == "probe" else "lr_grid"
+    lrs = sorted(float(v) for v in config[lr_field])
     at_edge = len(lrs) > 1 and chosen.lr in (lrs[0], lrs[-1])
     if at_edge:
         logging_lib.log(f"warning: label fraction {fraction:g}: the chosen lr {chosen.lr:g} is at an end of "
-                        f"config.lr_grid {tuple(lrs)}; the best lr may lie outside it (widen the grid)")
+                        f"config.{lr_field} {tuple(lrs)}; the best lr may lie outside it (widen the grid)")
     seed_results, failed_seeds = [grid_results[chosen_name]], {}
     for k in range(1, config.seeds):
         result = one(chosen, config.seed + k)
@@ -534,6 +619,7 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
                   "final_val_auc": grid_results[s.name]["val_auc"], "curve": grid_results[s.name]["curve"]}
                  for s in settings],
         "chosen": {**chosen.to_dict(), "name": chosen_name, "score": scores[chosen_name], "lr_at_grid_edge": at_edge},
+        "probe_head": None if probe_head is None else {k: v for k, v in probe_head.items() if k != "path"},
         "failed": {n: r["failed"] for n, r in grid_results.items() if r.get("failed")},
         "failed_seeds": failed_seeds,
         "seeds": [{"seed": r["seed"], "test_mean_auc": a, "final_val_auc": r["val_auc"]}
