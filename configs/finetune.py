@@ -71,8 +71,7 @@ def get_config(arg=None):
     c.budget_unit = "epochs"
     c.backbone_lr_mults = (1.0, 0.1)
     # LP-FT (Kumar et al. 2022) for pretrained encoders: the head starts from the fraction's linear probe and
-    # the whole network is fine-tuned at a small lr (a fresh head's first, random gradients would move the
-    # pretrained features first).
+    # the whole network is fine-tuned at an lr too small to train a fresh head.
     c.probe_head_lr_grid = (0.001, 0.003, 0.01)
     c.seeds = 3
     c.crop_scale = (0.08, 1.0)

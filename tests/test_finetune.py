@@ -242,7 +242,7 @@ def test_lpft_head_is_the_fractions_linear_probe_chosen_on_validation(phantom_ca
         by_c[grid_c] = np.nanmean([_auc(y_val[:, j], fitted.predict(x_val)[:, j]) for j in range(y_val.shape[1])])
     assert c == max(probe.C_GRID, key=lambda k: (by_c[k], -k))
     reference = probe.fit_probe(x_train, y_train, c, mean=mean, std=std)
-    folded_kernel, folded_bias = finetune.folded_head(reference)  # the folding is exact
+    folded_kernel, folded_bias = reference.as_dense()  # the folding is exact
     np.testing.assert_allclose(x_val @ folded_kernel + folded_bias, reference.logits(x_val), rtol=1e-4, atol=1e-3)
     # The study's head predicts like the reference probe (lbfgs on features of another batch layout lands
     # on a slightly different optimum of this ill-conditioned tiny problem: compare probabilities).

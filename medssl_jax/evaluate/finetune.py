@@ -85,8 +85,8 @@ def reference_config() -> mlc.ConfigDict:
     c.layer_decays = (1.0, 0.75)  # pretrained ViT encoders: layer-wise lr decay (MAE/BEiT); random init: 1
     # LP-FT (Kumar et al. 2022) for a pretrained encoder: settings whose head starts from the linear probe fit
     # on the fraction's train images (C chosen on validation), the whole network then fine-tuned at one of
-    # these (small) lrs. A fresh head's first steps send large, random gradients into the pretrained
-    # features; with few labels the best fine-tune is often one that stays close to the probe. () = none.
+    # these (small) lrs. A fresh head needs an lr large enough to learn it, and at such an lr a few dozen
+    # labelled images pull the pretrained features away; LP-FT reaches lrs that stay near the probe. () = none.
     c.probe_head_lr_grid = ()
     c.warmup_fraction = 0.1
     c.eval_every = -1  # steps between validation evaluations; -1 = a tenth of the budget
@@ -123,7 +123,8 @@ def validate(config) -> None:
          "backbone_lr_mults", "needs values > 0")
     need(len(config.layer_decays) > 0 and all(0 < float(v) <= 1 for v in config.layer_decays), "layer_decays",
          "needs values in (0, 1]")
-    need(all(float(v) > 0 for v in config.probe_head_lr_grid), "probe_head_lr_grid", "needs values > 0 (or () for none)")
+    need(all(float(v) > 0 for v in config.probe_head_lr_grid), "probe_head_lr_grid",
+         "needs values > 0 (or () for none)")
     need(not (config.probe_head_lr_grid and config.init_head), "probe_head_lr_grid",
          "starts the head from a linear probe, config.init_head=True from the init's head.npz: set only one "
          "(--config.probe_head_lr_grid=\"()\")")
@@ -480,14 +481,6 @@ def _nan_if_none(value):
 PROBE_HEAD_FILE = "probe_head.npz"
 
 
-def folded_head(fitted: probe.LinearProbe) -> tuple[np.ndarray, np.ndarray]:
-    """(kernel [D, L], bias [L]) of a Dense layer on raw features equal to the probe on standardised ones:
-    ((x - mean) / std) @ w + b = x @ (w / std) + (b - (mean / std) @ w)."""
-    kernel = fitted.w / fitted.std[:, None]
-    bias = fitted.b - (fitted.mean / fitted.std) @ fitted.w
-    return kernel.astype(np.float32), bias.astype(np.float32)
-
-
 def fit_probe_head(ctx: Context, fraction: float, train_ids: np.ndarray, *, out_dir: str, cache_dir: str) -> dict:
     """The LP-FT head of one fraction: the linear probe (evaluate/probe.py, C from its grid chosen on the
     validation split) on the encoder's pooled features of the fraction's train images, folded into the
@@ -518,7 +511,7 @@ def fit_probe_head(ctx: Context, fraction: float, train_ids: np.ndarray, *, out_
     labels = np.asarray(ctx.store.labels, np.float32)
     fitted, c, by_c = probe.select_and_fit(take(train_ids), labels[train_ids], take(splits.val), labels[splits.val],
                                            c_grid=probe.C_GRID, label_names=label_names)
-    kernel, bias = folded_head(fitted)
+    kernel, bias = fitted.as_dense()
     val_auc = _finite_or_none(by_c[c])
     logging_lib.log(f"label fraction {fraction:g}: LP-FT head = the linear probe on {len(train_ids)} train images "
                     f"(C={c:g}, validation mean AUC {metrics.fmt_auc(val_auc)}) -> {path}")
@@ -556,8 +549,8 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
 
     probe_head = None
     if any(s.head == "probe" for s in settings):
-        probe_head = fit_probe_head(ctx, fraction, train_ids, out_dir=os.path.join(workdir, "fractions", f"f{fraction:g}"),
-                                    cache_dir=os.path.join(workdir, "cache"))
+        probe_head = fit_probe_head(ctx, fraction, train_ids, cache_dir=os.path.join(workdir, "cache"),
+                                    out_dir=os.path.join(workdir, "fractions", f"f{fraction:g}"))
 
     def one(setting, seed):
         return train_run(ctx, setting, seed=seed, train_ids=train_ids, batch_size=batch_size, pos_weight=pos_weight,

@@ -40,6 +40,13 @@ class LinearProbe:
     def predict(self, x) -> np.ndarray:
         return scipy.special.expit(self.logits(x))
 
+    def as_dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kernel [D, L], bias [L]) of a Dense layer on raw features with the same logits (LP-FT's head):
+        ((x - mean) / std) @ w + b = x @ (w / std) + (b - (mean / std) @ w)."""
+        kernel = self.w / self.std[:, None]
+        bias = self.b - (self.mean / self.std) @ self.w
+        return kernel.astype(np.float32), bias.astype(np.float32)
+
 
 def fit_probe(x: np.ndarray, y: np.ndarray, c: float, *, mean=None, std=None) -> LinearProbe:
     """Per-label L2 logistic regression (scikit-learn, lbfgs) on standardised features; NaN labels are
