@@ -389,7 +389,14 @@ def test_transfer_study_end_to_end(phantom_cache, tmp_path):
     for name in ("transfer.json", "report.md", "label_efficiency.png", "convergence.png"):
         assert os.path.exists(os.path.join(workdir, name))
     with open(os.path.join(workdir, "report.md")) as f:
-        assert "| finetune | run | random | 0.5 |" in f.read()
+        report = f.read()
+    assert "| finetune | run | random | 0.5 |" in report
+    # Each markdown table renders: every row has its header's number of cells, a convergence note included.
+    noted = json.loads(json.dumps(result))
+    noted["convergence"][0]["note"] = "SSL run never reached the random-init best validation AUC 0.9"
+    for text in (report, transfer.markdown(noted, [])):
+        tables = _markdown_tables(text)
+        assert len(tables) >= 3 and all(len(set(t)) == 1 for t in tables), tables
     # The same command again: every evaluation is read back, the analysis is the same.
     again = main.run(config, workdir)
     assert again["comparisons"] == result["comparisons"]
@@ -400,6 +407,18 @@ def test_transfer_study_end_to_end(phantom_cache, tmp_path):
     wider.update(config.to_dict())
     wider.finetune.lr_grid = (0.1, 0.3)
     assert not transfer._done(out, "finetune", [0.5, 1.0], transfer.arm_config(wider, "finetune", "random"))
+
+
+def _markdown_tables(text: str) -> list[list[int]]:
+    """The '|' count of each row, per markdown table (a run of lines starting with '|'); -1 for a row with
+    text after its last cell."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line.count("|") if line.rstrip().endswith("|") else -1)
+        elif current:
+            tables, current = tables + [current], []
+    return tables
 
 
 def test_a_rerun_reuses_only_runs_trained_with_the_same_config(phantom_cache, tmp_path):

@@ -370,10 +370,11 @@ def markdown(result: dict, files: list[str]) -> str:
         lines += ["", "## Convergence (fine-tuning)", "",
                   "Steps to reach the random init's best validation AUC, as a share of the random init's steps "
                   "(mean validation curve over seeds of each chosen setting).", "",
-                  "| init | fraction | target val AUC | steps | random's steps | share |", "|---|---|---|---|---|---|"]
+                  "| init | fraction | target val AUC | steps | random's steps | share | note |",
+                  "|---|---|---|---|---|---|---|"]
         for r in result["convergence"]:
             lines.append(f"| {r['init']} | {r['fraction']:g} | {_fmt(r.get('target_val_auc'))} | "
                          f"{_fmt(r['ssl_steps'], '.0f')} | {_fmt(r['random_steps'], '.0f')} | "
-                         f"{_fmt(r['share_of_random_steps'], '.0%')} |" + (f" {r['note']}" if r.get("note") else ""))
+                         f"{_fmt(r['share_of_random_steps'], '.0%')} | {r.get('note') or ''} |")
     lines += [""] + [f"![{f}]({f})" for f in files] + [""]
     return "\n".join(lines)
