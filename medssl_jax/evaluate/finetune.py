@@ -489,28 +489,24 @@ def fit_probe_head(ctx: Context, fraction: float, train_ids: np.ndarray, *, out_
     path = os.path.join(out_dir, PROBE_HEAD_FILE)
     config, splits, label_names = ctx.config, ctx.splits, list(ctx.store.label_names)
     # What the head is a function of: the encoder's weights, the store, the image size and the splits.
-    features_key = linear_probe.feature_cache_key(
-        mlc.ConfigDict({"init": config.init, "seed": config.seed, "feature": "pre_logits",
-                        "image_size": config.image_size, "compute_dtype": config.compute_dtype}),
-        ctx.encoder, records.store_fingerprint(ctx.store.path))
+    features_config = mlc.ConfigDict({"init": config.init, "seed": config.seed, "feature": "pre_logits",
+                                      "image_size": config.image_size, "compute_dtype": config.compute_dtype,
+                                      "batch_size": min(config.batch_size, 256)})
+    features_key = linear_probe.feature_cache_key(features_config, ctx.encoder,
+                                                  records.store_fingerprint(ctx.store.path))
     key = f"{features_key}/{splits.checksum}"
     if os.path.exists(path):
         with np.load(path) as saved:
             if str(saved["key"]) == key:
                 return {"path": path, "c": float(saved["c"]),
                         "val_mean_auc": _finite_or_none(float(saved["val_mean_auc"]))}
-    forward = features_lib.feature_fn(ctx.encoder.model, "pre_logits", ctx.mesh)
-    parts = [features_lib.extract(ctx.encoder.model, ctx.encoder.variables, ctx.store, split=split,
-                                  image_size=ctx.config.image_size, batch_size=min(ctx.config.batch_size, 256),
-                                  mesh=ctx.mesh, forward=forward,
-                                  cache_path=os.path.join(cache_dir, features_key, f"features_{split}.npz"))
-             for split in dict.fromkeys(s for s in (splits.params["train"], splits.params["val"]) if s)]
-    features = np.concatenate([p["features"] for p in parts])
-    rows = {int(record): row for row, record in enumerate(np.concatenate([p["index"] for p in parts]))}
-    take = lambda ids: features[[rows[int(i)] for i in ids]]  # noqa: E731
-    labels = np.asarray(ctx.store.labels, np.float32)
-    fitted, c, by_c = probe.select_and_fit(take(train_ids), labels[train_ids], take(splits.val), labels[splits.val],
-                                           c_grid=probe.C_GRID, label_names=label_names)
+    features, labels, rows = linear_probe.features_of(
+        ctx.encoder, ctx.store, splits, features_config, mesh=ctx.mesh, roles=("train", "val"),
+        forward=features_lib.feature_fn(ctx.encoder.model, "pre_logits", ctx.mesh),
+        cache_dir=os.path.join(cache_dir, features_key))
+    train_rows, val_rows = ([rows[int(i)] for i in ids] for ids in (train_ids, splits.val))
+    fitted, c, by_c = probe.select_and_fit(features[train_rows], labels[train_rows], features[val_rows],
+                                           labels[val_rows], c_grid=probe.C_GRID, label_names=label_names)
     kernel, bias = fitted.as_dense()
     val_auc = _finite_or_none(by_c[c])
     logging_lib.log(f"label fraction {fraction:g}: LP-FT head = the linear probe on {len(train_ids)} train images "

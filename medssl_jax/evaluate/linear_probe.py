@@ -68,10 +68,10 @@ def feature_cache_key(config, encoder: encoders.Encoder, store_fingerprint: str)
 
 
 def features_of(encoder: encoders.Encoder, store: Store, splits: splits_lib.Splits, config, *, mesh, forward,
-                cache_dir: str) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+                cache_dir: str, roles=("train", "test", "val")) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """(features [N, D], labels [N, L], record id -> row) for every record of the store splits the
-    evaluation splits come from; extracted once per split (features_lib.extract, cached)."""
-    names = [splits.params["train"], splits.params["test"]] + ([splits.params["val"]] if splits.params["val"] else [])
+    evaluation splits `roles` come from; extracted once per split (features_lib.extract, cached)."""
+    names = [splits.params[role] for role in roles if splits.params[role]]  # no 'val': carved from train
     parts = []
     for name in dict.fromkeys(names):
         parts.append(features_lib.extract(
