@@ -15,8 +15,9 @@ results; rerunning the command resumes an interrupted study.
       --config.inits="('runs/breast_simclr/export', 'random')" --workdir=evals/breast_transfer
 
 Hardware and runtime: see BENCHMARKS.md, "Transfer" (measured :runlocal studies with their results).
-At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 24
-(4 lrs x 2 budgets x 2 backbone lrs + 3 LP-FT lrs x 2 budgets + 2 seeds) runs per pretrained init and fraction.
+At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 15
+(4 lrs x 2 backbone lrs + 3 LP-FT lrs for 10 epochs, the best 2 of them for 30, + 2 seeds) runs per pretrained
+init and fraction, 8 for random init.
 """
 
 import ml_collections as mlc

@@ -187,6 +187,14 @@ def test_grid_per_init_and_layer_wise_decay_factors():
     assert len(finetune.grid(config, pretrained=False, is_vit=False, budgets=[100])) == 2
     lpft = finetune.grid(config, pretrained=True, is_vit=False, budgets=[100])[4:]
     assert [(s.name, s.head, s.backbone_lr_mult) for s in lpft] == [("lr0.001_steps100_lpft", "probe", 1.0)]
+    # Successive halving: the top k of one budget (failed runs never) move to the next, in grid order.
+    short = finetune.grid(config, pretrained=True, is_vit=False, budgets=[100])
+    scores = {"lr0.01_steps100": 0.7, "lr0.01_steps100_bb0.1": -np.inf, "lr0.1_steps100": 0.8,
+              "lr0.1_steps100_bb0.1": 0.6, "lr0.001_steps100_lpft": 0.7}
+    assert [s.name for s in finetune.promoted(short, scores, budget=300, top_k=2)] == [
+        "lr0.01_steps300", "lr0.1_steps300"]  # the tie at 0.7 goes to the earlier setting
+    assert [s.name for s in finetune.promoted(short, scores, budget=300, top_k=9)] == [
+        "lr0.01_steps300", "lr0.1_steps300", "lr0.1_steps300_bb0.1", "lr0.001_steps300_lpft"]
 
     params = {"encoder": {"patch_embed": {"kernel": 0}, "cls_token": 0, "pos_embed": 0,
                           "block_0": {"attn": {"qkv": {"kernel": 0}}}, "block_1": {"mlp": {"fc1": {"bias": 0}}},
@@ -432,6 +440,18 @@ def test_a_rerun_reuses_only_runs_trained_with_the_same_config(phantom_cache, tm
     assert os.path.getmtime(first) == written  # read back, not retrained
     with open(os.path.join(workdir, "finetune.json")) as f:
         assert [g["name"] for g in json.load(f)["fractions"][0]["grid"]] == ["lr0.1_steps6", "lr0.3_steps6"]
+    # Successive halving over budgets: the 6-step runs are read back, and only the better of the two lrs (on
+    # validation) trains for 8 steps.
+    main.run(ft_config(phantom_cache, "random", lr_grid=(0.1, 0.3), budget_grid=(6, 8), budget_top_k=1,
+                       checkpoint_every=8), workdir)
+    assert os.path.getmtime(first) == written
+    with open(os.path.join(workdir, "finetune.json")) as f:
+        halved = json.load(f)["fractions"][0]
+    short = {g["name"]: g["score"] for g in halved["grid"] if g["budget"] == 6}
+    best_lr = max((0.1, 0.3), key=lambda lr: (short[f"lr{lr:g}_steps6"], -lr))
+    assert [g["name"] for g in halved["grid"]] == ["lr0.1_steps6", "lr0.3_steps6", f"lr{best_lr:g}_steps8"]
+    assert halved["not_promoted"] == [f"lr{({0.1, 0.3} - {best_lr}).pop():g}_steps8"]
+    assert halved["chosen"]["name"] == max(halved["grid"], key=lambda g: g["score"])["name"]
     changed = ft_config(phantom_cache, "random")
     changed.optim.weight_decay = 0.5
     with pytest.raises(finetune.FinetuneError, match=r"lr0\.1_steps6.*another config \(optim\.weight_decay: "):
@@ -501,7 +521,7 @@ def test_bad_inputs_fail_before_training(phantom_cache, tmp_path):
     assert "\n" not in str(error.value)
     assert not os.path.exists(str(tmp_path / "e" / "eval"))
     for field, value, message in (("lr_grid", (), "lr_grid"), ("seeds", 0, "seeds"), ("budget_grid", (0,), "budget"),
-                                  ("layer_decays", (1.5,), "layer_decays")):
+                                  ("layer_decays", (1.5,), "layer_decays"), ("budget_top_k", -1, "budget_top_k")):
         with pytest.raises(ValueError, match=message):
             main.run(ft_config(phantom_cache, "random", **{field: value}), str(tmp_path / "bad"))
     study = transfer.reference_config()

@@ -18,7 +18,9 @@ Per label fraction (nested patient subsets, identical for every init: evaluate/s
      fraction's train images, C chosen on validation, E/fractions/f<F>/probe_head.npz); a random init trains
      its whole network from a fresh head at the grid's lr. Each run ends with its last model (no early
      stopping); its score is the mean validation AUC of its last `selection_evals` evaluations, which is
-     less noisy than one reading on a small validation split.
+     less noisy than one reading on a small validation split. With `budget_top_k` = k > 0 the budgets are
+     searched by successive halving: every setting runs at the shortest budget, each longer budget only the k
+     best of the budget before it (the settings left out are listed in finetune.json, `not_promoted`);
   2. the best-scoring setting (validation only) is trained with `seeds` seeds in all;
   3. the test split is predicted by those models only. The largest fraction's seed-`config.seed` model is
      E/eval (what `compare` reads) and E/export; every seed's test predictions are in
@@ -88,6 +90,11 @@ def reference_config() -> mlc.ConfigDict:
     # these (small) lrs. A fresh head needs an lr large enough to learn it, and at such an lr a few dozen
     # labelled images pull the pretrained features away; LP-FT reaches lrs that stay near the probe. () = none.
     c.probe_head_lr_grid = ()
+    # Successive halving over budget_grid: every setting (lr x backbone lr / decay x head) trains at the shortest
+    # budget, and each longer budget only the `budget_top_k` best of the budget before it (validation scores);
+    # 0 = every setting at every budget. The long runs are most of a grid's cost, and on BreastMNIST the
+    # 1000-step budget won only where its setting was also among the best two at 300 steps (BENCHMARKS.md).
+    c.budget_top_k = 0
     c.warmup_fraction = 0.1
     c.eval_every = -1  # steps between validation evaluations; -1 = a tenth of the budget
     c.selection_evals = 3  # a setting's score: mean validation AUC of its last N evaluations
@@ -128,6 +135,8 @@ def validate(config) -> None:
     need(not (config.probe_head_lr_grid and config.init_head), "probe_head_lr_grid",
          "starts the head from a linear probe, config.init_head=True from the init's head.npz: set only one "
          "(--config.probe_head_lr_grid=\"()\")")
+    need(isinstance(config.budget_top_k, int) and config.budget_top_k >= 0, "budget_top_k",
+         "must be an integer >= 1 (or 0: every setting at every budget)")
     need(0 <= config.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
     need(config.eval_every == -1 or config.eval_every >= 1, "eval_every", "must be >= 1 (or -1: a tenth of the budget)")
     need(config.selection_evals >= 1, "selection_evals", "must be >= 1")
@@ -199,6 +208,14 @@ def grid(config, *, pretrained: bool, is_vit: bool, budgets: list[int]) -> list[
     if pretrained:
         out += [Setting(float(lr), int(budget), head="probe") for lr in config.probe_head_lr_grid for budget in budgets]
     return out
+
+
+def promoted(settings: list[Setting], scores: dict[str, float], *, budget: int, top_k: int) -> list[Setting]:
+    """Successive halving: the `top_k` best-scoring of `settings` (one budget's runs; a failed run, score
+    -inf, never), moved to the longer `budget`, in grid order; ties go to the earlier setting."""
+    finite = [s for s in settings if np.isfinite(scores[s.name])]
+    best = sorted(finite, key=lambda s: (-scores[s.name], settings.index(s)))[:top_k]
+    return [dataclasses.replace(s, budget=int(budget)) for s in settings if s in best]
 
 
 def selection_score(val_auc: list, window: int) -> float:
@@ -538,13 +555,21 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
     pretrained = config.init != "random"
     is_vit = ctx.encoder.model_config.get("name") == "vit"
     budgets = budgets_in_steps(config, num_train=len(ctx.splits.train))
-    settings = grid(config, pretrained=pretrained, is_vit=is_vit, budgets=budgets)
+    full_grid = grid(config, pretrained=pretrained, is_vit=is_vit, budgets=budgets)
+    ordered_budgets = sorted({s.budget for s in full_grid})
+    halving = config.budget_top_k > 0 and len(ordered_budgets) > 1
     root = os.path.join(workdir, "runs", f"f{fraction:g}")
-    logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(settings)} settings on "
-                    f"validation, then {config.seeds} seeds of the best")
+    if halving:
+        first = [s for s in full_grid if s.budget == ordered_budgets[0]]
+        logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(first)} settings at "
+                        f"{ordered_budgets[0]} steps, the best {config.budget_top_k} of each budget at the next of "
+                        f"{ordered_budgets[1:]} (validation), then {config.seeds} seeds of the best")
+    else:
+        logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(full_grid)} settings on "
+                        f"validation, then {config.seeds} seeds of the best")
 
     probe_head = None
-    if any(s.head == "probe" for s in settings):
+    if any(s.head == "probe" for s in full_grid):
         probe_head = fit_probe_head(ctx, fraction, train_ids, cache_dir=os.path.join(workdir, "cache"),
                                     out_dir=os.path.join(workdir, "fractions", f"f{fraction:g}"))
 
@@ -553,13 +578,19 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
                          run_dir=os.path.join(root, setting.name, f"seed{seed}"), stop_after=stop_after,
                          head_init=probe_head["path"] if setting.head == "probe" else None)
 
-    grid_results = {}
-    for setting in settings:
-        result = one(setting, config.seed)
-        if result is None:
-            return None
-        grid_results[setting.name] = result
-    scores = {name: -np.inf if r["score"] is None else r["score"] for name, r in grid_results.items()}
+    grid_results, settings = {}, []
+    stage = [s for s in full_grid if s.budget == ordered_budgets[0]] if halving else full_grid
+    for budget in (ordered_budgets if halving else [None]):
+        if budget is not None and budget != ordered_budgets[0]:
+            stage = promoted(stage, {s.name: _score_of(grid_results[s.name]) for s in stage}, budget=budget,
+                             top_k=config.budget_top_k)
+        for setting in stage:
+            result = one(setting, config.seed)
+            if result is None:
+                return None
+            grid_results[setting.name] = result
+            settings.append(setting)
+    scores = {s.name: _score_of(grid_results[s.name]) for s in settings}
     if not any(np.isfinite(v) for v in scores.values()):
         raise FinetuneError(f"label fraction {fraction:g}: no setting of the grid trained (every run failed or had no "
                             f"defined validation AUC); see {root}")
@@ -608,6 +639,8 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
                   "final_val_auc": grid_results[s.name]["val_auc"], "curve": grid_results[s.name]["curve"]}
                  for s in settings],
         "chosen": {**chosen.to_dict(), "name": chosen_name, "score": scores[chosen_name], "lr_at_grid_edge": at_edge},
+        "budget_top_k": int(config.budget_top_k),
+        "not_promoted": [s.name for s in full_grid if s.name not in grid_results],
         "probe_head": None if probe_head is None else {k: v for k, v in probe_head.items() if k != "path"},
         "failed": {n: r["failed"] for n, r in grid_results.items() if r.get("failed")},
         "failed_seeds": failed_seeds,
@@ -630,6 +663,10 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
         os.replace(tmp, os.path.join(out, "seed_predictions.npz"))
     return {**summary, "test_probs": test_probs, "test_labels": test_labels, "model_dir": models[0],
             "thresholds": metrics.youden_thresholds(val_probs, val_labels)}
+
+
+def _score_of(result: dict) -> float:
+    return -np.inf if result["score"] is None else result["score"]
 
 
 def _finite_or_none(value):
