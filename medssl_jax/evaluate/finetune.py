@@ -561,9 +561,9 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
     root = os.path.join(workdir, "runs", f"f{fraction:g}")
     if halving:
         first = [s for s in full_grid if s.budget == ordered_budgets[0]]
-        logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(first)} settings at "
-                        f"{ordered_budgets[0]} steps, the best {config.budget_top_k} of each budget at the next of "
-                        f"{ordered_budgets[1:]} (validation), then {config.seeds} seeds of the best")
+        logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(first)} settings for "
+                        f"{ordered_budgets[0]} steps, the best {config.budget_top_k} of each budget (validation) "
+                        f"again for the next of {ordered_budgets[1:]} steps, then {config.seeds} seeds of the best")
     else:
         logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): {len(full_grid)} settings on "
                         f"validation, then {config.seeds} seeds of the best")
@@ -580,8 +580,8 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
 
     grid_results, settings = {}, []
     stage = [s for s in full_grid if s.budget == ordered_budgets[0]] if halving else full_grid
-    for budget in (ordered_budgets if halving else [None]):
-        if budget is not None and budget != ordered_budgets[0]:
+    for budget in [None] + (ordered_budgets[1:] if halving else []):
+        if budget is not None:
             stage = promoted(stage, {s.name: _score_of(grid_results[s.name]) for s in stage}, budget=budget,
                              top_k=config.budget_top_k)
         for setting in stage:
