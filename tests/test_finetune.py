@@ -289,18 +289,25 @@ def test_runtime_schedule_is_optax_warmup_cosine_and_scales_each_parameter():
 
 
 def test_the_runs_of_a_study_share_one_compiled_init_and_step(phantom_cache, tmp_path):
-    """lr, budget, backbone lr, seed and pos_weight are data of the compiled init and step, not constants in
-    them (one XLA program each for the whole study, which the persistent cache serves to every run), and
-    each run's state holds its own values."""
+    """lr, budget, backbone lr, seed, pos_weight and an LP-FT head are data of the compiled init and step,
+    not constants in them: the runs of a study reuse one traced init and step (train.setup), each run's
+    state holds its own values, and a changed architecture or augmentation gets programs of its own."""
     config = ft_config(phantom_cache, tiny_export(tmp_path / "export"))
     _, ctx, _, _ = finetune.open_context(config, str(tmp_path / "eval"))
     ids = ctx.splits.fraction_ids(1.0)
     num_labels = len(ctx.store.label_names)
-    programs, heads = [], []
-    for setting, seed, weight in ((finetune.Setting(0.1, 6), 0, 1.0), (finetune.Setting(0.3, 10, 0.1), 2, 3.0)):
+    head_file = str(tmp_path / "head.npz")
+    np.savez(head_file, kernel=np.full((8, num_labels), 0.25, np.float32), bias=np.full(num_labels, -1.0, np.float32))
+    train._JITTED.clear()
+    programs, heads, steps = [], [], []
+    for setting, seed, weight, head in ((finetune.Setting(0.1, 6), 0, 1.0, None),
+                                        (finetune.Setting(0.3, 10, 0.1), 2, 3.0, None),
+                                        (finetune.Setting(0.01, 6, head="probe"), 1, 2.0, head_file)):
         pos_weight = weight * np.arange(1, num_labels + 1, dtype=np.float32)
-        cfg = finetune.run_config(ctx, setting, seed=seed, batch_size=16, pos_weight=pos_weight, warmup=2)
+        cfg = finetune.run_config(ctx, setting, seed=seed, batch_size=16, pos_weight=pos_weight, warmup=2,
+                                  head_init=head)
         run = train.setup(cfg, store=ctx.store, ids=ids)
+        steps.append(run.train_step)
         state = train._init_encoder_from(run.fresh_state(), cfg.init, run)
         batch = sharding.to_global(next(run.data_iter), run.mesh)
         programs.append([run.init_state.lower(sharding.to_global(run.example, run.mesh), run.init_inputs).as_text(),
@@ -316,7 +323,39 @@ def test_the_runs_of_a_study_share_one_compiled_init_and_step(phantom_cache, tmp
         assert int(state["method_state"]["seed"]) == seed
         heads.append(np.asarray(state["params"]["head"]["dense"]["kernel"]))
     assert programs[0] == programs[1]
-    assert not np.array_equal(*heads)  # the seed reaches the head's init
+    assert programs[2][2] == programs[0][2]  # the LP-FT head is one more argument of the inits only
+    assert not np.array_equal(heads[0], heads[1])  # the seed reaches the head's init
+    np.testing.assert_array_equal(heads[2], 0.25)
+    assert steps[0] is steps[1] is steps[2] and len(train._JITTED) == 1
+    for change in ({"flip": False}, {"augment": {**config.augment.to_dict(), "brightness": 0.1}}):
+        other = ft_config(phantom_cache, config.init, **change)
+        _, other_ctx, _, _ = finetune.open_context(other, str(tmp_path / "eval"))
+        cfg = finetune.run_config(other_ctx, finetune.Setting(0.1, 6), seed=0, batch_size=16,
+                                  pos_weight=np.ones(num_labels, np.float32), warmup=2)
+        assert train.setup(cfg, store=other_ctx.store, ids=ids).train_step is not steps[0], change
+
+
+def test_a_run_with_a_reused_step_trains_like_one_compiled_for_it(phantom_cache, tmp_path):
+    """Reusing an earlier run's jitted init and step changes nothing a run computes: the same run after
+    another (different lr, budget, seed, pos_weight) ends with the same weights as in a fresh process."""
+    config = ft_config(phantom_cache, tiny_export(tmp_path / "export"))
+    _, ctx, _, _ = finetune.open_context(config, str(tmp_path / "eval"))
+    ids = ctx.splits.fraction_ids(1.0)
+    weights = np.ones(len(ctx.store.label_names), np.float32)
+
+    def train_b(run_dir):
+        finetune.train_run(ctx, finetune.Setting(0.3, 6, 0.1), seed=1, train_ids=ids, run_dir=run_dir,
+                           batch_size=16, pos_weight=2 * weights)
+        return finetune.load_model(os.path.join(run_dir, "model"))
+
+    train._JITTED.clear()
+    alone = train_b(str(tmp_path / "alone"))
+    finetune.train_run(ctx, finetune.Setting(0.03, 4), seed=0, train_ids=ids, run_dir=str(tmp_path / "a"),
+                       batch_size=16, pos_weight=weights)
+    assert len(train._JITTED) == 1
+    after = train_b(str(tmp_path / "after"))
+    assert len(train._JITTED) == 1
+    jax.tree.map(np.testing.assert_array_equal, alone, after)
 
 
 def test_runtime_schedule_inputs_give_lr_multipliers_factors():

@@ -114,6 +114,9 @@ class Method:
           compiled-in constants (fine-tuning: the run's seed, pos_weight, lr schedule), so that the runs of a
           transfer study share one compiled init, as they share one compiled step; default {}.
       init_optimizer(tx, params, inputs) -> the optimiser state of fresh params: default tx.init(params).
+      runtime_fields: the config fields (dotted) that reach the compiled init and step only through
+          init_inputs (or the host pipeline), never as constants: setups of one process that differ only
+          in them reuse the jitted init and step (train.setup), without tracing them again; default ().
       extend_config(config): adds the method's own config fields (to the reference config too, so a
           mistyped field of the method is rejected).
       check_config(config): refuses a nonsense value of those fields in one line naming it, before any
@@ -143,6 +146,7 @@ class Method:
     encoder_variables: Callable[[dict], dict] = encoder_variables
     with_encoder_variables: Callable[[dict, dict], dict] = with_encoder_variables
     export_variables: Callable[[dict, Any], dict] = _export_encoder
+    runtime_fields: tuple[str, ...] = ()
 
 
 def names() -> list[str]:

@@ -8,8 +8,10 @@ fresh (or from `supervised.head_init`, a head.npz already aligned to this store'
 
 What differs between the runs of a transfer study is data, not code: pos_weight and the run's seed are in
 `method_state`, the learning-rate schedule in the optimiser state (optim.make_finetune_optimizer), and the
-init reads all of them as arguments (`init_inputs`), so one compiled step and one compiled init serve every
-grid point, seed and label fraction of one architecture and batch size.
+init reads all of them, and an LP-FT head, as arguments (`init_inputs`), so one compiled step and one
+compiled init serve every grid point, seed and label fraction of one architecture and batch size. Those
+config fields are `RUNTIME_FIELDS`: train.setup reuses the jitted init and step of an earlier run of the
+process that differs only in them, instead of tracing them again.
 """
 
 from __future__ import annotations
@@ -66,18 +68,23 @@ def init_inputs(config) -> dict:
         peak_lr=float(cfg.peak_lr), warmup_steps=int(cfg.warmup_steps), total_steps=int(config.total_steps),
         end_factor=float(config.optim.get("end_lr_factor", 0.0)), backbone_mult=float(cfg.backbone_lr_mult),
         layer_decay=float(cfg.layer_decay))
-    return {"seed": np.int32(cfg.seed), "pos_weight": pos_weight, "schedule": schedule}
+    inputs = {"seed": np.int32(cfg.seed), "pos_weight": pos_weight, "schedule": schedule}
+    if cfg.head_init:
+        with np.load(cfg.head_init) as saved:
+            inputs["head"] = {"kernel": np.asarray(saved["kernel"], np.float32),
+                              "bias": np.asarray(saved["bias"], np.float32)}
+    return inputs
 
 
 def init(model, rng, batch, config, inputs):
+    del config
     image = batch["image"]
     rng = jax.random.fold_in(rng, inputs["seed"])
     variables = dict(model.init(rng, jnp.zeros((2, *image.shape[2:]), jnp.float32), train=False))
-    if config.supervised.head_init:
-        with np.load(config.supervised.head_init) as saved:
-            params = dict(variables["params"])
-            params["head"] = {"dense": {"kernel": jnp.asarray(saved["kernel"]), "bias": jnp.asarray(saved["bias"])}}
-            variables["params"] = params
+    if "head" in inputs:  # an argument of the compiled init, not a constant in it: LP-FT runs share it too
+        params = dict(variables["params"])
+        params["head"] = {"dense": {"kernel": inputs["head"]["kernel"], "bias": inputs["head"]["bias"]}}
+        variables["params"] = params
     return variables, {"pos_weight": inputs["pos_weight"], "seed": inputs["seed"]}
 
 
@@ -115,6 +122,11 @@ def export_variables(variables: dict, method_state) -> dict:
     return variables
 
 
+# Everything init_inputs turns into data; the optimiser's total_steps too (the schedule lives in its state).
+RUNTIME_FIELDS = ("total_steps", "supervised.seed", "supervised.pos_weight", "supervised.peak_lr",
+                  "supervised.warmup_steps", "supervised.backbone_lr_mult", "supervised.layer_decay",
+                  "supervised.head_init")
+
 METHOD = Method(data_spec=data_spec, build=build, init=init, loss_fn=loss_fn, extend_config=extend_config,
                 make_optimizer=make_optimizer, init_inputs=init_inputs, init_optimizer=init_optimizer,
-                export_variables=export_variables)
+                export_variables=export_variables, runtime_fields=RUNTIME_FIELDS)
