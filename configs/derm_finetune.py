@@ -7,7 +7,7 @@ colour, crop-resize, blur, rotation, flips; parameters [NF]): random-resized cro
 the host, SimCLR colour distortion s 1.0 p 0.8, grayscale 0.2, blur p 0.5 and rotation up to 45 degrees
 on the device. The fine-tuning protocol of configs/finetune.py: lr, budget and backbone lr chosen per init
 on a patient-wise validation split (as they grid-searched lr/steps on validation; the grid values are
-ours), then 3 seeds of the chosen setting.
+ours), 3 seeds of each of the best 2 settings, the better seed mean chosen.
 Every record needs one-hot label columns (one per class; `ingest --medmnist` writes DermaMNIST so);
 E/eval/summary.json has `top1_accuracy` and `mean_auc` (= macro one-vs-rest AUC), and `compare` adds
 top-1 with its paired-bootstrap CI and p-values to the AUC tables.

@@ -18,8 +18,8 @@ The recipe (Tayebi Arasteh et al. 2024; notes in medssl_jax/models/vit.py and co
 - head: Linear(768, L) on the final-LayerNorm CLS token; all parameters trained (full fine-tuning);
 - AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0, batch 32, fp32; the paper's constant lr 1e-5 is
   the middle of our lr grid (3e-6, 1e-5, 3e-5), with warm-up + cosine over 10 or 30 epochs and, for a
-  pretrained ViT, layer-wise lr decay 0.75 tried against none (evaluate/finetune.py: each arm's setting is
-  chosen on validation, then trained with 3 seeds);
+  pretrained ViT, layer-wise lr decay 0.75 tried against none (evaluate/finetune.py: each arm's best 2
+  settings on validation are trained with 3 seeds, the better seed mean chosen);
 - BCE-with-logits with per-label pos_weight (N - P) / P from the train split, NaN labels masked;
 - augmentation: horizontal flip p 0.5 + rotation U(-7, 7) degrees, nearest-neighbour, fill 0 (PIL's
   rotate, which their torchvision RandomRotation calls); no crop, no colour, images in [0, 1] without
@@ -79,7 +79,7 @@ Hardware and runtime (an estimate, not a measurement; no GPU was available when 
 ViT-B/14 training step at 224 px (257 tokens) costs about 70 GFLOP per image; in fp32 (TF32 matmuls on
 an H100) that is of the order of 1,000-2,500 images/s on one H100, i.e. 1.5-3 minutes per epoch of
 CheXpert's ~190k frontal training images, 15-90 minutes per run of the 10- or 30-epoch budgets (the grid:
-3 lrs x 2 budgets x 2 layer decays, + 2 seeds, for a pretrained arm).
+3 lrs x 2 budgets x 2 layer decays, + 2 more seeds of each of the best 2, for a pretrained arm).
 ViT-B/16 (197 tokens) is about 25 % cheaper.
 
 What the paper reports: DINOv2 initialisation beats supervised ImageNet initialisation

@@ -2,8 +2,8 @@ r"""Transfer study: linear probe and fine-tuning of several initialisations at s
 
 Each init (a pretraining export, a converted checkpoint, or 'random') is probed and fine-tuned on the same
 patient-wise splits; fine-tuning follows the protocol of evaluate/finetune.py (each init its own lr grid,
-lower backbone lr and LP-FT for pretrained encoders, warm-up + cosine over a budget chosen on validation, 3 seeds of
-the chosen setting). W/transfer.json, W/report.md, W/label_efficiency.png and W/convergence.png hold the
+lower backbone lr and LP-FT for pretrained encoders, warm-up + cosine over a budget chosen on validation, 3 seeds
+of each of the best 2 settings, the better seed mean chosen). W/transfer.json, W/report.md, W/label_efficiency.png and W/convergence.png hold the
 results; rerunning the command resumes an interrupted study.
 
   # Azizi et al.'s label-efficiency comparison on an ingested chest X-ray store (ResNet-50, 224 px)
@@ -17,9 +17,9 @@ results; rerunning the command resumes an interrupted study.
 Measured (BENCHMARKS.md, "Transfer", 2026-12-05, 2 CPU cores): the BreastMNIST command above took 28 min 15 s
 (108 fine-tuning runs); fine-tune SSL - random at 1 / 10 / 25 / 100 % labels -0.022 / +0.002 / -0.003 / +0.001,
 every CI including 0, while the linear probe gains +0.141 / +0.168 / +0.223 / +0.116 (CIs above 0).
-At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 15
-(4 lrs x 2 backbone lrs + 3 LP-FT lrs for 10 epochs, the best 2 of them for 30, + 2 seeds) runs per pretrained
-init and fraction, 8 for random init.
+At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 17
+(4 lrs x 2 backbone lrs + 3 LP-FT lrs for 10 epochs, the best 2 of them for 30, + 2 more seeds of each of the
+best 2) runs per pretrained init and fraction, 10 for random init.
 """
 
 import ml_collections as mlc

@@ -16,6 +16,7 @@ from medssl_jax.data.store import Store
 from medssl_jax.evaluate import bootstrap, finetune, records, report, transfer
 from medssl_jax.evaluate import features as features_lib
 from medssl_jax.evaluate import splits as splits_lib
+from medssl_jax.methods import supervised
 
 TINY_VIT = {"name": "vit", "variant": "Ti/8", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
             "image_size": 24, "pos_interp": "size"}
@@ -65,9 +66,21 @@ def test_each_fraction_chooses_on_validation_then_runs_the_seeds_and_writes_eval
     for fraction in record["fractions"]:
         assert {g["name"] for g in fraction["grid"]} == {"lr0.1_steps6", "lr0.1_steps6_bb0.1"}
         best = max(fraction["grid"], key=lambda g: -np.inf if g["score"] is None else g["score"])
-        assert fraction["chosen"]["name"] == best["name"]
         # The score is the mean of the last selection_evals validation readings of the run's curve.
         assert best["score"] == pytest.approx(np.mean(best["curve"]["val_auc"][-2:]))
+        # Both settings are finalists (seed_top_k 2): each ran with both seeds, and the choice is the best
+        # mean over the seeds of their validation scores, read back from each seed's run.
+        assert [f["name"] for f in fraction["finalists"]][0] == best["name"]
+        for finalist in fraction["finalists"]:
+            runs = os.path.join(workdir, "runs", f"f{fraction['fraction']:g}", finalist["name"])
+            seed_scores = []
+            for seed in (0, 1):
+                with open(os.path.join(runs, f"seed{seed}", finetune.RESULT_FILE)) as f:
+                    seed_scores.append(json.load(f)["score"])
+            assert finalist["seed_scores"] == pytest.approx(seed_scores)
+            assert finalist["score"] == pytest.approx(np.mean(seed_scores))
+        top = max(fraction["finalists"], key=lambda f: f["score"])
+        assert fraction["chosen"]["name"] == top["name"] and fraction["chosen"]["score"] == top["score"]
         assert [s["seed"] for s in fraction["seeds"]] == [0, 1]
         aucs = [s["test_mean_auc"] for s in fraction["seeds"]]
         assert fraction["test_mean_auc"] == pytest.approx(np.mean(aucs))
@@ -146,8 +159,10 @@ def test_selection_reads_validation_only(tmp_path, phantom_cache):
     assert sa["mean_auc"] == pytest.approx(1 - sb["mean_auc"], abs=1e-6)  # the same predictions, flipped labels
 
 
-def test_interrupted_fine_tune_resumes_to_the_same_final_weights(phantom_cache, tmp_path):
-    config = ft_config(phantom_cache, "random", checkpoint_every=3)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_interrupted_fine_tune_resumes_to_the_same_final_weights(phantom_cache, tmp_path, ema_decay):
+    """With weight averaging too: the average is part of the checkpoint, and it is the model kept."""
+    config = ft_config(phantom_cache, "random", checkpoint_every=3, ema_decay=ema_decay)
     main.run(config, str(tmp_path / "whole"))
     assert finetune.run(config, str(tmp_path / "cut"), stop_after=4) is None  # killed after 4 of 6 steps
     assert not os.path.exists(tmp_path / "cut" / "eval")
@@ -333,6 +348,49 @@ def test_the_runs_of_a_study_share_one_compiled_init_and_step(phantom_cache, tmp
         cfg = finetune.run_config(other_ctx, finetune.Setting(0.1, 6), seed=0, batch_size=16,
                                   pos_weight=np.ones(num_labels, np.float32), warmup=2)
         assert train.setup(cfg, store=other_ctx.store, ids=ids).train_step is not steps[0], change
+
+
+def test_weight_average_follows_a_numpy_recursion_from_the_restored_weights(phantom_cache, tmp_path):
+    """ema_decay > 0: the average starts at the weights after step 0's update (the export's encoder, not the
+    random one it replaced), then e = d e + (1 - d) w with d = min(decay, (1 + step) / (10 + step)), for the
+    weights and BatchNorm's statistics alike; it is what the run evaluates and keeps."""
+    decay = 0.2
+    config = ft_config(phantom_cache, tiny_export(tmp_path / "export"), ema_decay=decay)
+    _, ctx, _, _ = finetune.open_context(config, str(tmp_path / "eval"))
+    cfg = finetune.run_config(ctx, finetune.Setting(0.3, 6), seed=0, batch_size=16,
+                              pos_weight=np.ones(len(ctx.store.label_names), np.float32), warmup=0)
+    run = train.setup(cfg, store=ctx.store, ids=ctx.splits.fraction_ids(1.0))
+    state = train._init_encoder_from(run.fresh_state(), cfg.init, run)
+    seen = []
+    for _ in range(4):
+        state, _ = run.train_step(state, sharding.to_global(next(run.data_iter), run.mesh))
+        seen.append(jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]}))
+    expected = seen[0]
+    for step in (1, 2, 3):
+        d = min(decay, (1 + step) / (10 + step))
+        expected = jax.tree.map(lambda e, w: d * e + (1 - d) * w, expected, seen[step])
+    ema = jax.device_get(state["method_state"]["ema"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ema, expected)
+    assert not np.allclose(ema["params"]["head"]["dense"]["kernel"], seen[-1]["params"]["head"]["dense"]["kernel"])
+    kept = supervised.export_variables(seen[-1], state["method_state"])
+    jax.tree.map(np.testing.assert_array_equal, kept, ema)
+
+
+def test_finalists_are_the_best_grid_scores_and_a_seed_that_failed_rules_a_finalist_out():
+    scores = {"a": 0.7, "b": 0.9, "c": -np.inf, "d": 0.9, "e": 0.8}
+    assert finetune.finalists(scores, list(scores), 2) == ["b", "d"]  # ties: grid order
+    assert finetune.finalists(scores, list(scores), 9) == ["b", "d", "e", "a"]  # a failed run never
+    assert finetune.seed_mean_score([0.9, 0.7, 0.8]) == pytest.approx(0.8)
+    assert finetune.seed_mean_score([0.95, -np.inf, 0.9]) == -np.inf
+    final = {"b": finetune.seed_mean_score([0.9, 0.7, 0.71]), "d": finetune.seed_mean_score([0.9, 0.8, 0.8])}
+    assert finetune.choose(final, ["b", "d"]) == "d"  # b's grid score was its lucky seed
+
+
+def test_runs_stored_before_a_config_field_existed_are_read_back_under_its_old_behaviour():
+    stored = {"optim.weight_decay": 0.0}  # a run written before supervised.ema_decay existed
+    finetune.check_same_run(stored, {**stored, "supervised.ema_decay": 0.0}, "run")
+    with pytest.raises(finetune.FinetuneError, match=r"supervised\.ema_decay: 0\.0 there, 0\.9 now"):
+        finetune.check_same_run(stored, {**stored, "supervised.ema_decay": 0.9}, "run")
 
 
 def test_a_run_with_a_reused_step_trains_like_one_compiled_for_it(phantom_cache, tmp_path):
@@ -560,7 +618,8 @@ def test_bad_inputs_fail_before_training(phantom_cache, tmp_path):
     assert "\n" not in str(error.value)
     assert not os.path.exists(str(tmp_path / "e" / "eval"))
     for field, value, message in (("lr_grid", (), "lr_grid"), ("seeds", 0, "seeds"), ("budget_grid", (0,), "budget"),
-                                  ("layer_decays", (1.5,), "layer_decays"), ("budget_top_k", -1, "budget_top_k")):
+                                  ("layer_decays", (1.5,), "layer_decays"), ("budget_top_k", -1, "budget_top_k"),
+                                  ("ema_decay", 1.0, "ema_decay"), ("seed_top_k", 0, "seed_top_k")):
         with pytest.raises(ValueError, match=message):
             main.run(ft_config(phantom_cache, "random", **{field: value}), str(tmp_path / "bad"))
     study = transfer.reference_config()
