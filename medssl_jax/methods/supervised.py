@@ -101,7 +101,9 @@ def init(model, rng, batch, config, inputs):
         params["head"] = {"dense": {"kernel": inputs["head"]["kernel"], "bias": inputs["head"]["bias"]}}
         variables["params"] = params
     method_state = {"pos_weight": inputs["pos_weight"], "seed": inputs["seed"]}
-    if config.supervised.ema_decay > 0:  # a placeholder until step 0 copies the (possibly restored) weights
+    # The average's structure; its value is replaced at step 0 by the weights training starts from (the
+    # restored ones after config.init or a resume), see _ema_step.
+    if config.supervised.ema_decay > 0:
         method_state["ema"] = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     return variables, method_state
 
