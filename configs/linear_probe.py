@@ -54,9 +54,9 @@ def get_config(arg=None):
     c.data.store = args.store
     c.init = args.init
     # Architecture for init='random' (an export or converted checkpoint brings its own), every field settable
-    # with --config.model.FIELD. A probe baseline keeps every residual branch active at init
-    # (zero_init_last_bn=False; True would make every block the identity of its shortcut) and gets its
-    # BatchNorm statistics from the train images (evaluate/encoders.py: fair_random_init).
+    # with --config.model.FIELD. A random ResNet is probed with every residual branch active at init and with
+    # every branch starting as its shortcut (random_zero_init_grid; the better on validation is kept per label
+    # fraction), its BatchNorm statistics from the train images (evaluate/encoders.py: fair_random_init).
     c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64, "zero_init_last_bn": False,
                               "stem_pool": "same"})
     c.image_size = 224

@@ -257,6 +257,11 @@ def validate_eval(config) -> None:
     if "c_grid" in config:
         _need(len(config.c_grid) > 0 and all(float(c) > 0 for c in config.c_grid), "c_grid", tuple(config.c_grid),
               "needs one or more values > 0")
+    if "random_zero_init_grid" in config:
+        grid = tuple(config.random_zero_init_grid)
+        _need(bool(grid) and all(isinstance(v, bool) for v in grid) and len(set(grid)) == len(grid),
+              "random_zero_init_grid", grid, "give one or both of False, True (the zero_init_last_bn values a "
+              "random-init ResNet probe is fit with)")
     if config.mode == "finetune":
         _positive(config, "log_every")
 

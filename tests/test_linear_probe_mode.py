@@ -185,17 +185,40 @@ def test_config_files_have_only_known_fields(spec):
 
 
 def test_random_baseline_is_fair_and_says_how_it_was_built(phantom_cache, tmp_path):
-    # init=random: the standard init with every residual branch active (zero_init_last_bn settable from the
-    # command line) and BatchNorm statistics recomputed on the train images, recorded in summary.json.
-    config = probe_config(phantom_cache, "random")
-    config.model = {**TINY_RESNET, "zero_init_last_bn": False}
+    # init=random restricted to one residual-branch init: every branch active, BatchNorm statistics
+    # recomputed on the train images, recorded in summary.json.
+    config = probe_config(phantom_cache, "random", random_zero_init_grid=(False,))
+    config.model = {**TINY_RESNET, "zero_init_last_bn": True}  # the grid's value is what is built
     summary = main.run(config, str(tmp_path / "fair"))
+    assert "random_init_choice" not in summary["extra"]
     baseline = summary["extra"]["baseline"]
     assert baseline["residual_branches"] == "standard initialisation, every residual branch active"
     assert baseline["batch_stats"].startswith("recomputed on ") and "train images" in baseline["batch_stats"]
     # The operating points are measured at thresholds chosen on validation (not on test).
     assert summary["metrics"]["threshold_source"] == "validation"
     assert records.read_eval(str(tmp_path / "fair")).thresholds.shape == (len(phantoms.LABEL_NAMES),)
+
+
+def test_random_resnet_probe_keeps_the_residual_init_that_is_better_on_validation(phantom_cache, tmp_path):
+    # Both residual-branch inits are standard for a random ResNet: each is probed, and each label fraction keeps
+    # the one with the better validation mean AUC (with C); what was compared is in summary.json.
+    config = probe_config(phantom_cache, "random", label_fractions=(0.5, 1.0))
+    config.model = {**TINY_RESNET, "zero_init_last_bn": False}
+    workdir = str(tmp_path / "both")
+    summary = main.run(config, workdir)
+    labels = {"active residual branches", "zero-initialised residual branches"}
+    for fraction in ("0.5", "1"):
+        extra = records.read_eval(os.path.join(workdir, "fractions", f"f{fraction}")).summary["extra"]
+        choice = extra["random_init_choice"]
+        assert set(choice["val_mean_auc"]) == labels
+        assert choice["val_mean_auc"][choice["chosen"]] == max(choice["val_mean_auc"].values())
+        assert extra["val_mean_auc_by_c"][f"{extra['c']:g}"] == choice["val_mean_auc"][choice["chosen"]]
+        zero = extra["baseline"]["architecture"]["zero_init_last_bn"]
+        assert zero == choice["zero_init_last_bn"] == (choice["chosen"] == "zero-initialised residual branches")
+    assert summary["extra"]["random_init_choice"]["chosen"] in labels
+    assert len(os.listdir(os.path.join(workdir, "cache"))) == 2  # features of each variant, cached apart
+    with pytest.raises(ValueError, match="random_zero_init_grid"):
+        main.run(probe_config(phantom_cache, "random", random_zero_init_grid=(1,)), str(tmp_path / "bad"))
 
 
 def test_recomputed_batch_stats_are_the_train_images_statistics(phantom_cache):

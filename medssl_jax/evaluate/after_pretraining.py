@@ -1,8 +1,9 @@
 """The probe that ends every pretraining run, and its fair baseline.
 
 `run` probes the exported encoder with the linear_probe mode (evaluate/linear_probe.py) on the run's
-store, then a random-init encoder of the same architecture (evaluate/encoders.py: every residual branch
-active, BatchNorm statistics recomputed on the train images) on the same splits, and compares the two by
+store, then a random-init encoder of the same architecture (evaluate/encoders.py: for a ResNet with every
+residual branch active and with every branch starting as its shortcut, the better on validation kept;
+BatchNorm statistics recomputed on the train images) on the same splits, and compares the two by
 a paired bootstrap of their test predictions. `skip_reason` says why a store cannot be probed (no labels
 or no test split: the normal case for an unlabelled pretraining store).
 """
@@ -83,7 +84,9 @@ def run(export_dir: str, data_config, probe_config, *, mesh, seed: int, workdir:
     logging_lib.log("linear probe on a random-init encoder of the same architecture (the baseline)")
     baseline = linear_probe.run(random_config, baseline_dir, store=store)
     summary["random_init"] = {"mean_auc": baseline["mean_auc"], "per_label_auc": baseline["per_label_auc"],
-                              "workdir": baseline_dir, "baseline": baseline["extra"].get("baseline")}
+                              "workdir": baseline_dir, "baseline": baseline["extra"].get("baseline"),
+                              **({"choice": baseline["extra"]["random_init_choice"]}
+                                 if "random_init_choice" in baseline["extra"] else {})}
     summary["vs_random_init"] = compare_with_baseline(workdir, baseline_dir, seed=seed)
     jsonio.write_json(os.path.join(workdir, "eval", "summary.json"), summary)
     return summary

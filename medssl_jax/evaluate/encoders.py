@@ -3,8 +3,7 @@
 `load_encoder` builds the encoder `config.init` names (its architecture from the export's config.json, or
 `config.model` for 'random') with its input normalisation, and loads its weights; `fair_random_init` makes
 a random-init encoder a fair baseline (BatchNorm statistics recomputed on the train images), and
-`random_baseline_model` gives the architecture of that baseline for an export (every residual branch
-active). The linear probe, fine-tuning, the end-of-pretraining probe and the online monitor all start here.
+`random_baseline_model` gives the architecture of that baseline for an export. The linear probe, fine-tuning, the end-of-pretraining probe and the online monitor all start here.
 """
 
 from __future__ import annotations
@@ -41,9 +40,9 @@ def fair_random_init(encoder: Encoder, store: Store, train_ids: np.ndarray, *, i
 
     The initial running statistics (mean 0, variance 1) describe no image; with them a random ResNet's
     features are far worse than its architecture allows. The init itself is the architecture's standard
-    one from `encoder.model_config` (configs set zero_init_last_bn=False for a probe baseline: with the
-    last BN gamma of every residual branch at 0 every block is the identity and the "random ResNet" is its
-    stem plus shortcuts). Returns the encoder with new variables and `baseline` describing both.
+    one from `encoder.model_config`; for a ResNet both residual-branch inits are standard (every branch
+    active, or zero_init_last_bn: every block starts as its shortcut), and the linear probe fits both and
+    keeps the better one on validation. Returns the encoder with new variables and `baseline` describing both.
     """
     variables, used = features_lib.recalibrate_batch_stats(encoder.model, encoder.variables, store, train_ids,
                                                            image_size=image_size, batch_size=batch_size, mesh=mesh)
@@ -56,19 +55,15 @@ def fair_random_init(encoder: Encoder, store: Store, train_ids: np.ndarray, *, i
         "batch_stats": (f"recomputed on {used} train images (precise BN, eval preprocessing)" if used
                         else "none (the encoder has no BatchNorm)"),
     }
-    if zero_init:
-        logging_lib.log("warning: the random-init encoder has zero_init_last_bn=True: every residual branch is "
-                        "off at init, a crippled baseline (set --config.model.zero_init_last_bn=False)")
     logging_lib.log(f"random-init baseline: {baseline['residual_branches']}; BatchNorm statistics "
                     f"{baseline['batch_stats']}")
     return dataclasses.replace(encoder, variables=variables, baseline=baseline)
 
 
 def random_baseline_model(model_config: dict) -> dict:
-    """The export's architecture with its standard init: every residual branch active at initialisation.
-
-    zero_init_last_bn is a training aid for pretraining (each block starts as the identity); for a random
-    feature baseline it would switch every residual branch off.
+    """The export's architecture for its random-init baseline, every residual branch active at initialisation
+    (zero_init_last_bn=False; the export has True, a training aid of pretraining). The linear probe fits this
+    and the zero-initialised variant (`random_zero_init_grid`) and keeps the better one on validation.
     """
     model = dict(model_config)
     if "zero_init_last_bn" in model or model.get("name") == "resnet":

@@ -6,7 +6,8 @@ One flow, top to bottom (`run`):
   store (refused up front without labels or a test split) -> patient-wise splits (E/splits.json,
   evaluate/splits.py; validation = the store's own 'val' split when it has one) -> encoder from
   `config.init` (an export, a converted checkpoint or 'random': the architecture's standard init with
-  BatchNorm statistics recomputed on the train images, `encoders.fair_random_init`) -> features of the
+  BatchNorm statistics recomputed on the train images, `encoders.fair_random_init`; a random ResNet once per
+  residual-branch init of `config.random_zero_init_grid`, chosen with C on validation) -> features of the
   train/val/test records, extracted once by the jitted forward of evaluate/features.py and cached in
   E/cache/<key>/ -> per label fraction: standardise with the fraction's train statistics, fit one L2
   logistic regression per label for every C of `config.c_grid` on the fraction's train patients, keep the
@@ -29,10 +30,12 @@ recomputed with the same jitted forward and the fitted probe scores them. Single
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
 import time
+from typing import Any
 
 import ml_collections as mlc
 import numpy as np
@@ -49,6 +52,11 @@ def reference_config() -> mlc.ConfigDict:
     c.mode = "linear_probe"
     c.feature = "pre_logits"  # which entry of the encoder's out_dict
     c.c_grid = probe.C_GRID  # inverse L2 strengths tried on the validation patients (see evaluate/probe.py)
+    # init='random' with a ResNet: its residual-branch init is a hyperparameter of that init like C. Every
+    # branch active (False) or every branch starting as its shortcut (True, how pretraining starts): the probe
+    # is fit on both and each label fraction keeps the one with the better validation mean AUC (ties: the
+    # first). Measured on MedMNIST validation, either can win (BENCHMARKS.md, "Transfer").
+    c.random_zero_init_grid = (False, True)
     return c
 
 
@@ -83,6 +91,51 @@ def features_of(encoder: encoders.Encoder, store: Store, splits: splits_lib.Spli
     return np.concatenate([p["features"] for p in parts]), np.concatenate([p["labels"] for p in parts]), rows
 
 
+@dataclasses.dataclass
+class Candidate:
+    """An encoder the probe is fit on, with the features of every evaluation record."""
+    encoder: encoders.Encoder
+    forward: Any
+    features: np.ndarray  # [N, D]
+    labels: np.ndarray  # [N, L]
+    rows: dict  # record id -> row
+    label: str = ""  # how it differs from the other candidates ('' when it is the only one)
+    zero_init_last_bn: bool | None = None
+
+
+def _encoders(config, store: Store, splits: splits_lib.Splits, *, mesh, fingerprint: str, workdir: str) -> list:
+    """The encoder `config.init` names with its features; for init='random' with a ResNet, one fair random
+    encoder per value of `config.random_zero_init_grid` (each fraction keeps the better one on validation)."""
+    channels = store.channels(splits.test)
+    grid = [None]
+    if config.init == "random" and config.model and "zero_init_last_bn" in config.model:
+        grid = list(config.random_zero_init_grid)
+    out = []
+    for zero_init in grid:
+        variant = config
+        if zero_init is not None:
+            variant = config.copy_and_resolve_references()
+            variant.model.zero_init_last_bn = bool(zero_init)
+        encoder = encoders.load_encoder(variant, channels=channels)
+        if config.init == "random":
+            encoder = encoders.fair_random_init(encoder, store, splits.train, image_size=config.image_size,
+                                                batch_size=config.batch_size, mesh=mesh, seed=config.seed)
+        logging_lib.log(f"linear probe on {config.feature} features of {config.init} "
+                        f"({encoder.model_config.get('name')})")
+        forward = features_lib.feature_fn(encoder.model, config.feature, mesh)
+        cache_dir = os.path.join(workdir, "cache", feature_cache_key(variant, encoder, fingerprint))
+        feats, labels, rows = features_of(encoder, store, splits, config, mesh=mesh, forward=forward,
+                                          cache_dir=cache_dir)
+        label = "" if len(grid) == 1 or zero_init is None else (
+            "zero-initialised residual branches" if zero_init else "active residual branches")
+        out.append(Candidate(encoder, forward, feats, labels, rows, label, zero_init))
+    return out
+
+
+def _finite_or_minus_inf(value) -> float:
+    return float(value) if value is not None and np.isfinite(value) else -np.inf
+
+
 def run(config, workdir: str, *, store: Store | None = None) -> dict:
     """Runs the linear probe described in the module docstring; returns E/eval/summary.json's dict.
     `store`: config.data's store when the caller has it open."""
@@ -95,42 +148,53 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
 
-    encoder = encoders.load_encoder(config, channels=store.channels(splits.test))
-    if config.init == "random":
-        encoder = encoders.fair_random_init(encoder, store, splits.train, image_size=config.image_size,
-                                   batch_size=config.batch_size, mesh=mesh, seed=config.seed)
-    logging_lib.log(f"linear probe on {config.feature} features of {config.init} ({encoder.model_config.get('name')})")
-    forward = features_lib.feature_fn(encoder.model, config.feature, mesh)
-    cache_dir = os.path.join(workdir, "cache", feature_cache_key(config, encoder, fingerprint))
-    feats, labels, rows = features_of(encoder, store, splits, config, mesh=mesh, forward=forward, cache_dir=cache_dir)
+    candidates = _encoders(config, store, splits, mesh=mesh, fingerprint=fingerprint, workdir=workdir)
+    rows, labels = candidates[0].rows, candidates[0].labels  # every candidate has the same records in one order
     take = lambda ids: np.fromiter((rows[int(i)] for i in ids), np.int64, count=len(ids))  # noqa: E731
     val_rows, test_rows = take(splits.val), take(splits.test)
     label_names = list(store.label_names)
 
-    common = dict(label_names=label_names, mode="linear_probe", method=encoder.method, init=config.init,
+    common = dict(label_names=label_names, mode="linear_probe", method=candidates[0].encoder.method, init=config.init,
                   split=splits.params["test"], store_name=store.name, store_fingerprint=fingerprint)
     results = {}
     for fraction in fractions:
         train_ids = splits.fraction_ids(fraction)
         train_rows = take(train_ids)
-        fitted, best_c, by_c = probe.select_and_fit(feats[train_rows], labels[train_rows], feats[val_rows], labels[val_rows],
-                                             c_grid=config.c_grid, label_names=label_names)
-        probs = fitted.predict(feats[test_rows])
-        thresholds = metrics.youden_thresholds(fitted.predict(feats[val_rows]), labels[val_rows])
+        fits = []  # per candidate: (fitted probe, its C, validation mean AUC by C)
+        for candidate in candidates:
+            feats = candidate.features
+            fits.append(probe.select_and_fit(feats[train_rows], labels[train_rows], feats[val_rows], labels[val_rows],
+                                             c_grid=config.c_grid, label_names=label_names))
+        val_auc = [by_c[best_c] for _, best_c, by_c in fits]
+        pick = int(np.argmax([_finite_or_minus_inf(v) for v in val_auc]))  # ties keep the first
+        chosen, (fitted, best_c, by_c) = candidates[pick], fits[pick]
+        probs = fitted.predict(chosen.features[test_rows])
+        thresholds = metrics.youden_thresholds(fitted.predict(chosen.features[val_rows]), labels[val_rows])
         edge = probe.check_c_choice(best_c, config.c_grid)
+        choice = None
+        if len(candidates) > 1:
+            choice = {"chosen": chosen.label, "zero_init_last_bn": chosen.zero_init_last_bn,
+                      "val_mean_auc": {c.label: v for c, v in zip(candidates, val_auc)}}
         results[fraction] = dict(probe=fitted, probs=probs, c=best_c, by_c=by_c, num_train=len(train_ids),
-                                 thresholds=thresholds, c_at_edge=edge is not None)
+                                 thresholds=thresholds, c_at_edge=edge is not None, encoder=chosen, choice=choice)
         unfit = [label_names[j] for j in np.flatnonzero(~fitted.fitted)]
+        which = ""
+        if choice:
+            scores = ", ".join(f"{c.label} {metrics.fmt_auc(v)}" for c, v in zip(candidates, val_auc))
+            which = f"; random init with {chosen.label} (validation mean AUC: {scores})"
         logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): C={best_c:g}, val mean AUC "
-                        f"{metrics.fmt_auc(by_c[best_c])}" + (f"; not fit (one class in train): {unfit}" if unfit else ""))
+                        f"{metrics.fmt_auc(by_c[best_c])}" + which
+                        + (f"; not fit (one class in train): {unfit}" if unfit else ""))
         if edge:
             logging_lib.log(edge)
 
     def extra(result):
+        encoder = result["encoder"].encoder
         return {"c": result["c"], "val_mean_auc_by_c": {f"{c:g}": v for c, v in result["by_c"].items()},
                 "num_train": result["num_train"], "feature": config.feature, "splits": splits.fingerprint,
                 "source": encoder.source, "c_at_grid_edge": result["c_at_edge"],
                 **({"baseline": encoder.baseline} if encoder.baseline else {}),
+                **({"random_init_choice": result["choice"]} if result["choice"] else {}),
                 "unfit_labels": [label_names[j] for j in np.flatnonzero(~result["probe"].fitted)]}
 
     test_labels = labels[test_rows]
@@ -153,9 +217,10 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
         sharding.check_single_host("config.robustness")
         logging_lib.log("robustness: perturbing the test images, recomputing features")
         images, _ = features_lib.load_images(store, splits.test, image_size=config.image_size, batch_size=config.batch_size)
-        variables = sharding.replicate(encoder.variables, mesh)
+        chosen = main["encoder"]
+        variables = sharding.replicate(chosen.encoder.variables, mesh)
         curves = robustness.robustness_curves(
-            lambda x: main["probe"].predict(features_lib.padded_apply(lambda b: forward(variables, b), x, mesh)),
+            lambda x: main["probe"].predict(features_lib.padded_apply(lambda b: chosen.forward(variables, b), x, mesh)),
             images, test_labels, label_names=label_names, batch_size=config.batch_size)
 
     summary = records.write_eval(workdir, probs=main["probs"], labels=test_labels, record_ids=splits.test,

@@ -5,7 +5,8 @@
 
 For every init (an export, a converted checkpoint or 'random') and every arm (`arms`: the linear probe and
 fine-tuning), at every label fraction, on the same patient-wise splits:
-  W/linear_probe/<name>/   configs/linear_probe.py's evaluation (C chosen on validation, one fit per fraction)
+  W/linear_probe/<name>/   configs/linear_probe.py's evaluation (C chosen on validation, one fit per fraction;
+                           a random ResNet also its residual-branch init, `random_zero_init_grid`)
   W/finetune/<name>/       evaluate/finetune.py's protocol (each init its own grid on validation, seeds)
 then the analysis:
   W/transfer.json  per init, arm and fraction: the grid, the choice, per-seed test AUCs, their mean and
@@ -88,11 +89,9 @@ def arm_config(config, arm: str, init: str) -> mlc.ConfigDict:
         c[field] = mlc.ConfigDict(value.to_dict()) if isinstance(value, mlc.ConfigDict) else value
     c.init = init
     if init == "random":
+        # The probe fits a random ResNet with both residual-branch inits and keeps the better one on validation
+        # (linear_probe.random_zero_init_grid); a fine-tune from scratch starts like pretraining (config.model).
         c.model = mlc.ConfigDict(dict(config.model))
-        if arm == "linear_probe" and "zero_init_last_bn" in c.model:
-            # The probe's fair baseline keeps every residual branch active (evaluate/encoders.py); a
-            # fine-tune from scratch starts like pretraining, zero-init being a training aid there.
-            c.model.zero_init_last_bn = False
     c.name = ""
     return c
 
@@ -234,8 +233,11 @@ def analyse(config, names: list[str], dirs: dict, fractions: list[float]) -> dic
                 else:
                     summary = records.read_eval(dirs[arm, name] if len(fractions) == 1 else os.path.join(
                         dirs[arm, name], "fractions", f"f{fraction:g}")).summary
-                    entry.update({"chosen": {"c": summary["extra"].get("c")},
+                    choice = summary["extra"].get("random_init_choice")  # a random ResNet's residual init
+                    entry.update({"chosen": {"c": summary["extra"].get("c"),
+                                             **({"zero_init_last_bn": choice["zero_init_last_bn"]} if choice else {})},
                                   "grid": summary["extra"].get("val_mean_auc_by_c"),
+                                  **({"random_init_grid": choice["val_mean_auc"]} if choice else {}),
                                   "num_train": summary["extra"].get("num_train")})
                 out["results"].append(entry)
         for i, a in enumerate(names):
@@ -356,6 +358,8 @@ def markdown(result: dict, files: list[str]) -> str:
                 cell = f"{_fmt(r['mean_auc'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
                 if arm == "finetune":
                     cell += f" ({r['chosen']['name']}, spread {_fmt(r['test_mean_auc_spread'])})"
+                elif "zero_init_last_bn" in r["chosen"]:
+                    cell += " (residual branches " + ("zero-init" if r["chosen"]["zero_init_last_bn"] else "active") + ")"
                 cells.append(cell)
             lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
     if result["comparisons"]:
