@@ -14,9 +14,10 @@ results; rerunning the command resumes an interrupted study.
   python -m medssl_jax.main --config=configs/transfer.py:runlocal,store=stores/breastmnist \
       --config.inits="('runs/breast_simclr/export', 'random')" --workdir=evals/breast_transfer
 
-Measured (BENCHMARKS.md, "Transfer", 2026-12-05, 2 CPU cores): the BreastMNIST command above took 31 min 36 s
+Measured (BENCHMARKS.md, "Transfer", 2026-12-06, 2 CPU cores): the BreastMNIST command above took 25 min 39 s
 (124 fine-tuning runs); fine-tune SSL - random at 1 / 10 / 25 / 100 % labels -0.042 / -0.002 / -0.003 / +0.001,
-every CI including 0, while the linear probe gains +0.141 / +0.168 / +0.223 / +0.116 (CIs above 0).
+every CI including 0, while the linear probe gains +0.099 / +0.168 / +0.231 / +0.116 (CIs above 0 from 10 % on;
+the random probe's residual-branch init chosen on validation).
 At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 17
 (4 lrs x 2 backbone lrs + 3 LP-FT lrs for 10 epochs, the best 2 of them for 30, + 2 more seeds of each of the
 best 2) runs per pretrained init and fraction, 10 for random init.
