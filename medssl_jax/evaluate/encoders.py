@@ -3,7 +3,8 @@
 `load_encoder` builds the encoder `config.init` names (its architecture from the export's config.json, or
 `config.model` for 'random') with its input normalisation, and loads its weights; `fair_random_init` makes
 a random-init encoder a fair baseline (BatchNorm statistics recomputed on the train images), and
-`random_baseline_model` gives the architecture of that baseline for an export. The linear probe, fine-tuning, the end-of-pretraining probe and the online monitor all start here.
+`random_baseline_model` gives the architecture of that baseline for an export. The linear probe,
+fine-tuning, the end-of-pretraining probe and the online monitor all start here.
 """
 
 from __future__ import annotations

@@ -93,24 +93,27 @@ def features_of(encoder: encoders.Encoder, store: Store, splits: splits_lib.Spli
 
 @dataclasses.dataclass
 class Candidate:
-    """An encoder the probe is fit on, with the features of every evaluation record."""
+    """An encoder the probe is fit on, with its features of every evaluation record."""
     encoder: encoders.Encoder
     forward: Any
-    features: np.ndarray  # [N, D]
-    labels: np.ndarray  # [N, L]
-    rows: dict  # record id -> row
-    label: str = ""  # how it differs from the other candidates ('' when it is the only one)
-    zero_init_last_bn: bool | None = None
+    features: np.ndarray  # [N, D], rows in the order of `_encoders`' record-id map
+    zero_init_last_bn: bool | None = None  # a random ResNet's residual-branch init (None: not a choice)
+
+    @property
+    def label(self) -> str:
+        return "zero-initialised residual branches" if self.zero_init_last_bn else "active residual branches"
 
 
-def _encoders(config, store: Store, splits: splits_lib.Splits, *, mesh, fingerprint: str, workdir: str) -> list:
-    """The encoder `config.init` names with its features; for init='random' with a ResNet, one fair random
-    encoder per value of `config.random_zero_init_grid` (each fraction keeps the better one on validation)."""
+def _encoders(config, store: Store, splits: splits_lib.Splits, *, mesh, fingerprint: str,
+              workdir: str) -> tuple[list[Candidate], np.ndarray, dict[int, int]]:
+    """(candidates, labels [N, L], record id -> row): the encoder `config.init` names with its features; for
+    init='random' with a ResNet, one fair random encoder per value of `config.random_zero_init_grid` (each
+    fraction keeps the better one on validation). Every candidate's features cover the same records."""
     channels = store.channels(splits.test)
     grid = [None]
     if config.init == "random" and config.model and "zero_init_last_bn" in config.model:
         grid = list(config.random_zero_init_grid)
-    out = []
+    candidates = []
     for zero_init in grid:
         variant = config
         if zero_init is not None:
@@ -126,10 +129,8 @@ def _encoders(config, store: Store, splits: splits_lib.Splits, *, mesh, fingerpr
         cache_dir = os.path.join(workdir, "cache", feature_cache_key(variant, encoder, fingerprint))
         feats, labels, rows = features_of(encoder, store, splits, config, mesh=mesh, forward=forward,
                                           cache_dir=cache_dir)
-        label = "" if len(grid) == 1 or zero_init is None else (
-            "zero-initialised residual branches" if zero_init else "active residual branches")
-        out.append(Candidate(encoder, forward, feats, labels, rows, label, zero_init))
-    return out
+        candidates.append(Candidate(encoder, forward, feats, zero_init))
+    return candidates, labels, rows
 
 
 def _finite_or_minus_inf(value) -> float:
@@ -148,8 +149,7 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
 
-    candidates = _encoders(config, store, splits, mesh=mesh, fingerprint=fingerprint, workdir=workdir)
-    rows, labels = candidates[0].rows, candidates[0].labels  # every candidate has the same records in one order
+    candidates, labels, rows = _encoders(config, store, splits, mesh=mesh, fingerprint=fingerprint, workdir=workdir)
     take = lambda ids: np.fromiter((rows[int(i)] for i in ids), np.int64, count=len(ids))  # noqa: E731
     val_rows, test_rows = take(splits.val), take(splits.test)
     label_names = list(store.label_names)

@@ -358,8 +358,8 @@ def markdown(result: dict, files: list[str]) -> str:
                 cell = f"{_fmt(r['mean_auc'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
                 if arm == "finetune":
                     cell += f" ({r['chosen']['name']}, spread {_fmt(r['test_mean_auc_spread'])})"
-                elif "zero_init_last_bn" in r["chosen"]:
-                    cell += " (residual branches " + ("zero-init" if r["chosen"]["zero_init_last_bn"] else "active") + ")"
+                elif "zero_init_last_bn" in r["chosen"]:  # a random ResNet probe's residual-branch init
+                    cell += f" (residual branches {'zero-init' if r['chosen']['zero_init_last_bn'] else 'active'})"
                 cells.append(cell)
             lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
     if result["comparisons"]:
