@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import TINY_RESNET, tiny_eval_config
-from medssl_jax import checkpoint, main, models, optim, sharding, train
+from helpers import TINY_RESNET, set_fields, tiny_eval_config
+from medssl_jax import checkpoint, config_lib, main, models, optim, sharding, train
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import bootstrap, finetune, records, report, transfer
@@ -18,6 +22,7 @@ from medssl_jax.evaluate import features as features_lib
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.methods import supervised
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VIT = {"name": "vit", "variant": "Ti/8", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
             "image_size": 24, "pos_interp": "size"}
 
@@ -159,10 +164,10 @@ def test_selection_reads_validation_only(tmp_path, phantom_cache):
     assert sa["mean_auc"] == pytest.approx(1 - sb["mean_auc"], abs=1e-6)  # the same predictions, flipped labels
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
-def test_interrupted_fine_tune_resumes_to_the_same_final_weights(phantom_cache, tmp_path, ema_decay):
-    """With weight averaging too: the average is part of the checkpoint, and it is the model kept."""
-    config = ft_config(phantom_cache, "random", checkpoint_every=3, ema_decay=ema_decay)
+def test_interrupted_fine_tune_with_weight_averaging_resumes_to_the_same_final_weights(phantom_cache, tmp_path):
+    """The average is part of the checkpoint, and it is the model kept (without it: the real-process test
+    below)."""
+    config = ft_config(phantom_cache, "random", checkpoint_every=3, ema_decay=0.5)
     main.run(config, str(tmp_path / "whole"))
     assert finetune.run(config, str(tmp_path / "cut"), stop_after=4) is None  # killed after 4 of 6 steps
     assert not os.path.exists(tmp_path / "cut" / "eval")
@@ -174,6 +179,76 @@ def test_interrupted_fine_tune_resumes_to_the_same_final_weights(phantom_cache, 
     with open(tmp_path / "cut" / "runs" / "f1" / "lr0.1_steps6" / "seed0" / "metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f if "val_mean_auc" in line]
     assert steps == [2, 4, 6]  # every evaluation once
+
+
+def _wait_for(process, ready, what, timeout_s=240):
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {process.communicate()[1][-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no {what} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def test_a_fine_tune_killed_then_preempted_resumes_to_the_uninterrupted_result(phantom_cache, tmp_path):
+    """The user's command as real processes: kill -9 mid-run, rerun, SIGTERM, rerun; the same model, curve
+    and choice as one uninterrupted run."""
+    overrides = {"init": "random", "data.cache_dir": phantom_cache, "data.phantom_patients": 64,
+                 "data.phantom_size": 32, "image_size": 24, "model.base_width": 4, "batch_size": 16,
+                 "label_fractions": (1.0,), "lr_grid": (0.1,), "budget_grid": (160,), "eval_every": 10,
+                 "log_every": 10, "checkpoint_every": 20, "seeds": 1, "seed_top_k": 1}
+    whole = str(tmp_path / "whole")
+    main.run(set_fields(config_lib.load_config("finetune", "runlocal"), overrides), whole)
+
+    workdir = tmp_path / "cut"
+    command = [sys.executable, "-m", "medssl_jax.main", "--config=configs/finetune.py:runlocal",
+               f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    run_dir = workdir / "runs" / "f1" / "lr0.1_steps160" / "seed0"
+
+    def checkpoints():  # the verified ones: a checkpoint is complete once its checksums are written
+        return sorted(int(p.parent.name) for p in (run_dir / "checkpoints").glob(f"*/{checkpoint.CHECKSUM_FILE}")
+                      if p.parent.name.isdigit())
+
+    def evaluated_steps():
+        if not (run_dir / "metrics.jsonl").exists():
+            return []
+        with open(run_dir / "metrics.jsonl") as f:
+            return [json.loads(line)["step"] for line in f.read().splitlines() if "val_mean_auc" in line]
+
+    def start(log):  # stdout to a file: the test reads the progress lines while the process runs
+        with open(tmp_path / log, "w") as out:
+            return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True)
+
+    process = start("killed.log")
+    _wait_for(process, lambda: checkpoints(), "first checkpoint")
+    process.kill()  # kill -9: no handler runs
+    process.communicate(timeout=60)
+    killed_at = checkpoints()[-1]
+    assert killed_at < 160
+
+    process = start("preempted.log")
+    log = tmp_path / "preempted.log"
+    # SIGTERM once the restarted loop has evaluated a step it had not reached when it was killed
+    _wait_for(process, lambda: f"(step {killed_at}, checksums verified)" in log.read_text()
+              and f"step {killed_at + 10}: val_mean_auc" in log.read_text(), "evaluation after the restart")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "SIGTERM: saved checkpoint at step" in log.read_text(), log.read_text()[-2000:]
+    assert not (workdir / "eval").exists()
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert evaluated_steps() == list(range(10, 161, 10))  # every evaluation once, none lost to the kill
+    for a, b in zip(jax.tree.leaves(finetune.load_model(os.path.join(whole, "export"))),
+                    jax.tree.leaves(finetune.load_model(str(workdir / "export")))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with open(os.path.join(whole, "finetune.json")) as f, open(workdir / "finetune.json") as g:
+        expected, got = json.load(f)["fractions"][0], json.load(g)["fractions"][0]
+    assert got["chosen"] == expected["chosen"]
+    assert got["grid"][0]["score"] == pytest.approx(expected["grid"][0]["score"], abs=1e-6)
 
 
 def test_a_fraction_smaller_than_the_batch_trains_with_a_smaller_batch(phantom_cache, tmp_path):
