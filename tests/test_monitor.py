@@ -132,6 +132,20 @@ def test_a_run_logs_plots_and_exports_its_best_monitor_step(phantom_cache, tmp_p
         assert all(not k.startswith("_") for row in map(json.loads, f) for k in row)
 
 
+def test_random_init_reference_is_the_better_of_both_residual_inits_per_metric(phantom_cache, tmp_path):
+    """The reference line is the stronger of a ResNet's two standard random inits, metric by metric."""
+    config = _monitored(phantom_cache)
+    run = train.setup(config)
+    monitor = monitor_lib.Monitor(config, method=run.method, model=run.model, mesh=run.mesh, store=run.store)
+    reference = monitor.score_random_init(str(tmp_path))
+    each = [monitor._score_random_encoder({**config.model.to_dict(), "dtype": "float32", "zero_init_last_bn": z})
+            for z in (False, True)]
+    for key in ("knn_auc", "probe_auc"):
+        assert reference["monitor/random_init_" + key] == max(v["monitor/" + key] for v in each)
+    assert each[0]["monitor/knn_auc"] != each[1]["monitor/knn_auc"]  # two different encoders were scored
+    assert monitor.score_random_init(str(tmp_path)) == reference  # cached
+
+
 def _constant_embeddings(monkeypatch):
     """Every image gets the same embedding: a collapsed encoder, as the monitor sees it."""
     real = monitor_lib.embed_fn
