@@ -43,6 +43,7 @@ from jax.experimental import multihost_utils
 from medssl_jax import augment, jsonio, logging_lib, models, sharding
 from medssl_jax.data import pipeline
 from medssl_jax.data.store import Store
+from medssl_jax.evaluate import encoders
 from medssl_jax.evaluate import features as features_lib
 from medssl_jax.evaluate import metrics
 from medssl_jax.evaluate import splits as splits_lib
@@ -370,7 +371,7 @@ class Monitor:
             with open(path) as f:
                 return json.load(f)
         model_config = {**self.config.model.to_dict(), "dtype": "float32"}
-        variants = (False, True) if "zero_init_last_bn" in model_config else (None,)
+        variants = (False, True) if encoders.has_residual_init_choice(model_config) else (None,)
         out = {}
         for zero_init in variants:
             if zero_init is not None:

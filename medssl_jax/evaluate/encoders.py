@@ -61,13 +61,20 @@ def fair_random_init(encoder: Encoder, store: Store, train_ids: np.ndarray, *, i
     return dataclasses.replace(encoder, variables=variables, baseline=baseline)
 
 
+def has_residual_init_choice(model_config) -> bool:
+    """Whether the architecture has two standard random inits of its residual branches (a ResNet: every
+    branch active, or zero_init_last_bn). The one test every random baseline uses, so that the probe's, the
+    fine-tune's and the monitor's random inits cannot disagree on which architectures get both."""
+    return "zero_init_last_bn" in model_config or model_config.get("name") == "resnet"
+
+
 def random_baseline_model(model_config: dict) -> dict:
     """The export's architecture for its random-init baseline, every residual branch active at initialisation
     (zero_init_last_bn=False; the export has True, a training aid of pretraining). The linear probe fits this
     and the zero-initialised variant (`random_zero_init_grid`) and keeps the better one on validation.
     """
     model = dict(model_config)
-    if "zero_init_last_bn" in model or model.get("name") == "resnet":
+    if has_residual_init_choice(model):
         model["zero_init_last_bn"] = False
     return model
 

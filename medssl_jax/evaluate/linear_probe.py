@@ -111,7 +111,7 @@ def _encoders(config, store: Store, splits: splits_lib.Splits, *, mesh, fingerpr
     fraction keeps the better one on validation). Every candidate's features cover the same records."""
     channels = store.channels(splits.test)
     grid = [None]
-    if config.init == "random" and config.model and "zero_init_last_bn" in config.model:
+    if config.init == "random" and config.model and encoders.has_residual_init_choice(config.model):
         grid = list(config.random_zero_init_grid)
     candidates = []
     for zero_init in grid:
