@@ -63,8 +63,9 @@ def fair_random_init(encoder: Encoder, store: Store, train_ids: np.ndarray, *, i
 
 def has_residual_init_choice(model_config) -> bool:
     """Whether the architecture has two standard random inits of its residual branches (a ResNet: every
-    branch active, or zero_init_last_bn). The one test every random baseline uses, so that the probe's, the
-    fine-tune's and the monitor's random inits cannot disagree on which architectures get both."""
+    branch active, or zero_init_last_bn). The one test the linear probe (the transfer study's and the
+    end-of-pretraining one) and the monitor's reference use, so they cannot disagree on which architectures
+    get both. A fine-tune from scratch does not choose: it starts like pretraining (config.model)."""
     return "zero_init_last_bn" in model_config or model_config.get("name") == "resnet"
 
 
