@@ -13,6 +13,8 @@ results; rerunning the command resumes an interrupted study.
   # On 2 CPU cores: a MedMNIST set, SimCLR pretrained on its own train split (README, "Public data")
   python -m medssl_jax.main --config=configs/transfer.py:runlocal,store=stores/breastmnist \
       --config.inits="('runs/breast_simclr/export', 'random')" --workdir=evals/breast_transfer
+  # trying settings on validation only: the same with --config.read_test=False (no test prediction, no test
+  # AUC in the log or the files); when they are final, the same command without it reads test once
 
 Measured (BENCHMARKS.md, "Transfer", 2026-12-06, 2 CPU cores): the BreastMNIST command above took 25 min 39 s
 (124 fine-tuning runs); fine-tune SSL - random at 1 / 10 / 25 / 100 % labels -0.042 / -0.002 / -0.003 / +0.001,

@@ -264,6 +264,10 @@ def validate_eval(config) -> None:
               "random-init ResNet probe is fit with)")
     if config.mode == "finetune":
         _positive(config, "log_every")
+    if not config.get("read_test", True):
+        for field in ("robustness", "shift_store"):
+            _need(not config.get(field), field, config.get(field),
+                  "evaluates the test split (or another store's images): it needs config.read_test=True")
 
 
 def check_image_size(store, split: str | None, size: int, *, field: str, sample: int = 16) -> None:
@@ -374,4 +378,8 @@ def eval_config() -> mlc.ConfigDict:
     # Fractions of the train patients (nested subsets); one probe / fine-tune per fraction.
     c.label_fractions = (1.0,)
     c.robustness = False  # also evaluate the test images under evaluate/robustness.py perturbations
+    # False: every choice is made on validation as usual, and the evaluation stops there: the test split is
+    # never predicted, so no test AUC is computed, logged or written (for exploring settings without seeing
+    # test). The same command with True in the same workdir then reads test once, reusing every finished run.
+    c.read_test = True
     return c

@@ -17,7 +17,7 @@ from helpers import TINY_RESNET, set_fields, tiny_eval_config
 from medssl_jax import checkpoint, config_lib, main, models, optim, sharding, train
 from medssl_jax.data import phantoms
 from medssl_jax.data.store import Store
-from medssl_jax.evaluate import bootstrap, finetune, records, report, transfer
+from medssl_jax.evaluate import bootstrap, finetune, linear_probe, records, report, transfer
 from medssl_jax.evaluate import features as features_lib
 from medssl_jax.evaluate import splits as splits_lib
 from medssl_jax.methods import supervised
@@ -589,6 +589,59 @@ def test_transfer_study_end_to_end(phantom_cache, tmp_path):
     assert not transfer._done(out, "finetune", [0.5, 1.0], transfer.arm_config(wider, "finetune", "random"))
 
 
+def test_a_validation_only_study_never_predicts_test_then_reads_it_once_reusing_every_run(phantom_cache, tmp_path,
+                                                                                        monkeypatch):
+    """read_test=False: the choices and their validation scores, and no test prediction anywhere; the same
+    study with read_test=True trains nothing new, makes the same choices and adds the test AUCs."""
+    export = tiny_export(tmp_path / "run" / "export", seed=3)
+    config = transfer.reference_config()
+    config.inits = (export, "random")
+    config.label_fractions = (1.0,)
+    config.num_resamples = 20
+    config.model = dict(TINY_RESNET)
+    config.image_size = 24
+    config.data.update(cache_dir=phantom_cache, phantom_patients=64, phantom_size=32)
+    config.finetune = ft_config(phantom_cache, "random", lr_grid=(0.03, 0.3))
+    config.linear_probe.update(batch_size=32, c_grid=(0.1, 1.0))
+    config.read_test = False
+    workdir = str(tmp_path / "study")
+    predicted, feature_roles = [], []  # whether a fine-tuned model predicted test records; splits probes read
+    real_predict, real_features = finetune._predict, linear_probe.features_of
+
+    def predict(ctx, variables, ids, store=None):
+        predicted.append(bool(set(map(int, ids)) & set(map(int, ctx.splits.test))))
+        return real_predict(ctx, variables, ids, store)
+
+    def features_of(*args, roles=("train", "test", "val"), **kwargs):
+        feature_roles.extend(roles)
+        return real_features(*args, roles=roles, **kwargs)
+
+    monkeypatch.setattr(finetune, "_predict", predict)
+    monkeypatch.setattr(linear_probe, "features_of", features_of)
+
+    blind = main.run(config, workdir)
+    assert blind["read_test"] is False and blind["comparisons"] == []
+    assert all(r["mean_auc"] is None and 0 <= r["val_score"] <= 1 for r in blind["results"])
+    assert not any(predicted) and "test" not in feature_roles
+    written = {os.path.relpath(os.path.join(d, f), workdir): os.path.getmtime(os.path.join(d, f))
+               for d, _, files in os.walk(workdir) for f in files}
+    assert not [f for f in written if f.endswith("predictions.npz") or f.endswith(os.path.join("eval", "summary.json"))]
+    with open(os.path.join(workdir, "report.md")) as f:
+        assert "test split was not read" in f.read()
+    runs = {f: t for f, t in written.items() if f.endswith(finetune.RESULT_FILE)}
+    assert len(runs) == 4  # 2 inits x 2 lrs, one seed
+
+    config.read_test = True
+    read = main.run(config, workdir)
+    assert any(predicted) and "test" in feature_roles
+    assert [(r["init"], r["arm"], r["chosen"]) for r in read["results"]] == [
+        (r["init"], r["arm"], r["chosen"]) for r in blind["results"]]
+    assert all(0 <= r["mean_auc"] <= 1 for r in read["results"]) and len(read["comparisons"]) == 2
+    after = {os.path.relpath(os.path.join(d, f), workdir): os.path.getmtime(os.path.join(d, f))
+             for d, _, files in os.walk(workdir) for f in files if f == finetune.RESULT_FILE}
+    assert after == runs  # every fine-tuning run read back, none trained again
+
+
 def _markdown_tables(text: str) -> list[list[int]]:
     """The '|' count of each row, per markdown table (a run of lines starting with '|'); -1 for a row with
     text after its last cell."""
@@ -697,6 +750,9 @@ def test_bad_inputs_fail_before_training(phantom_cache, tmp_path):
                                   ("ema_decay", 1.0, "ema_decay"), ("seed_top_k", 0, "seed_top_k")):
         with pytest.raises(ValueError, match=message):
             main.run(ft_config(phantom_cache, "random", **{field: value}), str(tmp_path / "bad"))
+    # Robustness and the shift store evaluate test images: refused when the test split is not to be read.
+    with pytest.raises(ValueError, match=r"config.robustness=True: .* needs config.read_test=True"):
+        main.run(ft_config(phantom_cache, "random", robustness=True, read_test=False), str(tmp_path / "bad"))
     study = transfer.reference_config()
     study.inits = ("random", "random")
     study.model = dict(TINY_RESNET)

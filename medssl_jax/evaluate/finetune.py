@@ -27,7 +27,9 @@ Per label fraction (nested patient subsets, identical for every init: evaluate/s
   3. the test split is predicted by those models only. The largest fraction's seed-`config.seed` model is
      E/eval (what `compare` reads) and E/export; every seed's test predictions are in
      E/fractions/f<F>/seed_predictions.npz, and E/finetune.json holds the whole grid, the choice, per-seed
-     test AUCs, their mean and spread.
+     test AUCs, their mean and spread. With `read_test=False` this step is skipped: E/finetune.json holds
+     the grid, the choice and the seeds' validation scores, and no test prediction exists; the same command
+     with `read_test=True` then reads test once, reusing every finished run.
 
 A fraction with fewer train images than `batch_size` trains with the largest batch it fills (said in the
 log), its lr scaled down with it. With `shift_store`, the selected model is also evaluated zero-shot on
@@ -658,22 +660,10 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
             continue
         seed_results.append(result)
 
-    # The test split, for the chosen setting's models only.
-    test_probs, val_probs, models = [], None, []
-    for result in seed_results:
-        model_dir = os.path.join(root, chosen_name, f"seed{result['seed']}", "model")
-        variables = load_model(model_dir)
-        probs, test_labels = _predict(ctx, variables, ctx.splits.test)
-        test_probs.append(probs)
-        models.append(model_dir)
-        if val_probs is None:
-            val_probs, val_labels = _predict(ctx, variables, ctx.splits.val)
-    per_seed = [metrics.evaluate_predictions(probs=p, labels=test_labels, label_names=label_names)["mean_auc"]
-                for p in test_probs]
-    defined = [a for a in per_seed if a is not None]
     curves = [r["curve"] for r in seed_results]
     steps = curves[0]["steps"]
     mean_curve = [_mean_or_none([c["val_auc"][i] for c in curves if i < len(c["val_auc"])]) for i in range(len(steps))]
+    models = [os.path.join(root, chosen_name, f"seed{r['seed']}", "model") for r in seed_results]
     summary = {
         "fraction": fraction, "num_train": int(len(train_ids)), "batch_size": int(batch_size),
         "pos_weight": [float(w) for w in pos_weight],
@@ -690,12 +680,31 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
         "probe_head": None if probe_head is None else {k: v for k, v in probe_head.items() if k != "path"},
         "failed": {n: r["failed"] for n, r in grid_results.items() if r.get("failed")},
         "failed_seeds": failed_seeds,
-        "seeds": [{"seed": r["seed"], "test_mean_auc": a, "final_val_auc": r["val_auc"]}
-                  for r, a in zip(seed_results, per_seed)],
-        "test_mean_auc": float(np.mean(defined)) if defined else None,
-        "test_mean_auc_spread": float(np.max(defined) - np.min(defined)) if defined else None,
+        "seeds": [{"seed": r["seed"], "final_val_auc": r["val_auc"]} for r in seed_results],
+        "test_mean_auc": None,
+        "test_mean_auc_spread": None,
         "val_curve": {"steps": steps, "val_auc": mean_curve},
+        "read_test": bool(config.read_test),
     }
+    if not config.read_test:
+        logging_lib.log(f"label fraction {fraction:g}: validation only (config.read_test=False): {chosen_name}, "
+                        f"seed-mean validation score {metrics.fmt_auc(summary['chosen']['score'])}; the test split "
+                        "was not read")
+        return {**summary, "model_dir": models[0]}
+
+    # The test split, for the chosen setting's models only.
+    test_probs = []
+    for model_dir in models:
+        probs, test_labels = _predict(ctx, load_model(model_dir), ctx.splits.test)
+        test_probs.append(probs)
+    val_probs, val_labels = _predict(ctx, load_model(models[0]), ctx.splits.val)
+    per_seed = [metrics.evaluate_predictions(probs=p, labels=test_labels, label_names=label_names)["mean_auc"]
+                for p in test_probs]
+    defined = [a for a in per_seed if a is not None]
+    for entry, auc in zip(summary["seeds"], per_seed):
+        entry["test_mean_auc"] = auc
+    summary["test_mean_auc"] = float(np.mean(defined)) if defined else None
+    summary["test_mean_auc_spread"] = float(np.max(defined) - np.min(defined)) if defined else None
     logging_lib.log(f"label fraction {fraction:g}: test mean AUC per seed "
                     + ", ".join(metrics.fmt_auc(a) for a in per_seed)
                     + f"; mean {metrics.fmt_auc(summary['test_mean_auc'])}, spread "
@@ -794,7 +803,8 @@ def open_context(config, workdir: str, *, store: Store | None = None):
 
 
 def run(config, workdir: str, *, stop_after: int | None = None, store: Store | None = None) -> dict | None:
-    """Runs the protocol of the module docstring; returns E/eval/summary.json's dict (None if `stop_after`,
+    """Runs the protocol of the module docstring; returns E/eval/summary.json's dict (E/finetune.json's with
+    `read_test=False`; None if `stop_after`,
     a test hook that stops each run after that many steps like a preemption, interrupted it). `store`:
     config.data's store when the caller has it open."""
     workdir, ctx, fractions, fingerprint = open_context(config, workdir, store=store)
@@ -809,6 +819,8 @@ def run(config, workdir: str, *, stop_after: int | None = None, store: Store | N
             logging_lib.log("stopped; rerun the same command to resume")
             return None
         results[fraction] = result
+        if not config.read_test:
+            continue
         if fraction != max(fractions):
             _write(os.path.join(workdir, "fractions", f"f{fraction:g}"), result, ctx, fingerprint,
                    name=f"{name}@{fraction:g}")
@@ -816,14 +828,21 @@ def run(config, workdir: str, *, stop_after: int | None = None, store: Store | N
             entries.append(robustness.label_efficiency_entry(
                 fraction=fraction, probs=result["test_probs"][0], labels=result["test_labels"],
                 label_names=label_names, num_train=result["num_train"], seed=config.seed))
+    record = {"init": config.init, "method": ctx.encoder.method, "seeds": int(config.seeds),
+              "selection": f"mean validation AUC of the last {config.selection_evals} evaluations",
+              "read_test": bool(config.read_test),
+              "fractions": [{k: v for k, v in results[f].items()
+                             if k not in ("test_probs", "test_labels", "thresholds")} for f in fractions]}
     if jax.process_index() == 0:
-        jsonio.write_json(os.path.join(workdir, "finetune.json"), {
-            "init": config.init, "method": ctx.encoder.method, "seeds": int(config.seeds),
-            "selection": f"mean validation AUC of the last {config.selection_evals} evaluations",
-            "fractions": [{k: v for k, v in results[f].items()
-                           if k not in ("test_probs", "test_labels", "thresholds")} for f in fractions]})
+        jsonio.write_json(os.path.join(workdir, "finetune.json"), record)
 
     main = results[max(fractions)]
+    if not config.read_test:
+        _save_selected(config, workdir, main)
+        logging_lib.log(f"validation only (config.read_test=False): the test split was not read; wrote "
+                        f"{os.path.join(workdir, 'finetune.json')}; the same command with --config.read_test=True "
+                        "reads it, reusing every run")
+        return record
     variables = load_model(main["model_dir"])
     curves = None
     if config.robustness:
@@ -845,10 +864,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, store: Store | N
                     f"seed(s) (spread {main['test_mean_auc_spread']}), setting {main['chosen']['name']} chosen on "
                     f"validation; seed {config.seed}: {metrics.fmt_auc(summary['mean_auc'])} ({per_label})")
 
-    if config.save_model:
-        if jax.process_index() == 0:
-            shutil.copytree(main["model_dir"], os.path.join(workdir, "export"), dirs_exist_ok=True)
-        logging_lib.log(f"saved the selected model to {os.path.join(workdir, 'export')} (encoder export + head.npz)")
+    _save_selected(config, workdir, main)
 
     if shift is not None:
         shift_store, model_cols, store_cols, names = shift
@@ -865,6 +881,13 @@ def run(config, workdir: str, *, stop_after: int | None = None, store: Store | N
                         f"{metrics.fmt_auc(shift_summary['mean_auc'])} -> {os.path.join(workdir, 'shift', 'eval')}")
     logging_lib.log(f"wrote {os.path.join(workdir, 'eval')} and {os.path.join(workdir, 'finetune.json')}")
     return summary
+
+
+def _save_selected(config, workdir: str, main: dict) -> None:
+    if config.save_model:
+        if jax.process_index() == 0:
+            shutil.copytree(main["model_dir"], os.path.join(workdir, "export"), dirs_exist_ok=True)
+        logging_lib.log(f"saved the selected model to {os.path.join(workdir, 'export')} (encoder export + head.npz)")
 
 
 def _open_shift(config, store: Store):

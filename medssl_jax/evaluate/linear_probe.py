@@ -37,10 +37,11 @@ import os
 import time
 from typing import Any
 
+import jax
 import ml_collections as mlc
 import numpy as np
 
-from medssl_jax import config_lib, logging_lib, sharding
+from medssl_jax import config_lib, jsonio, logging_lib, sharding
 from medssl_jax.data.store import Store
 from medssl_jax.evaluate import encoders, metrics, probe, records, robustness, workspace
 from medssl_jax.evaluate import features as features_lib
@@ -105,7 +106,7 @@ class Candidate:
 
 
 def _encoders(config, store: Store, splits: splits_lib.Splits, *, mesh, fingerprint: str,
-              workdir: str) -> tuple[list[Candidate], np.ndarray, dict[int, int]]:
+              workdir: str, roles=("train", "test", "val")) -> tuple[list[Candidate], np.ndarray, dict[int, int]]:
     """(candidates, labels [N, L], record id -> row): the encoder `config.init` names with its features; for
     init='random' with a ResNet, one fair random encoder per value of `config.random_zero_init_grid` (each
     fraction keeps the better one on validation). Every candidate's features cover the same records."""
@@ -128,7 +129,7 @@ def _encoders(config, store: Store, splits: splits_lib.Splits, *, mesh, fingerpr
         forward = features_lib.feature_fn(encoder.model, config.feature, mesh)
         cache_dir = os.path.join(workdir, "cache", feature_cache_key(variant, encoder, fingerprint))
         feats, labels, rows = features_of(encoder, store, splits, config, mesh=mesh, forward=forward,
-                                          cache_dir=cache_dir)
+                                          cache_dir=cache_dir, roles=roles)
         candidates.append(Candidate(encoder, forward, feats, zero_init))
     return candidates, labels, rows
 
@@ -149,9 +150,12 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
     splits = splits_lib.resolve(workdir, store, config.splits, fractions)
     logging_lib.log(splits_lib.describe(splits, store))
 
-    candidates, labels, rows = _encoders(config, store, splits, mesh=mesh, fingerprint=fingerprint, workdir=workdir)
+    roles = ("train", "test", "val") if config.read_test else ("train", "val")
+    candidates, labels, rows = _encoders(config, store, splits, mesh=mesh, fingerprint=fingerprint, workdir=workdir,
+                                         roles=roles)
     take = lambda ids: np.fromiter((rows[int(i)] for i in ids), np.int64, count=len(ids))  # noqa: E731
-    val_rows, test_rows = take(splits.val), take(splits.test)
+    val_rows = take(splits.val)
+    test_rows = take(splits.test) if config.read_test else None
     label_names = list(store.label_names)
 
     common = dict(label_names=label_names, mode="linear_probe", method=candidates[0].encoder.method, init=config.init,
@@ -168,7 +172,7 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
         val_auc = [by_c[best_c] for _, best_c, by_c in fits]
         pick = int(np.argmax([_finite_or_minus_inf(v) for v in val_auc]))  # ties keep the first
         chosen, (fitted, best_c, by_c) = candidates[pick], fits[pick]
-        probs = fitted.predict(chosen.features[test_rows])
+        probs = fitted.predict(chosen.features[test_rows]) if config.read_test else None
         thresholds = metrics.youden_thresholds(fitted.predict(chosen.features[val_rows]), labels[val_rows])
         edge = probe.check_c_choice(best_c, config.c_grid)
         choice = None
@@ -196,6 +200,9 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
                 **({"baseline": encoder.baseline} if encoder.baseline else {}),
                 **({"random_init_choice": result["choice"]} if result["choice"] else {}),
                 "unfit_labels": [label_names[j] for j in np.flatnonzero(~result["probe"].fitted)]}
+
+    if not config.read_test:
+        return _write_validation_only(workdir, config, results, extra)
 
     test_labels = labels[test_rows]
     entries = None
@@ -231,6 +238,32 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
     logging_lib.log(f"linear probe test mean AUC {metrics.fmt_auc(summary['mean_auc'])}; per label: {per_label}")
     logging_lib.log(f"wrote {os.path.join(workdir, 'eval')}")
     return summary
+
+
+VALIDATION_FILE = "validation.json"
+
+
+def _write_validation_only(workdir: str, config, results: dict, extra) -> dict:
+    """config.read_test=False: E/validation.json holds each fraction's choices and validation scores; no
+    test prediction exists."""
+    out = {"read_test": False, "init": config.init,
+           "fractions": [{"fraction": fraction, "val_mean_auc": _finite_or_none(result["by_c"][result["c"]]),
+                          **extra(result)} for fraction, result in results.items()]}
+    if jax.process_index() == 0:
+        jsonio.write_json(os.path.join(workdir, VALIDATION_FILE), out)
+    logging_lib.log(f"validation only (config.read_test=False): the test split was not read; wrote "
+                    f"{os.path.join(workdir, VALIDATION_FILE)}")
+    return out
+
+
+def read_validation_only(workdir: str) -> dict:
+    """{fraction: entry} of E/validation.json (a config.read_test=False probe)."""
+    with open(os.path.join(workdir, VALIDATION_FILE)) as f:
+        return {float(e["fraction"]): e for e in json.load(f)["fractions"]}
+
+
+def _finite_or_none(value):
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 # ------------------------------------------------------------------------------------------ benchmark CLI

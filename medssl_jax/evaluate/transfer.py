@@ -14,6 +14,10 @@ then the analysis:
                    fraction: the difference of mean AUC, its 95 % CI, one-sided p-values and their
                    Benjamini-Hochberg adjustment over the fractions; the convergence figure.
   W/report.md, W/label_efficiency.png, W/convergence.png
+With `read_test=False` the study stops after the choices: the arms never predict the test split, and
+transfer.json / report.md hold each chosen setting and its validation score (no test AUC, no comparison;
+the convergence figure, which reads validation curves only, is kept). Rerunning with `read_test=True`
+reads test once: every fine-tuning run is read back, only the test predictions are new.
 The interval of a difference covers test-sample and seed noise: `bootstrap.seed_and_image_bootstrap`.
 Convergence (Ghesu et al.): on each fraction's chosen fine-tuning settings, the steps a pretrained init
 needs to reach the random init's best validation AUC (mean curve over seeds), as a share of the steps the
@@ -43,7 +47,8 @@ from medssl_jax.evaluate import splits as splits_lib  # noqa: E402
 
 ARMS = ("linear_probe", "finetune")
 # Fields set once for the study and copied into both arms' configs (the same store, splits and fractions).
-SHARED = ("seed", "data", "splits", "label_fractions", "image_size", "mesh", "compute_dtype", "input_normalization")
+SHARED = ("seed", "data", "splits", "label_fractions", "image_size", "mesh", "compute_dtype", "input_normalization",
+          "read_test")
 
 
 def reference_config() -> mlc.ConfigDict:
@@ -134,7 +139,11 @@ def _done(workdir: str, arm: str, fractions: list[float], arm_config) -> bool:
     """Whether `arm` finished in `workdir` at every fraction of this study under the same config (a study
     rerun with more fractions or a wider grid evaluates again; fine-tuning then reads back the finished runs
     whose own config is unchanged and stops on one that differs)."""
-    if not os.path.exists(os.path.join(workdir, "eval", "summary.json")):
+    # A validation-only evaluation (read_test=False) writes no E/eval; its record is validation.json or
+    # finetune.json (the stored arm config below tells the two kinds of run apart).
+    marker = (os.path.join("eval", "summary.json") if arm_config.read_test
+              else "finetune.json" if arm == "finetune" else linear_probe.VALIDATION_FILE)
+    if not os.path.exists(os.path.join(workdir, marker)):
         return False
     stored = os.path.join(workdir, ARM_CONFIG_FILE)
     if not os.path.exists(stored):
@@ -145,6 +154,8 @@ def _done(workdir: str, arm: str, fractions: list[float], arm_config) -> bool:
     if arm == "finetune":
         with open(os.path.join(workdir, "finetune.json")) as f:
             done = [float(r["fraction"]) for r in json.load(f)["fractions"]]
+    elif not arm_config.read_test:
+        done = list(linear_probe.read_validation_only(workdir))
     else:
         path = os.path.join(workdir, "eval", "label_fractions.json")
         if os.path.exists(path):
@@ -201,45 +212,57 @@ def run(config, workdir: str) -> dict | None:
 
 
 def analyse(config, names: list[str], dirs: dict, fractions: list[float]) -> dict:
-    """transfer.json's content from the finished evaluations (see the module docstring)."""
+    """transfer.json's content from the finished evaluations (see the module docstring); with
+    read_test=False the choices and validation scores alone (no test AUC, no comparison)."""
     arms = list(config.arms)
     out = {"inits": dict(zip(names, config.inits)), "arms": arms, "fractions": fractions,
-           "num_resamples": int(config.num_resamples), "results": [], "comparisons": [], "convergence": []}
+           "read_test": bool(config.read_test), "num_resamples": int(config.num_resamples), "results": [],
+           "comparisons": [], "convergence": []}
     preds = {}
-    for arm in arms:
-        for name in names:
-            for fraction in fractions:
-                preds[arm, name, fraction] = _seed_predictions(dirs[arm, name], arm, fraction, len(fractions))
-    reference = preds[arms[0], names[0], fractions[0]]
-    for key, value in preds.items():
-        if not np.array_equal(value["record_ids"], reference["record_ids"]):
-            raise ValueError(f"{key[0]} of {key[1]} at fraction {key[2]:g} was evaluated on other test records "
-                             f"than {arms[0]} of {names[0]}: different splits (rerun in a new workdir)")
-    labels = reference["labels"]
-    boot = dict(labels=labels, num_resamples=config.num_resamples, seed=config.seed)
+    if config.read_test:
+        for arm in arms:
+            for name in names:
+                for fraction in fractions:
+                    preds[arm, name, fraction] = _seed_predictions(dirs[arm, name], arm, fraction, len(fractions))
+        reference = preds[arms[0], names[0], fractions[0]]
+        for key, value in preds.items():
+            if not np.array_equal(value["record_ids"], reference["record_ids"]):
+                raise ValueError(f"{key[0]} of {key[1]} at fraction {key[2]:g} was evaluated on other test records "
+                                 f"than {arms[0]} of {names[0]}: different splits (rerun in a new workdir)")
+        boot = dict(labels=reference["labels"], num_resamples=config.num_resamples, seed=config.seed)
 
     for arm in arms:
         for name in names:
             fine = _finetune_record(dirs[arm, name]) if arm == "finetune" else None
+            probe_val = (linear_probe.read_validation_only(dirs[arm, name])
+                         if arm == "linear_probe" and not config.read_test else None)
             for fraction in fractions:
-                probs = preds[arm, name, fraction]["probs"]
-                ci = bootstrap.seed_and_image_bootstrap(probs_a=probs, **boot)["a"]
-                entry = {"init": name, "arm": arm, "fraction": fraction, "mean_auc": ci["point"],
-                         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
+                entry = {"init": name, "arm": arm, "fraction": fraction, "mean_auc": None, "ci_low": None,
+                         "ci_high": None}
+                if config.read_test:
+                    ci = bootstrap.seed_and_image_bootstrap(probs_a=preds[arm, name, fraction]["probs"], **boot)["a"]
+                    entry.update(mean_auc=ci["point"], ci_low=ci["ci_low"], ci_high=ci["ci_high"])
                 if fine is not None:
                     record = fine[fraction]
                     entry.update({k: record[k] for k in ("grid", "chosen", "seeds", "test_mean_auc_spread",
                                                          "num_train", "batch_size", "val_curve")})
+                    entry["val_score"] = record["chosen"]["score"]
                 else:
-                    summary = records.read_eval(dirs[arm, name] if len(fractions) == 1 else os.path.join(
-                        dirs[arm, name], "fractions", f"f{fraction:g}")).summary
-                    choice = summary["extra"].get("random_init_choice")  # a random ResNet's residual init
-                    entry.update({"chosen": {"c": summary["extra"].get("c"),
+                    fit = probe_val[fraction] if probe_val is not None else records.read_eval(
+                        dirs[arm, name] if len(fractions) == 1
+                        else os.path.join(dirs[arm, name], "fractions", f"f{fraction:g}")).summary["extra"]
+                    choice = fit.get("random_init_choice")  # a random ResNet's residual init
+                    grid = fit.get("val_mean_auc_by_c")
+                    entry.update({"chosen": {"c": fit.get("c"),
                                              **({"zero_init_last_bn": choice["zero_init_last_bn"]} if choice else {})},
-                                  "grid": summary["extra"].get("val_mean_auc_by_c"),
+                                  "grid": grid,
                                   **({"random_init_grid": choice["val_mean_auc"]} if choice else {}),
-                                  "num_train": summary["extra"].get("num_train")})
+                                  "num_train": fit.get("num_train"),
+                                  "val_score": grid.get(f"{fit['c']:g}") if grid and fit.get("c") is not None
+                                  else None})
                 out["results"].append(entry)
+        if not config.read_test:
+            continue
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 rows = []
@@ -301,18 +324,24 @@ def summary_lines(result: dict) -> str:
 def plot(result: dict, workdir: str) -> list[str]:
     """label_efficiency.png (mean AUC against label fraction, log x, CI bands) and convergence.png."""
     files = []
+    read_test = result.get("read_test", True)
+    key = "mean_auc" if read_test else "val_score"
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for arm in result["arms"]:
         for name in result["inits"]:
             rows = [_result(result, name, arm, f) for f in result["fractions"]]
             x = [r["fraction"] * 100 for r in rows]
-            y = [np.nan if r["mean_auc"] is None else r["mean_auc"] for r in rows]
-            lo = [np.nan if r["ci_low"] is None else r["ci_low"] for r in rows]
-            hi = [np.nan if r["ci_high"] is None else r["ci_high"] for r in rows]
+            y = [np.nan if r[key] is None else r[key] for r in rows]
             line, = ax.plot(x, y, marker="o", linestyle="-" if arm == "finetune" else "--", label=f"{name}, {arm}")
-            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
-    files.append(_save(fig, ax, workdir, "label_efficiency.png", ylabel="test mean AUC (mean over seeds, 95% CI)",
-                       title="Label efficiency", fractions=result["fractions"]))
+            if read_test:
+                lo = [np.nan if r["ci_low"] is None else r["ci_low"] for r in rows]
+                hi = [np.nan if r["ci_high"] is None else r["ci_high"] for r in rows]
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+    files.append(_save(fig, ax, workdir, "label_efficiency.png",
+                       ylabel="test mean AUC (mean over seeds, 95% CI)" if read_test
+                       else "validation mean AUC of the chosen setting",
+                       title="Label efficiency" if read_test else "Label efficiency on validation (test not read)",
+                       fractions=result["fractions"]))
     if result["convergence"]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for name in dict.fromkeys(r["init"] for r in result["convergence"]):
@@ -343,6 +372,8 @@ def _save(fig, ax, workdir: str, name: str, *, ylabel: str, title: str, fraction
 
 
 def markdown(result: dict, files: list[str]) -> str:
+    if not result.get("read_test", True):
+        return _markdown_validation_only(result, files)
     lines = ["# Transfer study", "",
              "Inits: " + ", ".join(f"`{n}` ({p})" for n, p in result["inits"].items()) + ".",
              "Mean AUC over seeds on the test split; 95 % CIs resample test images and seeds "
@@ -370,6 +401,31 @@ def markdown(result: dict, files: list[str]) -> str:
             lines.append(f"| {r['arm']} | {r['a']} | {r['b']} | {r['fraction']:g} | {_fmt(r['diff'], '+.3f')} "
                          f"[{_fmt(r['ci_low'], '+.3f')}, {_fmt(r['ci_high'], '+.3f')}] | {_p(r['p_a_not_better'])} "
                          f"| {_p(r['p_a_not_better_bh'])} |")
+    return "\n".join(lines + _markdown_convergence(result) + [""] + [f"![{f}]({f})" for f in files] + [""])
+
+
+def _markdown_validation_only(result: dict, files: list[str]) -> str:
+    lines = ["# Transfer study (validation only)", "",
+             "Inits: " + ", ".join(f"`{n}` ({p})" for n, p in result["inits"].items()) + ".",
+             "Run with `read_test=False`: every setting was chosen on the validation split and **the test split "
+             "was not read**. The same command with `--config.read_test=True` reads it once, reusing every run.", "",
+             "## Validation mean AUC of the chosen setting", "",
+             "Fine-tuning: the chosen setting's mean score over its seeds; linear probe: the chosen C's AUC.", "",
+             "| arm | init | " + " | ".join(f"{f:g}" for f in result["fractions"]) + " |",
+             "|---|---|" + "---|" * len(result["fractions"])]
+    for arm in result["arms"]:
+        for name in result["inits"]:
+            cells = []
+            for f in result["fractions"]:
+                r = _result(result, name, arm, f)
+                chosen = r["chosen"]["name"] if arm == "finetune" else f"C {_fmt(r['chosen']['c'], 'g')}"
+                cells.append(f"{_fmt(r['val_score'])} ({chosen})")
+            lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + _markdown_convergence(result) + [""] + [f"![{f}]({f})" for f in files] + [""])
+
+
+def _markdown_convergence(result: dict) -> list[str]:
+    lines = []
     if result["convergence"]:
         lines += ["", "## Convergence (fine-tuning)", "",
                   "Steps to reach the random init's best validation AUC, as a share of the random init's steps "
@@ -380,5 +436,4 @@ def markdown(result: dict, files: list[str]) -> str:
             lines.append(f"| {r['init']} | {r['fraction']:g} | {_fmt(r.get('target_val_auc'))} | "
                          f"{_fmt(r['ssl_steps'], '.0f')} | {_fmt(r['random_steps'], '.0f')} | "
                          f"{_fmt(r['share_of_random_steps'], '.0%')} | {r.get('note') or ''} |")
-    lines += [""] + [f"![{f}]({f})" for f in files] + [""]
-    return "\n".join(lines)
+    return lines
