@@ -628,6 +628,9 @@ def test_a_validation_only_study_never_predicts_test_then_reads_it_once_reusing_
     assert not [f for f in written if f.endswith("predictions.npz") or f.endswith(os.path.join("eval", "summary.json"))]
     with open(os.path.join(workdir, "report.md")) as f:
         assert "test split was not read" in f.read()
+    for arm in ("finetune", "linear_probe"):  # compare says why there is nothing to compare yet
+        with pytest.raises(records.ReportError, match="validation-only evaluation"):
+            records.read_eval(os.path.join(workdir, arm, "random"))
     runs = {f: t for f, t in written.items() if f.endswith(finetune.RESULT_FILE)}
     assert len(runs) == 4  # 2 inits x 2 lrs, one seed
 

@@ -240,7 +240,7 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
     return summary
 
 
-VALIDATION_FILE = "validation.json"
+VALIDATION_FILE = records.VALIDATION_FILE
 
 
 def _write_validation_only(workdir: str, config, results: dict, extra) -> dict:

@@ -171,11 +171,30 @@ def _read_json(path: str, *, required: bool):
         raise ReportError(f"{path}: unreadable JSON ({e})") from None
 
 
+VALIDATION_FILE = "validation.json"  # a read_test=False linear probe's record (evaluate/linear_probe.py)
+
+
+def _validation_only(workdir: str) -> bool:
+    """Whether `workdir` holds a read_test=False evaluation: a probe's validation.json or a fine-tune's
+    finetune.json that says so."""
+    if os.path.exists(os.path.join(workdir, VALIDATION_FILE)):
+        return True
+    path = os.path.join(workdir, "finetune.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("read_test") is False
+    except (OSError, ValueError):
+        return False
+
+
 def read_eval(workdir: str) -> EvalRun:
     """Loads and validates WORKDIR/eval/ (one-line ReportError naming the file on any problem)."""
     if not os.path.isdir(workdir):
         raise ReportError(f"{workdir}: not a directory")
     d = os.path.join(workdir, EVAL_SUBDIR)
+    if not os.path.exists(os.path.join(d, "summary.json")) and _validation_only(workdir):
+        raise ReportError(f"{workdir}: a validation-only evaluation (config.read_test=False) has no test predictions; "
+                          "rerun its command with --config.read_test=True to read the test split")
     summary = _read_json(os.path.join(d, "summary.json"), required=True)
     if not isinstance(summary, dict) or summary.get("format") != EVAL_FORMAT:
         raise ReportError(f"{d}/summary.json: not a {EVAL_FORMAT} summary")
