@@ -694,10 +694,12 @@ def fine_tune_fraction(ctx: Context, fraction: float, *, workdir: str, stop_afte
 
     # The test split, for the chosen setting's models only.
     test_probs = []
-    for model_dir in models:
-        probs, test_labels = _predict(ctx, load_model(model_dir), ctx.splits.test)
+    for i, model_dir in enumerate(models):
+        variables = load_model(model_dir)
+        probs, test_labels = _predict(ctx, variables, ctx.splits.test)
         test_probs.append(probs)
-    val_probs, val_labels = _predict(ctx, load_model(models[0]), ctx.splits.val)
+        if i == 0:  # the decision thresholds come from the first seed's model on validation
+            val_probs, val_labels = _predict(ctx, variables, ctx.splits.val)
     per_seed = [metrics.evaluate_predictions(probs=p, labels=test_labels, label_names=label_names)["mean_auc"]
                 for p in test_probs]
     defined = [a for a in per_seed if a is not None]

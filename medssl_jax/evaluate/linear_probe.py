@@ -240,30 +240,23 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
     return summary
 
 
-VALIDATION_FILE = records.VALIDATION_FILE
-
-
 def _write_validation_only(workdir: str, config, results: dict, extra) -> dict:
     """config.read_test=False: E/validation.json holds each fraction's choices and validation scores; no
     test prediction exists."""
     out = {"read_test": False, "init": config.init,
-           "fractions": [{"fraction": fraction, "val_mean_auc": _finite_or_none(result["by_c"][result["c"]]),
+           "fractions": [{"fraction": fraction, "val_mean_auc": result["by_c"][result["c"]],
                           **extra(result)} for fraction, result in results.items()]}
     if jax.process_index() == 0:
-        jsonio.write_json(os.path.join(workdir, VALIDATION_FILE), out)
+        jsonio.write_json(os.path.join(workdir, records.VALIDATION_FILE), out)
     logging_lib.log(f"validation only (config.read_test=False): the test split was not read; wrote "
-                    f"{os.path.join(workdir, VALIDATION_FILE)}")
+                    f"{os.path.join(workdir, records.VALIDATION_FILE)}")
     return out
 
 
 def read_validation_only(workdir: str) -> dict:
     """{fraction: entry} of E/validation.json (a config.read_test=False probe)."""
-    with open(os.path.join(workdir, VALIDATION_FILE)) as f:
+    with open(os.path.join(workdir, records.VALIDATION_FILE)) as f:
         return {float(e["fraction"]): e for e in json.load(f)["fractions"]}
-
-
-def _finite_or_none(value):
-    return float(value) if value is not None and np.isfinite(value) else None
 
 
 # ------------------------------------------------------------------------------------------ benchmark CLI

@@ -142,7 +142,7 @@ def _done(workdir: str, arm: str, fractions: list[float], arm_config) -> bool:
     # A validation-only evaluation (read_test=False) writes no E/eval; its record is validation.json or
     # finetune.json (the stored arm config below tells the two kinds of run apart).
     marker = (os.path.join("eval", "summary.json") if arm_config.read_test
-              else "finetune.json" if arm == "finetune" else linear_probe.VALIDATION_FILE)
+              else "finetune.json" if arm == "finetune" else records.VALIDATION_FILE)
     if not os.path.exists(os.path.join(workdir, marker)):
         return False
     stored = os.path.join(workdir, ARM_CONFIG_FILE)
@@ -374,25 +374,18 @@ def _save(fig, ax, workdir: str, name: str, *, ylabel: str, title: str, fraction
 def markdown(result: dict, files: list[str]) -> str:
     if not result.get("read_test", True):
         return _markdown_validation_only(result, files)
-    lines = ["# Transfer study", "",
-             "Inits: " + ", ".join(f"`{n}` ({p})" for n, p in result["inits"].items()) + ".",
+    def cell(r):
+        text = f"{_fmt(r['mean_auc'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        if r["arm"] == "finetune":
+            return text + f" ({r['chosen']['name']}, spread {_fmt(r['test_mean_auc_spread'])})"
+        if "zero_init_last_bn" in r["chosen"]:  # a random ResNet probe's residual-branch init
+            return text + f" (residual branches {'zero-init' if r['chosen']['zero_init_last_bn'] else 'active'})"
+        return text
+
+    lines = ["# Transfer study", "", _inits_line(result),
              "Mean AUC over seeds on the test split; 95 % CIs resample test images and seeds "
              f"({result['num_resamples']} replicates). Every setting was chosen on the validation split.", "",
-             "## Mean test AUC", "",
-             "| arm | init | " + " | ".join(f"{f:g}" for f in result["fractions"]) + " |",
-             "|---|---|" + "---|" * len(result["fractions"])]
-    for arm in result["arms"]:
-        for name in result["inits"]:
-            cells = []
-            for f in result["fractions"]:
-                r = _result(result, name, arm, f)
-                cell = f"{_fmt(r['mean_auc'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-                if arm == "finetune":
-                    cell += f" ({r['chosen']['name']}, spread {_fmt(r['test_mean_auc_spread'])})"
-                elif "zero_init_last_bn" in r["chosen"]:  # a random ResNet probe's residual-branch init
-                    cell += f" (residual branches {'zero-init' if r['chosen']['zero_init_last_bn'] else 'active'})"
-                cells.append(cell)
-            lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
+             "## Mean test AUC", ""] + _per_init_table(result, cell)
     if result["comparisons"]:
         lines += ["", "## Differences (a - b)", "",
                   "| arm | a | b | fraction | difference [95% CI] | p(a not better) | BH over fractions |",
@@ -405,23 +398,32 @@ def markdown(result: dict, files: list[str]) -> str:
 
 
 def _markdown_validation_only(result: dict, files: list[str]) -> str:
-    lines = ["# Transfer study (validation only)", "",
-             "Inits: " + ", ".join(f"`{n}` ({p})" for n, p in result["inits"].items()) + ".",
+    def cell(r):
+        chosen = r["chosen"]["name"] if r["arm"] == "finetune" else f"C {_fmt(r['chosen']['c'], 'g')}"
+        return f"{_fmt(r['val_score'])} ({chosen})"
+
+    lines = ["# Transfer study (validation only)", "", _inits_line(result),
              "Run with `read_test=False`: every setting was chosen on the validation split and **the test split "
              "was not read**. The same command with `--config.read_test=True` reads it once, reusing every run.", "",
              "## Validation mean AUC of the chosen setting", "",
-             "Fine-tuning: the chosen setting's mean score over its seeds; linear probe: the chosen C's AUC.", "",
-             "| arm | init | " + " | ".join(f"{f:g}" for f in result["fractions"]) + " |",
-             "|---|---|" + "---|" * len(result["fractions"])]
+             "Fine-tuning: the chosen setting's mean score over its seeds; linear probe: the chosen C's AUC.", ""]
+    lines += _per_init_table(result, cell)
+    return "\n".join(lines + _markdown_convergence(result) + [""] + [f"![{f}]({f})" for f in files] + [""])
+
+
+def _inits_line(result: dict) -> str:
+    return "Inits: " + ", ".join(f"`{n}` ({p})" for n, p in result["inits"].items()) + "."
+
+
+def _per_init_table(result: dict, cell) -> list[str]:
+    """One row per arm and init, one column per label fraction; `cell(entry)` writes each."""
+    fractions = result["fractions"]
+    lines = ["| arm | init | " + " | ".join(f"{f:g}" for f in fractions) + " |", "|---|---|" + "---|" * len(fractions)]
     for arm in result["arms"]:
         for name in result["inits"]:
-            cells = []
-            for f in result["fractions"]:
-                r = _result(result, name, arm, f)
-                chosen = r["chosen"]["name"] if arm == "finetune" else f"C {_fmt(r['chosen']['c'], 'g')}"
-                cells.append(f"{_fmt(r['val_score'])} ({chosen})")
+            cells = [cell(_result(result, name, arm, f)) for f in fractions]
             lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + _markdown_convergence(result) + [""] + [f"![{f}]({f})" for f in files] + [""])
+    return lines
 
 
 def _markdown_convergence(result: dict) -> list[str]:
