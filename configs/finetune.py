@@ -59,7 +59,7 @@ def get_config(arg=None):
     # Architecture for init=random: the init a pretraining run starts from (zero_init_last_bn=True, every block
     # starts as its shortcut: a training aid for from-scratch training); every field settable on the command line.
     c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64, "zero_init_last_bn": True,
-                              "stem_pool": "same"})
+                              "stem_pool": "same", "cifar_stem": False})
     c.image_size = 224
     c.batch_size = 256
     # Kornblith et al. / SimCLR transfer: Nesterov SGD, lr per 256 images from a log grid, warm-up + cosine over

@@ -58,7 +58,7 @@ def get_config(arg=None):
     # every branch starting as its shortcut (random_zero_init_grid; the better on validation is kept per label
     # fraction), its BatchNorm statistics from the train images (evaluate/encoders.py: fair_random_init).
     c.model = mlc.ConfigDict({"name": "resnet", "depth": 50, "width": 1, "base_width": 64, "zero_init_last_bn": False,
-                              "stem_pool": "same"})
+                              "stem_pool": "same", "cifar_stem": False})
     c.image_size = 224
     c.batch_size = 256
     if args.runlocal:

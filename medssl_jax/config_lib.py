@@ -124,6 +124,7 @@ def pretrain_config() -> mlc.ConfigDict:
     c.model.width = 1
     c.model.base_width = 64
     c.model.zero_init_last_bn = True
+    c.model.cifar_stem = False  # True: 3x3/1 stem without max-pool, for 28-32 px images (models/resnet.py)
 
     # LARS, lr 0.3 per 256 images (linear scaling), warm-up then cosine, wd 1e-6: see medssl_jax/optim.py.
     c.optim = optim.default_config("lars")

@@ -133,7 +133,9 @@ def _architecture(model: dict, channels: int) -> str:
     if model["name"] == "resnet":
         spec = to_torch.resnet_spec(model, channels)
         return (f"ResNet-{spec['depth']} (SimCLR layout), width x{model.get('width', 1)}, base width "
-                f"{model.get('base_width', 64)}, stem max-pool '{spec['stem_pool']}', {channels} input channel(s), "
+                f"{model.get('base_width', 64)}, "
+                + ("3x3 stride-1 stem without max-pool" if spec["cifar_stem"] else f"stem max-pool '{spec['stem_pool']}'")
+                + f", {channels} input channel(s), "
                 f"{spec['feature_dim']}-d pooled features")
     if model["name"] == "convnext":
         depths, dims = models.build_encoder({**model, "dtype": "float32"}).arch()
@@ -221,7 +223,7 @@ def model_card(fmt: str, config: dict, channels: int, files: dict, *, input_dir:
         lines.append(f"| {name} | sha256 {files[name]} |")
     lines += ["", "## Load it", "", "Replace OUT with this directory.", "", "```python",
               _loading_code(fmt, config, channels), "```", ""]
-    if fmt == "torchvision" and model.get("stem_pool", "same") == "same":
+    if fmt == "torchvision" and model.get("stem_pool", "same") == "same" and not model.get("cifar_stem"):
         lines += ["The stem max-pool reproduces TF 'SAME' padding exactly when image sides are divisible by 4.", ""]
     if fmt in ("timm", "hf"):
         lines += [f"At {model.get('image_size')} px the position embeddings are used as stored; other sizes are "

@@ -1,7 +1,8 @@
 """python -m medssl_jax.export: our encoders in torchvision, timm and transformers (safetensors), with the
 features equal to ours, the weights importing back bit for bit, and a model card.
 
-Models are the named architectures at test size: ResNet-18 (grey; RGB with the torchvision stem pool) and
+Models are the named architectures at test size: ResNet-18 (grey; RGB with the torchvision stem pool; grey with
+SimCLR's small-image stem) and
 ResNet-50 x2 (bottleneck, width multiplier) at base width 8, ViT-S/16 and ViT-B/14 with 4 registers at
 their real widths but depth 2, grey and RGB; weights freshly initialised (zero-gamma BatchNorms, LayerScale 1e-5) and "trained-like" (every parameter and BatchNorm
 statistic drawn at random). Trained fine-tuned models and their heads: tests/test_finetune.py.
@@ -27,6 +28,8 @@ RESNETS = {
     "resnet18-grey": ({"name": "resnet", "depth": 18, "width": 1, "base_width": 8}, 1, 28),
     "resnet18-rgb": ({"name": "resnet", "depth": 18, "width": 1, "base_width": 8, "stem_pool": "torch"}, 3, 32),
     "resnet50x2-grey": ({"name": "resnet", "depth": 50, "width": 2, "base_width": 8}, 1, 32),
+    # SimCLR's small-image stem (3x3/1, no max-pool): torchvision's conv1 and maxpool replaced alike
+    "resnet18-cifar-grey": ({"name": "resnet", "depth": 18, "width": 1, "base_width": 8, "cifar_stem": True}, 1, 28),
 }
 VITS = {
     "vit-s16-rgb": ({"name": "vit", "variant": "S/16", "depth": 2, "image_size": 32, "pos_interp": "size"}, 3, 32),

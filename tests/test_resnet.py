@@ -57,6 +57,19 @@ def test_outputs_shapes_and_dtypes(depth, feature_dim, channels):
     np.testing.assert_allclose(features, out["stage4"].astype(jnp.float32).mean(axis=(1, 2)), rtol=1e-6)
 
 
+def test_cifar_stem_keeps_a_small_image_at_full_resolution_into_stage1():
+    """SimCLR's small-image stem: a 28 px image reaches stage 1 at 28 x 28 (7 x 7 with the 7x7/2 stem and
+    max-pool) and stage 4 at 4 x 4; the stem kernel is 3x3, the rest of the parameters are unchanged."""
+    model = ResNet(depth=18, base_width=8, cifar_stem=True)
+    x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+    _, out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    assert [out[k].shape[1] for k in ("stem", "stage1", "stage2", "stage3", "stage4")] == [28, 28, 14, 7, 4]
+    assert variables["params"]["stem"]["conv"]["kernel"].shape == (3, 3, 1, 8)
+    assert (_abstract_param_count(ResNet(depth=18, base_width=8), 1)
+            - _abstract_param_count(ResNet(depth=18, base_width=8, cifar_stem=True), 1) == (7 * 7 - 3 * 3) * 8)
+
+
 def _init_params(model):
     return jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False))()["params"]
 

@@ -828,7 +828,7 @@ def _resnet_abstract(config: dict, arch: Mapping | None, channels: int, what: st
 
     if arch:
         unknown = sorted(set(arch) - {"name", "depth", "width", "base_width", "zero_init_last_bn", "dtype",
-                                       "stem_pool"})
+                                       "stem_pool", "cifar_stem"})
         if unknown:
             raise ConvertError(f"architecture fields {unknown} are not ResNet attributes")
         config = {**config, **arch}
@@ -881,6 +881,8 @@ def torchvision_resnet_to_flax(state: dict, *, arch: Mapping | None = None, in_c
     config = {"name": "resnet", "depth": depth, "width": 1, "base_width": int(state["conv1.weight"].shape[0])}
     # torchvision's max-pool pads 1 on both sides; SimCLR's 'SAME' pads (0, 1) on even sizes (224 px).
     config["stem_pool"] = "torch"
+    if state["conv1.weight"].shape[-1] == 3:  # a 3x3 stem (our cifar_stem export, CIFAR-style ResNets)
+        config["cifar_stem"] = True
     config, abstract, what = _resnet_abstract(config, arch, int(in_chans or state["conv1.weight"].shape[1]), what)
 
     ignore = lambda k: k.endswith("num_batches_tracked") or k.startswith("fc.")  # noqa: E731

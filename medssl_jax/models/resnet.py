@@ -11,7 +11,10 @@ What follows SimCLR (and so Azizi et al.'s encoders):
 - convolution kernels from variance scaling (scale 1, fan_in, truncated normal), TF1's default that
   SimCLR uses; no convolution biases;
 - BatchNorm decay (Flax momentum) 0.9, epsilon 1e-5; the last BN of every residual branch starts with
-  gamma = 0 (`init_zero`), so every block starts as the identity of its shortcut.
+  gamma = 0 (`init_zero`), so every block starts as the identity of its shortcut;
+- `cifar_stem=True` is SimCLR's stem for small images (its CIFAR-10 runs): a 3x3/1 convolution and no
+  max-pool, so a 28 or 32 px image keeps its resolution into stage 1 (the 7x7/2 stem and pool leave 7x7 of a
+  28 px image there, 1x1 after stage 4). MedMNIST v2's ResNet-18 (28) baselines use this stem too.
 BatchNorm has no `axis_name`: under `jax.jit` over global arrays its statistics are already global
 (cross-device), which SimCLR needs.
 
@@ -142,9 +145,12 @@ class ResNet(nn.Module):
       zero_init_last_bn: start the last BN gamma of every residual branch at 0.
       stem_pool: 'same' (SimCLR/TF: pads (0, 1) on an even stem output such as 112 at 224 px) or
         'torch' (torchvision: pads (1, 1)); converted torchvision weights use 'torch' to match exactly.
+      cifar_stem: a 3x3/1 stem convolution and no max-pool (SimCLR's `cifar_stem`, for images of about
+        32 px); the stem then has stride 1 and every stage 4x less stride than below.
 
     Call: `(features [B, D] float32, out_dict)` for images [B, H, W, C] with any channel count C.
-    out_dict holds 'stem' (after the max-pool, stride 4), 'stage1'..'stage4' (strides 4, 8, 16, 32) and
+    out_dict holds 'stem' (after the max-pool, stride 4), 'stage1'..'stage4' (strides 4, 8, 16, 32; with
+    cifar_stem the stem has stride 1 and the stages 1, 2, 4, 8) and
     'pre_logits' (the globally average-pooled features, same as the first output).
     D = base_width * 8 * width, times 4 for the bottleneck depths (2048 * width for ResNet-50).
     """
@@ -155,6 +161,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.bfloat16
     zero_init_last_bn: bool = True
     stem_pool: str = "same"
+    cifar_stem: bool = False
     input_mean: tuple = ()  # the input normalisation the weights were trained with (models/input_norm.py)
     input_std: tuple = ()
 
@@ -170,10 +177,13 @@ class ResNet(nn.Module):
         out = {}
 
         x = normalize_input(x, self.input_mean, self.input_std)
-        x = _ConvBN(filters, 7, 2, dtype=self.dtype, name="stem")(x, train=train)
         if self.stem_pool not in STEM_POOL_PADDING:
             raise ValueError(f"ResNet stem_pool={self.stem_pool!r} is not one of {sorted(STEM_POOL_PADDING)}")
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=STEM_POOL_PADDING[self.stem_pool])
+        if self.cifar_stem:
+            x = _ConvBN(filters, 3, 1, dtype=self.dtype, name="stem")(x, train=train)
+        else:
+            x = _ConvBN(filters, 7, 2, dtype=self.dtype, name="stem")(x, train=train)
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=STEM_POOL_PADDING[self.stem_pool])
         out["stem"] = x
 
         for stage, num_blocks in enumerate(stage_sizes):

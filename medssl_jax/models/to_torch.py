@@ -83,6 +83,7 @@ def resnet_spec(model: Mapping, channels: int) -> dict:
     stem = int(model.get("base_width", 64)) * int(model.get("width", 1))
     return {"depth": depth, "blocks_per_stage": list(sizes), "bottleneck": bool(bottleneck), "stem_width": stem,
             "in_chans": int(channels), "stem_pool": str(model.get("stem_pool", "same")),
+            "cifar_stem": bool(model.get("cifar_stem", False)),
             "feature_dim": stem * 8 * (4 if bottleneck else 1)}
 
 
@@ -105,9 +106,12 @@ def torchvision_resnet(spec: dict):
     block = Bottleneck if spec["bottleneck"] else BasicBlock
     model = torchvision.models.resnet.ResNet(block, spec["blocks_per_stage"])
     width = spec["stem_width"]
-    model.conv1 = nn.Conv2d(spec["in_chans"], width, kernel_size=7, stride=2, padding=3, bias=False)
+    kernel, stride = (3, 1) if spec.get("cifar_stem") else (7, 2)  # SimCLR's small-image stem: 3x3/1, no pool
+    model.conv1 = nn.Conv2d(spec["in_chans"], width, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=False)
     model.bn1 = nn.BatchNorm2d(width)
-    if spec["stem_pool"] == "same":  # TF 'SAME' padding (0, 1): exact when image sides are divisible by 4
+    if spec.get("cifar_stem"):
+        model.maxpool = nn.Identity()
+    elif spec["stem_pool"] == "same":  # TF 'SAME' padding (0, 1): exact when image sides are divisible by 4
         model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
     model.inplanes = width
     for stage, blocks in enumerate(spec["blocks_per_stage"]):
