@@ -2,8 +2,9 @@ r"""Transfer study: linear probe and fine-tuning of several initialisations at s
 
 Each init (a pretraining export, a converted checkpoint, or 'random') is probed and fine-tuned on the same
 patient-wise splits; fine-tuning follows the protocol of evaluate/finetune.py (each init its own lr grid,
-lower backbone lr and LP-FT for pretrained encoders, warm-up + cosine over a budget chosen on validation, 3 seeds
-of each of the best 2 settings, the better seed mean chosen). W/transfer.json, W/report.md, W/label_efficiency.png and W/convergence.png hold the
+lower backbone lr and LP-FT for pretrained encoders, with full augmentation or flips only under :runlocal,
+warm-up + cosine over a budget chosen on validation, 3 seeds of each of the best 2 settings, the better seed
+mean chosen). W/transfer.json, W/report.md, W/label_efficiency.png and W/convergence.png hold the
 results; rerunning the command resumes an interrupted study.
 
   # Azizi et al.'s label-efficiency comparison on an ingested chest X-ray store (ResNet-50, 224 px)

@@ -198,7 +198,8 @@ def test_a_fine_tune_killed_then_preempted_resumes_to_the_uninterrupted_result(p
     overrides = {"init": "random", "data.cache_dir": phantom_cache, "data.phantom_patients": 64,
                  "data.phantom_size": 32, "image_size": 24, "model.base_width": 4, "batch_size": 16,
                  "label_fractions": (1.0,), "lr_grid": (0.1,), "budget_grid": (160,), "eval_every": 10,
-                 "log_every": 10, "checkpoint_every": 20, "seeds": 1, "seed_top_k": 1}
+                 "log_every": 10, "checkpoint_every": 20, "seeds": 1, "seed_top_k": 1,
+                 "augment_grid": ("full",)}
     whole = str(tmp_path / "whole")
     main.run(set_fields(config_lib.load_config("finetune", "runlocal"), overrides), whole)
 
@@ -285,6 +286,14 @@ def test_grid_per_init_and_layer_wise_decay_factors():
         "lr0.01_steps300", "lr0.1_steps300"]  # the tie at 0.7 goes to the earlier setting
     assert [s.name for s in finetune.promoted(short, scores, budget=300, top_k=9)] == [
         "lr0.01_steps300", "lr0.1_steps300", "lr0.1_steps300_bb0.1", "lr0.001_steps300_lpft"]
+    # Augmentation strengths: every setting once per strength, the configured ('full') ones first.
+    config.augment_grid = ("full", "flip")
+    both = finetune.grid(config, pretrained=True, is_vit=False, budgets=[100])
+    assert [s.name for s in both] == [s.name for s in short] + [s.name + "_flip" for s in short]
+    assert [s.augment for s in both] == ["full"] * 5 + ["flip"] * 5
+    config.augment_grid = ("full", "strong")
+    with pytest.raises(ValueError, match="augment_grid"):
+        finetune.validate(config)
 
     params = {"encoder": {"patch_embed": {"kernel": 0}, "cls_token": 0, "pos_embed": 0,
                           "block_0": {"attn": {"qkv": {"kernel": 0}}}, "block_1": {"mlp": {"fc1": {"bias": 0}}},
@@ -417,6 +426,12 @@ def test_the_runs_of_a_study_share_one_compiled_init_and_step(phantom_cache, tmp
     assert not np.array_equal(heads[0], heads[1])  # the seed reaches the head's init
     np.testing.assert_array_equal(heads[2], 0.25)
     assert steps[0] is steps[1] is steps[2] and len(train._JITTED) == 1
+    # 'flip': the whole image, only flipped (no random-resized crop, every device augmentation off); its own program.
+    cfg = finetune.run_config(ctx, finetune.Setting(0.1, 6, augment="flip"), seed=0, batch_size=16,
+                              pos_weight=np.ones(num_labels, np.float32), warmup=2)
+    assert tuple(cfg.data.crop_scale) == tuple(cfg.data.crop_ratio) == (1.0, 1.0) and cfg.data.flip
+    assert all(cfg.augment[k] == 0 for k in cfg.augment if k.endswith("_p"))
+    assert train.setup(cfg, store=ctx.store, ids=ids).train_step is not steps[0]
     for change in ({"flip": False}, {"augment": {**config.augment.to_dict(), "brightness": 0.1}}):
         other = ft_config(phantom_cache, config.init, **change)
         _, other_ctx, _, _ = finetune.open_context(other, str(tmp_path / "eval"))
