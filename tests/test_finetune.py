@@ -481,6 +481,11 @@ def test_runs_stored_before_a_config_field_existed_are_read_back_under_its_old_b
     finetune.check_same_run(stored, {**stored, "supervised.ema_decay": 0.0}, "run")
     with pytest.raises(finetune.FinetuneError, match=r"supervised\.ema_decay: 0\.0 there, 0\.9 now"):
         finetune.check_same_run(stored, {**stored, "supervised.ema_decay": 0.9}, "run")
+    # a random-init run written before model.cifar_stem existed trained with the 7x7 stem
+    finetune.check_same_run(stored, {**stored, "model.cifar_stem": False}, "run")
+    finetune.check_same_run(stored, stored, "run")  # an older export's model config has no cifar_stem either
+    with pytest.raises(finetune.FinetuneError, match=r"model\.cifar_stem: False there, True now"):
+        finetune.check_same_run(stored, {**stored, "model.cifar_stem": True}, "run")
 
 
 def test_a_run_with_a_reused_step_trains_like_one_compiled_for_it(phantom_cache, tmp_path):

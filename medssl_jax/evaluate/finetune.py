@@ -526,7 +526,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 # Run-config fields added after runs were first written, with the value that trains as the code before them
 # did: a run stored without such a field was trained with that value, so a study keeps its finished runs.
-_ADDED_FIELDS = {"supervised.ema_decay": 0.0}
+_ADDED_FIELDS = {"supervised.ema_decay": 0.0, "model.cifar_stem": False}
 
 
 def check_same_run(stored: dict | None, current: dict, run_dir: str) -> None:
@@ -535,7 +535,8 @@ def check_same_run(stored: dict | None, current: dict, run_dir: str) -> None:
     if stored is None:
         raise FinetuneError(f"{run_dir}: a run written without its config (an older medssl_jax); cannot tell "
                             "whether it matches this study's settings: rerun with a new --workdir")
-    stored = {**_ADDED_FIELDS, **stored}
+    # A field missing on either side (an older run, or an older export's model config) means its old behaviour.
+    stored, current = {**_ADDED_FIELDS, **stored}, {**_ADDED_FIELDS, **current}
     differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if differ:
         shown = "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in differ[:3])
