@@ -30,7 +30,7 @@ another store (Azizi: CheXpert -> ChestX-ray14, the shared labels):
 Offline run on the embedded phantom dataset or a small store (:runlocal: ResNet-18 base width 16, batch 64,
 lrs 0.03 / 0.1 / 0.3 / 1.0 / 3.0 per 256 images, backbone lr x1 or x0.1 for an export, plus LP-FT at lrs
 0.001 / 0.003 / 0.01 / 0.03 for an export, each with the full augmentation and with flips only, each for
-300 steps and the best 2 for 1000; 3 seeds of the best 2 settings):
+300 steps and the best 2 of each augmentation for 1000; 3 seeds of the best 2 settings):
 
   python -m medssl_jax.main --config=configs/finetune.py:runlocal --workdir=/tmp/ft_random
   python -m medssl_jax.main --config=configs/finetune.py:runlocal --config.init=/tmp/simclr_local/export \

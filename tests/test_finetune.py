@@ -291,6 +291,10 @@ def test_grid_per_init_and_layer_wise_decay_factors():
     both = finetune.grid(config, pretrained=True, is_vit=False, budgets=[100])
     assert [s.name for s in both] == [s.name for s in short] + [s.name + "_flip" for s in short]
     assert [s.augment for s in both] == ["full"] * 5 + ["flip"] * 5
+    # halving promotes the best k of each strength (a strength can be behind at the short budget only)
+    flip_scores = {**scores, **{name + "_flip": score - 0.5 for name, score in scores.items()}}
+    assert [s.name for s in finetune.promoted(both, flip_scores, budget=300, top_k=2)] == [
+        "lr0.01_steps300", "lr0.1_steps300", "lr0.01_steps300_flip", "lr0.1_steps300_flip"]
     config.augment_grid = ("full", "strong")
     with pytest.raises(ValueError, match="augment_grid"):
         finetune.validate(config)

@@ -21,7 +21,7 @@ Per label fraction (nested patient subsets, identical for every init: evaluate/s
      stopping; with `ema_decay` > 0 the moving average of its weights, which is also what is validated); its score is the mean validation AUC of its last `selection_evals` evaluations, which is
      less noisy than one reading on a small validation split. With `budget_top_k` = k > 0 the budgets are
      searched by successive halving: every setting runs at the shortest budget, each longer budget only the k
-     best of the budget before it (the settings left out are listed in finetune.json, `not_promoted`);
+     best of the budget before it (of each augmentation strength) (the settings left out are listed in finetune.json, `not_promoted`);
   2. the `seed_top_k` best-scoring settings (validation only) are trained with `seeds` seeds in all, and
      the one with the best mean score over its seeds is chosen (one seed's score is a lucky draw as often as
      not: the seed that won the grid tends to score above the setting's other seeds);
@@ -244,9 +244,14 @@ def grid(config, *, pretrained: bool, is_vit: bool, budgets: list[int]) -> list[
 
 def promoted(settings: list[Setting], scores: dict[str, float], *, budget: int, top_k: int) -> list[Setting]:
     """Successive halving: the `top_k` best-scoring of `settings` (one budget's runs; a failed run, score
-    -inf, never), moved to the longer `budget`, in grid order; ties go to the earlier setting."""
-    finite = [s for s in settings if np.isfinite(scores[s.name])]
-    best = sorted(finite, key=lambda s: (-scores[s.name], settings.index(s)))[:top_k]
+    -inf, never) of each augmentation strength, moved to the longer `budget`, in grid order; ties go to the
+    earlier setting. Per strength, because augmentation changes how a score grows with the budget: on
+    BreastMNIST random init at 100 % labels scored 0.870 with flips only and 0.884 with the full
+    augmentation after 300 steps, but 0.935 and 0.891 after 1000 (lr 1, validation)."""
+    best = []
+    for strength in dict.fromkeys(s.augment for s in settings):
+        finite = [s for s in settings if s.augment == strength and np.isfinite(scores[s.name])]
+        best += sorted(finite, key=lambda s: (-scores[s.name], settings.index(s)))[:top_k]
     return [dataclasses.replace(s, budget=int(budget)) for s in settings if s in best]
 
 
