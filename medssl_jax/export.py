@@ -132,10 +132,9 @@ def _evaluation(directory: str) -> str:
 def _architecture(model: dict, channels: int) -> str:
     if model["name"] == "resnet":
         spec = to_torch.resnet_spec(model, channels)
+        stem = "3x3 stride-1 stem without max-pool" if spec["cifar_stem"] else f"stem max-pool '{spec['stem_pool']}'"
         return (f"ResNet-{spec['depth']} (SimCLR layout), width x{model.get('width', 1)}, base width "
-                f"{model.get('base_width', 64)}, "
-                + ("3x3 stride-1 stem without max-pool" if spec["cifar_stem"] else f"stem max-pool '{spec['stem_pool']}'")
-                + f", {channels} input channel(s), "
+                f"{model.get('base_width', 64)}, {stem}, {channels} input channel(s), "
                 f"{spec['feature_dim']}-d pooled features")
     if model["name"] == "convnext":
         depths, dims = models.build_encoder({**model, "dtype": "float32"}).arch()

@@ -13,15 +13,17 @@ cache instead of compiling its own init (on 2 CPU cores a 4-run grid took 25 % l
 Per label fraction (nested patient subsets, identical for every init: evaluate/splits.py):
   1. grid, seed `config.seed`: learning rates `lr_grid` (per 256 images, scaled to the batch) x budgets
      `budget_grid` (warm-up `warmup_fraction`, then cosine to 0 over the budget) x, for a pretrained init,
-     a lower backbone lr (`backbone_lr_mults`, ResNets) or layer-wise lr decay (`layer_decays`, ViTs), x the
-     augmentation strengths of `augment_grid` ('full': the configured random-resized crop and device
-     augmentation; 'flip': the whole image, only flipped), and LP-FT settings (`probe_head_lr_grid` x budgets: the head starts from the linear probe fit on the
-     fraction's train images, C chosen on validation, E/fractions/f<F>/probe_head.npz); a random init trains
+     a lower backbone lr (`backbone_lr_mults`, ResNets) or layer-wise lr decay (`layer_decays`, ViTs), and
+     LP-FT settings (`probe_head_lr_grid` x budgets: the head starts from the linear probe fit on the
+     fraction's train images, C chosen on validation, E/fractions/f<F>/probe_head.npz), all of them once per
+     augmentation strength of `augment_grid` ('full': the configured random-resized crop and device
+     augmentation; 'flip': the whole image, only flipped); a random init trains
      its whole network from a fresh head at the grid's lr. Each run ends with its last model (no early
      stopping; with `ema_decay` > 0 the moving average of its weights, which is also what is validated); its score is the mean validation AUC of its last `selection_evals` evaluations, which is
      less noisy than one reading on a small validation split. With `budget_top_k` = k > 0 the budgets are
      searched by successive halving: every setting runs at the shortest budget, each longer budget only the k
-     best of the budget before it (of each augmentation strength) (the settings left out are listed in finetune.json, `not_promoted`);
+     best of each augmentation strength at the budget before it (the settings left out are listed in
+     finetune.json, `not_promoted`);
   2. the `seed_top_k` best-scoring settings (validation only) are trained with `seeds` seeds in all, and
      the one with the best mean score over its seeds is chosen (one seed's score is a lucky draw as often as
      not: the seed that won the grid tends to score above the setting's other seeds);
