@@ -17,10 +17,11 @@ Per label fraction (nested patient subsets, identical for every init: evaluate/s
      LP-FT settings (`probe_head_lr_grid` x budgets: the head starts from the linear probe fit on the
      fraction's train images, C chosen on validation, E/fractions/f<F>/probe_head.npz), all of them once per
      augmentation strength of `augment_grid` ('full': the configured random-resized crop and device
-     augmentation; 'flip': the whole image, only flipped); a random init trains
-     its whole network from a fresh head at the grid's lr. Each run ends with its last model (no early
-     stopping; with `ema_decay` > 0 the moving average of its weights, which is also what is validated); its score is the mean validation AUC of its last `selection_evals` evaluations, which is
-     less noisy than one reading on a small validation split. With `budget_top_k` = k > 0 the budgets are
+     augmentation; 'flip': the whole image, only flipped); a random init trains its whole network from a
+     fresh head at the grid's lr. Each run ends with its last model (no early stopping; with `ema_decay` > 0
+     the moving average of its weights, which is also what is validated); its score is the mean validation
+     AUC of its last `selection_evals` evaluations, which is less noisy than one reading on a small
+     validation split. With `budget_top_k` = k > 0 the budgets are
      searched by successive halving: every setting runs at the shortest budget, each longer budget only the k
      best of each augmentation strength at the budget before it (the settings left out are listed in
      finetune.json, `not_promoted`);
@@ -250,11 +251,10 @@ def promoted(settings: list[Setting], scores: dict[str, float], *, budget: int, 
     earlier setting. Per strength, because augmentation changes how a score grows with the budget: on
     BreastMNIST random init at 100 % labels scored 0.870 with flips only and 0.884 with the full
     augmentation after 300 steps, but 0.935 and 0.891 after 1000 (lr 1, validation)."""
-    best = []
+    best = set()
     for strength in dict.fromkeys(s.augment for s in settings):
-        finite = [s for s in settings if s.augment == strength and np.isfinite(scores[s.name])]
-        best += sorted(finite, key=lambda s: (-scores[s.name], settings.index(s)))[:top_k]
-    return [dataclasses.replace(s, budget=int(budget)) for s in settings if s in best]
+        best.update(finalists(scores, [s.name for s in settings if s.augment == strength], top_k))
+    return [dataclasses.replace(s, budget=int(budget)) for s in settings if s.name in best]
 
 
 def selection_score(val_auc: list, window: int) -> float:
