@@ -26,7 +26,8 @@ runs, 1.9x the steps: about 50 minutes, extrapolated) and an AdamW SimCLR export
 The phantoms at 10 % labels (SimCLR :runlocal export, 64 min 17 s): -0.056 [-0.079, -0.035]; MICLe -0.036
 [-0.057, -0.016], random init ahead (a from-scratch ResNet starts its residual branches at zero and can use
 a higher lr; BENCHMARKS.md); at 1 % (27 min 5 s) ties: -0.012 [-0.036, +0.016], MICLe +0.003 [-0.015, +0.019];
-at 100 % (61 min 34 s) -0.012 [-0.018, -0.008] (0.979 vs 0.992, seed spreads 0.002 / 0.003).
+at 100 % (61 min 34 s) -0.012 [-0.018, -0.008] (0.979 vs 0.992, seed spreads 0.002 / 0.003), MICLe -0.007
+[-0.011, -0.003] (0.985).
 At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 17
 (4 lrs x 2 backbone lrs + 3 LP-FT lrs for 10 epochs, the best 2 of them for 30, + 2 more seeds of each of the
 best 2) runs per pretrained init and fraction, 10 for random init.
