@@ -534,6 +534,7 @@ def test_runtime_schedule_inputs_give_lr_multipliers_factors():
 
 def test_seed_and_image_bootstrap_matches_a_numpy_reference():
     from sklearn.metrics import roc_auc_score
+    import scipy.stats
 
     rng = np.random.default_rng(0)
     n, num_labels = 40, 2
@@ -566,6 +567,28 @@ def test_seed_and_image_bootstrap_matches_a_numpy_reference():
     assert res["a"]["ci_low"] == pytest.approx(np.percentile(rep_a, 2.5))
     assert res["num_seeds"] == [3, 2]
 
+    # Per label, on the same image and seed draws: each label's AUC averaged over the drawn seeds.
+    def label_auc(p, rows, j):
+        y, s = labels[rows, j], p[rows, j]
+        keep = ~np.isnan(y)
+        return roc_auc_score(y[keep], s[keep]) if len(np.unique(y[keep])) == 2 else np.nan
+
+    p_values = []
+    for j, entry in enumerate(res["per_label"]):
+        lab_a = np.array([np.mean([label_auc(probs_a[s], indices[b], j) for s in draws_a[b]]) for b in range(60)])
+        lab_b = np.array([np.mean([label_auc(probs_b[s], indices[b], j) for s in draws_b[b]]) for b in range(60)])
+        point_j = (np.mean([label_auc(p, all_rows, j) for p in probs_a])
+                   - np.mean([label_auc(p, all_rows, j) for p in probs_b]))
+        assert entry["diff"]["point"] == pytest.approx(point_j)
+        assert [entry["diff"]["ci_low"], entry["diff"]["ci_high"]] == pytest.approx(
+            np.nanpercentile(lab_a - lab_b, [2.5, 97.5]))
+        assert entry["a"]["point"] == pytest.approx(np.mean([label_auc(p, all_rows, j) for p in probs_a]))
+        ok = ~np.isnan(lab_a - lab_b)
+        assert entry["p_a_not_better"] == pytest.approx(np.mean(lab_a[ok] <= lab_b[ok]))
+        p_values.append(entry["p_a_not_better"])
+    assert [e["p_a_not_better_bh"] for e in res["per_label"]] == pytest.approx(
+        scipy.stats.false_discovery_control(p_values, method="bh"))
+
 
 def test_transfer_study_end_to_end(phantom_cache, tmp_path):
     """Two inits, both arms, two fractions: transfer.json, report.md and the plots; rerunning reads back."""
@@ -590,11 +613,24 @@ def test_transfer_study_end_to_end(phantom_cache, tmp_path):
     adjusted = bootstrap.benjamini_hochberg([r["p_a_not_better"] for r in rows])
     assert [r["p_a_not_better_bh"] for r in rows] == adjusted
     assert [c["fraction"] for c in result["convergence"]] == [0.5, 1.0]
+    # Per label: every init's AUC and every pair's difference for each of the store's labels; the labels'
+    # mean is the mean AUC (every label has both classes in this test split).
+    labels = result["labels"]
+    assert len(labels) == 4
+    for r in result["results"]:
+        assert list(r["per_label"]) == labels
+        assert np.mean([e["mean_auc"] for e in r["per_label"].values()]) == pytest.approx(r["mean_auc"])
+    for r in result["comparisons"]:
+        diffs = [e["diff"] for e in r["per_label"].values()]
+        assert np.mean(diffs) == pytest.approx(r["diff"])
+        assert [e["p_a_not_better_bh"] for e in r["per_label"].values()] == bootstrap.benjamini_hochberg(
+            [e["p_a_not_better"] for e in r["per_label"].values()])
     for name in ("transfer.json", "report.md", "label_efficiency.png", "convergence.png"):
         assert os.path.exists(os.path.join(workdir, name))
     with open(os.path.join(workdir, "report.md")) as f:
         report = f.read()
     assert "| finetune | run | random | 0.5 |" in report
+    assert f"| finetune | 0.5 | {labels[0]} |" in report
     # Each markdown table renders: every row has its header's number of cells, a convergence note included.
     noted = json.loads(json.dumps(result))
     noted["convergence"][0]["note"] = "SSL run never reached the random-init best validation AUC 0.9"

@@ -339,22 +339,36 @@ if __name__ == "__main__":
     print(bench_bootstrap())
 
 
+def per_seed_aucs(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[S, B, L] AUC of each seed's predictions (probs [S, N, L]) on each resample (counts [B, N]) and label;
+    NaN where a label has one class in a resample (the same replicates for every seed: it depends on the
+    labels and counts only)."""
+    labels = np.asarray(labels, np.float64)
+    aucs = np.full((len(probs), len(counts), labels.shape[1]), np.nan)
+    for j in range(labels.shape[1]):
+        keep = ~np.isnan(labels[:, j])
+        if keep.any():
+            for s, p in enumerate(probs):
+                aucs[s, :, j] = metrics.weighted_auc(np.asarray(p)[keep, j], labels[keep, j] == 1, counts[:, keep])
+    return aucs
+
+
 def seed_replicates(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray, seed_draws: np.ndarray) -> np.ndarray:
     """[B] replicate mean AUCs of one arm with several seeds: for replicate b, the mean over the seeds drawn in
     seed_draws[b] of that seed's mean-over-labels AUC on the images weighted by counts[b].
 
     probs [S, N, L] (one matrix per seed), labels [N, L] (NaN missing), counts [B, N], seed_draws [B, k].
     A label with one class in a replicate is left out of that replicate's mean (NaN if none is defined)."""
-    labels = np.asarray(labels, np.float64)
-    per_seed = np.full((len(probs), len(counts)), np.nan)
-    for s, p in enumerate(probs):
-        aucs = np.full((len(counts), labels.shape[1]), np.nan)
-        for j in range(labels.shape[1]):
-            keep = ~np.isnan(labels[:, j])
-            if keep.any():
-                aucs[:, j] = metrics.weighted_auc(np.asarray(p)[keep, j], labels[keep, j] == 1, counts[:, keep])
-        per_seed[s] = _row_nanmean(aucs)
-    return np.take_along_axis(per_seed.T, seed_draws, axis=1).mean(axis=1)
+    return _seed_mean_replicates(per_seed_aucs(probs, labels, counts), seed_draws)[0]
+
+
+def _seed_mean_replicates(aucs: np.ndarray, seed_draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From per_seed_aucs' [S, B, L]: ([B] mean over drawn seeds of the mean-over-labels AUC, [B, L] mean over
+    drawn seeds of each label's AUC)."""
+    per_seed = np.stack([_row_nanmean(a) for a in aucs])  # [S, B]
+    mean = np.take_along_axis(per_seed.T, seed_draws, axis=1).mean(axis=1)
+    per_label = np.take_along_axis(aucs.transpose(1, 0, 2), seed_draws[:, :, None], axis=1).mean(axis=1)
+    return mean, per_label
 
 
 def seed_draws(num_seeds: int, *, num_resamples: int, seed: int, stream: int) -> np.ndarray:
@@ -365,7 +379,7 @@ def seed_draws(num_seeds: int, *, num_resamples: int, seed: int, stream: int) ->
 def seed_and_image_bootstrap(*, probs_a: np.ndarray, probs_b: np.ndarray | None = None, labels,
                              num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
     """Mean AUC of arm A (and its difference from arm B) with an interval that covers both the test sample
-    and the seed-to-seed variation of training.
+    and the seed-to-seed variation of training, over all labels and per label.
 
     probs_a [S_a, N, L], probs_b [S_b, N, L]: each seed's test predictions on the same N images. Replicate b
     resamples the N test images with replacement (`bootstrap_indices(N, seed=seed)`, the same images for
@@ -374,34 +388,51 @@ def seed_and_image_bootstrap(*, probs_a: np.ndarray, probs_b: np.ndarray | None 
     estimate is the mean over seeds of the per-seed mean AUC on all images; CIs are percentiles of the
     replicates; p_a_not_better is the share of replicates in which A's mean AUC <= B's (one-sided).
     With one seed per arm this is the paired image bootstrap.
+    "per_label" holds the same for each label column on the same replicates (image and seed draws), with
+    Benjamini-Hochberg over the labels of each direction's p-value (`p_a_not_better_bh`): the per-label
+    comparison of Tayebi Arasteh et al. with seed noise included.
     Returns {"a": summary, "b": summary, "diff": summary, "p_a_not_better", "p_b_not_better",
-    "num_resamples", "num_seeds": [S_a, S_b]} (the B entries only with probs_b)."""
+    "num_resamples", "num_seeds": [S_a, S_b], "per_label": [{"a", "b", "diff", "p_a_not_better",
+    "p_b_not_better", "p_a_not_better_bh", "p_b_not_better_bh"} per label]} (the B entries only with probs_b)."""
     probs_a = np.asarray(probs_a, np.float64)
     labels = np.asarray(labels, np.float64)
     if probs_a.ndim != 3 or probs_a.shape[1:] != labels.shape:
         raise BootstrapError(f"probs_a: expected [seeds, {labels.shape[0]}, {labels.shape[1]}], got {probs_a.shape}")
+    if probs_b is not None:
+        probs_b = np.asarray(probs_b, np.float64)
+        if probs_b.ndim != 3 or probs_b.shape[1:] != labels.shape:
+            raise BootstrapError(f"probs_b: expected [seeds, {labels.shape[0]}, {labels.shape[1]}], "
+                                 f"got {probs_b.shape}")
     n = labels.shape[0]
-    indices = bootstrap_indices(n, num_resamples=num_resamples, seed=seed)
-    counts = resample_counts(indices, n)
+    counts = resample_counts(bootstrap_indices(n, num_resamples=num_resamples, seed=seed), n)
     ones = np.ones((1, n), np.int32)
 
-    def point(probs):
-        values = [seed_replicates(p[None], labels, ones, np.zeros((1, 1), np.int64))[0] for p in probs]
-        return float(np.nanmean(values)) if not np.all(np.isnan(values)) else None
+    def arm(probs, stream):
+        """(replicates [B], per-label replicates [B, L], point, per-label points [L]) of one arm."""
+        rep, rep_label = _seed_mean_replicates(
+            per_seed_aucs(probs, labels, counts),
+            seed_draws(len(probs), num_resamples=num_resamples, seed=seed, stream=stream))
+        full = per_seed_aucs(probs, labels, ones)[:, 0]  # [S, L] each seed on all images
+        per_seed_mean = _row_nanmean(full)
+        point = None if np.all(np.isnan(per_seed_mean)) else float(np.nanmean(per_seed_mean))
+        return rep, rep_label, point, full.mean(axis=0)
 
-    rep_a = seed_replicates(probs_a, labels, counts, seed_draws(len(probs_a), num_resamples=num_resamples,
-                                                                seed=seed, stream=1))
+    rep_a, lab_a, pa, lpa = arm(probs_a, 1)
     out = {"num_resamples": int(num_resamples), "num_seeds": [len(probs_a)],
-           "a": summarize(rep_a, point(probs_a), confidence=confidence)}
+           "a": summarize(rep_a, pa, confidence=confidence),
+           "per_label": [{"a": summarize(lab_a[:, j], lpa[j], confidence=confidence)} for j in range(labels.shape[1])]}
     if probs_b is None:
         return out
-    probs_b = np.asarray(probs_b, np.float64)
-    if probs_b.ndim != 3 or probs_b.shape[1:] != labels.shape:
-        raise BootstrapError(f"probs_b: expected [seeds, {labels.shape[0]}, {labels.shape[1]}], got {probs_b.shape}")
-    rep_b = seed_replicates(probs_b, labels, counts, seed_draws(len(probs_b), num_resamples=num_resamples,
-                                                                seed=seed, stream=2))
-    pa, pb = out["a"]["point"], point(probs_b)
+    rep_b, lab_b, pb, lpb = arm(probs_b, 2)
     out.update({"num_seeds": [len(probs_a), len(probs_b)], "b": summarize(rep_b, pb, confidence=confidence),
                 "diff": summarize(rep_a - rep_b, None if pa is None or pb is None else pa - pb, confidence=confidence),
                 "p_a_not_better": one_sided_p(rep_a, rep_b), "p_b_not_better": one_sided_p(rep_b, rep_a)})
+    for j, entry in enumerate(out["per_label"]):
+        entry.update({"b": summarize(lab_b[:, j], lpb[j], confidence=confidence),
+                      "diff": summarize(lab_a[:, j] - lab_b[:, j], lpa[j] - lpb[j], confidence=confidence),
+                      "p_a_not_better": one_sided_p(lab_a[:, j], lab_b[:, j]),
+                      "p_b_not_better": one_sided_p(lab_b[:, j], lab_a[:, j])})
+    for key in ("p_a_not_better", "p_b_not_better"):
+        for entry, q in zip(out["per_label"], benjamini_hochberg([e[key] for e in out["per_label"]])):
+            entry[key + "_bh"] = q
     return out

@@ -12,7 +12,9 @@ then the analysis:
   W/transfer.json  per init, arm and fraction: the grid, the choice, per-seed test AUCs, their mean and
                    spread and a CI over test images and seeds; for each pair of inits and each arm and
                    fraction: the difference of mean AUC, its 95 % CI, one-sided p-values and their
-                   Benjamini-Hochberg adjustment over the fractions; the convergence figure.
+                   Benjamini-Hochberg adjustment over the fractions; the convergence figure; and per
+                   label ("per_label"): each init's AUC with its CI, and each pair's difference, CI and
+                   p-values on the same replicates, Benjamini-Hochberg adjusted over the labels.
   W/report.md, W/label_efficiency.png, W/convergence.png
 With `read_test=False` the study stops after the choices: the arms never predict the test split, and
 transfer.json / report.md hold each chosen setting and its validation score (no test AUC, no comparison;
@@ -49,6 +51,7 @@ ARMS = ("linear_probe", "finetune")
 # Fields set once for the study and copied into both arms' configs (the same store, splits and fractions).
 SHARED = ("seed", "data", "splits", "label_fractions", "image_size", "mesh", "compute_dtype", "input_normalization",
           "read_test")
+PER_LABEL_P = ("p_a_not_better", "p_a_not_better_bh", "p_b_not_better", "p_b_not_better_bh")
 
 
 def reference_config() -> mlc.ConfigDict:
@@ -201,7 +204,7 @@ def run(config, workdir: str) -> dict | None:
             if jax.process_index() == 0:
                 jsonio.write_json(os.path.join(out, ARM_CONFIG_FILE), records.json_value(arm_cfg.to_dict()))
 
-    result = analyse(config, names, dirs, fractions)
+    result = analyse(config, names, dirs, fractions, label_names=list(store.label_names))
     jsonio.write_json(os.path.join(workdir, "transfer.json"), result)
     files = plot(result, workdir)
     with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -211,11 +214,11 @@ def run(config, workdir: str) -> dict | None:
     return result
 
 
-def analyse(config, names: list[str], dirs: dict, fractions: list[float]) -> dict:
+def analyse(config, names: list[str], dirs: dict, fractions: list[float], *, label_names: list[str]) -> dict:
     """transfer.json's content from the finished evaluations (see the module docstring); with
     read_test=False the choices and validation scores alone (no test AUC, no comparison)."""
     arms = list(config.arms)
-    out = {"inits": dict(zip(names, config.inits)), "arms": arms, "fractions": fractions,
+    out = {"inits": dict(zip(names, config.inits)), "arms": arms, "fractions": fractions, "labels": label_names,
            "read_test": bool(config.read_test), "num_resamples": int(config.num_resamples), "results": [],
            "comparisons": [], "convergence": []}
     preds = {}
@@ -240,8 +243,9 @@ def analyse(config, names: list[str], dirs: dict, fractions: list[float]) -> dic
                 entry = {"init": name, "arm": arm, "fraction": fraction, "mean_auc": None, "ci_low": None,
                          "ci_high": None}
                 if config.read_test:
-                    ci = bootstrap.seed_and_image_bootstrap(probs_a=preds[arm, name, fraction]["probs"], **boot)["a"]
-                    entry.update(mean_auc=ci["point"], ci_low=ci["ci_low"], ci_high=ci["ci_high"])
+                    res = bootstrap.seed_and_image_bootstrap(probs_a=preds[arm, name, fraction]["probs"], **boot)
+                    entry.update(_interval(res["a"]), per_label={
+                        label: _interval(e["a"]) for label, e in zip(label_names, res["per_label"])})
                 if fine is not None:
                     record = fine[fraction]
                     entry.update({k: record[k] for k in ("grid", "chosen", "seeds", "test_mean_auc_spread",
@@ -272,7 +276,11 @@ def analyse(config, names: list[str], dirs: dict, fractions: list[float]) -> dic
                     rows.append({"a": a, "b": b, "arm": arm, "fraction": fraction, "diff": res["diff"]["point"],
                                  "ci_low": res["diff"]["ci_low"], "ci_high": res["diff"]["ci_high"],
                                  "p_a_not_better": res["p_a_not_better"], "p_b_not_better": res["p_b_not_better"],
-                                 "num_seeds": res["num_seeds"]})
+                                 "num_seeds": res["num_seeds"],
+                                 "per_label": {label: {"diff": e["diff"]["point"], "ci_low": e["diff"]["ci_low"],
+                                                       "ci_high": e["diff"]["ci_high"],
+                                                       **{k: e[k] for k in PER_LABEL_P}}
+                                               for label, e in zip(label_names, res["per_label"])}})
                 for key in ("p_a_not_better", "p_b_not_better"):
                     for row, q in zip(rows, bootstrap.benjamini_hochberg([r[key] for r in rows])):
                         row[key + "_bh"] = q
@@ -293,6 +301,10 @@ def analyse(config, names: list[str], dirs: dict, fractions: list[float]) -> dic
                 out["convergence"].append({"init": name, "random": rand, "fraction": fraction, **res,
                                            "share_of_random_steps": share})
     return out
+
+
+def _interval(summary: dict) -> dict:
+    return {"mean_auc": summary["point"], "ci_low": summary["ci_low"], "ci_high": summary["ci_high"]}
 
 
 def _finetune_record(workdir: str) -> dict:
@@ -394,7 +406,39 @@ def markdown(result: dict, files: list[str]) -> str:
             lines.append(f"| {r['arm']} | {r['a']} | {r['b']} | {r['fraction']:g} | {_fmt(r['diff'], '+.3f')} "
                          f"[{_fmt(r['ci_low'], '+.3f')}, {_fmt(r['ci_high'], '+.3f')}] | {_p(r['p_a_not_better'])} "
                          f"| {_p(r['p_a_not_better_bh'])} |")
+    lines += _markdown_per_label(result)
     return "\n".join(lines + _markdown_convergence(result) + [""] + [f"![{f}]({f})" for f in files] + [""])
+
+
+def _markdown_per_label(result: dict) -> list[str]:
+    """One row per arm, fraction and label: each init's test AUC and each pair's difference, p BH over labels."""
+    labels, names = result.get("labels") or [], list(result["inits"])
+    if not labels:
+        return []
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    lines = ["", "## Per label", "",
+             "Test AUC per label (mean over seeds [95% CI]) and each pair's difference on the same replicates; "
+             "p (a not better) is Benjamini-Hochberg adjusted over the labels of that arm and fraction.", "",
+             "| arm | fraction | label | " + " | ".join(names)
+             + "".join(f" | {a} - {b} [95% CI] | p (BH over labels)" for a, b in pairs) + " |",
+             "|---|---|---|" + "---|" * (len(names) + 2 * len(pairs))]
+    for arm in result["arms"]:
+        for fraction in result["fractions"]:
+            rows = {n: _result(result, n, arm, fraction).get("per_label") or {} for n in names}
+            diffs = {(r["a"], r["b"]): r.get("per_label") or {} for r in result["comparisons"]
+                     if (r["arm"], r["fraction"]) == (arm, fraction)}
+            for label in labels:
+                cells = []
+                for n in names:
+                    e = rows[n].get(label, {})
+                    cells.append(f"{_fmt(e.get('mean_auc'))} [{_fmt(e.get('ci_low'))}, {_fmt(e.get('ci_high'))}]")
+                for pair in pairs:
+                    e = diffs.get(pair, {}).get(label, {})
+                    cells.append(f"{_fmt(e.get('diff'), '+.3f')} [{_fmt(e.get('ci_low'), '+.3f')}, "
+                                 f"{_fmt(e.get('ci_high'), '+.3f')}]")
+                    cells.append(_p(e.get("p_a_not_better_bh")))
+                lines.append(f"| {arm} | {fraction:g} | {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _markdown_validation_only(result: dict, files: list[str]) -> str:
