@@ -688,6 +688,10 @@ def test_a_validation_only_study_never_predicts_test_then_reads_it_once_reusing_
     assert not [f for f in written if f.endswith("predictions.npz") or f.endswith(os.path.join("eval", "summary.json"))]
     with open(os.path.join(workdir, "report.md")) as f:
         assert "test split was not read" in f.read()
+    # The probe's validation record says which findings the features carry, label by label.
+    for entry in linear_probe.read_validation_only(os.path.join(workdir, "linear_probe", "run")).values():
+        defined = [a for a in entry["val_per_label_auc"].values() if a is not None]
+        assert len(entry["val_per_label_auc"]) == 4 and np.mean(defined) == pytest.approx(entry["val_mean_auc"])
     for arm in ("finetune", "linear_probe"):  # compare says why there is nothing to compare yet
         with pytest.raises(records.ReportError, match="validation-only evaluation"):
             records.read_eval(os.path.join(workdir, arm, "random"))

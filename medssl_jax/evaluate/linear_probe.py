@@ -173,13 +173,18 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
         pick = int(np.argmax([_finite_or_minus_inf(v) for v in val_auc]))  # ties keep the first
         chosen, (fitted, best_c, by_c) = candidates[pick], fits[pick]
         probs = fitted.predict(chosen.features[test_rows]) if config.read_test else None
-        thresholds = metrics.youden_thresholds(fitted.predict(chosen.features[val_rows]), labels[val_rows])
+        val_probs = fitted.predict(chosen.features[val_rows])
+        thresholds = metrics.youden_thresholds(val_probs, labels[val_rows])
+        # Per label on validation: where a mean hides a finding the features miss, without reading test.
+        val_per_label = {name: e["auc"] for name, e in metrics.evaluate_predictions(
+            probs=val_probs, labels=labels[val_rows], label_names=label_names)["per_label"].items()}
         edge = probe.check_c_choice(best_c, config.c_grid)
         choice = None
         if len(candidates) > 1:
             choice = {"chosen": chosen.label, "zero_init_last_bn": chosen.zero_init_last_bn,
                       "val_mean_auc": {c.label: v for c, v in zip(candidates, val_auc)}}
         results[fraction] = dict(probe=fitted, probs=probs, c=best_c, by_c=by_c, num_train=len(train_ids),
+                                 val_per_label_auc=val_per_label,
                                  thresholds=thresholds, c_at_edge=edge is not None, encoder=chosen, choice=choice)
         unfit = [label_names[j] for j in np.flatnonzero(~fitted.fitted)]
         which = ""
@@ -187,7 +192,8 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
             scores = ", ".join(f"{c.label} {metrics.fmt_auc(v)}" for c, v in zip(candidates, val_auc))
             which = f"; random init with {chosen.label} (validation mean AUC: {scores})"
         logging_lib.log(f"label fraction {fraction:g} ({len(train_ids)} train images): C={best_c:g}, val mean AUC "
-                        f"{metrics.fmt_auc(by_c[best_c])}" + which
+                        f"{metrics.fmt_auc(by_c[best_c])} ("
+                        + ", ".join(f"{n} {metrics.fmt_auc(a)}" for n, a in val_per_label.items()) + ")" + which
                         + (f"; not fit (one class in train): {unfit}" if unfit else ""))
         if edge:
             logging_lib.log(edge)
@@ -196,6 +202,7 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
         encoder = result["encoder"].encoder
         return {"c": result["c"], "val_mean_auc_by_c": {f"{c:g}": v for c, v in result["by_c"].items()},
                 "num_train": result["num_train"], "feature": config.feature, "splits": splits.fingerprint,
+                "val_per_label_auc": result["val_per_label_auc"],
                 "source": encoder.source, "c_at_grid_edge": result["c_at_edge"],
                 **({"baseline": encoder.baseline} if encoder.baseline else {}),
                 **({"random_init_choice": result["choice"]} if result["choice"] else {}),
