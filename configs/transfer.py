@@ -27,7 +27,8 @@ The phantoms at 10 % labels (SimCLR :runlocal export, 64 min 17 s): -0.056 [-0.0
 [-0.057, -0.016], random init ahead (a from-scratch ResNet starts its residual branches at zero and can use
 a higher lr; BENCHMARKS.md); at 1 % (27 min 5 s) ties: -0.012 [-0.036, +0.016], MICLe +0.003 [-0.015, +0.019];
 at 100 % (61 min 34 s) -0.012 [-0.018, -0.008] (0.979 vs 0.992, seed spreads 0.002 / 0.003), MICLe -0.007
-[-0.011, -0.003] (0.985); at 25 % -0.020 [-0.031, -0.008] (0.951 vs 0.972). Per label (report.md) the gap is
+[-0.011, -0.003] (0.985); at 25 % -0.020 [-0.031, -0.008] (0.951 vs 0.972), MICLe -0.017 [-0.029, -0.005]
+(0.955). Per label (report.md) the gap is
 mostly the nodule, a blob of a few pixels the pretrained features barely carry (-0.059 at 25 %, -0.041 at 100 %).
 At paper scale every fine-tune is a configs/finetune.py run (ResNet-50, 224 px, 10 or 30 epochs): 17
 (4 lrs x 2 backbone lrs + 3 LP-FT lrs for 10 epochs, the best 2 of them for 30, + 2 more seeds of each of the
