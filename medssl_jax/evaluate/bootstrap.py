@@ -353,18 +353,10 @@ def per_seed_aucs(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> 
     return aucs
 
 
-def seed_replicates(probs: np.ndarray, labels: np.ndarray, counts: np.ndarray, seed_draws: np.ndarray) -> np.ndarray:
-    """[B] replicate mean AUCs of one arm with several seeds: for replicate b, the mean over the seeds drawn in
-    seed_draws[b] of that seed's mean-over-labels AUC on the images weighted by counts[b].
-
-    probs [S, N, L] (one matrix per seed), labels [N, L] (NaN missing), counts [B, N], seed_draws [B, k].
-    A label with one class in a replicate is left out of that replicate's mean (NaN if none is defined)."""
-    return _seed_mean_replicates(per_seed_aucs(probs, labels, counts), seed_draws)[0]
-
-
 def _seed_mean_replicates(aucs: np.ndarray, seed_draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """From per_seed_aucs' [S, B, L]: ([B] mean over drawn seeds of the mean-over-labels AUC, [B, L] mean over
-    drawn seeds of each label's AUC)."""
+    """From per_seed_aucs' [S, B, L] and seed_draws [B, k] (the seeds drawn for each replicate): ([B] the mean
+    over the drawn seeds of each seed's mean-over-labels AUC, a label with one class in a replicate left out
+    of that mean; [B, L] the mean over the drawn seeds of each label's AUC)."""
     per_seed = np.stack([_row_nanmean(a) for a in aucs])  # [S, B]
     mean = np.take_along_axis(per_seed.T, seed_draws, axis=1).mean(axis=1)
     per_label = np.take_along_axis(aucs.transpose(1, 0, 2), seed_draws[:, :, None], axis=1).mean(axis=1)

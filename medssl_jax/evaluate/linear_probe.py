@@ -176,8 +176,8 @@ def run(config, workdir: str, *, store: Store | None = None) -> dict:
         val_probs = fitted.predict(chosen.features[val_rows])
         thresholds = metrics.youden_thresholds(val_probs, labels[val_rows])
         # Per label on validation: where a mean hides a finding the features miss, without reading test.
-        val_per_label = {name: e["auc"] for name, e in metrics.evaluate_predictions(
-            probs=val_probs, labels=labels[val_rows], label_names=label_names)["per_label"].items()}
+        val_per_label = dict(zip(label_names, map(metrics.json_number,
+                                                  metrics.per_label_auc(val_probs, labels[val_rows]))))
         edge = probe.check_c_choice(best_c, config.c_grid)
         choice = None
         if len(candidates) > 1:
