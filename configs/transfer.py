@@ -20,9 +20,10 @@ results; rerunning the command resumes an interrupted study.
 Measured (BENCHMARKS.md, "Transfer", 2 CPU cores): 2026-12-06, the BreastMNIST command above took 25 min 39 s
 (124 fine-tuning runs); fine-tune SSL - random at 1 / 10 / 25 / 100 % labels -0.042 / -0.002 / -0.003 / +0.001,
 every CI including 0, while the linear probe gains +0.099 / +0.168 / +0.231 / +0.116 (CIs above 0 from 10 % on;
-the random probe's residual-branch init chosen on validation). 2026-12-07, with the augmentation grid (232
-runs, 1.9x the steps: about 50 minutes, extrapolated) and an AdamW SimCLR export: RetinaMNIST +0.033 / +0.025 / +0.042 /
-+0.001 (CIs above 0 at 1 % and 25 %), BreastMNIST +0.017 / +0.027 / +0.021 / -0.010 (every CI including 0).
+the random probe's residual-branch init chosen on validation). 2026-12-07, with the augmentation grid (216
+runs, 1.75x the steps: 50 min 21 s for BreastMNIST, timed from scratch) and an AdamW SimCLR export:
+RetinaMNIST +0.033 / +0.025 / +0.042 / +0.001 (CIs above 0 at 1 % and 25 %), BreastMNIST +0.017 / +0.027 /
++0.021 / -0.010 (every CI including 0).
 The phantoms at 10 % labels (SimCLR :runlocal export, 64 min 17 s): -0.056 [-0.079, -0.035]; MICLe -0.036
 [-0.057, -0.016], random init ahead (a from-scratch ResNet starts its residual branches at zero and can use
 a higher lr; BENCHMARKS.md); at 1 % (27 min 5 s) ties: -0.012 [-0.036, +0.016], MICLe +0.003 [-0.015, +0.019];
