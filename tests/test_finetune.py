@@ -631,6 +631,18 @@ def test_transfer_study_end_to_end(phantom_cache, tmp_path):
         report = f.read()
     assert "| finetune | run | random | 0.5 |" in report
     assert f"| finetune | 0.5 | {labels[0]} |" in report
+    # Both one-sided directions are reported: an init significantly behind reads "random better", not p = 1.
+    flipped = json.loads(json.dumps(result))
+    first = flipped["comparisons"][0]
+    first.update(p_a_not_better_bh=1.0, p_b_not_better_bh=0.01)
+    first["per_label"][labels[0]].update(p_a_not_better_bh=0.02, p_b_not_better_bh=1.0)
+    lines = transfer.markdown(flipped, []).splitlines()
+    arm, fraction = first["arm"], f"{first['fraction']:g}"
+    rows = [[x.strip() for x in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    diff_row, = [c for c in rows if c[:4] == [arm, "run", "random", fraction]]
+    label_row, = [c for c in rows if c[:3] == [arm, fraction, labels[0]]]
+    assert [diff_row[i] for i in (6, 8, 9)] == ["1.000", "0.010", "random better"]
+    assert label_row[6:9] == ["0.020", "1.000", "run better"]
     # Each markdown table renders: every row has its header's number of cells, a convergence note included.
     noted = json.loads(json.dumps(result))
     noted["convergence"][0]["note"] = "SSL run never reached the random-init best validation AUC 0.9"

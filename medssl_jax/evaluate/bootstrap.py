@@ -300,6 +300,17 @@ def paired_bootstrap(*, probs: Mapping[str, np.ndarray], labels, label_names: Se
             "models": models, "comparisons": comparisons}
 
 
+def verdict(p_a: float | None, p_b: float | None, a: str, b: str, alpha: float = 0.05) -> str:
+    """'A better' / 'B better' / 'n.s.' from the two one-sided p-values (A not better, B not better)."""
+    if p_a is None or p_b is None:
+        return "n/a"
+    if p_a <= alpha:
+        return f"{a} better"
+    if p_b <= alpha:
+        return f"{b} better"
+    return "n.s."
+
+
 def format_p(p: float | None, num_resamples: int) -> str:
     """'p < 0.001' style text for a bootstrap p-value (0 means below the resolution 1/B)."""
     if p is None:

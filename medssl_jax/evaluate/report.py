@@ -186,16 +186,16 @@ def _comparison_lines(c, label_names, B) -> list[str]:
                      f"{bootstrap.format_p(e['p_a_not_better_bh'], B)} | "
                      f"{bootstrap.format_p(e['p_b_not_better'], B)} | "
                      f"{bootstrap.format_p(e['p_b_not_better_bh'], B)} | "
-                     f"{_verdict(e['p_a_not_better_bh'], e['p_b_not_better_bh'], a, b)} |")
+                     f"{bootstrap.verdict(e['p_a_not_better_bh'], e['p_b_not_better_bh'], a, b)} |")
     m = c["mean_auc"]
     lines.append(f"| **mean AUC** | {_ci(m['diff'])} | {bootstrap.format_p(m['p_a_not_better'], B)} | – | "
                  f"{bootstrap.format_p(m['p_b_not_better'], B)} | – | "
-                 f"{_verdict(m['p_a_not_better'], m['p_b_not_better'], a, b)} |")
+                 f"{bootstrap.verdict(m['p_a_not_better'], m['p_b_not_better'], a, b)} |")
     if "top1_accuracy" in c:
         t = c["top1_accuracy"]
         lines.append(f"| **top-1 accuracy** (Δ) | {_ci(t['diff'])} | {bootstrap.format_p(t['p_a_not_better'], B)}"
                      f" | – | {bootstrap.format_p(t['p_b_not_better'], B)} | – | "
-                     f"{_verdict(t['p_a_not_better'], t['p_b_not_better'], a, b)} |")
+                     f"{bootstrap.verdict(t['p_a_not_better'], t['p_b_not_better'], a, b)} |")
     return lines
 
 
@@ -312,16 +312,6 @@ def _markdown(runs, boot, convergence, files, record_count) -> str:
     lines += ["", "Replicates in which a label has one class only are excluded for that label; a replicate's "
               "mean AUC averages the labels defined in it. p = 0 is shown as < 1/B.", ""]
     return "\n".join(lines)
-
-
-def _verdict(p_a, p_b, a, b, alpha=0.05) -> str:
-    if p_a is None or p_b is None:
-        return "n/a"
-    if p_a <= alpha:
-        return f"{a} better"
-    if p_b <= alpha:
-        return f"{b} better"
-    return "n.s."
 
 
 def compare_runs(workdirs: Sequence[str], out_dir: str, *, num_resamples: int = 1000, seed: int = 0,

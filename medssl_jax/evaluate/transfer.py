@@ -51,6 +51,7 @@ ARMS = ("linear_probe", "finetune")
 # Fields set once for the study and copied into both arms' configs (the same store, splits and fractions).
 SHARED = ("seed", "data", "splits", "label_fractions", "image_size", "mesh", "compute_dtype", "input_normalization",
           "read_test")
+VERDICT_ALPHA = 0.025  # per direction: the two one-sided tests together are a two-sided 5 % test
 PER_LABEL_P = ("p_a_not_better", "p_a_not_better_bh", "p_b_not_better", "p_b_not_better_bh")
 
 
@@ -324,12 +325,21 @@ def _p(value) -> str:
     return "n/a" if value is None else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
 
+def _verdict(row: dict) -> str:
+    """The comparison's verdict from its BH-adjusted one-sided p-values (a row of comparisons or per_label), each
+    direction at 0.025: a two-sided 5 % test, so that "better" agrees with a 95 % CI that excludes 0."""
+    return bootstrap.verdict(row.get("p_a_not_better_bh"), row.get("p_b_not_better_bh"), row["a"], row["b"],
+                             alpha=VERDICT_ALPHA)
+
+
 def summary_lines(result: dict) -> str:
     lines = []
     for row in result["comparisons"]:
         lines.append(f"{row['arm']} {row['fraction']:g}: {row['a']} - {row['b']} {_fmt(row['diff'], '+.3f')} "
                      f"[95% CI {_fmt(row['ci_low'], '+.3f')}, {_fmt(row['ci_high'], '+.3f')}], "
-                     f"p(not better) {_p(row['p_a_not_better'])} / BH {_p(row['p_a_not_better_bh'])}")
+                     f"p({row['a']} not better) {_p(row['p_a_not_better'])} / BH {_p(row['p_a_not_better_bh'])}, "
+                     f"p({row['b']} not better) {_p(row['p_b_not_better'])} / BH {_p(row['p_b_not_better_bh'])}: "
+                     f"{_verdict(row)}")
     return "\n".join(lines)
 
 
@@ -400,12 +410,17 @@ def markdown(result: dict, files: list[str]) -> str:
              "## Mean test AUC", ""] + _per_init_table(result, cell)
     if result["comparisons"]:
         lines += ["", "## Differences (a - b)", "",
-                  "| arm | a | b | fraction | difference [95% CI] | p(a not better) | BH over fractions |",
-                  "|---|---|---|---|---|---|---|"]
+                  "One-sided bootstrap p-values in both directions, each Benjamini-Hochberg adjusted over the "
+                  "fractions of its arm; the verdict reads the adjusted ones at 0.025 each (two-sided 5 %, like "
+                  "the 95 % CI).", "",
+                  "| arm | a | b | fraction | difference [95% CI] | p(a not better) | BH | p(b not better) | BH "
+                  "| verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["comparisons"]:
             lines.append(f"| {r['arm']} | {r['a']} | {r['b']} | {r['fraction']:g} | {_fmt(r['diff'], '+.3f')} "
                          f"[{_fmt(r['ci_low'], '+.3f')}, {_fmt(r['ci_high'], '+.3f')}] | {_p(r['p_a_not_better'])} "
-                         f"| {_p(r['p_a_not_better_bh'])} |")
+                         f"| {_p(r['p_a_not_better_bh'])} | {_p(r['p_b_not_better'])} | {_p(r['p_b_not_better_bh'])} "
+                         f"| {_verdict(r)} |")
     lines += _markdown_per_label(result)
     return "\n".join(lines + _markdown_convergence(result) + [""] + [f"![{f}]({f})" for f in files] + [""])
 
@@ -418,10 +433,12 @@ def _markdown_per_label(result: dict) -> list[str]:
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     lines = ["", "## Per label", "",
              "Test AUC per label (mean over seeds [95% CI]) and each pair's difference on the same replicates; "
-             "p (a not better) is Benjamini-Hochberg adjusted over the labels of that arm and fraction.", "",
+             "both one-sided p-values (a not better, b not better) are Benjamini-Hochberg adjusted over the labels "
+             "of that arm and fraction, and the verdict reads them at 0.025 each (two-sided 5 %).", "",
              "| arm | fraction | label | " + " | ".join(names)
-             + "".join(f" | {a} - {b} [95% CI] | p (BH over labels)" for a, b in pairs) + " |",
-             "|---|---|---|" + "---|" * (len(names) + 2 * len(pairs))]
+             + "".join(f" | {a} - {b} [95% CI] | p(a not better), BH | p(b not better), BH | verdict"
+                       for a, b in pairs) + " |",
+             "|---|---|---|" + "---|" * (len(names) + 4 * len(pairs))]
     for arm in result["arms"]:
         for fraction in result["fractions"]:
             rows = {n: _result(result, n, arm, fraction).get("per_label") or {} for n in names}
@@ -436,7 +453,8 @@ def _markdown_per_label(result: dict) -> list[str]:
                     e = diffs.get(pair, {}).get(label, {})
                     cells.append(f"{_fmt(e.get('diff'), '+.3f')} [{_fmt(e.get('ci_low'), '+.3f')}, "
                                  f"{_fmt(e.get('ci_high'), '+.3f')}]")
-                    cells.append(_p(e.get("p_a_not_better_bh")))
+                    cells += [_p(e.get("p_a_not_better_bh")), _p(e.get("p_b_not_better_bh")),
+                              _verdict({"a": pair[0], "b": pair[1], **e})]
                 lines.append(f"| {arm} | {fraction:g} | {label} | " + " | ".join(cells) + " |")
     return lines
 
