@@ -325,10 +325,10 @@ def _p(value) -> str:
     return "n/a" if value is None else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
 
-def _verdict(row: dict) -> str:
-    """The comparison's verdict from its BH-adjusted one-sided p-values (a row of comparisons or per_label), each
+def _verdict(p_values: dict, a: str, b: str) -> str:
+    """a - b's verdict from the BH-adjusted one-sided p-values of a comparison or of one of its labels, each
     direction at 0.025: a two-sided 5 % test, so that "better" agrees with a 95 % CI that excludes 0."""
-    return bootstrap.verdict(row.get("p_a_not_better_bh"), row.get("p_b_not_better_bh"), row["a"], row["b"],
+    return bootstrap.verdict(p_values.get("p_a_not_better_bh"), p_values.get("p_b_not_better_bh"), a, b,
                              alpha=VERDICT_ALPHA)
 
 
@@ -339,7 +339,7 @@ def summary_lines(result: dict) -> str:
                      f"[95% CI {_fmt(row['ci_low'], '+.3f')}, {_fmt(row['ci_high'], '+.3f')}], "
                      f"p({row['a']} not better) {_p(row['p_a_not_better'])} / BH {_p(row['p_a_not_better_bh'])}, "
                      f"p({row['b']} not better) {_p(row['p_b_not_better'])} / BH {_p(row['p_b_not_better_bh'])}: "
-                     f"{_verdict(row)}")
+                     f"{_verdict(row, row['a'], row['b'])}")
     return "\n".join(lines)
 
 
@@ -420,7 +420,7 @@ def markdown(result: dict, files: list[str]) -> str:
             lines.append(f"| {r['arm']} | {r['a']} | {r['b']} | {r['fraction']:g} | {_fmt(r['diff'], '+.3f')} "
                          f"[{_fmt(r['ci_low'], '+.3f')}, {_fmt(r['ci_high'], '+.3f')}] | {_p(r['p_a_not_better'])} "
                          f"| {_p(r['p_a_not_better_bh'])} | {_p(r['p_b_not_better'])} | {_p(r['p_b_not_better_bh'])} "
-                         f"| {_verdict(r)} |")
+                         f"| {_verdict(r, r['a'], r['b'])} |")
     lines += _markdown_per_label(result)
     return "\n".join(lines + _markdown_convergence(result) + [""] + [f"![{f}]({f})" for f in files] + [""])
 
@@ -454,7 +454,7 @@ def _markdown_per_label(result: dict) -> list[str]:
                     cells.append(f"{_fmt(e.get('diff'), '+.3f')} [{_fmt(e.get('ci_low'), '+.3f')}, "
                                  f"{_fmt(e.get('ci_high'), '+.3f')}]")
                     cells += [_p(e.get("p_a_not_better_bh")), _p(e.get("p_b_not_better_bh")),
-                              _verdict({"a": pair[0], "b": pair[1], **e})]
+                              _verdict(e, *pair)]
                 lines.append(f"| {arm} | {fraction:g} | {label} | " + " | ".join(cells) + " |")
     return lines
 
